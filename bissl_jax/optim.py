@@ -1,0 +1,113 @@
+"""Optimizers and learning-rate schedules used by BiSSL's two levels (SPEC §2).
+
+Both levels clip the global gradient norm to 10 before their optimizer. The lower
+level uses LARS as in Bardes et al. (2022); the upper level and fine-tuning use SGD
+with momentum and *coupled* weight decay (PyTorch semantics: the decay is added to
+the gradient before momentum).
+"""
+from typing import Callable, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+
+ScalarOrSchedule = Union[float, Callable[[jnp.ndarray], jnp.ndarray]]
+
+GRAD_CLIP_NORM = 10.0
+
+
+def _is_matrix(params):
+  # Bardes et al.'s LARS excludes biases and BatchNorm parameters (all 1-D) from
+  # both weight decay and trust-ratio scaling.
+  return jax.tree_util.tree_map(lambda p: p.ndim > 1, params)
+
+
+def lars(learning_rate: ScalarOrSchedule, *, weight_decay: float = 1e-6,
+         momentum: float = 0.9, trust_coefficient: float = 1e-3
+         ) -> optax.GradientTransformation:
+  """LARS with 1-D parameters excluded from decay and trust-ratio scaling.
+
+  Args:
+    learning_rate: a float or an optax schedule of the step count.
+    weight_decay: decoupled-from-the-loss L2 coefficient added to the gradient.
+    momentum: heavy-ball momentum.
+    trust_coefficient: LARS trust coefficient η.
+
+  Returns:
+    An optax ``GradientTransformation``.
+  """
+  return optax.lars(learning_rate, weight_decay=weight_decay,
+                    weight_decay_mask=_is_matrix,
+                    trust_coefficient=trust_coefficient,
+                    trust_ratio_mask=_is_matrix, momentum=momentum)
+
+
+def sgd(learning_rate: ScalarOrSchedule, *, momentum: float = 0.9,
+        weight_decay: float = 0.0) -> optax.GradientTransformation:
+  """SGD with momentum and coupled weight decay (``g + wd·p`` before momentum).
+
+  Args:
+    learning_rate: a float or an optax schedule of the step count.
+    momentum: heavy-ball momentum (PyTorch convention, no dampening).
+    weight_decay: L2 coefficient added to every gradient leaf.
+
+  Returns:
+    An optax ``GradientTransformation``.
+  """
+  return optax.chain(optax.add_decayed_weights(weight_decay),
+                     optax.sgd(learning_rate, momentum=momentum))
+
+
+def with_clipping(tx: optax.GradientTransformation,
+                  max_norm: float = GRAD_CLIP_NORM) -> optax.GradientTransformation:
+  """Clips the global norm of the whole gradient tree before ``tx``."""
+  return optax.chain(optax.clip_by_global_norm(max_norm), tx)
+
+
+def lower_lr_schedule(base_lr: float, *, lower_steps: int, alternations: int,
+                      warmup_factor: int = 10, final_ratio: float = 1e-3
+                      ) -> optax.Schedule:
+  """BiSSL lower-level LR: linear warm-up over ``10·N_L`` steps, then cosine.
+
+  The cosine ends at ``final_ratio·base_lr`` after ``T·N_L`` steps in total. Step 0
+  takes the schedule's own step-0 value (0 at the start of the warm-up); the
+  reference implementation ran its first step at the full LR, which was a bug.
+
+  Args:
+    base_lr: peak learning rate.
+    lower_steps: N_L, lower steps per alternation.
+    alternations: T, the number of alternations.
+    warmup_factor: the warm-up lasts ``warmup_factor·N_L`` steps.
+    final_ratio: final LR as a fraction of ``base_lr``.
+
+  Returns:
+    A schedule of the lower-level step count.
+  """
+  total = max(lower_steps * alternations, 1)
+  warmup = min(warmup_factor * lower_steps, total)
+  return warmup_cosine_schedule(base_lr, warmup_steps=warmup, total_steps=total,
+                                final_ratio=final_ratio)
+
+
+def upper_lr_schedule(base_lr: float, *, upper_steps: int, alternations: int,
+                      final_ratio: float = 1e-3) -> optax.Schedule:
+  """BiSSL upper-level LR: cosine from ``base_lr`` to ``final_ratio·base_lr`` over T·N_U steps, no warm-up."""
+  return cosine_schedule(base_lr, total_steps=max(upper_steps * alternations, 1),
+                         final_ratio=final_ratio)
+
+
+def warmup_cosine_schedule(base_lr: float, *, warmup_steps: int, total_steps: int,
+                           final_ratio: float = 1e-3) -> optax.Schedule:
+  """Linear warm-up from 0 over ``warmup_steps``, then cosine to ``final_ratio·base_lr`` at ``total_steps``."""
+  if warmup_steps <= 0:
+    return cosine_schedule(base_lr, total_steps=total_steps, final_ratio=final_ratio)
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=base_lr, warmup_steps=warmup_steps,
+      decay_steps=max(total_steps, warmup_steps + 1), end_value=final_ratio * base_lr)
+
+
+def cosine_schedule(base_lr: float, *, total_steps: int, final_ratio: float = 1e-3
+                    ) -> optax.Schedule:
+  """Cosine decay from ``base_lr`` to ``final_ratio·base_lr`` over ``total_steps``."""
+  return optax.cosine_decay_schedule(base_lr, decay_steps=max(total_steps, 1),
+                                     alpha=final_ratio)

@@ -1,0 +1,34 @@
+"""Installable package for bissl_jax."""
+from setuptools import find_packages, setup
+
+INSTALL_REQUIRES = [
+    "jax>=0.10,<0.13",
+    "jaxlib>=0.10,<0.13",
+    "flax>=0.12,<0.13",
+    "optax>=0.2.5,<0.3",
+    "orbax-checkpoint>=0.11,<0.13",
+    "ml-collections>=1.0,<2",
+    "chex>=0.1.90,<0.2",
+    "tensorflow-datasets>=4.9,<5",
+    "absl-py>=2.0",
+    "numpy>=1.26",
+    "scikit-learn>=1.4",   # the offline default's bundled digits, t-SNE
+    "tqdm>=4.66",          # progress bars
+    "tensorboardX>=2.6",   # TensorBoard logs without TensorFlow
+    "matplotlib>=3.8",
+]
+
+setup(
+    name="bissl_jax",
+    version="0.1.0",
+    description="Bilevel self-supervised learning (BiSSL) in JAX/Flax.",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["bissl_jax", "bissl_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require={
+        "test": ["pytest>=8", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
+        "torch": ["torch==2.13.0"],
+    },
+)

@@ -1,0 +1,254 @@
+"""Tests of the BiSSL training core against dense references and closed forms."""
+import dataclasses
+import functools
+import os
+import subprocess
+import sys
+import textwrap
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from bissl_jax import augment
+from bissl_jax import models
+from bissl_jax import pretext
+from bissl_jax import train_state as ts
+
+IMG = 4        # tiny images keep the dense Hessian small
+CLASSES = 3
+
+
+class MLPBackbone(nn.Module):
+  """A tiny non-conv backbone with BatchNorm, small enough for a dense Hessian."""
+  width: int = 6
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    x = x.reshape((x.shape[0], -1))
+    x = nn.Dense(self.width)(x)
+    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)(x)
+    return nn.relu(x)
+
+
+def tiny_model(backbone=None):
+  return models.BisslModel(backbone=backbone or MLPBackbone(),
+                           projector=models.MLPHead((8, 8, 4)), predictor=None,
+                           classifier=models.LinearHead(CLASSES))
+
+
+def make_setup(model=None, **overrides):
+  model = model or tiny_model()
+  kwargs = dict(model=model, task=pretext.SimCLR(model), image_size=IMG, lam=1e-3,
+                damping=10.0, solver="layerwise_cg", cg_iters=3, lower_steps=2,
+                upper_steps=2, alternations=4, lower_lr=0.5, upper_lr=0.05,
+                upper_weight_decay=0.0)
+  kwargs.update(overrides)
+  return ts.BisslSetup(**kwargs)
+
+
+def make_state(setup, seed=0, perturb=True):
+  params, stats = setup.model.init(jax.random.PRNGKey(seed), IMG)
+  state = ts.init_bilevel_state(setup, params, stats)
+  if perturb:  # make θ_P differ from θ_D, as after some lower steps
+    leaves, tdef = jax.tree_util.tree_flatten(state.lower_params["backbone"])
+    keys = jax.random.split(jax.random.PRNGKey(seed + 100), len(leaves))
+    leaves = [l + 0.05 * jax.random.normal(k, l.shape) for l, k in zip(leaves, keys)]
+    state = state.replace(lower_params={**state.lower_params,
+                                        "backbone": jax.tree_util.tree_unflatten(tdef, leaves)})
+  return state
+
+
+def make_batches(setup, seed=0, b_pre=8, b_down=6):
+  rng = np.random.default_rng(seed)
+  img = lambda *s: rng.integers(0, 256, size=s + (IMG, IMG, 3), dtype=np.uint8)
+  return ts.AlternationBatches(
+      pretext=img(setup.lower_steps, b_pre), hvp=img(b_pre),
+      downstream_images=img(setup.upper_steps, b_down),
+      downstream_labels=rng.integers(0, CLASSES, size=(setup.upper_steps, b_down)).astype(np.int32))
+
+
+def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
+  jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(
+      np.asarray(x), np.asarray(y), rtol=rtol, atol=atol), a, b)
+
+
+def test_upper_step_gradient_matches_dense_solve():
+  setup = make_setup(solver="cg", cg_iters=200, cg_tol=1e-12, unroll=False, upper_steps=1,
+                     damping=0.5, lam=0.1)
+  state = make_state(setup)
+  batches = make_batches(setup)
+  rng = jax.random.PRNGKey(3)
+  new_state, metrics = jax.jit(functools.partial(ts.upper_stage, setup))(
+      state, batches.hvp, batches.downstream_images, batches.downstream_labels, rng)
+
+  # Independent reference: the same random draws, a dense Hessian and numpy.linalg.solve.
+  hvp_rng, step_rng = jax.random.split(rng)
+  views = augment.pretext_views(hvp_rng, batches.hvp, size=IMG)
+  x = augment.downstream_train_view(jax.random.split(step_rng, 1)[0],
+                                    batches.downstream_images[0], size=IMG)
+  y = batches.downstream_labels[0]
+  theta_p, theta_d = state.lower_params["backbone"], state.upper_params["backbone"]
+  flat_p, unravel = ravel_pytree(theta_p)
+  phi_p, phi_d = state.lower_params["pretext_head"], state.upper_params["downstream_head"]
+
+  def pretext_loss(flat):
+    return setup.task.loss({"backbone": unravel(flat), "pretext_head": phi_p},
+                           state.lower_stats, views)[0]
+
+  def down_loss(theta, phi, stats):
+    return ts.downstream_loss(setup, theta, phi, stats, x, y)[0]
+
+  hess = np.asarray(jax.hessian(pretext_loss)(flat_p), np.float64)
+  a_mat = np.eye(hess.shape[0]) + hess / (setup.lam + setup.damping)
+  gp_theta, gp_phi = jax.grad(down_loss, (0, 1))(theta_p, phi_d, state.lower_stats["backbone"])
+  gd_theta, gd_phi = jax.grad(down_loss, (0, 1))(theta_d, phi_d, state.upper_stats["backbone"])
+  v_ig = np.linalg.solve(a_mat, np.asarray(ravel_pytree(gp_theta)[0], np.float64))
+  expected = v_ig + np.asarray(ravel_pytree(gd_theta)[0], np.float64)
+
+  # SGD step 0, no momentum history, no weight decay: g = (θ_D − θ_D')/lr (clip inactive).
+  assert float(metrics["upper_grad_norm"][0]) < setup.grad_clip
+  got = (ravel_pytree(theta_d)[0] - ravel_pytree(new_state.upper_params["backbone"])[0]) / setup.upper_lr
+  np.testing.assert_allclose(np.asarray(got), expected, rtol=2e-3, atol=2e-5)
+  got_phi = jax.tree_util.tree_map(lambda a, b: (a - b) / setup.upper_lr, phi_d,
+                                   new_state.upper_params["downstream_head"])
+  assert_trees_close(got_phi, jax.tree_util.tree_map(jnp.add, gp_phi, gd_phi), rtol=2e-3, atol=2e-5)
+  assert float(metrics["cg_residual"][0]) < 1e-4
+
+
+def test_linearize_and_jvp_modes_give_the_same_upper_stage():
+  batches = make_batches(make_setup())
+  out = []
+  for mode in ("linearize", "jvp"):
+    setup = make_setup(hessian_mode=mode)
+    state = make_state(setup)
+    out.append(jax.jit(functools.partial(ts.upper_stage, setup))(
+        state, batches.hvp, batches.downstream_images, batches.downstream_labels,
+        jax.random.PRNGKey(1))[0])
+  assert_trees_close(out[0].upper_params, out[1].upper_params)
+  assert_trees_close(out[0].cg_solution, out[1].cg_solution)
+
+
+def test_huge_lambda_reduces_to_plain_finetuning_gradient():
+  batches = make_batches(make_setup())
+  out = {}
+  for solver, lam in (("layerwise_cg", 1e9), ("first_order", 1e9)):
+    setup = make_setup(solver=solver, lam=lam)
+    out[solver] = jax.jit(functools.partial(ts.upper_stage, setup))(
+        make_state(setup), batches.hvp, batches.downstream_images, batches.downstream_labels,
+        jax.random.PRNGKey(2))
+  assert_trees_close(out["layerwise_cg"][0].upper_params, out["first_order"][0].upper_params,
+                     rtol=1e-4, atol=1e-6)
+  # ... and with a small λ the implicit gradient really differs from v.
+  setup = make_setup(solver="layerwise_cg", lam=1e-3, damping=0.0)
+  small = jax.jit(functools.partial(ts.upper_stage, setup))(
+      make_state(setup), batches.hvp, batches.downstream_images, batches.downstream_labels,
+      jax.random.PRNGKey(2))
+  diff = ravel_pytree(small[0].upper_params["backbone"])[0] - ravel_pytree(
+      out["first_order"][0].upper_params["backbone"])[0]
+  assert float(jnp.max(jnp.abs(diff))) > 1e-5
+
+
+@dataclasses.dataclass(frozen=True)
+class ConstantTask:
+  """A pretext task whose loss does not depend on the parameters."""
+  has_target = False
+
+  def loss(self, params, batch_stats, views, target=None):
+    return jnp.asarray(1.5), {"batch_stats": batch_stats, "metrics": {}}
+
+
+def test_lower_proximal_gradient_is_lam_times_gap():
+  setup = make_setup(lam=0.37)
+  state = make_state(setup)
+  setup = dataclasses.replace(setup, task=ConstantTask())
+  views = (jnp.zeros((2, IMG, IMG, 3)),) * 2
+  grads = jax.grad(lambda p: ts.lower_objective(
+      setup, p, state.lower_stats, None, state.upper_params["backbone"], views,
+      jnp.float32(setup.lam))[0])(state.lower_params)
+  expected = jax.tree_util.tree_map(lambda a, b: setup.lam * (a - b),
+                                    state.lower_params["backbone"], state.upper_params["backbone"])
+  assert_trees_close(grads["backbone"], expected)
+  assert all(float(jnp.max(jnp.abs(g))) == 0.0
+             for g in jax.tree_util.tree_leaves(grads["pretext_head"]))
+
+
+def test_running_stats_only_change_in_real_training_steps():
+  setup = make_setup()
+  state = make_state(setup, perturb=False)
+  batches = make_batches(setup)
+  after, _ = jax.jit(functools.partial(ts.upper_stage, setup))(
+      state, batches.hvp, batches.downstream_images, batches.downstream_labels, jax.random.PRNGKey(0))
+  # The upper stage's pretext HVPs and θ_P downstream forwards leave θ_P's stats alone...
+  assert_trees_close(after.lower_stats, state.lower_stats, rtol=0, atol=0)
+  # ... while θ_D's downstream steps do update θ_D's statistics.
+  before = ravel_pytree(state.upper_stats)[0]
+  assert float(jnp.max(jnp.abs(ravel_pytree(after.upper_stats)[0] - before))) > 0
+
+
+def test_second_alternation_compiles_nothing():
+  setup = make_setup(model=models.BisslModel(
+      backbone=models.resnet18(width_multiplier=1 / 16, cifar_stem=True),
+      projector=models.MLPHead((8, 8, 4)), predictor=None, classifier=models.LinearHead(CLASSES)))
+  params, stats = setup.model.init(jax.random.PRNGKey(0), IMG)
+  state = ts.init_bilevel_state(setup, params, stats)
+  alternation = ts.make_alternation_fn(setup)
+  compiles = []
+  jax.monitoring.register_event_duration_secs_listener(
+      lambda name, *a, **k: compiles.append(name) if name.endswith("backend_compile_duration") else None)
+  state, m = alternation(state, make_batches(setup, 0), jax.random.PRNGKey(0))
+  first = len(compiles)
+  assert first > 0
+  state, m = alternation(state, make_batches(setup, 1), jax.random.PRNGKey(1))
+  assert len(compiles) == first, "the second alternation recompiled"
+  assert int(state.alternation) == 2
+  assert int(state.lower_step) == 2 * setup.lower_steps
+  assert int(state.upper_step) == 2 * setup.upper_steps
+  for key in ("lower_loss", "upper_loss", "theta_distance", "cg_residual", "upper_grad_norm"):
+    assert np.isfinite(float(m[key])), key
+  assert float(m["theta_distance"]) > 0
+
+
+def test_nan_in_batch_raises_naming_the_level():
+  setup = make_setup()
+  state = make_state(setup)
+  batches = make_batches(setup)
+  bad = batches.pretext.astype(np.float32)
+  bad[0, 0, 0, 0, 0] = np.nan
+  alternation = ts.make_alternation_fn(setup)
+  _, metrics = alternation(state, batches._replace(pretext=bad), jax.random.PRNGKey(0))
+  with pytest.raises(ts.NonFiniteError, match="lower level at BiSSL alternation 7"):
+    ts.raise_if_nonfinite(metrics, alternation=7)
+
+
+MULTI_DEVICE_SCRIPT = textwrap.dedent("""
+    import os, sys
+    sys.path.insert(0, os.getcwd()); sys.path.insert(0, os.path.join(os.getcwd(), 'tests'))
+    import jax, numpy as np
+    assert jax.device_count() == 8, jax.devices()
+    from bissl_jax import parallel, train_state as ts
+    import test_train_state as t
+    setup = t.make_setup(solver='cg', cg_iters=3)
+    batches = t.make_batches(setup, b_pre=16, b_down=8)
+    out = []
+    for devices in (jax.devices()[:1], jax.devices()):
+      alternation = ts.make_alternation_fn(setup, parallel.make_mesh(devices))
+      state, metrics = alternation(t.make_state(setup), batches, jax.random.PRNGKey(0))
+      out.append(jax.device_get((state, metrics)))
+    (s1, m1), (s8, m8) = out
+    t.assert_trees_close(s1, s8, rtol=2e-4, atol=2e-6)
+    np.testing.assert_allclose(m1['upper_loss'], m8['upper_loss'], rtol=1e-5)
+    print('MULTI_DEVICE_OK')
+""")
+
+
+def test_one_alternation_on_8_devices_matches_1_device():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run([sys.executable, "-c", MULTI_DEVICE_SCRIPT], cwd=root, env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0 and "MULTI_DEVICE_OK" in proc.stdout, proc.stderr[-4000:]
