@@ -1,0 +1,31 @@
+"""Datasets, splits and batch stacks (SPEC §2 "Data stacks", §5).
+
+- ``arrays``: :class:`ArrayDataset` (uint8 images at one square size) and the
+  host-side resize / stratified split helpers.
+- ``catalogue``: the known datasets (:func:`get_spec`).
+- ``digits``: the offline default, scikit-learn's bundled digits.
+- ``tfds_loader``: TFDS datasets read without TensorFlow (:func:`load_splits`,
+  :func:`load_pretext_split`).
+- ``folder``: FGVC-Aircraft from a local folder.
+- ``stacks``: :class:`BatchStack`, the resumable per-level batch iterator.
+
+TensorFlow Datasets is imported only when a TFDS dataset is read.
+"""
+from bissl_jax.data.arrays import (ArrayDataset, resize_image, resize_images,
+                                   stratified_split)
+from bissl_jax.data.catalogue import (CATALOGUE, DatasetNotFoundError,
+                                      DatasetSpec, get_spec)
+from bissl_jax.data.digits import load_digits_splits
+from bissl_jax.data.folder import load_fgvc_aircraft
+from bissl_jax.data.stacks import BatchStack, StackState
+from bissl_jax.data.tfds_loader import (LazyTfdsDataset, load_pretext_split,
+                                        load_splits, load_tfds_split,
+                                        open_tfds_split)
+
+__all__ = [
+    'ArrayDataset', 'BatchStack', 'CATALOGUE', 'DatasetNotFoundError',
+    'DatasetSpec', 'LazyTfdsDataset', 'StackState', 'get_spec',
+    'load_digits_splits', 'load_fgvc_aircraft', 'load_pretext_split',
+    'load_splits', 'load_tfds_split', 'open_tfds_split', 'resize_image',
+    'resize_images', 'stratified_split',
+]

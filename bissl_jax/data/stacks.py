@@ -1,0 +1,110 @@
+"""Batch stacks: per-level iterators that survive across BiSSL alternations.
+
+SPEC §2 "Data stacks" and paper appendix B.4: each level draws its batches from
+its own stack. A stage of ``n`` steps takes ``n`` batches at once; the stack is
+reshuffled only when fewer than ``n`` full batches remain in the current epoch,
+and the leftover tail is skipped. With 10 batches per epoch and stages of 4,
+the stack reshuffles before every second take and skips 2 batches each time.
+
+A dataset holding fewer than ``n`` full batches at all (a small downstream set)
+cannot serve a stage from one epoch; its batches are then drawn one at a time,
+reshuffling whenever the current epoch runs out of full batches (paper: "the
+data is simply reshuffled every time the remaining number of data points is
+smaller than the batch size").
+
+Batches never straddle epochs and drop the remainder (examples beyond the last
+full batch of a permutation are unused in that epoch). The permutation of epoch
+``e`` is ``np.random.default_rng([seed, e]).permutation(num_examples)``, so the
+stack's whole future is fixed by ``(seed, epoch, cursor)``: checkpoint
+:attr:`BatchStack.state` (two ints) and resume exactly.
+"""
+from typing import NamedTuple, Optional
+
+import numpy as np
+
+
+class StackState(NamedTuple):
+  """Position of a :class:`BatchStack`.
+
+  Attributes:
+    epoch: index of the current permutation.
+    cursor: number of batches already taken from it.
+  """
+  epoch: int
+  cursor: int
+
+
+class BatchStack:
+  """Deterministic, resumable source of example-index batches.
+
+  Args:
+    num_examples: size of the dataset.
+    batch_size: examples per batch.
+    seed: seed of the per-epoch permutations.
+    state: a :class:`StackState` to resume from (default: epoch 0, cursor 0).
+  """
+
+  def __init__(self, num_examples: int, batch_size: int, *, seed: int,
+               state: Optional[StackState] = None):
+    if batch_size < 1:
+      raise ValueError(f'batch_size must be positive, got {batch_size}.')
+    if batch_size > num_examples:
+      raise ValueError(
+          f'batch_size {batch_size} exceeds the dataset size {num_examples}: '
+          'not one full batch can be drawn. Lower the batch size or use a '
+          'larger dataset.')
+    self.num_examples, self.batch_size, self.seed = (
+        int(num_examples), int(batch_size), int(seed))
+    self.batches_per_epoch = self.num_examples // self.batch_size
+    epoch, cursor = (0, 0) if state is None else (int(state.epoch),
+                                                  int(state.cursor))
+    if epoch < 0 or not 0 <= cursor <= self.batches_per_epoch:
+      raise ValueError(f'Invalid stack state {state}: need epoch >= 0 and '
+                       f'0 <= cursor <= {self.batches_per_epoch}.')
+    self._epoch, self._cursor = epoch, cursor
+    self._cached_epoch, self._cached_perm = None, None
+
+  @property
+  def state(self) -> StackState:
+    """The position to checkpoint (plain ints)."""
+    return StackState(self._epoch, self._cursor)
+
+  def permutation(self, epoch: int) -> np.ndarray:
+    """The example order of ``epoch`` (a pure function of seed and epoch)."""
+    if epoch != self._cached_epoch:
+      rng = np.random.default_rng([self.seed, epoch])
+      self._cached_perm = rng.permutation(self.num_examples)
+      self._cached_epoch = epoch
+    return self._cached_perm
+
+  def _next_epoch(self):
+    self._epoch, self._cursor = self._epoch + 1, 0
+
+  def _rows(self, count: int) -> np.ndarray:
+    start = self._cursor * self.batch_size
+    rows = self.permutation(self._epoch)[start:start + count * self.batch_size]
+    self._cursor += count
+    return rows.reshape(count, self.batch_size)
+
+  def take(self, num_batches: int) -> np.ndarray:
+    """Takes the batches for one stage.
+
+    Args:
+      num_batches: number of batches (the stage's step count).
+
+    Returns:
+      int64 (num_batches, batch_size) example indices.
+    """
+    if num_batches < 1:
+      raise ValueError(f'num_batches must be positive, got {num_batches}.')
+    if num_batches <= self.batches_per_epoch:
+      if self.batches_per_epoch - self._cursor < num_batches:
+        self._next_epoch()
+      return self._rows(num_batches)
+    # Small set: one batch at a time, a new epoch whenever this one runs out.
+    rows = []
+    for _ in range(num_batches):
+      if self._cursor >= self.batches_per_epoch:
+        self._next_epoch()
+      rows.append(self._rows(1))
+    return np.concatenate(rows)
