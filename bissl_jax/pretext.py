@@ -1,0 +1,223 @@
+"""Pretext tasks L_P of BiSSL: SimCLR (NT-Xent) and BYOL (SPEC §4).
+
+Every task exposes ``loss(params, batch_stats, views, target=None) -> (loss, aux)``
+with ``params = {'backbone': θ, 'pretext_head': φ_P}`` (other keys ignored). The two
+views go through the network as one batch of 2B, so BatchNorm takes one statistic
+over both views, and the loss is written for the global batch: under jit with the
+batch sharded over a device mesh, XLA inserts the cross-device reductions. The loss
+is built from smooth primitives only, so it can be differentiated twice (BiSSL takes
+Hessian-vector products of it).
+"""
+import dataclasses
+from typing import Any, ClassVar, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+
+from bissl_jax.models import BisslModel
+
+PyTree = Any
+
+_NORM_EPS = 1e-12  # as torch.nn.functional.normalize
+
+
+def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
+  """``x / max(‖x‖, 1e-12)``; smooth away from 0 (rsqrt of a clamped square norm)."""
+  sq = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
+  return x * jax.lax.rsqrt(jnp.maximum(sq, _NORM_EPS**2))
+
+
+def _at_least_f32(x):
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def nt_xent(z1: jax.Array, z2: jax.Array, temperature: float = 0.5) -> jax.Array:
+  """NT-Xent (SimCLR) over the whole batch.
+
+  Args:
+    z1, z2: ``(B, D)`` embeddings of the two views; row i of each is a positive pair.
+    temperature: τ.
+
+  Returns:
+    Scalar: mean over all 2B anchors of the cross-entropy of picking the other view
+    among the 2B−1 other embeddings, with cosine similarity / τ as logits.
+  """
+  batch = z1.shape[0]
+  z = l2_normalize(_at_least_f32(jnp.concatenate([z1, z2], axis=0)))
+  logits = (z @ z.T) / temperature
+  # Self-similarity is excluded from the softmax; a finite fill keeps every
+  # derivative finite (exp underflows to exactly 0).
+  logits = jnp.where(jnp.eye(2 * batch, dtype=bool), -1e9, logits)
+  positives = jnp.concatenate([jnp.arange(batch, 2 * batch), jnp.arange(batch)])
+  pos_logits = jnp.take_along_axis(logits, positives[:, None], axis=1)[:, 0]
+  return jnp.mean(jax.nn.logsumexp(logits, axis=1) - pos_logits)
+
+
+def byol_regression_loss(p: jax.Array, z: jax.Array) -> jax.Array:
+  """Mean over the batch of ``2 − 2·cos(p, stop_gradient(z))``."""
+  p = l2_normalize(_at_least_f32(p))
+  z = l2_normalize(_at_least_f32(jax.lax.stop_gradient(z)))
+  return jnp.mean(2.0 - 2.0 * jnp.sum(p * z, axis=-1))
+
+
+def ema_update(target: PyTree, online: PyTree, decay) -> PyTree:
+  """``decay·target + (1 − decay)·online`` leaf by leaf (pure)."""
+  return jax.tree_util.tree_map(
+      lambda t, o: (decay * t + (1.0 - decay) * o).astype(t.dtype), target, online)
+
+
+def _split_views(x: jax.Array) -> Tuple[jax.Array, jax.Array]:
+  half = x.shape[0] // 2
+  return x[:half], x[half:]
+
+
+def _joint_batch(views) -> jax.Array:
+  v1, v2 = views
+  if v1.shape != v2.shape:
+    raise ValueError(f"The two views must have the same shape; got {v1.shape} and {v2.shape}.")
+  return jnp.concatenate([v1, v2], axis=0)
+
+
+def _mean_cosine(a, b):
+  return jnp.mean(jnp.sum(l2_normalize(a) * l2_normalize(b), axis=-1))
+
+
+@dataclasses.dataclass(frozen=True)
+class SimCLR:
+  """SimCLR: NT-Xent on the projector outputs of two views.
+
+  Attributes:
+    model: the network bundle.
+    temperature: τ of NT-Xent (0.5 in BiSSL).
+  """
+  model: BisslModel
+  temperature: float = 0.5
+  has_target: ClassVar[bool] = False
+
+  def loss(self, params: PyTree, batch_stats: PyTree, views, target: Optional[PyTree] = None
+           ) -> Tuple[jax.Array, dict]:
+    """Training-mode SimCLR loss.
+
+    Args:
+      params: ``{'backbone', 'pretext_head': {'projector'}}``; extra keys are ignored.
+      batch_stats: ``{'backbone', 'pretext_head': {'projector'}}``.
+      views: ``(v1, v2)``, float NHWC, augmented and normalised.
+      target: unused (SimCLR has no target network).
+
+    Returns:
+      ``(loss, {'batch_stats': updated stats, 'metrics': {'loss', 'positive_cosine'}})``.
+    """
+    del target
+    model = self.model
+    h, bb_stats = model.features(params["backbone"], batch_stats["backbone"],
+                                 _joint_batch(views), train=True)
+    z, proj_stats = model.project(params["pretext_head"]["projector"],
+                                  batch_stats["pretext_head"]["projector"], h, train=True)
+    z1, z2 = _split_views(z)
+    loss = nt_xent(z1, z2, self.temperature)
+    new_stats = {"backbone": bb_stats, "pretext_head": {"projector": proj_stats}}
+    metrics = {"loss": loss, "positive_cosine": jax.lax.stop_gradient(_mean_cosine(z1, z2))}
+    return loss, {"batch_stats": new_stats, "metrics": metrics}
+
+
+@dataclasses.dataclass(frozen=True)
+class BYOL:
+  """BYOL: the online predictor regresses the EMA target's projection of the other view.
+
+  The target network (backbone + projector) lives outside ``params`` as
+  ``{'params': {'backbone', 'projector'}, 'batch_stats': {'backbone', 'projector'}}``.
+
+  Attributes:
+    model: the network bundle; must have a predictor.
+    ema_decay: EMA decay of the target parameters (0.9995 in BiSSL).
+  """
+  model: BisslModel
+  ema_decay: float = 0.9995
+  has_target: ClassVar[bool] = True
+
+  def __post_init__(self):
+    if self.model.predictor is None:
+      raise ValueError("BYOL needs a predictor; build the model with "
+                       "predictor='256-256-256' (model.predictor is None).")
+
+  def init_target(self, params: PyTree, batch_stats: PyTree) -> PyTree:
+    """Target network copied from the online backbone and projector (fresh buffers)."""
+    copy = lambda tree: jax.tree_util.tree_map(jnp.array, tree)
+    return copy(self._online_as_target(params, batch_stats))
+
+  def update_target(self, target: PyTree, params: PyTree, batch_stats: PyTree) -> PyTree:
+    """EMA of the target towards the online network, with ``ema_decay``.
+
+    The running statistics follow the same EMA as the parameters. They are never
+    read during training (the target forward uses batch statistics); they are kept
+    so the target stays a complete network that can be run in evaluation mode.
+    """
+    online = self._online_as_target(params, batch_stats)
+    return ema_update(target, online, self.ema_decay)
+
+  @staticmethod
+  def _online_as_target(params, batch_stats):
+    return {"params": {"backbone": params["backbone"],
+                       "projector": params["pretext_head"]["projector"]},
+            "batch_stats": {"backbone": batch_stats["backbone"],
+                            "projector": batch_stats["pretext_head"]["projector"]}}
+
+  def _target_projections(self, target, x):
+    # Training mode like the reference (target BN on batch statistics); its updated
+    # running statistics are dropped, see update_target.
+    target = jax.lax.stop_gradient(target)
+    tp, ts = target["params"], target["batch_stats"]
+    h, _ = self.model.features(tp["backbone"], ts["backbone"], x, train=True)
+    z, _ = self.model.project(tp["projector"], ts["projector"], h, train=True)
+    return jax.lax.stop_gradient(z)
+
+  def loss(self, params: PyTree, batch_stats: PyTree, views, target: Optional[PyTree] = None
+           ) -> Tuple[jax.Array, dict]:
+    """Symmetric BYOL loss ``ℓ(p1, z2ᵗ) + ℓ(p2, z1ᵗ)`` with ``ℓ = mean(2 − 2·cos)``.
+
+    Args:
+      params: ``{'backbone', 'pretext_head': {'projector', 'predictor'}}``; extra keys ignored.
+      batch_stats: ``{'backbone', 'pretext_head': {'projector', 'predictor'}}``.
+      views: ``(v1, v2)``, float NHWC, augmented and normalised.
+      target: from :meth:`init_target`; required.
+
+    Returns:
+      ``(loss, {'batch_stats': updated online stats, 'metrics': {'loss', 'online_target_cosine'}})``.
+    """
+    if target is None:
+      raise ValueError("BYOL.loss needs the target network; create it with "
+                       "task.init_target(params, batch_stats).")
+    model = self.model
+    x = _joint_batch(views)
+    head, head_stats = params["pretext_head"], batch_stats["pretext_head"]
+    h, bb_stats = model.features(params["backbone"], batch_stats["backbone"], x, train=True)
+    z, proj_stats = model.project(head["projector"], head_stats["projector"], h, train=True)
+    p, pred_stats = model.predict(head["predictor"], head_stats["predictor"], z, train=True)
+    p1, p2 = _split_views(p)
+    zt1, zt2 = _split_views(self._target_projections(target, x))
+    loss = byol_regression_loss(p1, zt2) + byol_regression_loss(p2, zt1)
+    new_stats = {"backbone": bb_stats,
+                 "pretext_head": {"projector": proj_stats, "predictor": pred_stats}}
+    cosine = 0.5 * (_mean_cosine(p1, zt2) + _mean_cosine(p2, zt1))
+    metrics = {"loss": loss, "online_target_cosine": jax.lax.stop_gradient(cosine)}
+    return loss, {"batch_stats": new_stats, "metrics": metrics}
+
+
+_TASKS = {"simclr": SimCLR, "byol": BYOL}
+
+
+def make_pretext_task(name: str, model: BisslModel, **kwargs):
+  """Builds a pretext task by name.
+
+  Args:
+    name: ``'simclr'`` or ``'byol'`` (case-insensitive).
+    model: the network bundle.
+    **kwargs: task fields, e.g. ``temperature`` or ``ema_decay``.
+
+  Returns:
+    A :class:`SimCLR` or :class:`BYOL`.
+  """
+  key = str(name).lower()
+  if key not in _TASKS:
+    raise ValueError(f"Unknown pretext task {name!r}; valid choices: {sorted(_TASKS)}.")
+  return _TASKS[key](model=model, **kwargs)
