@@ -77,13 +77,11 @@ def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
 
 
 def test_upper_step_gradient_matches_dense_solve():
-  setup = make_setup(solver="cg", cg_iters=200, cg_tol=1e-12, unroll=False, upper_steps=1,
-                     damping=0.5, lam=0.1)
+  setup = make_setup(solver="cg", cg_iters=400, cg_tol=1e-10, unroll=False, upper_steps=1,
+                     lam=0.1)
   state = make_state(setup)
   batches = make_batches(setup)
   rng = jax.random.PRNGKey(3)
-  new_state, metrics = jax.jit(functools.partial(ts.upper_stage, setup))(
-      state, batches.hvp, batches.downstream_images, batches.downstream_labels, rng)
 
   # Independent reference: the same random draws, a dense Hessian and numpy.linalg.solve.
   hvp_rng, step_rng = jax.random.split(rng)
@@ -103,19 +101,28 @@ def test_upper_step_gradient_matches_dense_solve():
     return ts.downstream_loss(setup, theta, phi, stats, x, y)[0]
 
   hess = np.asarray(jax.hessian(pretext_loss)(flat_p), np.float64)
+  eig_h = np.linalg.eigvalsh(hess)
+  # A tiny random-init SimCLR Hessian is strongly indefinite; pick δ so that A is
+  # positive definite (CG's requirement) while H still shapes the solution.
+  setup = dataclasses.replace(setup, damping=float(2 * max(-eig_h.min(), 1.0)))
   a_mat = np.eye(hess.shape[0]) + hess / (setup.lam + setup.damping)
+  eig = np.linalg.eigvalsh(a_mat)
+  assert eig.min() > 0.1 and eig.max() - eig.min() > 0.3, eig[[0, -1]]
   gp_theta, gp_phi = jax.grad(down_loss, (0, 1))(theta_p, phi_d, state.lower_stats["backbone"])
   gd_theta, gd_phi = jax.grad(down_loss, (0, 1))(theta_d, phi_d, state.upper_stats["backbone"])
   v_ig = np.linalg.solve(a_mat, np.asarray(ravel_pytree(gp_theta)[0], np.float64))
   expected = v_ig + np.asarray(ravel_pytree(gd_theta)[0], np.float64)
+  assert np.max(np.abs(v_ig - ravel_pytree(gp_theta)[0])) > 1e-3  # the solve is not trivial
 
+  new_state, metrics = jax.jit(functools.partial(ts.upper_stage, setup))(
+      state, batches.hvp, batches.downstream_images, batches.downstream_labels, rng)
   # SGD step 0, no momentum history, no weight decay: g = (θ_D − θ_D')/lr (clip inactive).
   assert float(metrics["upper_grad_norm"][0]) < setup.grad_clip
   got = (ravel_pytree(theta_d)[0] - ravel_pytree(new_state.upper_params["backbone"])[0]) / setup.upper_lr
-  np.testing.assert_allclose(np.asarray(got), expected, rtol=2e-3, atol=2e-5)
+  np.testing.assert_allclose(np.asarray(got), expected, rtol=2e-3, atol=5e-5)
   got_phi = jax.tree_util.tree_map(lambda a, b: (a - b) / setup.upper_lr, phi_d,
                                    new_state.upper_params["downstream_head"])
-  assert_trees_close(got_phi, jax.tree_util.tree_map(jnp.add, gp_phi, gd_phi), rtol=2e-3, atol=2e-5)
+  assert_trees_close(got_phi, jax.tree_util.tree_map(jnp.add, gp_phi, gd_phi), rtol=2e-3, atol=5e-5)
   assert float(metrics["cg_residual"][0]) < 1e-4
 
 
