@@ -1,0 +1,213 @@
+"""Checks a pipeline config before any compute, naming the offending field.
+
+``validate_config`` collects every problem it finds and raises one
+:class:`ConfigError` listing them, each as ``config.<field>=<value>: <why and fix>``.
+It checks types and ranges only; whether a dataset is present on disk is checked
+by the data module when the pipeline opens it (``DatasetNotFoundError``), still
+before any training step.
+"""
+from typing import Any, List, Optional
+
+import jax
+
+STAGES = ("all", "pretext", "head_warmup", "bissl", "finetune", "evaluate")
+PRETEXT_TASKS = ("simclr", "byol")
+SOLVERS = ("layerwise_cg", "cg", "neumann", "first_order")
+HESSIAN_MODES = ("linearize", "jvp")
+ARCHS = ("resnet18", "resnet50")
+LAM_SCHEDULES = ("none", "cosine_decay", "cosine_increase", "exp_increase")
+
+# Which earlier output a single stage needs, and the field that names it.
+STAGE_INPUTS = {
+    "head_warmup": "pretext.checkpoint",
+    "bissl": "bissl.init_checkpoint",
+    "finetune": "finetune.init_checkpoint",
+    "evaluate": "evaluate.checkpoint",
+}
+
+
+class ConfigError(ValueError):
+  """The config has invalid fields; the message names each one and how to fix it."""
+
+
+def _get(config, dotted: str):
+  node = config
+  for part in dotted.split("."):
+    node = node[part] if isinstance(node, dict) else getattr(node, part)
+  return node
+
+
+def _is_known_dataset(name) -> bool:
+  from bissl_jax.data import catalogue
+  try:
+    catalogue.get_spec(str(name))  # catalogue names, TFDS names and aliases
+  except ValueError:
+    return False
+  return True
+
+
+def validate_config(config: Any, *, num_devices: Optional[int] = None) -> None:
+  """Raises :class:`ConfigError` if any field of ``config`` is invalid.
+
+  Args:
+    config: the pipeline ``ConfigDict`` (see ``configs/common.py``).
+    num_devices: devices the batches are split over (default: ``jax.device_count()``).
+
+  Raises:
+    ConfigError: listing every invalid field with the reason and a fix.
+  """
+  errors: List[str] = []
+  n_dev = jax.device_count() if num_devices is None else int(num_devices)
+
+  def bad(field, why):
+    try:
+      value = _get(config, field)
+    except (AttributeError, KeyError):
+      value = "<missing>"
+    errors.append(f"config.{field}={value!r}: {why}")
+
+  def missing(field):
+    try:
+      _get(config, field)
+      return False
+    except (AttributeError, KeyError):
+      errors.append(f"config.{field} is missing: start from configs/common.py:base_config().")
+      return True
+
+  def choice(field, options):
+    if not missing(field) and _get(config, field) not in options:
+      bad(field, f"unknown value; choose one of {options}.")
+
+  def positive(field, integer=True, allow_zero=False):
+    if missing(field):
+      return
+    value = _get(config, field)
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind):
+      bad(field, f"must be {'an integer' if integer else 'a number'}.")
+    elif value < 0 or (value == 0 and not allow_zero):
+      bad(field, f"must be {'>= 0' if allow_zero else '> 0'}.")
+
+  def divisible(field):
+    if missing(field):
+      return
+    value = _get(config, field)
+    if isinstance(value, int) and value > 0 and value % n_dev:
+      bad(field, f"must be a multiple of the device count ({n_dev}) so the batch splits "
+                 f"evenly; use {max(n_dev, value // n_dev * n_dev)}.")
+
+  # Stages and seeds.
+  choice("stages", STAGES)
+  positive("seed", allow_zero=True)
+  if not missing("seeds"):
+    seeds = _get(config, "seeds")
+    if (not isinstance(seeds, (tuple, list)) or not seeds
+        or not all(isinstance(s, int) and s >= 0 for s in seeds)):
+      bad("seeds", "must be a non-empty tuple of non-negative integers, e.g. (0, 1, 2).")
+    elif len(set(seeds)) != len(seeds):
+      bad("seeds", "contains duplicates; every comparison seed must be distinct.")
+  positive("log_every")
+  positive("checkpoint_every")
+
+  # Data and model.
+  from bissl_jax.data import catalogue
+  for field in ("data.pretext_dataset", "data.downstream_dataset"):
+    if not missing(field) and not _is_known_dataset(_get(config, field)):
+      bad(field, f"unknown dataset; choose one of {tuple(catalogue.CATALOGUE)}.")
+  positive("data.image_size")
+  if not missing("data.val_fraction"):
+    vf = _get(config, "data.val_fraction")
+    if not isinstance(vf, (int, float)) or not 0.0 < vf < 1.0:
+      bad("data.val_fraction", "must lie strictly between 0 and 1 (paper: 0.2).")
+  if not missing("data.max_train_examples") and _get(config, "data.max_train_examples") is not None:
+    positive("data.max_train_examples")
+  choice("model.arch", ARCHS)
+  positive("model.width_multiplier", integer=False)
+
+  # Pretext pretraining.
+  choice("pretext.task", PRETEXT_TASKS)
+  positive("pretext.temperature", integer=False)
+  if not missing("pretext.ema_decay"):
+    decay = _get(config, "pretext.ema_decay")
+    if not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
+      bad("pretext.ema_decay", "must lie in [0, 1) (paper: 0.9995).")
+  positive("pretext.epochs", allow_zero=True)
+  positive("pretext.warmup_epochs", allow_zero=True)
+  if not missing("pretext.baseline_epochs") and _get(config, "pretext.baseline_epochs") is not None:
+    positive("pretext.baseline_epochs", allow_zero=True)
+    if _get(config, "pretext.checkpoint"):
+      bad("pretext.baseline_epochs", "gives the baseline its own pretext run, which needs "
+          "pretraining; unset it (None) when config.pretext.checkpoint is given.")
+  positive("pretext.lr", integer=False)
+  positive("pretext.weight_decay", integer=False, allow_zero=True)
+  positive("pretext.batch_size")
+  divisible("pretext.batch_size")
+
+  # Head warm-up.
+  positive("head_warmup.epochs")
+  positive("head_warmup.lr", integer=False)
+  positive("head_warmup.weight_decay", integer=False, allow_zero=True)
+  positive("head_warmup.batch_size")
+  divisible("head_warmup.batch_size")
+
+  # BiSSL.
+  if not missing("bissl.lam"):
+    lam = _get(config, "bissl.lam")
+    if not isinstance(lam, (int, float)) or lam < 0:
+      bad("bissl.lam", "the regularisation weight λ must be >= 0 (paper: 0.001).")
+    elif lam == 0 and _get(config, "bissl.learnable_lam"):
+      bad("bissl.lam", "a learnable λ starts at softplus⁻¹(λ) and needs λ > 0.")
+  positive("bissl.damping", integer=False, allow_zero=True)
+  choice("bissl.solver", SOLVERS)
+  positive("bissl.cg_iters")
+  positive("bissl.cg_tol", integer=False, allow_zero=True)
+  for field in ("bissl.lower_steps", "bissl.upper_steps", "bissl.alternations",
+                "bissl.checkpoint_every", "bissl.pretext_batch_size",
+                "bissl.downstream_batch_size"):
+    positive(field)
+  divisible("bissl.pretext_batch_size")
+  divisible("bissl.downstream_batch_size")
+  positive("bissl.lower_lr", integer=False)
+  positive("bissl.lower_weight_decay", integer=False, allow_zero=True)
+  for field in ("bissl.upper_lr", "bissl.upper_weight_decay"):
+    if not missing(field) and _get(config, field) is not None:
+      positive(field, integer=False, allow_zero=field.endswith("decay"))
+  choice("bissl.hessian_mode", HESSIAN_MODES)
+  choice("bissl.lam_schedule", LAM_SCHEDULES)
+  positive("bissl.lam_min", integer=False, allow_zero=True)
+  positive("bissl.lam_exp_alpha", integer=False)
+  positive("bissl.lam_damping", integer=False, allow_zero=True)
+
+  # Fine-tuning, evaluation, random search.
+  positive("finetune.epochs")
+  positive("finetune.batch_size")
+  divisible("finetune.batch_size")
+  for field in ("finetune.lr", "finetune.bissl_lr"):
+    positive(field, integer=False)
+  for field in ("finetune.weight_decay", "finetune.bissl_weight_decay"):
+    positive(field, integer=False, allow_zero=True)
+  if not missing("finetune.momentum"):
+    momentum = _get(config, "finetune.momentum")
+    if not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
+      bad("finetune.momentum", "must lie in [0, 1) (paper: 0.9).")
+  positive("evaluate.batch_size")
+  divisible("evaluate.batch_size")
+  if not missing("search.enabled") and _get(config, "search.enabled"):
+    positive("search.num_configs")
+    positive("search.epochs")
+    for field in ("search.lr_range", "search.wd_range"):
+      rng = _get(config, field)
+      if (not isinstance(rng, (tuple, list)) or len(rng) != 2
+          or not all(isinstance(x, (int, float)) and x > 0 for x in rng) or rng[0] > rng[1]):
+        bad(field, "must be (low, high) with 0 < low <= high (sampled log-uniformly).")
+
+  # Single stages read an earlier stage's output from a checkpoint path.
+  if not missing("stages"):
+    stage = _get(config, "stages")
+    field = STAGE_INPUTS.get(stage)
+    if field is not None and not _get(config, field):
+      bad(field, f"stages={stage!r} needs the output of the previous stage: set "
+                 f"--config.{field}=<a directory exported by an earlier run>.")
+
+  if errors:
+    raise ConfigError("Invalid config (nothing was computed):\n  " + "\n  ".join(errors))

@@ -1,0 +1,162 @@
+"""Run logging: JSON lines, TensorBoard (tensorboardX) and progress bars.
+
+* ``<workdir>/metrics.jsonl``: one JSON object per logged step,
+  ``{"stage": ..., "step": ..., "time": ..., <metric>: <float>, ...}``.
+* ``<workdir>/tensorboard/``: the same scalars as ``<stage>/<metric>``.
+* Progress: a tqdm bar with rate and ETA on a terminal; elsewhere (CI, files) plain
+  lines every ~10% with steps/s, images/s and ETA.
+
+Only process 0 writes files in multi-host runs.
+"""
+import json
+import math
+import os
+import sys
+import time
+from typing import Mapping, Optional
+
+import jax
+import numpy as np
+
+
+def to_float(value) -> float:
+  """A host float from a Python/NumPy/JAX scalar or the mean of an array."""
+  return float(np.mean(np.asarray(jax.device_get(value), dtype=np.float64)))
+
+
+class MetricLogger:
+  """Writes scalar metrics to ``metrics.jsonl`` and TensorBoard.
+
+  Args:
+    workdir: the run directory.
+    tensorboard: also write a TensorBoard event file.
+  """
+
+  def __init__(self, workdir: str, *, tensorboard: bool = True):
+    self.enabled = jax.process_index() == 0
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._writer = None
+    if self.enabled:
+      os.makedirs(workdir, exist_ok=True)
+      if tensorboard:
+        from tensorboardX import SummaryWriter  # imported lazily: optional heavy import
+        self._writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, stage: str, step: int, metrics: Mapping[str, object]) -> dict:
+    """Logs ``metrics`` (scalars or arrays, averaged) for ``stage`` at ``step``.
+
+    Returns:
+      The record written, with host floats.
+    """
+    record = {"stage": stage, "step": int(step), "time": time.time()}
+    record.update({k: to_float(v) for k, v in metrics.items()})
+    if self.enabled:
+      with open(self.path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+      if self._writer is not None:
+        for key, value in record.items():
+          if key not in ("stage", "step", "time") and math.isfinite(value):
+            self._writer.add_scalar(f"{stage}/{key}", value, int(step))
+    return record
+
+  def flush(self) -> None:
+    if self._writer is not None:
+      self._writer.flush()
+
+  def close(self) -> None:
+    if self._writer is not None:
+      self._writer.close()
+      self._writer = None
+
+
+def read_metrics(workdir: str, stage: Optional[str] = None) -> list:
+  """The records of ``metrics.jsonl`` (optionally of one stage)."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    records = [json.loads(line) for line in f if line.strip()]
+  return [r for r in records if stage is None or r["stage"] == stage]
+
+
+def _format_seconds(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  seconds = int(round(seconds))
+  return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class Progress:
+  """A progress display for ``total`` steps with rate, images/s and ETA.
+
+  Uses tqdm when stderr is a terminal, plain printed lines otherwise.
+
+  Args:
+    total: the number of steps of the stage.
+    desc: a label, e.g. ``'bissl seed 0'``.
+    initial: steps already done (after a resume).
+    items_per_step: images per step, for the images/s figure.
+    unit: the step's name ('step', 'alt', 'epoch').
+    use_tqdm: force tqdm on/off (default: on a terminal only).
+  """
+
+  def __init__(self, total: int, desc: str, *, initial: int = 0, items_per_step: int = 0,
+               unit: str = "step", use_tqdm: Optional[bool] = None):
+    self.total, self.desc, self.unit = int(total), desc, unit
+    self.count = self.start_count = int(initial)
+    self.items_per_step = items_per_step
+    self.enabled = jax.process_index() == 0
+    self._start = self._last_print = time.time()
+    self._next_print = self.count + max(1, self.total // 10)
+    use_tqdm = sys.stderr.isatty() if use_tqdm is None else use_tqdm
+    self._bar = None
+    if self.enabled and use_tqdm:
+      from tqdm.auto import tqdm
+      self._bar = tqdm(total=self.total, initial=self.count, desc=desc, unit=unit,
+                       dynamic_ncols=True, leave=True)
+    elif self.enabled:
+      print(f"[{desc}] start: {self.count}/{self.total} {unit}s", flush=True)
+
+  @property
+  def rate(self) -> float:
+    """Steps per second since this display started (excluding resumed steps)."""
+    elapsed = time.time() - self._start
+    return (self.count - self.start_count) / elapsed if elapsed > 0 else 0.0
+
+  def update(self, n: int = 1, **postfix) -> None:
+    """Advances by ``n`` steps; ``postfix`` scalars are shown next to the bar."""
+    self.count += n
+    if not self.enabled:
+      return
+    shown = {k: f"{to_float(v):.4g}" for k, v in postfix.items()}
+    if self.items_per_step:
+      shown["img/s"] = f"{self.rate * self.items_per_step:.1f}"
+    if self._bar is not None:
+      self._bar.update(n)
+      if shown:
+        self._bar.set_postfix(shown, refresh=False)
+      return
+    now = time.time()
+    if self.count >= self._next_print or self.count >= self.total or now - self._last_print > 30:
+      self._next_print = self.count + max(1, self.total // 10)
+      self._last_print = now
+      rate = self.rate
+      eta = (self.total - self.count) / rate if rate > 0 else float("inf")
+      extras = " | ".join(f"{k} {v}" for k, v in shown.items())
+      print(f"[{self.desc}] {self.count}/{self.total} {self.unit}s "
+            f"({100.0 * self.count / max(self.total, 1):.0f}%) | {rate:.2f} {self.unit}/s | "
+            f"ETA {_format_seconds(eta)}" + (f" | {extras}" if extras else ""), flush=True)
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()
+      self._bar = None
+    elif self.enabled:
+      print(f"[{self.desc}] done: {self.count}/{self.total} {self.unit}s in "
+            f"{_format_seconds(time.time() - self._start)}", flush=True)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()

@@ -1,0 +1,113 @@
+"""Result tables of a comparison: ``results.json`` and ``results.md`` in the workdir.
+
+The JSON record::
+
+  {"metric": "top1" | "map", "datasets": {...}, "seeds": [...],
+   "pipelines": {"baseline": {"label": "Only FT", "hyperparams": {...},
+                              "per_seed": {"0": {"top1": ..., "top5": ..., "val": ...}},
+                              "summary": {"top1": {"mean", "std", "n"}, ...}},
+                 "bissl": {...}},
+   "difference": {"top1": mean(bissl) − mean(baseline), ...}, "wall_time_s": ...}
+
+Accuracies are fractions in [0, 1]; the Markdown table shows percentages as
+``mean ± std`` (sample std, ddof=1, from ``bissl_jax.metrics.summarize``) in the
+layout of Table 1 of the paper.
+"""
+import json
+import os
+from typing import Dict, Mapping
+
+from bissl_jax.metrics import summarize
+
+PIPELINE_LABELS = {"baseline": "Only FT", "bissl": "BiSSL+FT"}
+
+
+def metric_names(multilabel: bool) -> tuple:
+  """The reported test metrics: 11-point mAP for multi-label sets, else top-1/top-5."""
+  return ("map",) if multilabel else ("top1", "top5")
+
+
+def build_results(per_seed: Mapping[str, Mapping[int, Mapping[str, float]]], *,
+                  multilabel: bool, hyperparams: Mapping[str, Mapping[str, float]],
+                  info: Mapping[str, object]) -> dict:
+  """Assembles the results record.
+
+  Args:
+    per_seed: ``{pipeline: {seed: {'top1': ..., 'top5': ..., 'val': ...}}}``.
+    multilabel: selects the metrics (mAP vs top-1/top-5).
+    hyperparams: ``{pipeline: {'lr': ..., 'weight_decay': ...}}`` used to fine-tune.
+    info: extra top-level fields (datasets, seeds, wall time, ...).
+
+  Returns:
+    The JSON-serialisable record.
+  """
+  rows_all = [m for seeds in per_seed.values() for m in seeds.values()]
+  # top-5 is undefined with fewer than 5 classes (bissl_jax.metrics leaves it out).
+  names = tuple(n for n in metric_names(multilabel) if all(n in m for m in rows_all))
+  out = dict(info)
+  out["metric"] = names[0]
+  out["metrics"] = list(names)
+  out["pipelines"] = {}
+  for pipeline, seeds in per_seed.items():
+    rows = {str(s): {k: float(v) for k, v in m.items()} for s, m in sorted(seeds.items())}
+    summary = {name: summarize([m[name] for m in rows.values()]) for name in names}
+    out["pipelines"][pipeline] = {
+        "label": PIPELINE_LABELS.get(pipeline, pipeline),
+        "hyperparams": dict(hyperparams.get(pipeline, {})),
+        "per_seed": rows, "summary": summary}
+  if {"baseline", "bissl"} <= set(out["pipelines"]):
+    base, bissl = out["pipelines"]["baseline"], out["pipelines"]["bissl"]
+    out["difference"] = {name: bissl["summary"][name]["mean"] - base["summary"][name]["mean"]
+                         for name in names}
+  return out
+
+
+def _pct(stat: dict) -> str:
+  return f"{100 * stat['mean']:.1f} ± {100 * stat['std']:.1f}"
+
+
+def to_markdown(results: Mapping[str, object]) -> str:
+  """A Markdown table in the layout of the paper's Table 1 (percentages)."""
+  pipelines: Dict[str, dict] = results["pipelines"]
+  names = tuple(results.get("metrics", metric_names(results["metric"] == "map")))
+  titles = {"top1": "Test top-1 (%)", "top5": "Test top-5 (%)", "map": "Test 11-pt mAP (%)"}
+  lines = []
+  if "downstream_dataset" in results:
+    lines.append(f"Downstream: **{results['downstream_dataset']}**, pretext: "
+                 f"**{results.get('pretext_dataset', '?')}** "
+                 f"({results.get('pretext_task', '?')}), seeds: {results.get('seeds')}")
+    lines.append("")
+  header = ["Pipeline"] + [titles[n] for n in names] + ["Seeds", "FT lr", "FT wd"]
+  lines.append("| " + " | ".join(header) + " |")
+  lines.append("|" + "---|" * len(header))
+  for p in pipelines.values():
+    hp = p["hyperparams"]
+    cells = [p["label"]] + [_pct(p["summary"][n]) for n in names]
+    cells += [str(p["summary"][names[0]]["n"]), f"{hp.get('lr', float('nan')):.4g}",
+              f"{hp.get('weight_decay', float('nan')):.4g}"]
+    lines.append("| " + " | ".join(cells) + " |")
+  if "difference" in results:
+    diff = results["difference"]
+    cells = ["Avg Diff"] + [f"{100 * diff[n]:+.1f}" for n in names] + ["", "", ""]
+    lines.append("| " + " | ".join(cells) + " |")
+  lines.append("")
+  lines.append("Per seed (test " + names[0] + ", %):")
+  lines.append("")
+  for p in pipelines.values():
+    per = ", ".join(f"seed {s}: {100 * m[names[0]]:.1f}" for s, m in p["per_seed"].items())
+    lines.append(f"- {p['label']}: {per}")
+  if "wall_time_s" in results:
+    lines.append("")
+    lines.append(f"Wall time: {results['wall_time_s']:.0f} s.")
+  return "\n".join(lines) + "\n"
+
+
+def write_results(workdir: str, results: Mapping[str, object]) -> str:
+  """Writes ``results.json`` and ``results.md``; returns the Markdown text."""
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "results.json"), "w") as f:
+    json.dump(results, f, indent=2, sort_keys=True)
+  text = to_markdown(results)
+  with open(os.path.join(workdir, "results.md"), "w") as f:
+    f.write(text)
+  return text
