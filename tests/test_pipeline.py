@@ -78,6 +78,12 @@ def test_comparison_writes_results(comparison):
                 "bissl/seed0", "finetune/bissl/seed1"):
     assert f"[{label}] done:" in stdout, label
   assert "ETA" in stdout
+  # Training curves are drawn at the end of the run, as valid PNGs.
+  assert results["plots"], "no training-curve plots were written"
+  from PIL import Image
+  for path in results["plots"]:
+    with Image.open(path) as image:
+      assert image.format == "PNG" and min(image.size) > 100
 
 
 def test_metrics_log_has_every_stage(comparison):

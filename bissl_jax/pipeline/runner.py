@@ -374,6 +374,21 @@ def run(config, workdir: str, *, bissl_callback: Optional[Callable] = None) -> d
     results["devices"] = f"{jax.device_count()} x {jax.devices()[0].platform}"
     if jax.process_index() == 0:
       print(results_lib.write_results(workdir, results), flush=True)
+      ctx.logger.flush()
+      results["plots"] = _plot_curves(workdir)
     return results
   finally:
     ctx.logger.close()
+
+
+def _plot_curves(workdir: str) -> list:
+  """Training-curve PNGs in ``<workdir>/plots``; a plotting failure never loses results."""
+  from bissl_jax import plots  # matplotlib is only needed here
+  try:
+    paths = plots.plot_run(workdir)
+  except Exception as e:  # pylint: disable=broad-except
+    print(f"Could not draw the training curves ({e!r}); the results are saved.", flush=True)
+    return []
+  if paths:
+    print(f"Training curves: {os.path.join(workdir, 'plots')}", flush=True)
+  return paths
