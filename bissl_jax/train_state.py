@@ -34,7 +34,8 @@ from bissl_jax.bilevel import AlternationBatches, BilevelState, BisslSetup
 from bissl_jax.bilevel import current_lam, init_bilevel_state
 from bissl_jax.lower_level import lower_objective, lower_stage, lower_step
 from bissl_jax.upper_level import build_hessian_operator, downstream_loss
-from bissl_jax.upper_level import upper_stage, upper_step
+from bissl_jax.upper_level import build_hessian_map, upper_stage, upper_step
+from bissl_jax.upper_level import upper_step_with_map
 
 __all__ = [
     "AlternationBatches", "BilevelState", "BisslSetup", "NonFiniteError",
@@ -100,6 +101,26 @@ def make_alternation_fn(setup: BisslSetup, mesh=None, *, donate: bool = False) -
                             in_shardings=(rep, batch0, batch1, batch1, rep),
                             out_shardings=(rep, rep), donate_argnums=donate_args)
   jit_summary = jax.jit(summarize_metrics, out_shardings=rep)
+  # On CPU the upper stage runs as one jitted operator build plus one jitted step per
+  # downstream batch: the compile time of a single jit with N_U unrolled steps grows
+  # faster than linearly in N_U (docs/benchmarks.md), while this compiles once for any
+  # N_U and runs as fast. It needs the linear map as a value, i.e. 'linearize' mode.
+  per_step_upper = setup.use_unrolled and setup.hessian_mode == "linearize"
+  jit_build = jax.jit(functools.partial(build_hessian_map, setup), in_shardings=(rep, batch0, rep))
+  jit_upper_step = jax.jit(functools.partial(upper_step_with_map, setup),
+                           in_shardings=(rep, None, rep, batch0, batch0, rep),
+                           out_shardings=(rep, rep))
+
+  def upper(state, hvp, images, labels, rng):
+    if not per_step_upper:
+      return jit_upper_stage(state, hvp, images, labels, rng)
+    hvp_rng, step_rng = jax.random.split(rng)  # the keys of upper_stage
+    hessian_matvec, lam = jit_build(state, hvp, hvp_rng)
+    per_step = []
+    for i, key in enumerate(jax.random.split(step_rng, images.shape[0])):
+      state, m = jit_upper_step(state, hessian_matvec, lam, images[i], labels[i], key)
+      per_step.append(m)
+    return state, jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *per_step)
 
   def alternation(state: BilevelState, batches: AlternationBatches, rng):
     state = jax.device_put(state, rep)
@@ -113,7 +134,7 @@ def make_alternation_fn(setup: BisslSetup, mesh=None, *, donate: bool = False) -
       lower_metrics = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *per_step)
     else:
       state, lower_metrics = jit_lower_stage(state, pretext, lower_rng)
-    state, upper_metrics = jit_upper_stage(
+    state, upper_metrics = upper(
         state, jax.device_put(batches.hvp, batch0),
         jax.device_put(batches.downstream_images, batch1),
         jax.device_put(batches.downstream_labels, batch1), upper_rng)

@@ -41,16 +41,17 @@ def downstream_loss(setup: BisslSetup, backbone_params, head_params, backbone_st
   return loss, new_stats
 
 
-def build_hessian_operator(setup: BisslSetup, state: BilevelState, hvp_images, rng):
-  """The damped operator ``v ↦ v + H v/(λ+δ)`` of the pretext loss at (θ_P, φ_P).
+def build_hessian_map(setup: BisslSetup, state: BilevelState, hvp_images, rng):
+  """The undamped ``v ↦ H v`` of the pretext loss at (θ_P, φ_P) on one augmented batch.
 
-  Built once per upper stage (``jax.linearize`` in 'linearize' mode). BatchNorm runs
-  in training mode on batch statistics; running statistics are not touched.
-  With ``head_in_implicit`` the operator acts on ``{'backbone', 'pretext_head'}`` as
-  ``blockdiag(I, 0) + H_[θ;φ_P]/(λ+δ)``.
+  In 'linearize' mode this is the linear map ``jax.linearize`` returns: a
+  ``jax.tree_util.Partial`` whose leaves are the stored residuals, so a jitted
+  function can return it and other jitted functions can take it as an argument.
+  BatchNorm runs in training mode on batch statistics; running statistics are not
+  touched. With ``head_in_implicit`` the map acts on ``{'backbone', 'pretext_head'}``.
 
   Returns:
-    ``(matvec, lam)``.
+    ``(hessian_matvec, lam)``.
   """
   views = augment.pretext_views(rng, hvp_images, size=setup.image_size)
   lam = current_lam(setup, state)
@@ -58,21 +59,43 @@ def build_hessian_operator(setup: BisslSetup, state: BilevelState, hvp_images, r
   if setup.head_in_implicit:
     def loss_fn(theta_phi):
       return setup.task.loss(theta_phi, stats, views, target)[0]
-    hess = implicit.hessian_operator(loss_fn, lp, mode=setup.hessian_mode)
-    scale = 1.0 / (lam + setup.damping)
-
-    def matvec(v):
-      hv = hess(v)
-      return {"backbone": tree_math.tree_axpy(scale, hv["backbone"], v["backbone"]),
-              "pretext_head": tree_math.tree_scale(hv["pretext_head"], scale)}
-    return matvec, lam
+    return implicit.hessian_operator(loss_fn, lp, mode=setup.hessian_mode), lam
 
   phi_p = lp["pretext_head"]
 
   def loss_fn(theta):
     return setup.task.loss({"backbone": theta, "pretext_head": phi_p}, stats, views, target)[0]
-  hess = implicit.hessian_operator(loss_fn, lp["backbone"], mode=setup.hessian_mode)
-  return implicit.damped_operator(hess, lam=lam, damping=setup.damping), lam
+  return implicit.hessian_operator(loss_fn, lp["backbone"], mode=setup.hessian_mode), lam
+
+
+def damped_hessian(setup: BisslSetup, hessian_matvec, lam):
+  """``v ↦ v + H v/(λ+δ)``, or ``blockdiag(I, 0) + H_[θ;φ_P]/(λ+δ)`` with ``head_in_implicit``."""
+  if not setup.head_in_implicit:
+    return implicit.damped_operator(hessian_matvec, lam=lam, damping=setup.damping)
+  scale = 1.0 / (lam + setup.damping)
+
+  def matvec(v):
+    hv = hessian_matvec(v)
+    return {"backbone": tree_math.tree_axpy(scale, hv["backbone"], v["backbone"]),
+            "pretext_head": tree_math.tree_scale(hv["pretext_head"], scale)}
+  return matvec
+
+
+def build_hessian_operator(setup: BisslSetup, state: BilevelState, hvp_images, rng):
+  """The damped operator of one upper stage, built once (see :func:`build_hessian_map`).
+
+  Returns:
+    ``(matvec, lam)``.
+  """
+  hessian_matvec, lam = build_hessian_map(setup, state, hvp_images, rng)
+  return damped_hessian(setup, hessian_matvec, lam), lam
+
+
+def upper_step_with_map(setup: BisslSetup, state: BilevelState, hessian_matvec, lam, images,
+                        labels, rng) -> Tuple[BilevelState, dict]:
+  """:func:`upper_step` against an undamped map from :func:`build_hessian_map`."""
+  return upper_step(setup, state, damped_hessian(setup, hessian_matvec, lam), lam, images,
+                    labels, rng)
 
 
 def upper_step(setup: BisslSetup, state: BilevelState, matvec, lam, images, labels, rng
