@@ -21,7 +21,7 @@ biased batch variance, and Linear biases start at zero.
 and return plain parameter/statistics trees, the form the bilevel code works with.
 """
 import dataclasses
-from typing import Any, Callable, Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
