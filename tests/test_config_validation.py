@@ -9,6 +9,7 @@ from absl import flags
 from bissl_jax import data as data_lib
 from bissl_jax.config_validation import ConfigError, validate_config
 from bissl_jax.pipeline import run
+from config_helpers import override
 from configs import common, digits_simclr, imagenet_byol, imagenet_simclr, stl10_simclr
 
 
@@ -16,13 +17,7 @@ def _config(as_dict=False, **changes):
   config = digits_simclr.get_config()
   if as_dict:  # plain dicts accept values of any type (ConfigDicts refuse wrong types)
     config = config.to_dict()
-  for dotted, value in changes.items():
-    node = config
-    *parents, leaf = dotted.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return override(config, **changes)
 
 
 @pytest.mark.parametrize("config", [

@@ -19,18 +19,12 @@ from bissl_jax.pipeline import run
 from bissl_jax.pipeline import runner
 from bissl_jax.pipeline import search
 from bissl_jax.pipeline import supervised
+from config_helpers import override
 from configs import digits_simclr
 
 
 def tiny_config(**changes):
-  config = digits_simclr.get_config("runlocal")
-  for dotted, value in changes.items():
-    node = config
-    *parents, leaf = dotted.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return override(digits_simclr.get_config("runlocal"), **changes)
 
 
 @pytest.fixture(scope="module")

@@ -215,7 +215,8 @@ def test_tsne_figure_writes_side_by_side_png(tmp_path):
            "BiSSL": (rng.normal(size=(60, 16)) + 3 * np.eye(16)[labels], labels)}
   path = visualize.tsne_figure(feats, str(tmp_path / "sub" / "tsne.png"),
                                knn={"pretext": 0.4, "BiSSL": 0.9}, perplexity=30)
-  _check_png(path, wider=True)
+  assert path.endswith("tsne.png") and os.path.isfile(path)
+  _check_png(path, wider=True)  # a valid PNG, wider than tall: two panels side by side
 
 
 def test_visualize_backbones_end_to_end(tmp_path):
