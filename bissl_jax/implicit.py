@@ -11,12 +11,13 @@ user-supplied lower loss; it needs no BiSSL-specific types.
 Hessian-vector products are forward-over-reverse (``jax.jvp`` of ``jax.grad``),
 never grad-of-grad (which cost 9.6 gradients against 1.7 on CPU, SPEC §1).
 """
-from typing import Any, Callable, Optional, Tuple
+import inspect
+from typing import Any, Callable, Optional, Tuple, Union
 
 import jax
 import numpy as np
 
-from bissl_jax.solvers import SOLVERS, SolveInfo
+from bissl_jax.solvers import SOLVERS, SolveInfo, finish
 from bissl_jax.tree_math import tree_axpy
 
 PyTree = Any
@@ -75,14 +76,19 @@ def _check_positive_when_concrete(lam, damping) -> None:
                      f"(the proximal weight) or a positive damping.")
 
 
-def damped_operator(hessian_matvec: MatVec, *, lam, damping=0.0) -> MatVec:
-  """The operator ``A: v ↦ v + H v / (lam + damping)``.
+def damped_operator(hessian_matvec: MatVec, *, lam, damping=0.0,
+                    identity_mask: Optional[PyTree] = None) -> MatVec:
+  """The operator ``A: v ↦ M v + H v / (lam + damping)``.
 
   Args:
     hessian_matvec: ``v ↦ H v``, e.g. from ``hessian_operator``.
     lam: proximal weight λ; a Python number or a (possibly traced) scalar array,
       so λ schedules and a learnable λ can flow through it.
     damping: δ, added to λ in the denominator (BiSSL: 10).
+    identity_mask: which leaves carry the identity ``M``: None for all of them, or
+      a tree of Python bools shaped like ``v``. The thesis's head-inclusive implicit
+      gradient solves over ``[θ; φ_P]`` with ``M = blockdiag(I, 0)``: the proximal
+      term covers θ only.
 
   Returns:
     ``v ↦ A v``.
@@ -92,18 +98,60 @@ def damped_operator(hessian_matvec: MatVec, *, lam, damping=0.0) -> MatVec:
   """
   _check_positive_when_concrete(lam, damping)
   inverse_scale = 1.0 / (lam + damping)
-  return lambda v: tree_axpy(inverse_scale, hessian_matvec(v), v)
+  if identity_mask is None:
+    return lambda v: tree_axpy(inverse_scale, hessian_matvec(v), v)
+
+  def matvec(v):
+    hv = hessian_matvec(v)
+    return jax.tree_util.tree_map(
+        lambda h, x, keep: (inverse_scale * h + x).astype(x.dtype) if keep
+        else (inverse_scale * h).astype(x.dtype), hv, v, identity_mask)
+  return matvec
 
 
-def solve(matvec: MatVec, b: PyTree, *, solver: str = "cg", maxiter: int = 5,
-          tol: float = 0.0, init: Optional[PyTree] = None,
+def resolve_solver(solver: Union[str, Callable]) -> Callable:
+  """A solver function from a registry name or a callable.
+
+  A callable must have the signature ``(matvec, b, *, init, maxiter, tol) ->
+  (x, SolveInfo)`` (jaxopt's ``linear_solve`` convention); one that returns a
+  bare ``x`` gets its ``SolveInfo`` computed here, and one that takes ``unroll``
+  is passed the loop driver as well.
+  """
+  if callable(solver):
+    return _wrap_user_solver(solver)
+  if solver not in SOLVERS:
+    raise ValueError(f"Unknown solver {solver!r}; choose one of {sorted(SOLVERS)} or "
+                     f"pass a callable (matvec, b, *, init, maxiter, tol) -> (x, info).")
+  return SOLVERS[solver]
+
+
+def _wrap_user_solver(fn: Callable) -> Callable:
+  try:
+    takes_unroll = "unroll" in inspect.signature(fn).parameters
+  except (TypeError, ValueError):
+    takes_unroll = False
+
+  def solver(matvec, b, *, init=None, maxiter=5, tol=0.0, unroll=None):
+    kwargs = dict(init=init, maxiter=maxiter, tol=tol)
+    if takes_unroll:
+      kwargs["unroll"] = unroll
+    out = fn(matvec, b, **kwargs)
+    if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], SolveInfo):
+      return out
+    return out, finish(matvec, b, out, out, maxiter, float("inf"))
+  return solver
+
+
+def solve(matvec: MatVec, b: PyTree, *, solver: Union[str, Callable] = "cg",
+          maxiter: int = 5, tol: float = 0.0, init: Optional[PyTree] = None,
           unroll: Optional[bool] = None) -> Tuple[PyTree, SolveInfo]:
-  """Solves ``A x = b`` with the named solver from ``solvers.SOLVERS``.
+  """Solves ``A x = b`` with a solver of ``solvers.SOLVERS`` or a callable.
 
   Args:
     matvec: ``v ↦ A v``.
     b: right-hand side pytree.
-    solver: ``'cg'``, ``'layerwise_cg'``, ``'neumann'`` or ``'first_order'``.
+    solver: a registry name (``'cg'``, ``'layerwise_cg'``, ``'neumann'``,
+      ``'first_order'``, ...) or a callable, see :func:`resolve_solver`.
     maxiter: iterations (operator products).
     tol: relative tolerance (``cg`` only; 0 = fixed iterations).
     init: warm start (``cg``, ``neumann``; ``layerwise_cg`` rejects it).
@@ -112,9 +160,33 @@ def solve(matvec: MatVec, b: PyTree, *, solver: str = "cg", maxiter: int = 5,
   Returns:
     ``(x, SolveInfo)``.
   """
-  if solver not in SOLVERS:
-    raise ValueError(f"Unknown solver {solver!r}; choose one of {sorted(SOLVERS)}.")
-  return SOLVERS[solver](matvec, b, init=init, maxiter=maxiter, tol=tol, unroll=unroll)
+  return resolve_solver(solver)(matvec, b, init=init, maxiter=maxiter, tol=tol,
+                                unroll=unroll)
+
+
+def implicit_solve(hessian_matvec: MatVec, outer_grad: PyTree, *, lam, damping=0.0,
+                   solver: Union[str, Callable] = "cg", maxiter: int = 5,
+                   tol: float = 0.0, init: Optional[PyTree] = None,
+                   identity_mask: Optional[PyTree] = None,
+                   unroll: Optional[bool] = None) -> Tuple[PyTree, SolveInfo]:
+  """:func:`implicit_grad` against a prebuilt Hessian operator ``v ↦ H v``.
+
+  Build the operator once (``hessian_operator``, or a Gauss-Newton one) and
+  solve many right-hand sides against it, as BiSSL's upper stage does.
+
+  Args:
+    hessian_matvec: the undamped ``v ↦ H v``.
+    outer_grad: the right-hand side ``v``.
+    lam, damping, solver, maxiter, tol, init, unroll: as in :func:`implicit_grad`.
+    identity_mask: see :func:`damped_operator`.
+
+  Returns:
+    ``(solution, SolveInfo)``.
+  """
+  solver_fn = resolve_solver(solver)  # fail before any tracing work
+  matvec = damped_operator(hessian_matvec, lam=lam, damping=damping,
+                           identity_mask=identity_mask)
+  return solver_fn(matvec, outer_grad, init=init, maxiter=maxiter, tol=tol, unroll=unroll)
 
 
 def _check_same_structure(outer_grad: PyTree, inner_params: PyTree) -> None:
@@ -131,9 +203,10 @@ def _check_same_structure(outer_grad: PyTree, inner_params: PyTree) -> None:
 
 
 def implicit_grad(inner_loss: Callable[[PyTree], Any], inner_params: PyTree,
-                  outer_grad: PyTree, *, lam, damping=0.0, solver: str = "cg",
-                  maxiter: int = 5, tol: float = 0.0, init: Optional[PyTree] = None,
-                  hessian_mode: str = "linearize", unroll: Optional[bool] = None
+                  outer_grad: PyTree, *, lam, damping=0.0,
+                  solver: Union[str, Callable] = "cg", maxiter: int = 5, tol: float = 0.0,
+                  init: Optional[PyTree] = None, hessian_mode: str = "linearize",
+                  identity_mask: Optional[PyTree] = None, unroll: Optional[bool] = None
                   ) -> Tuple[PyTree, SolveInfo]:
   """Approximates ``A⁻¹ outer_grad`` with ``A = I + H/(lam + damping)``.
 
@@ -156,11 +229,12 @@ def implicit_grad(inner_loss: Callable[[PyTree], Any], inner_params: PyTree,
     outer_grad: pytree shaped like ``inner_params``.
     lam: proximal weight λ (> 0 together with damping; may be traced).
     damping: δ added to λ.
-    solver: a key of ``solvers.SOLVERS``.
+    solver: a key of ``solvers.SOLVERS`` or a callable (see :func:`resolve_solver`).
     maxiter: solver iterations (= Hessian-vector products).
     tol: relative tolerance (``cg`` only; 0 = fixed iterations).
     init: warm start, e.g. the previous step's solution (``cg``, ``neumann``).
     hessian_mode: ``'linearize'`` (one linearization, reused) or ``'jvp'``.
+    identity_mask: leaves that carry the identity (see :func:`damped_operator`).
     unroll: loop driver; None = unrolled on CPU for fixed-iteration solves.
 
   Returns:
@@ -171,9 +245,8 @@ def implicit_grad(inner_loss: Callable[[PyTree], Any], inner_params: PyTree,
   if hessian_mode not in HESSIAN_MODES:  # fail before any tracing work
     raise ValueError(f"Unknown hessian mode {hessian_mode!r}; choose one of "
                      f"{HESSIAN_MODES}.")
-  if solver not in SOLVERS:
-    raise ValueError(f"Unknown solver {solver!r}; choose one of {sorted(SOLVERS)}.")
+  resolve_solver(solver)
   hessian_matvec = hessian_operator(inner_loss, inner_params, mode=hessian_mode)
-  matvec = damped_operator(hessian_matvec, lam=lam, damping=damping)
-  return solve(matvec, outer_grad, solver=solver, maxiter=maxiter, tol=tol,
-               init=init, unroll=unroll)
+  return implicit_solve(hessian_matvec, outer_grad, lam=lam, damping=damping,
+                        solver=solver, maxiter=maxiter, tol=tol, init=init,
+                        identity_mask=identity_mask, unroll=unroll)

@@ -1,7 +1,9 @@
 """Pretext tasks L_P of BiSSL: SimCLR (NT-Xent) and BYOL (SPEC §4).
 
-Every task exposes ``loss(params, batch_stats, views, target=None) -> (loss, aux)``
-with ``params = {'backbone': θ, 'pretext_head': φ_P}`` (other keys ignored). The two
+Every task follows :class:`bissl_jax.protocols.PretextTask`: ``prepare(rng, images)``
+turns a raw uint8 batch into the loss inputs (here, two augmented views) and
+``loss(params, batch_stats, views, target=None) -> (loss, aux)`` takes
+``params = {'backbone': θ, 'pretext_head': φ_P}`` (other keys ignored). The two
 views go through the network as one batch of 2B, so BatchNorm takes one statistic
 over both views, and the loss is written for the global batch: under jit with the
 batch sharded over a device mesh, XLA inserts the cross-device reductions. The loss
@@ -14,6 +16,7 @@ from typing import Any, ClassVar, Optional, Tuple
 import jax
 import jax.numpy as jnp
 
+from bissl_jax import augment
 from bissl_jax.models import BisslModel
 
 PyTree = Any
@@ -66,6 +69,11 @@ def ema_update(target: PyTree, online: PyTree, decay) -> PyTree:
       lambda t, o: (decay * t + (1.0 - decay) * o).astype(t.dtype), target, online)
 
 
+def two_views(rng, images, image_size: Optional[int]):
+  """SimCLR/BYOL's asymmetric pair of views, cropped to ``image_size`` (default: the input side)."""
+  return augment.pretext_views(rng, images, size=image_size or images.shape[1])
+
+
 def _split_views(x: jax.Array) -> Tuple[jax.Array, jax.Array]:
   half = x.shape[0] // 2
   return x[:half], x[half:]
@@ -92,7 +100,12 @@ class SimCLR:
   """
   model: BisslModel
   temperature: float = 0.5
+  image_size: Optional[int] = None
   has_target: ClassVar[bool] = False
+
+  def prepare(self, rng, images):
+    """The two augmented views of a uint8 batch (see :func:`two_views`)."""
+    return two_views(rng, images, self.image_size)
 
   def loss(self, params: PyTree, batch_stats: PyTree, views, target: Optional[PyTree] = None
            ) -> Tuple[jax.Array, dict]:
@@ -133,7 +146,12 @@ class BYOL:
   """
   model: BisslModel
   ema_decay: float = 0.9995
+  image_size: Optional[int] = None
   has_target: ClassVar[bool] = True
+
+  def prepare(self, rng, images):
+    """The two augmented views of a uint8 batch (see :func:`two_views`)."""
+    return two_views(rng, images, self.image_size)
 
   def __post_init__(self):
     if self.model.predictor is None:
@@ -203,7 +221,7 @@ class BYOL:
     return loss, {"batch_stats": new_stats, "metrics": metrics}
 
 
-_TASKS = {"simclr": SimCLR, "byol": BYOL}
+TASKS = {"simclr": SimCLR, "byol": BYOL}
 
 
 def make_pretext_task(name: str, model: BisslModel, **kwargs):
@@ -218,6 +236,6 @@ def make_pretext_task(name: str, model: BisslModel, **kwargs):
     A :class:`SimCLR` or :class:`BYOL`.
   """
   key = str(name).lower()
-  if key not in _TASKS:
-    raise ValueError(f"Unknown pretext task {name!r}; valid choices: {sorted(_TASKS)}.")
-  return _TASKS[key](model=model, **kwargs)
+  if key not in TASKS:
+    raise ValueError(f"Unknown pretext task {name!r}; valid choices: {sorted(TASKS)}.")
+  return TASKS[key](model=model, **kwargs)

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from bissl_jax import loops
 from bissl_jax.tree_math import (tree_add, tree_all_finite, tree_axpy,
                                  tree_leaf_vdots, tree_norm, tree_sub, tree_vdot,
                                  tree_where_finite, tree_zeros_like)
@@ -102,8 +103,8 @@ def _require_fixed_iterations(name: str, tol: float) -> None:
 
 
 def _use_unrolled(unroll: Optional[bool], tol: float = 0.0) -> bool:
-  if unroll is None:
-    return jax.default_backend() == "cpu" and tol == 0.0
+  if unroll is None:  # a tolerance needs the early-stopping while_loop
+    return loops.default_unroll() and tol == 0.0
   return bool(unroll)
 
 
@@ -126,7 +127,7 @@ def _rayleigh(dAd: jnp.ndarray, dd: jnp.ndarray) -> jnp.ndarray:
   return jnp.where(dd > 0, dAd / safe_dd, jnp.inf).astype(jnp.float32)
 
 
-def _finish(matvec: MatVec, b: PyTree, x: PyTree, raw_x: PyTree,
+def finish(matvec: MatVec, b: PyTree, x: PyTree, raw_x: PyTree,
             iterations, min_curvature) -> SolveInfo:
   """Builds SolveInfo, recomputing the residual with the true operator."""
   residual_norm = tree_norm(tree_sub(matvec(x), b))
@@ -182,10 +183,9 @@ def _cg_iterations(matvec: MatVec, b: PyTree, init: Optional[PyTree], maxiter: i
                    min_curvature=jnp.minimum(s.min_curvature, curvature))
     return _select(active, new, s)
 
-  if unrolled:
-    for _ in range(maxiter):
-      state = step(state)
-  else:
+  if unrolled:  # fixed length; converged steps are masked out inside `step`
+    state = loops.fori(lambda _, s: step(s), state, maxiter, unroll=True)
+  else:         # stops early, as jax.scipy.sparse.linalg.cg does
     state = lax.while_loop(lambda s: (s.rs > threshold) & (s.k < maxiter), step, state)
   return state.x, (state.k, state.min_curvature)
 
@@ -229,7 +229,7 @@ def cg(matvec: MatVec, b: PyTree, *, init: Optional[PyTree] = None, maxiter: int
   x, (iterations, min_curvature) = lax.custom_linear_solve(
       matvec, b, solve_fn, symmetric=True, has_aux=True)
   iterations, min_curvature = lax.stop_gradient((iterations, min_curvature))
-  return x, _finish(matvec, b, x, x, iterations, min_curvature)
+  return x, finish(matvec, b, x, x, iterations, min_curvature)
 
 
 # ---------------------------------------------------------------------------
@@ -294,13 +294,9 @@ def layerwise_cg(matvec: MatVec, b: PyTree, *, init: Optional[PyTree] = None,
 
   state = _LayerwiseState(x=tree_zeros_like(b), r=b, p=b, rs=tree_leaf_vdots(b, b),
                           min_curvature=jnp.asarray(jnp.inf, jnp.float32))
-  if _use_unrolled(unroll):
-    for _ in range(maxiter):
-      state = step(state)
-  else:
-    state = lax.fori_loop(0, maxiter, lambda _, s: step(s), state)
+  state = loops.fori(lambda _, s: step(s), state, maxiter, unroll=_use_unrolled(unroll))
   x = tree_where_finite(state.x)
-  return x, _finish(matvec, b, x, state.x, maxiter, state.min_curvature)
+  return x, finish(matvec, b, x, state.x, maxiter, state.min_curvature)
 
 
 # ---------------------------------------------------------------------------
@@ -340,13 +336,9 @@ def neumann(matvec: MatVec, b: PyTree, *, init: Optional[PyTree] = None,
     return tree_add(x, tree_sub(b, ax)), jnp.minimum(min_curvature, curvature)
 
   carry = (x, jnp.asarray(jnp.inf, jnp.float32))
-  if _use_unrolled(unroll):
-    for _ in range(maxiter):
-      carry = step(carry)
-  else:
-    carry = lax.fori_loop(0, maxiter, lambda _, c: step(c), carry)
+  carry = loops.fori(lambda _, c: step(c), carry, maxiter, unroll=_use_unrolled(unroll))
   x, min_curvature = carry
-  return x, _finish(matvec, b, x, x, maxiter, min_curvature)
+  return x, finish(matvec, b, x, x, maxiter, min_curvature)
 
 
 def first_order(matvec: MatVec, b: PyTree, *, init: Optional[PyTree] = None,
@@ -359,7 +351,7 @@ def first_order(matvec: MatVec, b: PyTree, *, init: Optional[PyTree] = None,
   solving ``A x = b`` (one product, removed by ``jit`` when unused).
   """
   del init, maxiter, tol, unroll
-  return b, _finish(matvec, b, b, b, 0, jnp.inf)
+  return b, finish(matvec, b, b, b, 0, jnp.inf)
 
 
 SOLVERS = {

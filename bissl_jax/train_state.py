@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bissl_jax import parallel
+from bissl_jax.errors import NonFiniteError
 from bissl_jax import tree_math
 from bissl_jax.bilevel import AlternationBatches, BilevelState, BisslSetup
 from bissl_jax.bilevel import current_lam, init_bilevel_state
@@ -47,8 +48,6 @@ __all__ = [
 PyTree = Any
 
 
-class NonFiniteError(FloatingPointError):
-  """A loss, gradient or CG solution of BiSSL became NaN or infinite."""
 
 
 # ----------------------------------------------------------------------------- alternation
