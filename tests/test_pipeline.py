@@ -121,12 +121,12 @@ def test_bissl_output_equals_final_checkpointed_state(comparison):
   ctx = runner.build_context(tiny_config(), str(os.path.join(workdir, "reload")))
   state = bissl_stage.load_final_state(ctx, warm, os.path.join(directory, "bissl"))
   assert int(state.alternation) == 4
-  _tree_equal(theta_p["params"], state.lower_params)
-  _tree_equal(theta_p["batch_stats"], state.lower_stats)
+  _tree_equal(theta_p["params"], state.lower.params)
+  _tree_equal(theta_p["batch_stats"], state.lower.batch_stats)
   # θ_P moved away from the pretext backbone it started from.
   pretext, _ = checkpoint.load_export(os.path.join(workdir, "seed1", "pretext", "output"))
   assert bissl_stage.tree_max_abs_diff(pretext["params"]["backbone"],
-                                       state.lower_params["backbone"]) > 0
+                                       state.lower.params["backbone"]) > 0
 
 
 def test_rerun_resumes_without_training(comparison):

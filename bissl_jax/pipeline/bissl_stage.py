@@ -25,6 +25,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import numpy as np
 
+from bissl_jax import bilevel
 from bissl_jax import train_state as ts
 from bissl_jax.pipeline import checkpoint
 from bissl_jax.pipeline import logging as plog
@@ -40,7 +41,7 @@ class BisslOutput(NamedTuple):
   """θ_P (the stage output) and the final whole state (None when loaded from an export)."""
   params: PyTree
   batch_stats: PyTree
-  state: Optional[ts.BilevelState]
+  state: Optional[bilevel.BilevelState]
 
 
 def resolved_bissl_config(config) -> dict:
@@ -57,10 +58,12 @@ def resolved_bissl_config(config) -> dict:
   return cfg
 
 
-def make_setup(ctx: StageContext) -> ts.BisslSetup:
+def make_setup(ctx: StageContext) -> bilevel.BisslSetup:
   """The static BiSSL setup of this run."""
-  return ts.BisslSetup.from_config(ctx.model, ctx.task, resolved_bissl_config(ctx.config),
-                                   image_size=ctx.image_size, multilabel=ctx.multilabel)
+  from bissl_jax import downstream
+  return bilevel.BisslSetup.from_config(
+      ctx.model, ctx.task, resolved_bissl_config(ctx.config),
+      downstream=downstream.Classification(ctx.model, ctx.image_size, ctx.multilabel))
 
 
 def _fingerprint(ctx: StageContext) -> dict:
@@ -69,18 +72,18 @@ def _fingerprint(ctx: StageContext) -> dict:
 
 
 def alternation_batches(pretext_set, downstream_set, lower, upper, *, lower_steps: int,
-                        upper_steps: int) -> ts.AlternationBatches:
+                        upper_steps: int) -> bilevel.AlternationBatches:
   """Host batches of one alternation, drawn from the two stacks."""
   pretext = pretext_set.batch(lower.take(lower_steps))["image"]
   hvp = pretext_set.batch(lower.take(1)[0])["image"]  # from the lower level's stream
   down = downstream_set.batch(upper.take(upper_steps))
-  return ts.AlternationBatches(pretext=pretext, hvp=hvp, downstream_images=down["image"],
+  return bilevel.AlternationBatches(pretext=pretext, hvp=hvp, downstream_images=down["image"],
                                downstream_labels=down["label"])
 
 
 def run_bissl(ctx: StageContext, warm: dict, pretext_set, downstream_set, *, seed: int,
               directory: str, name: str,
-              callback: Optional[Callable[[int, ts.BilevelState, dict], None]] = None
+              callback: Optional[Callable[[int, bilevel.BilevelState, dict], None]] = None
               ) -> BisslOutput:
   """Runs, resumes, or loads the finished output of, the BiSSL stage.
 
@@ -117,7 +120,7 @@ def run_bissl(ctx: StageContext, warm: dict, pretext_set, downstream_set, *, see
   setup = make_setup(ctx)
   alternate = ctx.cached(("alternation", setup),
                          lambda: ts.make_alternation_fn(setup, ctx.mesh))
-  state = ts.init_bilevel_state(setup, warm["params"], warm["batch_stats"])
+  state = bilevel.init_bilevel_state(setup, warm["params"], warm["batch_stats"])
   lower_seed, upper_seed = derive_seed(seed, "bissl_lower"), derive_seed(seed, "bissl_upper")
   lower = new_stack(len(pretext_set), cfg.pretext_batch_size, seed=lower_seed)
   upper = new_stack(len(downstream_set), cfg.downstream_batch_size, seed=upper_seed)
@@ -188,10 +191,10 @@ def run_bissl(ctx: StageContext, warm: dict, pretext_set, downstream_set, *, see
   return BisslOutput(params, batch_stats, state)
 
 
-def load_final_state(ctx: StageContext, warm: dict, directory: str) -> ts.BilevelState:
+def load_final_state(ctx: StageContext, warm: dict, directory: str) -> bilevel.BilevelState:
   """The whole BilevelState of the newest BiSSL checkpoint in ``directory``."""
   setup = make_setup(ctx)
-  template = ts.init_bilevel_state(setup, warm["params"], warm["batch_stats"])
+  template = bilevel.init_bilevel_state(setup, warm["params"], warm["batch_stats"])
   ckpt = checkpoint.RunCheckpointer(os.path.join(directory, "ckpt"))
   try:
     state, _ = ckpt.restore(template)
