@@ -303,3 +303,18 @@ def test_identity_mask_solves_the_block_operator():
   plain, _ = implicit.implicit_grad(loss, theta, v, lam=lam, damping=damping, solver="cg",
                                     maxiter=200, tol=1e-8)
   assert np.max(np.abs(flat(plain) - expected)) > 1e-3  # the mask matters
+
+
+@pytest.mark.parametrize("solver", ALL_SOLVERS)
+def test_nonfinite_rhs_is_rejected_when_concrete_and_flagged_under_jit(solver):
+  rng = np.random.default_rng(9)
+  _, _, _, loss = quadratic_problem(rng)
+  theta, v = make_tree(rng), make_tree(rng)
+  v = {**v, "bias": v["bias"].at[1].set(jnp.nan)}
+  with pytest.raises(ValueError, match=r"NaN or inf entries in \[\"\['bias'\]\"\]"):
+    implicit.implicit_grad(loss, theta, v, lam=0.5, solver=solver, maxiter=3)
+  x, info = jax.jit(lambda b: implicit.implicit_grad(loss, theta, b, lam=0.5, solver=solver,
+                                                     maxiter=3))(v)
+  assert bool(info.nonfinite), solver
+  if solver != "layerwise_cg":  # the paper's solver zeroes non-finite entries (but flags them)
+    assert not np.all(np.isfinite(flat(x))), f"{solver} hid the NaN"
