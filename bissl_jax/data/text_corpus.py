@@ -394,7 +394,7 @@ def offline_text(*, vocab_size: int = 1024, context: int = 64,
   for split, idx in package_task_splits(texts, labels).items():
     tokens, kept = format_examples("classification", special_ids,
                                    [tokenizer.encode(texts[i]) for i in idx],
-                                   context=context)
+                                   context=context, length=context)
     downstream[split] = TokenDataset(tokens=tokens, labels=labels[idx][kept],
                                      num_classes=len(DOWNSTREAM_PACKAGES),
                                      name=f"stdlib_packages/{split}")
