@@ -62,7 +62,11 @@ def read_state_dict(path: Union[str, os.PathLike]) -> dict:
   from bissl_jax.convert.torch import load_state_dict  # pylint: disable=import-outside-toplevel
   try:
     return dict(load_state_dict(path))
-  except (RuntimeError, EOFError, OSError) as e:
+  except ValueError:
+    raise  # load_state_dict's own message (e.g. a pickle that is not plain tensors)
+  except Exception as e:  # pylint: disable=broad-except
+    # torch.load fails on foreign bytes with whatever its unpickler hits first
+    # (UnpicklingError, RuntimeError, IndexError, EOFError, ...).
     raise ValueError(
         f"{path}: not a PyTorch state-dict file ({type(e).__name__}: {e}). Expected the "
         "pytorch_model.bin of Hugging Face 'openai-gpt' (torch.save(model.state_dict())) "

@@ -180,6 +180,11 @@ def _read_hf(spec: GlueSpec, split: str, data_dir: str) -> List[dict]:
 
 def _read_tfds(spec: GlueSpec, split: str, data_dir: Optional[str]) -> List[dict]:
   from bissl_jax.data import tfds_loader  # pylint: disable=import-outside-toplevel
+  try:  # registers the glue builder, which TFDS's lazy registry misses without TensorFlow
+    import tensorflow_datasets.text.glue  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+  except ImportError as e:
+    raise ImportError("Reading GLUE from TFDS needs tensorflow_datasets: pip install "
+                      "tensorflow-datasets (or use source='hf' or 'jsonl').") from e
   catalogue_spec = DatasetSpec(name=f"glue/{spec.name}", tfds_name=f"glue/{spec.name}",
                                train_split="train", val_split="validation",
                                test_split="validation",
