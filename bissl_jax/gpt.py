@@ -241,18 +241,23 @@ class GPT:
   def init(self, rng: jax.Array, image_size: Optional[int] = None) -> Tuple[PyTree, PyTree]:
     """``(params, batch_stats)``; ``image_size`` is unused (the protocol's argument)."""
     del image_size
-    cfg = self.config
-    k_backbone, k_special, k_out = jax.random.split(rng, 3)
-    ids = jnp.zeros((1, min(cfg.context, 2)), jnp.int32)
+    k_backbone, k_head = jax.random.split(rng)
+    ids = jnp.zeros((1, min(self.config.context, 2)), jnp.int32)
     backbone = self.module.init(k_backbone, ids, ids >= 0)["params"]
+    params = {"backbone": backbone, "pretext_head": {},
+              "downstream_head": self.init_head(k_head)}
+    return params, {"backbone": {}, "pretext_head": {}}
+
+  def init_head(self, rng: jax.Array) -> PyTree:
+    """A fresh downstream head: special-token rows and the output layer (normal(0.02), zero bias)."""
+    cfg = self.config
+    k_special, k_out = jax.random.split(rng)
     normal = nn.initializers.normal(cfg.init_std)
-    head = {
+    return {
         "special_embeddings": normal(k_special, (self.num_special, cfg.width), jnp.float32),
         "output": {"kernel": normal(k_out, (cfg.width, self.num_outputs), jnp.float32),
                    "bias": jnp.zeros((self.num_outputs,), jnp.float32)},
     }
-    params = {"backbone": backbone, "pretext_head": {}, "downstream_head": head}
-    return params, {"backbone": {}, "pretext_head": {}}
 
   def hidden(self, backbone_params: PyTree, tokens: jax.Array,
              special_embeddings: Optional[jax.Array] = None) -> Tuple[jax.Array, jax.Array]:

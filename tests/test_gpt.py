@@ -73,7 +73,8 @@ def test_padding_mask_and_context_check():
   h_pad, mask = _hidden(model, params["backbone"], padded)
   np.testing.assert_allclose(h_short, h_pad[:, :6], atol=1e-6)
   assert np.all(np.isfinite(h_pad)) and mask.sum() == 6
-  feats, _ = model.features(params["backbone"], {}, padded, train=False)
+  feats, _ = jax.jit(lambda b, x: model.features(b, {}, x, train=False))(
+      params["backbone"], padded)
   np.testing.assert_allclose(feats, h_short[:, -1], atol=1e-6)  # last real token
   with pytest.raises(ValueError, match="exceed the context"):
     _hidden(model, params["backbone"], _tokens(2, (1, MICRO.context + 1)))
@@ -85,12 +86,13 @@ def test_next_token_loss_ignores_padding():
   task = NextToken(model)
   a, b = _tokens(3, (1, 9)), _tokens(4, (1, 5))
 
+  @jax.jit
   def summed(seq):  # sum of CE over a sequence without padding
-    h, _ = _hidden(model, params["backbone"], seq)
+    h, _ = model.hidden(params["backbone"], seq)
     return next_token_loss(model.lm_logits(params["backbone"], h), seq) * (seq.shape[1] - 1)
 
   b_padded = jnp.concatenate([b, jnp.full((1, 4), gpt.PAD, jnp.int32)], axis=1)
-  loss, aux = task.loss(params, stats, task.prepare(None, {"tokens": jnp.concatenate(
+  loss, aux = jax.jit(task.loss)(params, stats, task.prepare(None, {"tokens": jnp.concatenate(
       [a, b_padded])}))
   expected = (summed(a) + summed(b)) / (8 + 4)
   np.testing.assert_allclose(loss, expected, rtol=1e-5)
@@ -132,7 +134,7 @@ def test_empty_pretext_head_partition():
                                        "downstream_head": optax.adam(1e-3)}, params)
   state = opt.init(params)
   grads = jax.tree_util.tree_map(jnp.ones_like, params)
-  updates, _ = opt.update(grads, state, params)
+  updates, _ = jax.jit(opt.update)(grads, state, params)
   assert updates["pretext_head"] == {}
   assert float(jnp.abs(updates["backbone"]["tokens_embed"]).min()) > 0
 
@@ -174,13 +176,14 @@ def test_upper_level_substitutes_only_backbone_rows():
   task = TextTask(model, "classification")
   tokens = jnp.array([[MICRO.vocab_size, 3, 4, MICRO.vocab_size + 1]], jnp.int32)
   inputs = task.prepare(None, tokens, train=False)
-  mixed = task.logits(p_p["backbone"], p_d["downstream_head"], {}, inputs)
+  mixed = jax.jit(lambda b, h: task.logits(b, h, {}, inputs))(
+      p_p["backbone"], p_d["downstream_head"])
   # The same computation on one full table built by hand.
   table = jnp.concatenate([p_p["backbone"]["tokens_embed"],
                            p_d["downstream_head"]["special_embeddings"]])
   big = gpt.GPT(dataclasses.replace(MICRO, vocab_size=MICRO.vocab_size + 2), num_special=0)
   backbone = {**p_p["backbone"], "tokens_embed": table}
-  h, mask = big.hidden(backbone, tokens)
+  h, mask = _hidden(big, backbone, tokens)
   expected = model.classify(p_d["downstream_head"], gpt.end_state(h, mask))
   np.testing.assert_allclose(mixed, expected, atol=1e-6)
 

@@ -94,12 +94,13 @@ def test_loss_is_task_loss_plus_half_lm_loss(params):
   inputs = {"tokens": jnp.asarray(tokens)}
   loss = jax.jit(lambda p: task.loss(p["backbone"], p["downstream_head"], {}, inputs,
                                      labels, train=False)[0])(params)
-  logits = task.logits(params["backbone"], params["downstream_head"], {}, inputs)
+  logits = jax.jit(lambda p: task.logits(p["backbone"], p["downstream_head"], {}, inputs))(
+      params)
   ce = -np.mean(np.take_along_axis(np.asarray(jax.nn.log_softmax(logits)),
                                    np.asarray(labels)[:, None], 1))
   # The auxiliary LM loss: next-token prediction over V + S rows, special tokens included.
   special = params["downstream_head"]["special_embeddings"]
-  h, _ = MODEL.hidden(params["backbone"], inputs["tokens"], special)
+  h, _ = jax.jit(MODEL.hidden)(params["backbone"], inputs["tokens"], special)
   from bissl_jax.next_token import next_token_loss
   lm = next_token_loss(MODEL.lm_logits(params["backbone"], h, special), inputs["tokens"])
   np.testing.assert_allclose(loss, ce + 0.5 * lm, rtol=1e-5)
@@ -118,9 +119,10 @@ def test_regression_uses_mse(params):
   tokens, _ = format_examples("similarity", model.special_ids, a, b, context=16)
   inputs = {"tokens": jnp.asarray(tokens)}
   targets = jnp.array([4.5, 1.0])
-  preds = task.logits(p["backbone"], p["downstream_head"], {}, inputs)
+  preds, loss = jax.jit(lambda p: (
+      task.logits(p["backbone"], p["downstream_head"], {}, inputs),
+      task.loss(p["backbone"], p["downstream_head"], {}, inputs, targets, train=False)[0]))(p)
   assert preds.shape == (2,)
-  loss, _ = task.loss(p["backbone"], p["downstream_head"], {}, inputs, targets, train=False)
   np.testing.assert_allclose(loss, np.mean((np.asarray(preds) - np.asarray(targets)) ** 2),
                              rtol=1e-5)
   with pytest.raises(ValueError, match="num_outputs=1"):

@@ -150,8 +150,9 @@ def load_hf_gpt(source: Union[str, os.PathLike, Mapping[str, Any]], model: GPT, 
   """
   state_dict = source if isinstance(source, Mapping) else read_state_dict(source)
   backbone, special = hf_to_flax(state_dict, model)
-  params, stats = model.init(jax.random.PRNGKey(0) if rng is None else rng)
-  head = dict(params["downstream_head"])
+  _, k_head = jax.random.split(jax.random.PRNGKey(0) if rng is None else rng)
+  head = model.init_head(k_head)  # the key model.init would give the head
   if special is not None:
     head["special_embeddings"] = special
-  return {"backbone": backbone, "pretext_head": {}, "downstream_head": head}, stats
+  params = {"backbone": backbone, "pretext_head": {}, "downstream_head": head}
+  return params, {"backbone": {}, "pretext_head": {}}
