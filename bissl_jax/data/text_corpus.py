@@ -178,12 +178,12 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Tuple[Dict[str, int], Li
     merges.append(pair)
     if merged not in vocab:
       vocab[merged] = len(vocab)
-    touched = collections.Counter()
+    touched = set()  # pairs whose count changed
     for i in sorted(pair_words.pop(pair)):
       w = words[i]
       for old in zip(w, w[1:]):
         pair_count[old] -= freq[i]
-        touched[old] += 0
+        touched.add(old)
       out, j = [], 0
       while j < len(w):
         if j + 1 < len(w) and (w[j], w[j + 1]) == pair:
@@ -196,8 +196,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Tuple[Dict[str, int], Li
       for new in zip(out, out[1:]):
         pair_count[new] += freq[i]
         pair_words[new].add(i)
-        touched[new] += 0
-    for p in touched:
+        touched.add(new)
+    for p in sorted(touched):
       if pair_count[p] > 0:
         heapq.heappush(heap, (-pair_count[p], p))
       else:
