@@ -278,7 +278,8 @@ class GPT:
     """Hidden state at the last real token ``(B, d)``; statistics unchanged (there are none).
 
     Inputs with special tokens need ``special_embeddings`` (the downstream head's
-    rows); without them ids ``>= V`` would be clipped by the lookup.
+    rows); without them the lookup of ids ``>= V`` gives NaN (JAX's fill mode), so
+    the omission shows instead of silently reusing other rows.
     """
     del train
     h, mask = self.hidden(backbone_params, x, special_embeddings)

@@ -138,7 +138,8 @@ class TextTask:
     keep = jax.random.bernoulli(rng, keep_prob, (tokens.shape[0], self.model.config.width))
     return {"tokens": tokens, "keep": keep.astype(jnp.float32) / keep_prob}
 
-  def _forward(self, backbone_params, head_params, inputs, train: bool):
+  def _forward(self, backbone_params, head_params, inputs, train: bool,
+               features_only: bool = False):
     """``(outputs, L_GPT)``: outputs ``(B, C)`` or ``(B,)`` for regression."""
     tokens = inputs["tokens"]
     special = head_params["special_embeddings"]
@@ -151,10 +152,19 @@ class TextTask:
       # symmetric in the two texts, and the token-mean LM loss over both orders
       # equals the mean of the two orders' losses when they have equal lengths.
       feats = feats.reshape(tokens.shape[0], 2, -1).sum(axis=1)
+    if features_only:
+      return feats
     if train and "keep" in inputs:
       feats = feats * inputs["keep"]
     out = self.model.classify(head_params, feats)
     return (out[:, 0] if self.regression else out), lm
+
+  def features(self, backbone_params: PyTree, head_params: PyTree, backbone_stats: PyTree,
+               inputs) -> jax.Array:
+    """The states fed to the output layer ``(B, d)`` (no dropout), e.g. for t-SNE plots."""
+    del backbone_stats
+    return self._forward(backbone_params, head_params, {"tokens": inputs["tokens"]},
+                         False, features_only=True)
 
   def task_loss(self, outputs: jax.Array, labels: jax.Array) -> jax.Array:
     """MSE (regression) or softmax cross-entropy."""

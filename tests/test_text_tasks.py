@@ -67,6 +67,10 @@ def test_similarity_is_symmetric_in_its_two_texts(params):
   logits_ba, loss_ba = _eval(params, ba, labels, keep)
   np.testing.assert_allclose(logits_ab, logits_ba, atol=1e-6)
   np.testing.assert_allclose(loss_ab, loss_ba, rtol=1e-6)
+  feats = jax.jit(lambda p, t: TextTask(MODEL, "similarity").features(
+      p["backbone"], p["downstream_head"], {}, {"tokens": t}))
+  np.testing.assert_allclose(feats(params, ab), feats(params, ba), atol=1e-6)
+  assert feats(params, ab).shape == (3, MICRO.width)
   # Each single order is not symmetric: the test would catch a one-order model.
   one_order = jax.jit(lambda p, t: TextTask(MODEL, "entailment").logits(
       p["backbone"], p["downstream_head"], {}, {"tokens": t}))
