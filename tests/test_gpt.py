@@ -130,8 +130,8 @@ def test_empty_pretext_head_partition():
   params, stats = _init(model, 0)
   assert params["pretext_head"] == {} and stats == {"backbone": {}, "pretext_head": {}}
   partition.check_coverage(params, partition.make_masks(params))
-  opt = partition.partition_optimizer({"backbone": optax.adam(1e-3),
-                                       "downstream_head": optax.adam(1e-3)}, params)
+  opt = partition.level_optimizer({"backbone": optax.adam(1e-3),
+                                   "downstream_head": optax.adam(1e-3)}, params)
   state = opt.init(params)
   grads = jax.tree_util.tree_map(jnp.ones_like, params)
   updates, _ = jax.jit(opt.update)(grads, state, params)
