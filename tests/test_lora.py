@@ -17,7 +17,7 @@ def _models(targets=("q", "v"), rank=2, alpha=None, train_norms=False):
   base = build_vit_model("vit_test_patch4", num_classes=3, decoder=None)
   adapted = build_vit_model("vit_test_patch4", num_classes=3, decoder=None, lora_rank=rank,
                             lora_alpha=alpha, lora_targets=targets, train_norms=train_norms)
-  params, _ = adapted.init(jax.random.key(0), 8)
+  params, _ = jax.jit(adapted.init, static_argnums=1)(jax.random.key(0), 8)
   return base, adapted, params
 
 

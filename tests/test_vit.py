@@ -56,7 +56,7 @@ def test_sincos_table_matches_mae():
 @functools.lru_cache(maxsize=None)
 def _tiny(**kwargs):
   model = build_vit_model("vit_test_patch4", num_classes=3, decoder=None, **kwargs)
-  params, stats = model.init(jax.random.key(0), 8)
+  params, stats = jax.jit(model.init, static_argnums=1)(jax.random.key(0), 8)
   x = jax.random.normal(jax.random.key(1), (3, 8, 8, 3))
   return model, params, stats, x
 

@@ -240,6 +240,10 @@ def mae_to_flax(source, *, arch: Optional[str] = None, image_size: Optional[int]
     state_dict = collections.OrderedDict(
         (k, v) for k, v in state_dict.items()
         if not (k.startswith("decoder_") or k == "mask_token"))
+  if use_decoder and info["decoder_width"] % int(decoder_heads):
+    raise ValueError(f"the decoder is {info['decoder_width']} wide, which "
+                     f"decoder_heads={decoder_heads} does not divide; pass the decoder's "
+                     "head count (MAE: 16)")
   layout = expected_layout(found_arch, image_size=info["image_size"],
                            decoder_width=int(info["decoder_width"] or 512),
                            decoder_depth=int(info["decoder_depth"]) if use_decoder else 0,
