@@ -101,7 +101,7 @@ def test_trainable_marks_adapters_heads_and_optionally_norms():
   assert m2["norm"]["scale"] and m2["blocks_1"]["norm2"]["bias"]
   assert not m2["blocks_1"]["mlp"]["fc1"]["kernel"]
   base, _, _ = _models()
-  bp, _ = base.init(jax.random.key(0), 8)
+  bp, _ = jax.jit(base.init, static_argnums=1)(jax.random.key(0), 8)
   full = base.trainable(bp)["backbone"]  # no LoRA: everything but the fixed table trains
   assert full["blocks_0"]["attn"]["qkv"]["kernel"] and not full["pos_embed"]
 

@@ -108,8 +108,6 @@ def test_prepare_puts_all_randomness_in_the_inputs():
   assert isinstance(task, protocols.PretextTask) and not task.has_target
   assert inputs["images"].shape == (3, 8, 8, 3) and inputs["noise"].shape == (3, 4)
   assert inputs["drop_noise"].shape == (3, 2, 2)
-  loss = jax.jit(lambda p: task.loss(p, stats, inputs)[0])
-  np.testing.assert_array_equal(loss(params), loss(params))  # deterministic given inputs
   images = jnp.zeros((3, 10, 10, 3), jnp.uint8) + 7
   again = task.prepare(jax.random.key(2), images)
   other = task.prepare(jax.random.key(3), images)
