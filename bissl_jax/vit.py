@@ -178,12 +178,26 @@ def block_stack(x, *, depth: int, num_heads: int, mlp_ratio: float, drop_path_ra
                 drop_noise=None):
   """``depth`` blocks named ``{prefix}{i}``; drop rates rise linearly 0 → rate (timm)."""
   block_cls = nn.remat(Block) if remat else Block
-  rates = np.linspace(0.0, drop_path_rate, depth) if depth > 1 else [drop_path_rate]
+  rates = np.linspace(0.0, drop_path_rate, depth)
   for i in range(depth):
     u = None if drop_noise is None else drop_noise[:, i]
     x = block_cls(num_heads, mlp_ratio, float(rates[i]), lora, dtype,
                   name=f"{prefix}{i}")(x, u)
   return x
+
+
+class PatchEmbed(nn.Module):
+  """Non-overlapping p×p patches → width (a stride-p convolution named ``proj``)."""
+  patch_size: int
+  width: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images):
+    p = self.patch_size
+    x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID", kernel_init=patch_init,
+                dtype=self.dtype, name="proj")(images.astype(self.dtype))
+    return x.reshape(x.shape[0], -1, self.width)   # row-major (h, w), as torch flatten(2)
 
 
 class ViT(nn.Module):
@@ -246,20 +260,6 @@ class ViT(nn.Module):
                     drop_path_rate=self.drop_path_rate, lora=self.lora, dtype=self.dtype,
                     remat=self.remat, prefix="blocks_", drop_noise=drop_noise)
     return layer_norm("norm", self.dtype)(x)
-
-
-class PatchEmbed(nn.Module):
-  """Non-overlapping p×p patches → width (a stride-p convolution named ``proj``)."""
-  patch_size: int
-  width: int
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, images):
-    p = self.patch_size
-    x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID", kernel_init=patch_init,
-                dtype=self.dtype, name="proj")(images.astype(self.dtype))
-    return x.reshape(x.shape[0], -1, self.width)   # row-major (h, w), as torch flatten(2)
 
 
 def parse_arch(arch: str) -> Tuple[str, int]:
