@@ -6,7 +6,7 @@ On one MAE batch and one LoRA model, side by side:
 * one gradient with respect to every backbone and decoder leaf (full fine-tuning), to
   show what freezing the base weights saves in the backward pass;
 * one lower step: that gradient plus the proximal term and an AdamW update on the
-  trainable half (``bissl_jax.trainable.masked_optimizer`` semantics);
+  trainable half (``bissl_jax.partition.level_optimizer`` semantics);
 * one implicit solve over the LoRA leaves (``implicit_grad``, ``hessian_mode=
   'linearize'``, ``cg`` with ``--cg-iters`` iterations), the upper level's main cost.
 
@@ -33,7 +33,7 @@ import optax
 from bench import common
 from bissl_jax import implicit
 from bissl_jax import lora
-from bissl_jax import trainable
+from bissl_jax import partition
 from bissl_jax.lora import LoRAConfig
 from bissl_jax.mae import MAE, MAEDecoder
 from bissl_jax.vit import ViT
@@ -106,8 +106,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[common.Table]:
   s = args.size
   model, task, params, stats, inputs = build(s, args.seed)
   mask = model.trainable(params)
-  train, frozen = trainable.partition(params, mask)
-  loss_of = lambda t: task.loss(trainable.combine(t, frozen), stats, inputs)[0]
+  train, frozen = partition.split(params, mask)
+  loss_of = lambda t: task.loss(partition.merge(t, frozen), stats, inputs)[0]
   lower_keys = ("backbone", "pretext_head")
   full = {k: params[k] for k in lower_keys}
   full_loss = lambda p: task.loss(p, stats, inputs)[0]
@@ -128,11 +128,11 @@ def main(argv: Optional[Sequence[str]] = None) -> List[common.Table]:
     return optax.apply_updates(t, updates), state
 
   lora_only = lora.lora_mask(params["backbone"])
-  bb_train, bb_frozen = trainable.partition(params["backbone"], lora_only)
+  bb_train, bb_frozen = partition.split(params["backbone"], lora_only)
 
   @jax.jit
   def implicit_solve(t, v):
-    lower = lambda b: task.loss(dict(params, backbone=trainable.combine(b, bb_frozen)),
+    lower = lambda b: task.loss(dict(params, backbone=partition.merge(b, bb_frozen)),
                                 stats, inputs)[0]
     return implicit.implicit_grad(lower, t, v, lam=LAM, damping=10.0, solver="cg",
                                   maxiter=args.cg_iters)[0]

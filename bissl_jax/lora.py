@@ -160,7 +160,7 @@ def mfac_block_key(names: Sequence[str], grouping: str = "layer") -> str:
 def mfac_block_labels(tree: PyTree, grouping: str = "layer") -> PyTree:
   """A tree of block keys (strings) shaped like ``tree``; see :func:`mfac_block_key`.
 
-  Pass the *trainable* leaves only (``trainable.partition``): frozen leaves have no
+  Pass the *trainable* leaves only (``partition.split``): frozen leaves have no
   block.
   """
   return jax.tree_util.tree_map_with_path(

@@ -136,10 +136,10 @@ def split(tree: PyTree, trainable: PyTree) -> Tuple[PyTree, PyTree]:
   gradient is ever formed for a frozen leaf.
   """
   flat, treedef = jax.tree_util.tree_flatten(tree)
+  if jax.tree_util.tree_structure(trainable) != treedef:
+    raise ValueError("The trainable mask must have the structure of the parameters; "
+                     "build it with model.trainable(params) for these params.")
   keep = jax.tree_util.tree_leaves(trainable)
-  if len(keep) != len(flat):
-    raise ValueError(f"The trainable mask has {len(keep)} leaves, the tree {len(flat)}; "
-                     f"build the mask from the same tree.")
   train = [x if k else None for x, k in zip(flat, keep)]
   frozen = [None if k else x for x, k in zip(flat, keep)]
   return treedef.unflatten(train), treedef.unflatten(frozen)
@@ -156,3 +156,14 @@ def merge(train: PyTree, frozen: PyTree) -> PyTree:
 def zeros_for_frozen(train_grads: PyTree, frozen: PyTree) -> PyTree:
   """A full gradient tree: ``train_grads`` on trainable leaves, zeros on frozen ones."""
   return merge(train_grads, jax.tree_util.tree_map(jnp.zeros_like, frozen))
+
+
+def fill_frozen(train: PyTree, like: PyTree) -> PyTree:
+  """A full tree from a trainable part, with zeros shaped as in ``like`` where it has None."""
+  return jax.tree_util.tree_map(lambda t, x: jnp.zeros_like(x) if t is None else t,
+                                train, like, is_leaf=lambda x: x is None)
+
+
+def zeros_on_frozen(tree: PyTree, trainable: PyTree) -> PyTree:
+  """``tree`` with the leaves that ``trainable`` marks False set to zero."""
+  return jax.tree_util.tree_map(lambda x, t: x if t else jnp.zeros_like(x), tree, trainable)

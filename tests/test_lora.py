@@ -8,7 +8,7 @@ import optax
 import pytest
 
 from bissl_jax import lora
-from bissl_jax import trainable
+from bissl_jax import partition
 from bissl_jax.vit_model import build_vit_model
 
 
@@ -109,7 +109,8 @@ def test_trainable_marks_adapters_heads_and_optionally_norms():
 def test_frozen_leaves_never_change_and_have_no_optimizer_state():
   _, adapted, params = _models()
   mask = adapted.trainable(params)
-  tx = trainable.masked_optimizer(optax.adamw(1e-2, weight_decay=0.1), mask)
+  adamw = optax.adamw(1e-2, weight_decay=0.1)
+  tx = partition.level_optimizer({g: adamw for g in params}, params, mask)
   state = tx.init(params)
   x = _images()
   labels = jnp.array([0, 1, 2])
@@ -142,23 +143,23 @@ def test_frozen_leaves_never_change_and_have_no_optimizer_state():
 def test_partition_and_combine_round_trip():
   _, adapted, params = _models()
   mask = adapted.trainable(params)
-  train, frozen = trainable.partition(params, mask)
+  train, frozen = partition.split(params, mask)
   n = lambda t: len(jax.tree_util.tree_leaves(t))
   assert n(train) + n(frozen) == n(params) and n(train) == sum(jax.tree_util.tree_leaves(mask))
-  back = trainable.combine(train, frozen)
+  back = partition.merge(train, frozen)
   assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(params)
   for a, b in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(params)):
     assert a is b
-  full = trainable.fill_frozen(train, params)
+  full = partition.fill_frozen(train, params)
   for x, m in zip(jax.tree_util.tree_leaves(full), jax.tree_util.tree_leaves(mask)):
     assert m or float(jnp.abs(x).max()) == 0.0
   with pytest.raises(ValueError, match="structure"):
-    trainable.partition(params, mask["backbone"])
+    partition.split(params, mask["backbone"])
 
 
 def test_mfac_block_rules():
   _, adapted, params = _models()
-  train, _ = trainable.partition(params, lora.lora_mask(params))
+  train, _ = partition.split(params, lora.lora_mask(params))
   layer = set(jax.tree_util.tree_leaves(lora.mfac_block_labels(train, "layer")))
   assert layer == {"backbone/blocks_0", "backbone/blocks_1"}
   block = set(jax.tree_util.tree_leaves(lora.mfac_block_labels(train, "block")))

@@ -10,7 +10,7 @@ from bissl_jax import implicit
 from bissl_jax import lora
 from bissl_jax import mae
 from bissl_jax import protocols
-from bissl_jax import trainable
+from bissl_jax import partition
 from bissl_jax.vit_model import build_vit_model
 
 
@@ -125,8 +125,8 @@ def _lora_problem():
       lambda p, x: x + 0.3 * rng.normal(size=x.shape).astype(np.float32)
       if lora.is_lora_path(lora.path_names(p)) else x, params)
   mask = lora.lora_mask(params)
-  train, frozen = trainable.partition(params, mask)
-  loss = lambda t: task.loss(trainable.combine(t, frozen), stats, inputs)[0]
+  train, frozen = partition.split(params, mask)
+  loss = lambda t: task.loss(partition.merge(t, frozen), stats, inputs)[0]
   return params, mask, train, frozen, loss
 
 
@@ -149,20 +149,20 @@ def test_implicit_gradient_on_lora_leaves_matches_a_dense_solve():
 
   # Solving over the full tree with H and v masked to the LoRA leaves gives the same
   # LoRA block and exactly zero on every frozen leaf.
-  full_loss = lambda p: loss(trainable.partition(p, mask)[0])
+  full_loss = lambda p: loss(partition.split(p, mask)[0])
 
   @jax.jit
   def full_solve(p, b):
     h_full = implicit.hessian_operator(full_loss, p)
-    masked_h = lambda t: trainable.zeros_on_frozen(h_full(trainable.zeros_on_frozen(t, mask)),
+    masked_h = lambda t: partition.zeros_on_frozen(h_full(partition.zeros_on_frozen(t, mask)),
                                                    mask)
     return implicit.implicit_solve(masked_h, b, lam=lam, solver="cg", maxiter=24,
                                    unroll=False)[0]
 
-  y = full_solve(params, trainable.fill_frozen(unravel(v), params))
+  y = full_solve(params, partition.fill_frozen(unravel(v), params))
   for leaf, m in zip(jax.tree_util.tree_leaves(y), jax.tree_util.tree_leaves(mask)):
     if not m:
       assert float(jnp.abs(leaf).max()) == 0.0
-  y_train, _ = trainable.partition(y, mask)
+  y_train, _ = partition.split(y, mask)
   np.testing.assert_allclose(jax.flatten_util.ravel_pytree(y_train)[0], dense, rtol=2e-4,
                              atol=2e-5)
