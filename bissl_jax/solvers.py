@@ -274,3 +274,6 @@ SOLVERS = {
 }
 """Every operator-based solver by name (``config.bissl.solver``). M-FAC is not here:
 it takes stored gradients instead of an operator, see :mod:`bissl_jax.mfac`."""
+
+SOLVER_NAMES = tuple(sorted(SOLVERS)) + ("mfac",)
+"""Every value ``config.bissl.solver`` accepts: the registry plus ``'mfac'``."""
