@@ -179,7 +179,8 @@ def _check_grads(g_leaves, v_leaves, ids) -> int:
                        f"{tuple(g.shape)} for v's leaf {tuple(v.shape)}.")
     ms.add(g.shape[0])
   if len(ms) > 1:
-    raise ValueError(f"Every stacked gradient leaf needs the same leading axis m; got {sorted(ms)}.")
+    raise ValueError(f"Every stacked gradient leaf needs the same leading axis m; got "
+                     f"{sorted(ms)}.")
   return ms.pop() if ms else 0
 
 
