@@ -56,6 +56,28 @@ def nt_xent(z1: jax.Array, z2: jax.Array, temperature: float = 0.5) -> jax.Array
   return jnp.mean(jax.nn.logsumexp(logits, axis=1) - pos_logits)
 
 
+def similarity_logits(z: jax.Array, temperature: float = 0.5) -> jax.Array:
+  """``(2B, 2B)`` cosine similarities / τ of the joint embeddings (the NT-Xent logits).
+
+  Self-similarities are kept here; :func:`nt_xent_of_logits` excludes them.
+  """
+  z = l2_normalize(_at_least_f32(z))
+  return (z @ z.T) / temperature
+
+
+def nt_xent_of_logits(logits: jax.Array) -> jax.Array:
+  """NT-Xent from :func:`similarity_logits` of ``concat([z1, z2])``; equals :func:`nt_xent`.
+
+  Convex in the logits (log-sum-exp minus a linear term), which is what makes the
+  Gauss–Newton matrix of SimCLR split at the logits positive semi-definite.
+  """
+  batch = logits.shape[0] // 2
+  logits = jnp.where(jnp.eye(2 * batch, dtype=bool), -1e9, logits)
+  positives = jnp.concatenate([jnp.arange(batch, 2 * batch), jnp.arange(batch)])
+  pos_logits = jnp.take_along_axis(logits, positives[:, None], axis=1)[:, 0]
+  return jnp.mean(jax.nn.logsumexp(logits, axis=1) - pos_logits)
+
+
 def byol_regression_loss(p: jax.Array, z: jax.Array) -> jax.Array:
   """Mean over the batch of ``2 − 2·cos(p, stop_gradient(z))``."""
   p = l2_normalize(_at_least_f32(p))
@@ -131,6 +153,29 @@ class SimCLR:
     new_stats = {"backbone": bb_stats, "pretext_head": {"projector": proj_stats}}
     metrics = {"loss": loss, "positive_cosine": jax.lax.stop_gradient(_mean_cosine(z1, z2))}
     return loss, {"batch_stats": new_stats, "metrics": metrics}
+
+  def outputs(self, params: PyTree, batch_stats: PyTree, views,
+              target: Optional[PyTree] = None) -> jax.Array:
+    """The network outputs at which the loss is convex: NT-Xent's similarity logits.
+
+    Same forward as :meth:`loss` (training-mode BatchNorm; updated statistics are
+    dropped), so ``output_loss(outputs(...)) == loss(...)[0]``. The split is at the
+    ``(2B, 2B)`` logits ``cos(z_i, z_j)/τ`` rather than at the projector outputs z:
+    NT-Xent is not convex in z (normalisation, bilinear similarity), so a
+    Gauss–Newton matrix split at z could be indefinite; split here it is PSD.
+    """
+    del target
+    h, _ = self.model.features(params["backbone"], batch_stats["backbone"],
+                               _joint_batch(views), train=True)
+    z, _ = self.model.project(params["pretext_head"]["projector"],
+                              batch_stats["pretext_head"]["projector"], h, train=True)
+    return similarity_logits(z, self.temperature)
+
+  def output_loss(self, outputs: jax.Array, views=None,
+                  target: Optional[PyTree] = None) -> jax.Array:
+    """The loss as a function of :meth:`outputs` (NT-Xent of the logits)."""
+    del views, target
+    return nt_xent_of_logits(outputs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,6 +264,40 @@ class BYOL:
     cosine = 0.5 * (_mean_cosine(p1, zt2) + _mean_cosine(p2, zt1))
     metrics = {"loss": loss, "online_target_cosine": jax.lax.stop_gradient(cosine)}
     return loss, {"batch_stats": new_stats, "metrics": metrics}
+
+  def outputs(self, params: PyTree, batch_stats: PyTree, views,
+              target: Optional[PyTree] = None) -> jax.Array:
+    """The network outputs at which the loss is convex: normalised predictions ``p/‖p‖``.
+
+    ``(2B, D)``, both views; same online forward as :meth:`loss` (training-mode
+    BatchNorm, updated statistics dropped). ``target`` is unused here (the target
+    projections enter through :meth:`output_loss`).
+    """
+    del target
+    model = self.model
+    head, head_stats = params["pretext_head"], batch_stats["pretext_head"]
+    h, _ = model.features(params["backbone"], batch_stats["backbone"], _joint_batch(views),
+                          train=True)
+    z, _ = model.project(head["projector"], head_stats["projector"], h, train=True)
+    p, _ = model.predict(head["predictor"], head_stats["predictor"], z, train=True)
+    return l2_normalize(_at_least_f32(p))
+
+  def output_loss(self, outputs: jax.Array, views, target: Optional[PyTree] = None
+                  ) -> jax.Array:
+    """The loss of :meth:`outputs` p̂: ``mean‖p̂1 − ẑ2ᵗ‖² + mean‖p̂2 − ẑ1ᵗ‖²``.
+
+    For unit vectors ``‖p̂ − ẑ‖² = 2 − 2·cos``, so this equals :meth:`loss` (to
+    float rounding); unlike ``2 − 2 p̂·ẑ`` it is a convex quadratic in p̂ (Hessian
+    2/B·I), which gives the usual Gauss–Newton matrix of a squared error.
+    """
+    if target is None:
+      raise ValueError("BYOL.output_loss needs the target network; create it with "
+                       "task.init_target(params, batch_stats).")
+    p1, p2 = _split_views(outputs)
+    zt = l2_normalize(_at_least_f32(self._target_projections(target, _joint_batch(views))))
+    zt1, zt2 = _split_views(zt)
+    squared = lambda a, b: jnp.mean(jnp.sum(jnp.square(a - b), axis=-1))
+    return squared(p1, zt2) + squared(p2, zt1)
 
 
 TASKS = {"simclr": SimCLR, "byol": BYOL}

@@ -279,4 +279,5 @@ def test_argument_checks():
     solvers.cg(lambda v: v, b, tol=-1.0)
   with pytest.raises(ValueError, match="structure"):
     solvers.cg(lambda v: v, b, init={"other": jnp.ones((3,))})
-  assert set(solvers.SOLVERS) == {"cg", "layerwise_cg", "neumann", "first_order"}
+  assert set(solvers.SOLVERS) == {"cg", "layerwise_cg", "neumann", "first_order", "minres",
+                                  "jax_cg"}

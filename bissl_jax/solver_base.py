@@ -1,0 +1,111 @@
+"""What every linear solver shares: ``SolveInfo``, argument checks, ``finish``.
+
+Kept apart from :mod:`bissl_jax.solvers` (the registry) so that solver modules
+such as :mod:`bissl_jax.krylov` can use them without importing the registry,
+which imports them: no import cycle.
+"""
+import math
+import operator
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from bissl_jax import loops
+from bissl_jax.tree_math import tree_all_finite, tree_norm, tree_sub
+
+PyTree = Any
+MatVec = Callable[[PyTree], PyTree]
+
+
+class SolveInfo(NamedTuple):
+  """Diagnostics of one solve, all arrays (usable inside ``jit``/``vmap``).
+
+  Attributes:
+    iterations: int32, operator products spent on iterations (the extra product
+      for ``init`` and the one for ``residual`` are not counted). ``cg`` stops
+      early once ``‖r‖ ≤ tol·‖b‖`` (with ``tol = 0``: once ``r`` is exactly 0).
+    residual: float32, ``‖A x − b‖ / ‖b‖`` recomputed with the true operator on the
+      returned ``x`` (one extra product; ``jit`` removes it when unused). Plain
+      ``‖A x − b‖`` when ``b = 0``.
+    min_curvature: float32, the smallest Rayleigh quotient ``dᵀA d / dᵀd`` over the
+      directions ``d`` the operator was applied to (CG search directions, Neumann
+      iterates). It is scale-free and an upper bound on A's smallest eigenvalue, so
+      a negative value proves ``A`` indefinite. ``+inf`` when no product was taken.
+    nonfinite: bool, True if the solver's raw solution (before ``layerwise_cg``
+      zeroes non-finite entries) or the residual contains NaN/inf.
+  """
+  iterations: jnp.ndarray
+  residual: jnp.ndarray
+  min_curvature: jnp.ndarray
+  nonfinite: jnp.ndarray
+
+
+def _check_maxiter(maxiter) -> int:
+  try:
+    value = operator.index(maxiter)   # ints and NumPy ints; not floats or tracers
+  except Exception:
+    value = None
+  if value is None or value < 0 or isinstance(maxiter, bool):
+    raise ValueError(f"maxiter must be a non-negative Python int (it fixes the "
+                     f"loop length at trace time); got {maxiter!r}.")
+  return value
+
+
+def _check_tol(tol) -> float:
+  try:
+    tol = float(tol)
+  except Exception as e:
+    raise ValueError(f"tol must be a concrete Python number (it decides the loop "
+                     f"structure at trace time); got {tol!r}.") from e
+  if not (tol >= 0.0 and math.isfinite(tol)):
+    raise ValueError(f"tol must be finite and >= 0; got {tol}.")
+  return tol
+
+
+def _require_fixed_iterations(name: str, tol: float) -> None:
+  if tol != 0.0:
+    raise ValueError(f"{name} runs exactly maxiter iterations and has no tolerance "
+                     f"mode; got tol={tol}. Pass tol=0.0, or use solver='cg' for a "
+                     f"tolerance-based solve.")
+
+
+def _use_unrolled(unroll: Optional[bool], tol: float = 0.0) -> bool:
+  if unroll is None:  # a tolerance needs the early-stopping while_loop
+    return loops.default_unroll() and tol == 0.0
+  return bool(unroll)
+
+
+def _check_like(name: str, tree: PyTree, b: PyTree) -> PyTree:
+  """Checks ``tree`` has ``b``'s structure and shapes; casts to b's dtypes."""
+  tree_struct, b_struct = (jax.tree_util.tree_structure(tree),
+                           jax.tree_util.tree_structure(b))
+  if tree_struct != b_struct:
+    raise ValueError(f"{name} must have the same pytree structure as b; got "
+                     f"{tree_struct} vs {b_struct}.")
+  for leaf, ref in zip(jax.tree_util.tree_leaves(tree), jax.tree_util.tree_leaves(b)):
+    if jnp.shape(leaf) != jnp.shape(ref):
+      raise ValueError(f"{name} leaf shapes must match b's; got {jnp.shape(leaf)} "
+                       f"vs {jnp.shape(ref)}.")
+  return jax.tree_util.tree_map(lambda t, r: jnp.asarray(t, r.dtype), tree, b)
+
+
+def _rayleigh(dAd: jnp.ndarray, dd: jnp.ndarray) -> jnp.ndarray:
+  safe_dd = jnp.where(dd > 0, dd, 1.0)
+  return jnp.where(dd > 0, dAd / safe_dd, jnp.inf).astype(jnp.float32)
+
+
+def finish(matvec: MatVec, b: PyTree, x: PyTree, raw_x: PyTree,
+            iterations, min_curvature) -> SolveInfo:
+  """Builds SolveInfo, recomputing the residual with the true operator."""
+  residual_norm = tree_norm(tree_sub(matvec(x), b))
+  b_norm = tree_norm(b)
+  residual = (residual_norm / jnp.where(b_norm > 0, b_norm, 1.0)).astype(jnp.float32)
+  nonfinite = jnp.logical_not(tree_all_finite(raw_x) & jnp.isfinite(residual))
+  return SolveInfo(iterations=jnp.asarray(iterations, jnp.int32), residual=residual,
+                   min_curvature=jnp.asarray(min_curvature, jnp.float32),
+                   nonfinite=nonfinite)
+
+
+def _select(pred, new: PyTree, old: PyTree) -> PyTree:
+  return jax.tree_util.tree_map(lambda n, o: jnp.where(pred, n, o), new, old)
