@@ -16,7 +16,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from bissl_jax import implicit
 from bissl_jax import lam_variants
+from bissl_jax import mfac
 from bissl_jax import optim
 from bissl_jax import partition
 from bissl_jax import protocols
@@ -24,6 +26,11 @@ from bissl_jax import protocols
 PyTree = Any
 
 STAGE_DRIVERS = ("auto", "fused", "per_step")
+WARM_STARTABLE = ("cg", "minres", "jax_cg", "neumann")
+TOLERANCE_SOLVERS = ("cg", "minres", "jax_cg")
+# How the upper stage forms H: the two operator modes of bissl_jax.implicit, or the
+# Gauss-Newton matrix of the pretext loss (PSD; bissl_jax.gauss_newton).
+HESSIAN_MODES = implicit.HESSIAN_MODES + ("gauss_newton",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +68,31 @@ class BisslSetup:
   learnable_lam: bool
   lam_damping: float
   head_in_implicit: bool
+  residual_guard: bool
+  mfac_history: Optional[int]
+  mfac_blocks: str
+  mfac_dtype: str
+
+  def __post_init__(self):
+    # Combinations that would otherwise fail deep inside a traced step, or be ignored.
+    problems = []
+    if self.solver == "mfac" and self.head_in_implicit:
+      problems.append("config.bissl.solver='mfac' keeps gradients of θ only; it cannot "
+                      "solve over [θ; φ_P]: set config.bissl.head_in_implicit=False.")
+    if self.warm_start and self.solver not in WARM_STARTABLE:
+      problems.append(f"config.bissl.warm_start=True has no effect with solver="
+                      f"{self.solver!r}; use one of {WARM_STARTABLE} or set it False.")
+    if self.cg_tol and self.solver not in TOLERANCE_SOLVERS:
+      problems.append(f"config.bissl.cg_tol={self.cg_tol} needs a solver with a tolerance "
+                      f"mode {TOLERANCE_SOLVERS}; {self.solver!r} runs exactly cg_iters "
+                      f"iterations: set config.bissl.cg_tol=0.")
+    if problems:
+      raise ValueError(" ".join(problems))
+
+  @property
+  def mfac_window_length(self) -> int:
+    """m, the stored pretext gradients (default N_L, BiSSLight's choice)."""
+    return int(self.mfac_history or self.lower_steps)
 
   @classmethod
   def field_names(cls):
@@ -81,7 +113,7 @@ class BisslSetup:
       raise ValueError(f"config.bissl lacks {missing}; start from configs/common.py:"
                        f"base_config(), which holds every default.")
     unset = [f.name for f in dataclasses.fields(cls) if f.name in values
-             and values[f.name] is None and f.type is not Optional[bool]]
+             and values[f.name] is None and f.type not in (Optional[bool], Optional[int])]
     if unset:
       raise ValueError(f"config.bissl fields {unset} are unset (None); resolve them first "
                        f"(bissl_jax.config_validation.validate_config does).")
@@ -173,12 +205,17 @@ class LevelState(flax.struct.PyTreeNode):
 
 
 class SolverState(flax.struct.PyTreeNode):
-  """What the implicit-gradient solver carries across upper steps.
+  """What the implicit-gradient solver carries across steps and alternations.
 
   Attributes:
-    warm_start: the last v_IG (``cg`` with ``warm_start``), shaped like θ's trainable part.
+    warm_start: the last v_IG (the next solve's start with ``warm_start``), shaped
+      like θ's trainable part.
+    gradient_window: ``solver='mfac'``: the last m gradients of L_P over θ's
+      trainable part (a :class:`bissl_jax.mfac.GradientWindow`, rolling across
+      alternations, filled by the lower steps); None otherwise.
   """
   warm_start: PyTree
+  gradient_window: PyTree = None
 
 
 class BilevelState(flax.struct.PyTreeNode):
@@ -250,9 +287,12 @@ def init_bilevel_state(setup: BisslSetup, params: PyTree, batch_stats: PyTree
   theta_train, _ = partition.split(lower.params["backbone"],
                                    setup.lower_trainable(lower.params)["backbone"])
   warm = jax.tree_util.tree_map(jnp.zeros_like, theta_train)
+  window = None
+  if setup.solver == "mfac":
+    window = mfac.init(theta_train, setup.mfac_window_length, dtype=setup.mfac_dtype)
   return BilevelState(lower=lower, upper=upper, target=target,
                       alternation=jnp.zeros((), jnp.int32),
-                      solver_state=SolverState(warm_start=warm))
+                      solver_state=SolverState(warm_start=warm, gradient_window=window))
 
 
 def current_lam(setup: BisslSetup, state: BilevelState) -> jnp.ndarray:

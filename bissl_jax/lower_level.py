@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from bissl_jax import mfac
 from bissl_jax import partition
 from bissl_jax import tree_math
 from bissl_jax.bilevel import BilevelState, BisslSetup, current_lam
@@ -62,8 +63,20 @@ def lower_step(setup: BisslSetup, state: BilevelState, pretext_images, rng
   train, frozen = partition.split(level.params, mask)
   theta_d_train, _ = partition.split(state.upper.params["backbone"], mask["backbone"])
   grad_fn = jax.value_and_grad(functools.partial(lower_objective, setup), has_aux=True)
-  (_, (loss, prox, aux)), grads = grad_fn(train, frozen, level.batch_stats, state.target,
-                                          theta_d_train, inputs, lam)
+  if setup.solver == "mfac":
+    # M-FAC keeps gradients of L_P alone: take them, then add the proximal gradient
+    # λ(θ_P − θ_D) in closed form (no extra backward pass).
+    (_, (loss, prox, aux)), pretext_grads = grad_fn(
+        train, frozen, level.batch_stats, state.target, theta_d_train, inputs, 0.0)
+    gap = tree_math.tree_sub(train["backbone"], theta_d_train)
+    prox = 0.5 * lam * tree_math.tree_vdot(gap, gap)
+    grads = {**pretext_grads,
+             "backbone": tree_math.tree_axpy(lam, gap, pretext_grads["backbone"])}
+    window = mfac.push(state.solver_state.gradient_window, pretext_grads["backbone"])
+    state = state.replace(solver_state=state.solver_state.replace(gradient_window=window))
+  else:
+    (_, (loss, prox, aux)), grads = grad_fn(train, frozen, level.batch_stats, state.target,
+                                            theta_d_train, inputs, lam)
   tx = setup.lower_optimizer(level.params)
   updates, opt_state = tx.update(partition.zeros_for_frozen(grads, frozen), level.opt_state,
                                  level.params)

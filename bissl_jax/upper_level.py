@@ -12,7 +12,9 @@ solver or a callable), forms ``g_θD = v_IG + ∇_θ L_D(θ_D, φ_D)`` and
 ``g_φD = ∇_φ L_D(θ_P, φ_D) + ∇_φ L_D(θ_D, φ_D)``, clips to norm 10 and applies SGD
 with momentum and coupled weight decay. With ``head_in_implicit`` the solve runs
 over ``[θ; φ_P]`` and only θ's block carries the identity (an identity mask, not a
-separate code path). Only trainable leaves enter the solve.
+separate code path). Only trainable leaves enter the solve. ``solver='mfac'``
+(BiSSLight) needs no operator at all: it solves against the empirical Fisher of the
+pretext gradients the lower steps stored (:mod:`bissl_jax.mfac`).
 """
 import functools
 from typing import Any, Tuple
@@ -21,9 +23,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from bissl_jax import gauss_newton
 from bissl_jax import implicit
 from bissl_jax import lam_variants
+from bissl_jax import mfac
 from bissl_jax import partition
+from bissl_jax import residual_guard
 from bissl_jax import tree_math
 from bissl_jax.bilevel import BilevelState, BisslSetup, current_lam
 
@@ -49,46 +54,62 @@ def _solve_space(setup: BisslSetup, lower_params: PyTree):
   return train["backbone"], frozen
 
 
-def _pretext_loss_of(setup: BisslSetup, state: BilevelState, inputs):
-  """L_P as a function of the solve space at (θ_P, φ_P) on fixed inputs."""
+def _of_solve_space(setup: BisslSetup, state: BilevelState, fn):
+  """``x ↦ fn(lower params with x in the solve space)`` at (θ_P, φ_P)."""
   lower = state.lower
-  _, frozen = _solve_space(setup, lower.params)
-  train_head, _ = partition.split(lower.params, setup.lower_trainable(lower.params))
+  train, frozen = partition.split(lower.params, setup.lower_trainable(lower.params))
 
-  def loss_fn(x):
-    train = x if setup.head_in_implicit else {**train_head, "backbone": x}
-    params = partition.merge(train, frozen)
-    return setup.task.loss(params, lower.batch_stats, inputs, state.target)[0]
-  return loss_fn
+  def at(x):
+    full = x if setup.head_in_implicit else {**train, "backbone": x}
+    return fn(partition.merge(full, frozen))
+  return at
+
+
+def _hessian(setup: BisslSetup, state: BilevelState, inputs):
+  """The undamped ``v ↦ H v`` of L_P over the solve space, on fixed inputs."""
+  lower, task = state.lower, setup.task
+  theta, _ = _solve_space(setup, lower.params)
+  if setup.hessian_mode == "gauss_newton":
+    outputs = _of_solve_space(setup, state, lambda p: task.outputs(
+        p, lower.batch_stats, inputs, state.target))
+    return gauss_newton.gauss_newton_operator(
+        outputs, lambda z: task.output_loss(z, inputs, state.target), theta)
+  loss = _of_solve_space(setup, state, lambda p: task.loss(
+      p, lower.batch_stats, inputs, state.target)[0])
+  return implicit.hessian_operator(loss, theta, mode=setup.hessian_mode)
+
+
+# Modes whose operator is a pytree (a jax.tree_util.Partial of stored residuals): built
+# once per stage, and passed between jitted functions by the per-step driver.
+_PREBUILT_MODES = ("linearize", "gauss_newton")
 
 
 def prepare_stage(setup: BisslSetup, state: BilevelState, hvp_images, rng):
   """What every upper step of one stage shares: ``(operator, lam)``.
 
-  In ``'linearize'`` mode ``operator`` is the linear map ``v ↦ H v`` itself, as
-  returned by ``jax.linearize``: a ``jax.tree_util.Partial`` whose leaves are the
-  stored residuals, so one jitted function can build it and another take it as an
-  argument (the per-step driver). In the other modes it is the prepared HVP inputs,
-  from which :func:`stage_matvec` builds the products on demand. BatchNorm runs in
-  training mode on batch statistics; running statistics are not touched.
+  In ``'linearize'`` (and ``'gauss_newton'``) mode ``operator`` is the linear map
+  ``v ↦ H v`` itself, as returned by ``jax.linearize``: a ``jax.tree_util.Partial``
+  whose leaves are the stored residuals, so one jitted function can build it and
+  another take it as an argument (the per-step driver). In ``'jvp'`` mode it is the
+  prepared HVP inputs, from which :func:`stage_matvec` recomputes every product. With
+  ``solver='mfac'`` there is no operator (None): the stored pretext gradients stand
+  in for H, and the HVP batch is not used. BatchNorm runs in training mode on batch
+  statistics; running statistics are not touched.
   """
-  inputs = setup.task.prepare(rng, hvp_images)
   lam = current_lam(setup, state)
-  if setup.hessian_mode == "linearize":
-    theta, _ = _solve_space(setup, state.lower.params)
-    operator = implicit.hessian_operator(_pretext_loss_of(setup, state, inputs), theta,
-                                         mode="linearize")
-    return operator, lam
+  if setup.solver == "mfac":
+    return None, lam
+  inputs = setup.task.prepare(rng, hvp_images)
+  if setup.hessian_mode in _PREBUILT_MODES:
+    return _hessian(setup, state, inputs), lam
   return inputs, lam
 
 
 def stage_matvec(setup: BisslSetup, state: BilevelState, operator):
   """The undamped ``v ↦ H v`` of the stage from :func:`prepare_stage`'s ``operator``."""
-  if setup.hessian_mode == "linearize":
+  if setup.hessian_mode in _PREBUILT_MODES:
     return operator
-  theta, _ = _solve_space(setup, state.lower.params)
-  return implicit.hessian_operator(_pretext_loss_of(setup, state, operator), theta,
-                                   mode=setup.hessian_mode)
+  return _hessian(setup, state, operator)
 
 
 def _identity_mask(setup: BisslSetup, rhs: PyTree):
@@ -99,7 +120,16 @@ def _identity_mask(setup: BisslSetup, rhs: PyTree):
 
 
 def implicit_gradient(setup: BisslSetup, state: BilevelState, operator, lam, v):
-  """``v_IG`` for the trainable θ-gradient ``v``, and the solver's ``SolveInfo``."""
+  """``v_IG`` for the trainable θ-gradient ``v``, and the solver's ``SolveInfo``.
+
+  With ``residual_guard``, a solution whose relative residual exceeds 1 (further
+  from solving the system than 0 is) is replaced by ``v`` (first order); the
+  returned info still describes the solve, and the fallback is counted by the caller.
+  """
+  if setup.solver == "mfac":
+    solution, info = mfac.solve(state.solver_state.gradient_window, v,
+                                lam + setup.damping, blocks=setup.mfac_blocks)
+    return solution, info
   if setup.head_in_implicit:
     train_head, _ = partition.split(state.lower.params["pretext_head"],
                                     setup.lower_trainable(state.lower.params)["pretext_head"])
@@ -108,11 +138,10 @@ def implicit_gradient(setup: BisslSetup, state: BilevelState, operator, lam, v):
     init = {"backbone": state.solver_state.warm_start, "pretext_head": zeros}
   else:
     rhs, init = v, state.solver_state.warm_start
-  use_init = setup.warm_start and setup.solver == "cg"
   solution, info = implicit.implicit_solve(
       stage_matvec(setup, state, operator), rhs, lam=lam, damping=setup.damping,
       solver=setup.solver, maxiter=setup.cg_iters, tol=setup.cg_tol,
-      init=init if use_init else None, identity_mask=_identity_mask(setup, rhs),
+      init=init if setup.warm_start else None, identity_mask=_identity_mask(setup, rhs),
       unroll=setup.use_unrolled)
   return (solution["backbone"] if setup.head_in_implicit else solution), info
 
@@ -150,6 +179,9 @@ def upper_step(setup: BisslSetup, state: BilevelState, operator, lam, images, la
   (loss_d, stats_d), (gtheta_d, gphi_d) = loss_and_grad(theta_d, phi_d, frozen_d,
                                                          upper.batch_stats["backbone"])
   v_ig, info = implicit_gradient(setup, state, operator, lam, v)
+  fallback = jnp.zeros((), bool)
+  if setup.residual_guard:
+    v_ig, fallback = residual_guard.guard_residual(v_ig, v, info)
 
   grads = {"backbone": partition.zeros_for_frozen(tree_math.tree_add(v_ig, gtheta_d), frozen_d),
            "downstream_head": tree_math.tree_add(gphi_p, gphi_d)}
@@ -165,7 +197,7 @@ def upper_step(setup: BisslSetup, state: BilevelState, operator, lam, images, la
       "upper_grad_norm": grad_norm, "v_norm": tree_math.tree_norm(v),
       "v_ig_norm": tree_math.tree_norm(v_ig), "lam": lam,
       "cg_residual": info.residual, "cg_min_curvature": info.min_curvature,
-      "cg_iterations": info.iterations,
+      "cg_iterations": info.iterations, "residual_fallback": fallback,
       "upper_nonfinite": info.nonfinite | ~(jnp.isfinite(loss_p + loss_d)
                                             & jnp.isfinite(grad_norm)
                                             & tree_math.tree_all_finite(params)),

@@ -190,6 +190,14 @@ def base_config() -> config_dict.ConfigDict:
   config.bissl.learnable_lam = False
   config.bissl.lam_damping = 0.0
   config.bissl.head_in_implicit = False
+  # Off by default (the paper has no guard): replace a solution whose relative
+  # residual ‖Ax − v‖/‖v‖ exceeds 1 by v itself (first order), and count it.
+  config.bissl.residual_guard = False
+  # solver='mfac' (BiSSLight): m stored pretext gradients (None: N_L), block rule
+  # ('per_leaf', 'per_layer' or 'global') and storage dtype ('float32', 'bfloat16').
+  config.bissl.mfac_history = config_dict.placeholder(int)
+  config.bissl.mfac_blocks = "per_leaf"
+  config.bissl.mfac_dtype = "float32"
   config.bissl.init_checkpoint = config_dict.placeholder(str)  # stage-only input
 
   config.finetune = config_dict.ConfigDict()

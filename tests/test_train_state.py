@@ -353,3 +353,72 @@ def test_frozen_leaves_never_move_and_get_no_state_or_implicit_gradient():
     np.testing.assert_array_equal(kernel(after_level.params), kernel(before_level.params))
     assert not np.array_equal(np.asarray(after_level.params["backbone"]["Dense_0"]["bias"]),
                               np.asarray(before_level.params["backbone"]["Dense_0"]["bias"]))
+
+
+def test_mfac_window_holds_pretext_gradients_and_solves_woodbury():
+  setup = make_setup(solver="mfac", damping=0.0, lam=0.01, mfac_history=3, upper_steps=1)
+  state = make_state(setup)
+  batches = make_batches(setup)
+  window = state.solver_state.gradient_window
+  assert int(window.count) == 0
+  # One lower step stores ∇L_P alone (no proximal term) at the pre-step parameters.
+  rng = jax.random.PRNGKey(11)
+  after, _ = jax.jit(functools.partial(lower_level.lower_step, setup))(
+      state, batches.pretext[0], rng)
+  inputs = setup.task.prepare(rng, batches.pretext[0])
+  expected = jax.grad(lambda th: setup.task.loss(
+      {**state.lower.params, "backbone": th}, state.lower.batch_stats, inputs)[0])(
+          state.lower.params["backbone"])
+  stored = jax.tree_util.tree_map(lambda w: w[0], after.solver_state.gradient_window.grads)
+  assert_trees_close(stored, expected, rtol=1e-3, atol=1e-5)
+  # A whole alternation (2 lower steps): v_IG = (I + GᵀG/(mλ))⁻¹ v, G the valid rows,
+  # checked against a dense NumPy solve per leaf (the default per-leaf blocks).
+  state, _ = ts.make_alternation_fn(setup)(state, batches, jax.random.PRNGKey(0))
+  window = state.solver_state.gradient_window
+  assert int(window.count) == setup.lower_steps
+  v = jax.tree_util.tree_map(lambda x: jnp.linspace(-1.0, 1.0, x.size).reshape(x.shape),
+                             state.lower.params["backbone"])
+  v_ig, _ = upper_level.implicit_gradient(setup, state, None, jnp.float32(setup.lam), v)
+  for g, vv, x in zip(jax.tree_util.tree_leaves(window.grads), jax.tree_util.tree_leaves(v),
+                      jax.tree_util.tree_leaves(v_ig)):
+    rows = np.asarray(g[:setup.lower_steps], np.float64).reshape(setup.lower_steps, -1)
+    m = rows.shape[0]
+    a = np.eye(rows.shape[1]) + rows.T @ rows / (m * setup.lam)
+    np.testing.assert_allclose(np.asarray(x).ravel(),
+                               np.linalg.solve(a, np.asarray(vv, np.float64).ravel()),
+                               rtol=2e-3, atol=1e-5)
+
+
+def test_gauss_newton_mode_is_positive_definite_and_driver_independent():
+  batches = make_batches(make_setup())
+  out = {}
+  for driver in ("fused", "per_step"):
+    setup = make_setup(hessian_mode="gauss_newton", solver="cg", stage_driver=driver,
+                       damping=0.0, lam=0.05)
+    out[driver] = jax.device_get(ts.make_alternation_fn(setup)(
+        make_state(setup), batches, jax.random.PRNGKey(3)))
+  assert_trees_close(out["fused"][0], out["per_step"][0], rtol=1e-5, atol=1e-6)
+  # G is PSD, so every direction CG tried has dᵀAd/dᵀd ≥ 1 for A = I + G/λ.
+  assert float(out["fused"][1]["cg_min_curvature"]) >= 1.0 - 1e-4
+
+
+def test_residual_guard_falls_back_to_first_order():
+  setup = make_setup(solver="neumann", cg_iters=3, damping=0.0, lam=1e-3, upper_steps=1,
+                     residual_guard=True)
+  state, batches = make_state(setup), make_batches(setup)
+  _, metrics = jax.jit(functools.partial(ts.upper_stage, setup))(
+      state, batches.hvp, batches.downstream_images, batches.downstream_labels,
+      jax.random.PRNGKey(0))
+  # The Neumann series diverges at this tiny λ: the guard replaces v_IG by v.
+  assert float(metrics["cg_residual"][0]) > 1.0
+  assert bool(metrics["residual_fallback"][0])
+  np.testing.assert_allclose(metrics["v_ig_norm"][0], metrics["v_norm"][0], rtol=1e-6)
+
+
+def test_invalid_solver_combinations_are_rejected_with_the_field():
+  with pytest.raises(ValueError, match="head_in_implicit"):
+    make_setup(solver="mfac", head_in_implicit=True)
+  with pytest.raises(ValueError, match="warm_start=True has no effect"):
+    make_setup(solver="layerwise_cg", warm_start=True)
+  with pytest.raises(ValueError, match="cg_tol"):
+    make_setup(solver="layerwise_cg", cg_tol=1e-3)
