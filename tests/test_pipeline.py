@@ -272,3 +272,31 @@ def test_progress_reports_rate_and_eta(capsys):
     progress.update(3)
   err = capsys.readouterr().err
   assert "bar" in err and "5/5" in err  # tqdm draws on stderr
+
+
+def test_pretext_weights_fill_missing_heads_and_reject_wrong_widths(tmp_path, capsys):
+  from bissl_jax import convert
+  from bissl_jax import models
+  simclr = models.build_model("resnet18", num_classes=3, width_multiplier=0.0625,
+                              cifar_stem=True, projector="16-16-16")
+  byol = models.build_model("resnet18", num_classes=3, width_multiplier=0.0625,
+                            cifar_stem=True, projector="16-16-16", predictor="8-16")
+  params, stats = simclr.init(jax.random.key(1), 8)
+  path = str(tmp_path / "pretext")
+  checkpoint.export(path, {"params": params, "batch_stats": stats}, {"stage": "pretext"})
+  fresh_params, fresh_stats = byol.init(jax.random.key(2), 8)
+  kwargs = dict(arch="resnet18", cifar_stem=True, width_multiplier=0.0625,
+                fresh_params=fresh_params, fresh_stats=fresh_stats)
+  got, got_stats = convert.load_pretext_model(path, **kwargs)
+  _tree_equal(got["backbone"], params["backbone"])
+  _tree_equal(got["pretext_head"]["projector"], params["pretext_head"]["projector"])
+  _tree_equal(got["pretext_head"]["predictor"], fresh_params["pretext_head"]["predictor"])
+  _tree_equal(got_stats["backbone"], stats["backbone"])
+  assert "has no predictor: initialising it afresh" in capsys.readouterr().out
+  wide = models.build_model("resnet18", num_classes=3, width_multiplier=0.0625,
+                            cifar_stem=True, projector="32-32-32")
+  wide_params, wide_stats = wide.init(jax.random.key(3), 8)
+  with pytest.raises(ValueError, match=r"config\.model\.projector='32-32-32'"):
+    convert.load_pretext_model(path, **dict(kwargs, fresh_params=wide_params,
+                                            fresh_stats=wide_stats),
+                               head_specs={"projector": "32-32-32"})

@@ -23,6 +23,7 @@ from typing import Any, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from bissl_jax.convert import stage_output
+from bissl_jax.convert.pretext_weights import load_pretext_model  # noqa: F401
 from bissl_jax.convert.torch import (  # noqa: F401  (re-exported API)
     checked_layout, expected_layout, flax_to_numpy, flax_to_torch, guess_arch,
     load_state_dict, save_torch, strip_prefix, torch_to_flax)
@@ -178,6 +179,3 @@ def load_pretrained(path: Union[str, os.PathLike, Sequence[Union[str, os.PathLik
   return torch_to_flax(sources, arch=arch, cifar_stem=cifar_stem,
                        width_multiplier=width_multiplier, prefix=prefix,
                        projector=projector, predictor=predictor)
-
-
-from bissl_jax.convert.pretext_weights import load_pretext_model  # noqa: E402,F401
