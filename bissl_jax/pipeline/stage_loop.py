@@ -34,7 +34,7 @@ import dataclasses
 import json
 import signal
 import threading
-from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Protocol, Tuple
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Protocol, Tuple
 
 import jax
 import jax.numpy as jnp
