@@ -57,7 +57,13 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
   parallel.initialize_multihost()
   signal.signal(signal.SIGTERM, _stop_on_sigterm)
-  run(_CONFIG.value, _WORKDIR.value)
+  try:
+    run(_CONFIG.value, _WORKDIR.value)
+  except KeyboardInterrupt:
+    # The running stage has saved its last step and said so; no traceback.
+    print("Stopped. Rerun the same command (same --workdir) to resume.", file=sys.stderr,
+          flush=True)
+    sys.exit(130)
 
 
 if __name__ == "__main__":
