@@ -191,6 +191,18 @@ def test_divergence_hook_returns_the_state_quietly(tmp_path):
   assert result.steps_done == 9 and "done:" not in out
 
 
+def test_a_resume_keeps_one_metric_record_per_step(tmp_path):
+  directory = str(tmp_path)
+  logger = run_log.MetricLogger(directory, tensorboard=False)
+  logger.write("other/stage", 11, {"loss": 1.0})
+  with pytest.raises(RuntimeError):  # a crash after step 8: steps 7 and 8 are redone
+    _run(_stage(directory, logger=logger, callback=_stop_at(8, RuntimeError("boom"))))
+  assert [r["step"] for r in run_log.read_metrics(directory, "toy/seed0")] == list(range(1, 9))
+  _run(_stage(directory, logger=logger))
+  assert [r["step"] for r in run_log.read_metrics(directory, "toy/seed0")] == list(range(1, 13))
+  assert len(run_log.read_metrics(directory, "other/stage")) == 1
+
+
 def test_resume_with_another_fingerprint_is_refused(tmp_path):
   directory = str(tmp_path)
   with pytest.raises(KeyboardInterrupt):

@@ -61,6 +61,33 @@ class MetricLogger:
             self._writer.add_scalar(f"{stage}/{key}", value, int(step))
     return record
 
+  def forget_after(self, stage: str, step: int) -> int:
+    """Drops the records of ``stage`` past ``step`` (they are about to be redone).
+
+    A stage resumed from its checkpoint at ``step`` (after a crash or a hard kill)
+    recomputes the steps after it; this keeps one record per step in
+    ``metrics.jsonl``. TensorBoard event files are append-only and keep both.
+
+    Returns:
+      The number of records dropped.
+    """
+    if not self.enabled or not os.path.exists(self.path):
+      return 0
+    with open(self.path) as f:
+      lines = [line for line in f if line.strip()]
+
+    def redone(line):
+      record = json.loads(line)
+      return record["stage"] == stage and record["step"] > step
+
+    kept = [line for line in lines if not redone(line)]
+    if len(kept) != len(lines):
+      tmp = self.path + ".tmp"
+      with open(tmp, "w") as f:
+        f.writelines(kept)
+      os.replace(tmp, self.path)
+    return len(lines) - len(kept)
+
   def flush(self) -> None:
     if self._writer is not None:
       self._writer.flush()

@@ -6,7 +6,8 @@
   one (after checking that it was written with the same config fingerprint), else
   the fresh state it is given; it says when it resumes;
 * **progress** with rate and ETA (:class:`~bissl_jax.pipeline.run_log.Progress`) and
-  **metric logging** every ``log_every`` steps and at the last one;
+  **metric logging** every ``log_every`` steps and at the last one (records of steps
+  that a resume redoes are dropped first, so each step has one record);
 * **non-finite stop**: the loss (on every logged step) and the parameters (at every
   epoch end, so before every checkpoint) must be finite; otherwise
   :class:`~bissl_jax.errors.NonFiniteError` names the stage, the step, what became
@@ -300,6 +301,8 @@ def run_stage(stage: Stage, state: PyTree) -> StageResult:
       print(f"[{stage.name}] resuming at {unit} {done} of {total} from {ckpt.directory}",
             flush=True)
     resumed_from = done
+    if stage.logger is not None:
+      stage.logger.forget_after(stage.name, done)  # steps past the checkpoint are redone
     state = stage.place(state)
     # (steps done, state, data position) always change together in one assignment,
     # so whatever stops the loop sees a consistent triple to save.
