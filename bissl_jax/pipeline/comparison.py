@@ -138,7 +138,8 @@ def run_comparison(ctx: StageContext, splits: dict, pretext_set, *,
       # The baseline's own, longer pretext run (matches BiSSL's extra pretext steps).
       pretext_backbone = backbone_of(*pretrain(
           ctx, pretext_set, seed=pretext_seed, epochs=config.pretext.baseline_epochs,
-          directory=ctx.path(f"seed{pretext_seed}", "pretext_baseline")))
+          directory=ctx.path(f"seed{pretext_seed}", "pretext_baseline"),
+          name=f"pretext_baseline/seed{pretext_seed}"))
 
     # Baseline: pretext backbone → fine-tuning → test.
     if config.search.enabled and i == 0:

@@ -75,7 +75,8 @@ def _fingerprint(ctx: StageContext, seed: int, epochs: int) -> dict:
 
 
 def pretrain(ctx: StageContext, dataset, *, seed: int, directory: str,
-             epochs: Optional[int] = None) -> Tuple[PyTree, PyTree]:
+             epochs: Optional[int] = None, name: Optional[str] = None
+             ) -> Tuple[PyTree, PyTree]:
   """Runs (or resumes, or loads the finished output of) pretext pretraining.
 
   Args:
@@ -84,6 +85,8 @@ def pretrain(ctx: StageContext, dataset, *, seed: int, directory: str,
     seed: seed of the initialisation, data order and augmentation.
     directory: stage directory (``output`` and ``ckpt`` live inside).
     epochs: training epochs (default ``config.pretext.epochs``).
+    name: label for logs (default ``pretext/seed<seed>``); each run of a workdir needs
+      its own.
 
   Returns:
     ``(params, batch_stats)``, each ``{'backbone', 'pretext_head'}``.
@@ -109,7 +112,7 @@ def pretrain(ctx: StageContext, dataset, *, seed: int, directory: str,
   def step(state, i, batch):
     return step_fn(state, ctx.shard(batch["image"]), jax.random.fold_in(base_key, i))
 
-  name = f"pretext/seed{seed}"
+  name = name or f"pretext/seed{seed}"
   stage = stage_loop.Stage(
       name=name, total_steps=epochs * spe, step=step,
       data=stage_loop.EpochData(dataset, cfg.batch_size, seed=derive_seed(seed, "pretext_data"),
