@@ -30,7 +30,10 @@ setup(
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "test": ["pytest>=8", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
+        "test": ["pytest>=8", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29",
+                 "transformers>=4.40", "pyarrow>=14"],
+        # Language (GPT/GLUE): the original GPT tokenizer and Hugging Face GLUE files.
+        "text": ["transformers>=4.40", "pyarrow>=14", "safetensors>=0.4"],
         "torch": ["torch==2.13.0"],
     },
 )

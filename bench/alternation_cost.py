@@ -14,15 +14,17 @@ leaves out the operator build (one pretext gradient per stage), the product that
 
 Two drivers run the upper stage:
 
-* ``library``: ``make_alternation_fn``'s jitted ``upper_stage``. On CPU it unrolls the
-  N_U steps and every CG iteration into one program, whose XLA:CPU compile time grows
-  faster than linearly in N_U (``--compile-scaling`` measures it), so it is not the
-  default on CPU;
-* ``pieces``: the operator built by ``jax.linearize`` in its own jit, returned as a
-  pytree (``jax.tree_util.Partial``), then one jitted ``train_state.upper_step`` per
-  step that takes it as an argument: one compile regardless of N_U, and the primal
-  work is still shared by every product of the stage. Both give the same result
-  (checked when both run).
+* ``library``: ``train_state.upper_stage`` in one jit (the ``'fused'`` stage driver). On
+  CPU it unrolls the N_U steps and every CG iteration into one program, whose XLA:CPU
+  compile time grows faster than linearly in N_U (``--compile-scaling`` measures it),
+  so it is not the default on CPU;
+* ``pieces``: the ``'per_step'`` stage driver of ``make_alternation_fn``, the CPU
+  default: ``upper_level.prepare_stage`` builds the operator with ``jax.linearize`` in
+  its own jit and returns it as a pytree (``jax.tree_util.Partial``), then one jitted
+  ``upper_level.upper_step`` per step takes it as an argument: one compile regardless of
+  N_U, and the primal work is still shared by every product of the stage. The bench uses
+  the library's own jitted pieces. Both drivers give the same result (checked when both
+  run, and in tests/test_train_state.py).
 
 The breakdown times the parts of an upper step as separately jitted functions, and a
 third table compares the 'cg' solver cold and warm-started with the paper's
@@ -39,9 +41,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench import common
-from bissl_jax import augment
-from bissl_jax import implicit
+from bissl_jax import bilevel
 from bissl_jax import train_state as ts
+from bissl_jax import upper_level
 
 FLOOR_TARGET = 1.1
 
@@ -61,71 +63,53 @@ def add_arguments(parser) -> None:
 
 # ----------------------------------------------------------------------------- pieces
 
-def solver_kwargs(setup: ts.BisslSetup, cg_solution) -> dict:
-  """The solver arguments ``train_state.upper_step`` uses (warm start only for 'cg')."""
-  kwargs = dict(solver=setup.solver, maxiter=setup.cg_iters, tol=setup.cg_tol,
-                unroll=setup.use_unrolled)
-  if setup.warm_start and setup.solver == "cg":
-    kwargs["init"] = cg_solution
-  return kwargs
-
-
-def hessian_map(setup: ts.BisslSetup, state: ts.BilevelState, hvp_images, rng):
-  """The undamped ``v ↦ H v`` of ``build_hessian_operator``, as a pytree, and λ.
-
-  ``jax.linearize`` returns a ``jax.tree_util.Partial`` whose leaves are the stored
-  residuals, so a jitted caller can return it and other jitted functions can take it.
-  """
-  views = augment.pretext_views(rng, hvp_images, size=setup.image_size)
-  lam = ts.current_lam(setup, state)
-  phi_p, stats, target = state.lower_params["pretext_head"], state.lower_stats, state.target
-
-  def loss_fn(theta):
-    return setup.task.loss({"backbone": theta, "pretext_head": phi_p}, stats, views, target)[0]
-  return jax.linearize(jax.grad(loss_fn), state.lower_params["backbone"])[1], lam
-
-
 @functools.lru_cache(maxsize=16)
-def library_alternation(setup: ts.BisslSetup):
+def library_alternation(setup: bilevel.BisslSetup):
   """``train_state.make_alternation_fn(setup)``, cached so that scripts share compilations."""
   return ts.make_alternation_fn(setup)
 
 
+def per_step_setup(setup: bilevel.BisslSetup) -> bilevel.BisslSetup:
+  return dataclasses.replace(setup, stage_driver="per_step")
+
+
 @functools.lru_cache(maxsize=16)
-def make_pieces(setup: ts.BisslSetup) -> dict:
-  """Separately jitted pieces of an upper stage (and the pieces-driver step), cached per setup."""
+def make_pieces(setup: bilevel.BisslSetup) -> dict:
+  """The library's per-step pieces, plus the parts of an upper step jitted on their own.
 
-  def step(state, hmap, lam, images, labels, rng):
-    matvec = implicit.damped_operator(hmap, lam=lam, damping=setup.damping)
-    return ts.upper_step(setup, state, matvec, lam, images, labels, rng)
+  ``build`` and ``step`` are the per-step driver's own jitted functions
+  (``upper_level.prepare_stage`` and ``upper_level.upper_step``); ``solve`` and
+  ``downstream`` split a step into its implicit solve (``upper_level.implicit_gradient``,
+  residual diagnostic included) and its two downstream gradients, for the breakdown.
+  """
+  alt = library_alternation(per_step_setup(setup))
 
-  def solve(state, hmap, lam, b):
-    # Exactly the solve of upper_step, residual diagnostic included.
-    matvec = implicit.damped_operator(hmap, lam=lam, damping=setup.damping)
-    x, info = implicit.solve(matvec, b, **solver_kwargs(setup, state.cg_solution))
+  def solve(state, operator, lam, b):
+    x, info = upper_level.implicit_gradient(setup, state, operator, lam, b)
     return x, info.residual
 
   def downstream_grads(state, images, labels, rng):
-    x = augment.downstream_train_view(rng, images, size=setup.image_size)
-    grad_fn = jax.value_and_grad(functools.partial(ts.downstream_loss, setup), argnums=(0, 1),
-                                 has_aux=True)
-    phi_d = state.upper_params["downstream_head"]
-    at_p = grad_fn(state.lower_params["backbone"], phi_d, state.lower_stats["backbone"], x, labels)
-    at_d = grad_fn(state.upper_params["backbone"], phi_d, state.upper_stats["backbone"], x,
-                   labels)
+    x = setup.downstream.prepare(rng, images, train=True)
+    grad_fn = jax.value_and_grad(functools.partial(upper_level.downstream_loss, setup),
+                                 argnums=(0, 1), has_aux=True)
+    phi_d = state.upper.params["downstream_head"]
+    at_p = grad_fn(state.lower.params["backbone"], phi_d, state.lower.batch_stats["backbone"],
+                   x, labels)
+    at_d = grad_fn(state.upper.params["backbone"], phi_d, state.upper.batch_stats["backbone"],
+                   x, labels)
     return at_p, at_d
 
-  return {"build": jax.jit(functools.partial(hessian_map, setup)), "step": jax.jit(step),
-          "solve": jax.jit(solve), "downstream": jax.jit(downstream_grads)}
+  return {"build": alt.prepare_stage, "step": alt.upper_step, "solve": jax.jit(solve),
+          "downstream": jax.jit(downstream_grads), "lower_step": alt.lower_step}
 
 
-def pieces_upper_stage(setup, pieces, state, hvp_images, images, labels, rng):
-  """The upper stage as build + one jitted step per downstream batch (same rngs as the library)."""
+def pieces_upper_stage(pieces, state, hvp_images, images, labels, rng):
+  """The per-step driver's upper stage: one build, one jitted step per downstream batch."""
   hvp_rng, step_rng = jax.random.split(rng)
-  hmap, lam = pieces["build"](state, hvp_images, hvp_rng)
+  operator, lam = pieces["build"](state, hvp_images, hvp_rng)
   per_step = []
   for i, key in enumerate(jax.random.split(step_rng, images.shape[0])):
-    state, metrics = pieces["step"](state, hmap, lam, images[i], labels[i], key)
+    state, metrics = pieces["step"](state, operator, lam, images[i], labels[i], key)
     per_step.append(metrics)
   return state, jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *per_step)
 
@@ -140,13 +124,13 @@ def lower_stage(lower_step, state, pretext, rng):
 # ----------------------------------------------------------------------------- main
 
 def make_batches(size: common.Size, lower_steps: int, upper_steps: int, seed: int
-                 ) -> ts.AlternationBatches:
+                 ) -> bilevel.AlternationBatches:
   rng = np.random.default_rng(seed)
   pool = common.image_pool(size)
   pretext, _ = common.sample_batch(rng, pool, (lower_steps, size.pretext_batch))
   hvp, _ = common.sample_batch(rng, pool, (size.pretext_batch,))
   down, labels = common.sample_batch(rng, pool, (upper_steps, size.downstream_batch))
-  return ts.AlternationBatches(pretext=pretext, hvp=hvp, downstream_images=down,
+  return bilevel.AlternationBatches(pretext=pretext, hvp=hvp, downstream_images=down,
                                downstream_labels=labels)
 
 
@@ -163,7 +147,7 @@ def compile_scaling(setup, state, batches, counts: Sequence[int], size: common.S
   rows = []
   for n in counts:
     s = dataclasses.replace(setup, upper_steps=n)
-    stage = library_alternation(s).upper_stage
+    stage = jax.jit(functools.partial(ts.upper_stage, s))
     reps = -(-n // batches.downstream_images.shape[0])  # reuse batches when N_U > the given ones
     images = np.concatenate([batches.downstream_images] * reps)[:n]
     labels = np.concatenate([batches.downstream_labels] * reps)[:n]
@@ -193,14 +177,13 @@ def main(argv: Optional[Sequence[str]] = None) -> List[common.Table]:
                            else "library")
 
   problem = common.build_problem(size, args.seed)
-  base = ts.BisslSetup(model=problem.model, task=problem.task, image_size=size.image_size,
-                       solver="layerwise_cg", cg_iters=cg_iters, lower_steps=n_lower,
-                       upper_steps=n_upper)
+  base = common.make_setup(problem, solver="layerwise_cg", cg_iters=cg_iters,
+                           lower_steps=n_lower, upper_steps=n_upper)
   variants = {"layerwise_cg": base}
   if not tiny:  # --tiny is the smoke test, whose limit is compile time
     variants["cg, cold start"] = dataclasses.replace(base, solver="cg", warm_start=False)
     variants["cg, warm start"] = dataclasses.replace(base, solver="cg", warm_start=True)
-  state = ts.init_bilevel_state(base, problem.params, problem.batch_stats)
+  state = bilevel.init_bilevel_state(base, problem.params, problem.batch_stats)
   batches = make_batches(size, n_lower, n_upper, args.seed)
   if args.compile_scaling:
     counts = [int(x) for x in args.compile_scaling.split(",") if x.strip()]
@@ -229,13 +212,12 @@ def main(argv: Optional[Sequence[str]] = None) -> List[common.Table]:
                views)
   grad_c = compiled("gradient", jax.jit(jax.grad(loss)), *grad_args)
 
-  alt = library_alternation(base)
-  lower_c = compiled("lower step", alt.lower_step, state, pre0, rng)
   pieces = {name: make_pieces(s) for name, s in variants.items()}
   p0 = pieces["layerwise_cg"]
+  lower_c = compiled("lower step", p0["lower_step"], state, pre0, rng)
   build_c = compiled("operator build", p0["build"], state, hvp_images, rng)
   hmap, lam = build_c(state, hvp_images, rng)
-  v = state.lower_params["backbone"]
+  v = state.lower.params["backbone"]
   solve_c = compiled("CG solve", p0["solve"], state, hmap, lam, v)
   solve1_c = compiled("CG solve, 1 iteration",
                       make_pieces(dataclasses.replace(base, cg_iters=1))["solve"],
@@ -248,17 +230,17 @@ def main(argv: Optional[Sequence[str]] = None) -> List[common.Table]:
                             down_images[0], down_labels[0], rng)
   library_stage = None
   if driver in ("library", "both"):
-    library_stage = compiled("library upper stage", alt.upper_stage, state, hvp_images,
-                             down_images, down_labels, upper_rng)
+    library_stage = compiled("library upper stage", jax.jit(functools.partial(
+        ts.upper_stage, base)), state, hvp_images, down_images, down_labels, upper_rng)
 
   def pieces_stage(name):
     local = dict(pieces[name], build=build_c, step=step_c[name])
-    return lambda: pieces_upper_stage(variants[name], local, state, hvp_images, down_images,
-                                      down_labels, upper_rng)
+    return lambda: pieces_upper_stage(local, state, hvp_images, down_images, down_labels,
+                                      upper_rng)
 
   def alternation_pieces():
     s = lower_stage(lower_c, state, batches.pretext, lower_rng)
-    return pieces_upper_stage(base, dict(p0, build=build_c, step=step_c["layerwise_cg"]), s,
+    return pieces_upper_stage(dict(p0, build=build_c, step=step_c["layerwise_cg"]), s,
                               hvp_images, down_images, down_labels, upper_rng)
 
   def alternation_library():
@@ -269,7 +251,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[common.Table]:
   if driver == "both":  # the two drivers must agree before their timings mean anything
     lib_state, _ = alternation_library()
     pcs_state, _ = alternation_pieces()
-    diff = max_relative_difference(pcs_state.upper_params, lib_state.upper_params)
+    diff = max_relative_difference(pcs_state.upper.params, lib_state.upper.params)
     if not diff < 1e-3:
       raise AssertionError(f"The pieces driver's upper stage differs from the library's: "
                            f"max relative difference {diff:.2e} over upper parameters.")

@@ -33,7 +33,7 @@ from bissl_jax import augment
 from bissl_jax import implicit
 from bissl_jax import optim
 from bissl_jax import solvers
-from bissl_jax import train_state as ts
+from bissl_jax import upper_level
 from bissl_jax import tree_math as tm
 
 LAM, DAMPING = 1e-3, 10.0  # the paper's λ and δ (defaults of --lam and --damping)
@@ -230,12 +230,12 @@ def main(argv: Optional[Sequence[str]] = None) -> List[common.Table]:
   system = System(problem, lower_params, stats, hvp_images, args.seed, lam=args.lam,
                   damping=args.damping, augmented=not tiny)
 
-  setup = ts.BisslSetup(model=problem.model, task=problem.task, image_size=size.image_size)
+  setup = common.make_setup(problem)
 
   @jax.jit
   def downstream_v(images, labels, key):
-    x = augment.downstream_train_view(key, images, size=size.image_size)
-    return jax.grad(functools.partial(ts.downstream_loss, setup), has_aux=True)(
+    x = setup.downstream.prepare(key, images, train=True)
+    return jax.grad(functools.partial(upper_level.downstream_loss, setup), has_aux=True)(
         lower_params["backbone"], head, stats["backbone"], x, labels)[0]
 
   rhs = []

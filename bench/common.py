@@ -155,9 +155,24 @@ def build_model(size: Size) -> models.BisslModel:
 def build_problem(size: Size, seed: int = 0) -> Problem:
   """Builds the model, the SimCLR task and initial parameters for ``size`` (cached)."""
   model = build_model(size)
-  task = pretext.make_pretext_task("simclr", model)
+  task = pretext.make_pretext_task("simclr", model, image_size=size.image_size)
   params, batch_stats = model.init(jax.random.PRNGKey(seed), size.image_size)
   return Problem(size, model, task, params, batch_stats)
+
+
+def make_setup(problem: Problem, **overrides):
+  """A ``BisslSetup`` for ``problem``: the configs' BiSSL defaults with ``overrides``."""
+  from bissl_jax import bilevel
+  from bissl_jax import downstream
+  from configs import common as config_common
+  config = config_common.base_config()
+  cfg = config.bissl.to_dict()
+  # As the pipeline resolves them: the upper level starts from the head warm-up's values.
+  cfg.update(upper_lr=config.head_warmup.lr, upper_weight_decay=config.head_warmup.weight_decay)
+  cfg.update(overrides)
+  return bilevel.BisslSetup.from_config(
+      problem.model, problem.task, cfg,
+      downstream=downstream.Classification(problem.model, problem.size.image_size))
 
 
 class ImagePool(NamedTuple):

@@ -23,12 +23,14 @@ reported: a running maximum over the process, read after each program has run on
 Run: ``python -m bench.memory --small`` (add ``--no-record`` to only print).
 """
 import dataclasses
+import functools
 from typing import List, Optional, Sequence
 
 import jax
 
 from bench import alternation_cost
 from bench import common
+from bissl_jax import bilevel
 from bissl_jax import train_state as ts
 
 MiB = 2.0**20
@@ -76,10 +78,9 @@ def main(argv: Optional[Sequence[str]] = None) -> List[common.Table]:
   problem = common.build_problem(size, args.seed)
   # N_L does not change the upper stage; it matches bench.alternation_cost's default so
   # that runs in one process (the smoke test) share compiled programs.
-  base = ts.BisslSetup(model=problem.model, task=problem.task, image_size=size.image_size,
-                       solver="layerwise_cg", cg_iters=cg_iters, lower_steps=2 if tiny else 20,
-                       upper_steps=max(upper_counts))
-  state = ts.init_bilevel_state(base, problem.params, problem.batch_stats)
+  base = common.make_setup(problem, solver="layerwise_cg", cg_iters=cg_iters,
+                           lower_steps=2 if tiny else 20, upper_steps=max(upper_counts))
+  state = bilevel.init_bilevel_state(base, problem.params, problem.batch_stats)
   batches = alternation_cost.make_batches(size, 1, max(upper_counts), args.seed)
   rng = jax.random.PRNGKey(args.seed)
 
@@ -105,7 +106,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[common.Table]:
   for mode in modes:
     for n in upper_counts:
       setup = dataclasses.replace(base, hessian_mode=mode, upper_steps=n)
-      stage = alternation_cost.library_alternation(setup).upper_stage
+      stage = jax.jit(functools.partial(ts.upper_stage, setup))
       stage_args = (state, batches.hvp, batches.downstream_images[:n],
                     batches.downstream_labels[:n], rng)
       label = f"library upper stage, hessian_mode='{mode}', N_U={n}"

@@ -5,17 +5,18 @@ The standalone bilevel utility::
     from bissl_jax import implicit_grad, hvp
 
 solves ``(I + H/(λ+δ))⁻¹ v`` for the Hessian H of any inner loss over any pytree.
-The BiSSL training core lives in :mod:`bissl_jax.train_state`, the pipeline in
-:mod:`bissl_jax.pipeline`.
+The BiSSL training core is composed in :mod:`bissl_jax.train_state`, the pipeline
+lives in :mod:`bissl_jax.pipeline`; ``docs/architecture.md`` has the module map.
 """
 from bissl_jax.implicit import damped_operator
 from bissl_jax.implicit import hessian_operator
 from bissl_jax.implicit import hvp
 from bissl_jax.implicit import implicit_grad
+from bissl_jax.implicit import implicit_solve
 from bissl_jax.implicit import solve
 from bissl_jax.solvers import SolveInfo
 
 __version__ = "0.1.0"
 
-__all__ = ["implicit_grad", "hvp", "hessian_operator", "damped_operator", "solve",
-           "SolveInfo"]
+__all__ = ["implicit_grad", "implicit_solve", "hvp", "hessian_operator", "damped_operator",
+           "solve", "SolveInfo"]

@@ -1,9 +1,12 @@
 """Static setup and explicit state of a BiSSL run (SPEC §1, §2).
 
-:class:`BisslSetup` holds everything static: model, pretext task and hyperparameters,
-frozen and hashable so jitted functions close over it. :class:`BilevelState` holds
-everything that changes: both levels' parameters, statistics and optimizer states,
-the step counters and the CG warm start.
+:class:`BisslSetup` holds everything static: model, pretext and downstream tasks and
+hyperparameters, frozen and hashable so jitted functions close over it. It has no
+defaults of its own: the configs (``configs/common.py``) are the one source of
+defaults, and :meth:`BisslSetup.from_config` requires every field.
+
+:class:`BilevelState` holds everything that changes: one :class:`LevelState` per
+level, BYOL's target, the alternation counter and the solver's state.
 """
 import dataclasses
 from typing import Any, NamedTuple, Optional
@@ -15,132 +18,212 @@ import optax
 
 from bissl_jax import lam_variants
 from bissl_jax import optim
+from bissl_jax import partition
+from bissl_jax import protocols
 
 PyTree = Any
+
+STAGE_DRIVERS = ("auto", "fused", "per_step")
 
 
 @dataclasses.dataclass(frozen=True)
 class BisslSetup:
-  """Everything static about a BiSSL run: model, pretext task and hyperparameters.
+  """Everything static about a BiSSL run (see ``configs/common.py`` for each field).
 
-  Frozen and hashable, so jitted functions close over it. Build it from a config
-  with :meth:`from_config`. Defaults are the paper's (SPEC §2).
+  Build it from ``config.bissl`` with :meth:`from_config`.
   """
   model: Any
-  task: Any
-  image_size: int
-  multilabel: bool = False
-  lam: float = 1e-3
-  damping: float = 10.0
-  solver: str = "layerwise_cg"
-  cg_iters: int = 5
-  cg_tol: float = 0.0
-  lower_steps: int = 20
-  upper_steps: int = 8
-  alternations: int = 500
-  lower_lr: float = 1.0
-  lower_weight_decay: float = 1e-6
-  lower_momentum: float = 0.9
-  trust_coefficient: float = 1e-3
-  upper_lr: float = 0.03
-  upper_weight_decay: float = 1e-3
-  upper_momentum: float = 0.9
-  grad_clip: float = optim.GRAD_CLIP_NORM
-  hessian_mode: str = "linearize"
-  warm_start: bool = False
-  unroll: Optional[bool] = None
-  # Thesis variants (SPEC §7), all off by default.
-  lam_schedule: str = "none"
-  lam_min: float = lam_variants.LAM_MIN
-  lam_exp_alpha: float = 10.0
-  learnable_lam: bool = False
-  lam_damping: float = 0.0
-  head_in_implicit: bool = False
+  task: Any            # protocols.PretextTask
+  downstream: Any      # protocols.DownstreamTask
+  lam: float
+  damping: float
+  solver: str
+  cg_iters: int
+  cg_tol: float
+  lower_steps: int
+  upper_steps: int
+  alternations: int
+  lower_lr: float
+  lower_weight_decay: float
+  lower_momentum: float
+  trust_coefficient: float
+  upper_lr: float
+  upper_weight_decay: float
+  upper_momentum: float
+  grad_clip: float
+  hessian_mode: str
+  warm_start: bool
+  unroll: Optional[bool]
+  stage_driver: str
+  lam_schedule: str
+  lam_min: float
+  lam_exp_alpha: float
+  learnable_lam: bool
+  lam_damping: float
+  head_in_implicit: bool
 
   @classmethod
-  def from_config(cls, model, task, cfg, *, image_size: int, multilabel: bool = False
-                  ) -> "BisslSetup":
-    """Builds a setup from ``config.bissl`` (an ml_collections ConfigDict or dict)."""
-    get = cfg.get if hasattr(cfg, "get") else lambda k, d=None: getattr(cfg, k, d)
+  def field_names(cls):
+    """The names :meth:`from_config` reads from ``config.bissl``."""
+    return tuple(f.name for f in dataclasses.fields(cls)
+                 if f.name not in ("model", "task", "downstream"))
+
+  @classmethod
+  def from_config(cls, model, task, cfg, *, downstream) -> "BisslSetup":
+    """Builds a setup from a resolved ``config.bissl`` (ConfigDict or dict).
+
+    Raises:
+      ValueError: naming every field the config lacks.
+    """
+    values = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+    missing = [name for name in cls.field_names() if name not in values]
+    if missing:
+      raise ValueError(f"config.bissl lacks {missing}; start from configs/common.py:"
+                       f"base_config(), which holds every default.")
+    unset = [f.name for f in dataclasses.fields(cls) if f.name in values
+             and values[f.name] is None and f.type is not Optional[bool]]
+    if unset:
+      raise ValueError(f"config.bissl fields {unset} are unset (None); resolve them first "
+                       f"(bissl_jax.config_validation.validate_config does).")
     kwargs = {}
     for f in dataclasses.fields(cls):
-      if f.name in ("model", "task", "image_size", "multilabel"):
+      if f.name in ("model", "task", "downstream"):
         continue
-      value = get(f.name, None)
-      if value is None:
-        continue
-      # Config overrides arrive as whatever type the command line produced.
-      kwargs[f.name] = type(f.default)(value) if f.default is not None else bool(value)
-    return cls(model=model, task=task, image_size=int(image_size),
-               multilabel=bool(multilabel), **kwargs)
+      value = values[f.name]
+      # Command-line overrides arrive as whatever type the parser produced.
+      kwargs[f.name] = value if value is None or f.type is Any else _coerce(f.type, value)
+    return cls(model=model, task=task, downstream=downstream, **kwargs)
 
   @property
   def use_unrolled(self) -> bool:
+    """Loops inside one jit are unrolled (the XLA:CPU loop cliff) unless set otherwise."""
     if self.unroll is not None:
       return bool(self.unroll)
     return jax.default_backend() == "cpu"
 
-  def lower_optimizer(self) -> optax.GradientTransformation:
-    """Clip over (θ_P, φ_P) jointly, then LARS on the lower schedule."""
+  @property
+  def per_step(self) -> bool:
+    """One jit per lower/upper step driven from the host, rather than one per stage.
+
+    On CPU the unrolled stage in one jit compiles super-linearly in N_U
+    (docs/benchmarks.md), so ``'auto'`` drives steps from the host there.
+    """
+    if self.stage_driver == "auto":
+      return jax.default_backend() == "cpu"
+    return self.stage_driver == "per_step"
+
+  def lower_trainable(self, params: PyTree) -> PyTree:
+    """The lower level's trainable mask over ``{'backbone', 'pretext_head'}``."""
+    return protocols.trainable_mask(self.model, params)
+
+  def upper_trainable(self, params: PyTree) -> PyTree:
+    """The upper level's mask; ``lam_rho`` always trains."""
+    groups = {k: v for k, v in params.items() if k != "lam_rho"}
+    mask = dict(protocols.trainable_mask(self.model, groups))
+    if "lam_rho" in params:
+      mask["lam_rho"] = True
+    return mask
+
+  def lower_optimizer(self, params: PyTree) -> optax.GradientTransformation:
+    """Clip over the trainable (θ_P, φ_P) jointly, then LARS on the lower schedule."""
     schedule = optim.lower_lr_schedule(self.lower_lr, lower_steps=self.lower_steps,
                                        alternations=self.alternations)
-    return optim.with_clipping(
-        optim.lars(schedule, weight_decay=self.lower_weight_decay,
-                   momentum=self.lower_momentum,
-                   trust_coefficient=self.trust_coefficient), self.grad_clip)
+    lars = optim.lars(schedule, weight_decay=self.lower_weight_decay,
+                      momentum=self.lower_momentum, trust_coefficient=self.trust_coefficient)
+    tx = partition.level_optimizer({g: lars for g in params}, params,
+                                   self.lower_trainable(params))
+    return optim.with_clipping(tx, self.grad_clip)
 
-  def upper_optimizer(self) -> optax.GradientTransformation:
-    """Clip over (θ_D, φ_D) jointly, then SGD with coupled weight decay on a cosine."""
+  def upper_optimizer(self, params: PyTree) -> optax.GradientTransformation:
+    """Clip over the trainable (θ_D, φ_D[, ρ]) jointly, then SGD with coupled weight decay."""
     schedule = optim.upper_lr_schedule(self.upper_lr, upper_steps=self.upper_steps,
                                        alternations=self.alternations)
-    return optim.with_clipping(
-        optim.sgd(schedule, momentum=self.upper_momentum,
-                  weight_decay=self.upper_weight_decay), self.grad_clip)
+    sgd = optim.sgd(schedule, momentum=self.upper_momentum,
+                    weight_decay=self.upper_weight_decay)
+    tx = partition.level_optimizer({g: sgd for g in params}, params,
+                                   self.upper_trainable(params))
+    return optim.with_clipping(tx, self.grad_clip)
+
+
+def _coerce(kind, value):
+  if kind in ("bool", bool):
+    return bool(value)
+  if kind in ("int", int):
+    return int(value)
+  if kind in ("float", float):
+    return float(value)
+  if kind in ("str", str):
+    return str(value)
+  return value  # Optional[...]: already the parsed value
+
+
+class LevelState(flax.struct.PyTreeNode):
+  """One level's (or one training stage's) trainable state.
+
+  Attributes:
+    params: the parameter groups of the level.
+    batch_stats: BatchNorm running statistics (may be empty dicts).
+    opt_state: the level optimizer's state.
+    step: optimizer steps taken (drives the LR schedule).
+  """
+  params: PyTree
+  batch_stats: PyTree
+  opt_state: PyTree
+  step: jnp.ndarray
+
+
+class SolverState(flax.struct.PyTreeNode):
+  """What the implicit-gradient solver carries across upper steps.
+
+  Attributes:
+    warm_start: the last v_IG (``cg`` with ``warm_start``), shaped like θ's trainable part.
+  """
+  warm_start: PyTree
 
 
 class BilevelState(flax.struct.PyTreeNode):
   """The whole BiSSL state; everything needed to resume exactly.
 
   Attributes:
-    lower_params: ``{'backbone': θ_P, 'pretext_head': φ_P}``.
-    lower_stats: BatchNorm running statistics of the lower model.
-    upper_params: ``{'backbone': θ_D, 'downstream_head': φ_D}`` plus ``'lam_rho'``
-      (λ = softplus(ρ)) when λ is learnable.
-    upper_stats: ``{'backbone': ...}`` running statistics of θ_D.
+    lower: ``params = {'backbone': θ_P, 'pretext_head': φ_P}`` with their statistics.
+    upper: ``params = {'backbone': θ_D, 'downstream_head': φ_D}`` plus ``'lam_rho'``
+      when λ is learnable; ``batch_stats = {'backbone'}``.
     target: BYOL's EMA target network, or None.
-    lower_opt_state: optimizer state of the lower level.
-    upper_opt_state: optimizer state of the upper level.
-    lower_step: number of lower steps taken (drives the lower LR schedule).
-    upper_step: number of upper steps taken.
-    alternation: number of completed alternations (drives λ schedules).
-    cg_solution: the last v_IG, the warm start of the next solve.
+    alternation: completed alternations (drives λ schedules).
+    solver_state: a :class:`SolverState`.
   """
-  lower_params: PyTree
-  lower_stats: PyTree
-  upper_params: PyTree
-  upper_stats: PyTree
+  lower: LevelState
+  upper: LevelState
   target: PyTree
-  lower_opt_state: PyTree
-  upper_opt_state: PyTree
-  lower_step: jnp.ndarray
-  upper_step: jnp.ndarray
   alternation: jnp.ndarray
-  cg_solution: PyTree
+  solver_state: SolverState
 
 
 class AlternationBatches(NamedTuple):
-  """uint8 batches for one alternation (augmented on device).
+  """Raw batches for one alternation (augmented on device).
 
   Attributes:
-    pretext: ``(N_L, B, H, W, C)`` lower-level batches.
-    hvp: ``(B, H, W, C)`` the pretext batch of the upper stage's Hessian.
-    downstream_images: ``(N_U, b, H, W, C)``.
+    pretext: ``(N_L, B, ...)`` lower-level batches.
+    hvp: ``(B, ...)`` the pretext batch of the upper stage's Hessian.
+    downstream_images: ``(N_U, b, ...)``.
     downstream_labels: ``(N_U, b)`` int labels, or ``(N_U, b, K)`` multi-hot.
   """
   pretext: Any
   hvp: Any
   downstream_images: Any
   downstream_labels: Any
+
+
+def _copy(tree: PyTree) -> PyTree:
+  return jax.tree_util.tree_map(jnp.array, tree)
+
+
+def init_level(params: PyTree, batch_stats: PyTree, tx: optax.GradientTransformation
+               ) -> LevelState:
+  """A :class:`LevelState` with fresh buffers and a new optimizer state."""
+  params = _copy(params)
+  return LevelState(params=params, batch_stats=_copy(batch_stats), opt_state=tx.init(params),
+                    step=jnp.zeros((), jnp.int32))
 
 
 def init_bilevel_state(setup: BisslSetup, params: PyTree, batch_stats: PyTree
@@ -155,29 +238,27 @@ def init_bilevel_state(setup: BisslSetup, params: PyTree, batch_stats: PyTree
   Returns:
     A fresh :class:`BilevelState`; BYOL's target is re-copied from the online network.
   """
-  backbone = params["backbone"]
-  copy = lambda t: jax.tree_util.tree_map(jnp.array, t)
-  lower_params = {"backbone": copy(backbone), "pretext_head": copy(params["pretext_head"])}
-  lower_stats = copy(batch_stats)
-  upper_params = {"backbone": copy(backbone), "downstream_head": copy(params["downstream_head"])}
+  lower_params = {"backbone": params["backbone"], "pretext_head": params["pretext_head"]}
+  upper_params = {"backbone": params["backbone"], "downstream_head": params["downstream_head"]}
   if setup.learnable_lam:
     upper_params["lam_rho"] = jnp.asarray(lam_variants.inverse_softplus(setup.lam), jnp.float32)
-  upper_stats = {"backbone": copy(batch_stats["backbone"])}
-  target = setup.task.init_target(lower_params, lower_stats) if setup.task.has_target else None
-  return BilevelState(
-      lower_params=lower_params, lower_stats=lower_stats,
-      upper_params=upper_params, upper_stats=upper_stats, target=target,
-      lower_opt_state=setup.lower_optimizer().init(lower_params),
-      upper_opt_state=setup.upper_optimizer().init(upper_params),
-      lower_step=jnp.zeros((), jnp.int32), upper_step=jnp.zeros((), jnp.int32),
-      alternation=jnp.zeros((), jnp.int32),
-      cg_solution=jax.tree_util.tree_map(jnp.zeros_like, backbone))
+  lower = init_level(lower_params, batch_stats, setup.lower_optimizer(lower_params))
+  upper = init_level(upper_params, {"backbone": batch_stats["backbone"]},
+                     setup.upper_optimizer(upper_params))
+  target = (setup.task.init_target(lower.params, lower.batch_stats)
+            if setup.task.has_target else None)
+  theta_train, _ = partition.split(lower.params["backbone"],
+                                   setup.lower_trainable(lower.params)["backbone"])
+  warm = jax.tree_util.tree_map(jnp.zeros_like, theta_train)
+  return BilevelState(lower=lower, upper=upper, target=target,
+                      alternation=jnp.zeros((), jnp.int32),
+                      solver_state=SolverState(warm_start=warm))
 
 
 def current_lam(setup: BisslSetup, state: BilevelState) -> jnp.ndarray:
   """λ in force: learnable softplus(ρ), a schedule of the alternation, or the constant."""
   if setup.learnable_lam:
-    return jax.nn.softplus(state.upper_params["lam_rho"])
+    return jax.nn.softplus(state.upper.params["lam_rho"])
   if setup.lam_schedule != "none":
     return lam_variants.scheduled_lam(setup.lam_schedule, state.alternation,
                                       lam_max=setup.lam, lam_min=setup.lam_min,

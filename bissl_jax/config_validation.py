@@ -8,7 +8,8 @@ dataset is present on disk is checked by the data module when the pipeline opens
 (``DatasetNotFoundError``), still before any training step.
 
 The valid choices are read from the registries of the library (solvers, Hessian
-modes, architectures, pretext tasks, λ schedules), so a newly registered one is
+modes, upper-stage drivers, architectures, pretext tasks, λ schedules), so a newly
+registered one is
 accepted without a change here. The defaults live in ``configs/common.py`` only.
 """
 import contextlib
@@ -51,8 +52,9 @@ def _is_known_dataset(name) -> bool:
 def _choices():
   """The registries' names: solver, Hessian mode, architecture, pretext task, λ schedule."""
   # pylint: disable=g-import-not-at-top  (imported on use: the registries pull in JAX models)
-  from bissl_jax import implicit, lam_variants, models, pretext, solvers
+  from bissl_jax import bilevel, implicit, lam_variants, models, pretext, solvers
   return {"bissl.solver": tuple(sorted(solvers.SOLVERS)),
+          "bissl.stage_driver": tuple(bilevel.STAGE_DRIVERS),
           "bissl.hessian_mode": tuple(implicit.HESSIAN_MODES),
           "model.arch": tuple(sorted(models.ARCHITECTURES)),
           "pretext.task": tuple(sorted(pretext.TASKS)),
@@ -237,6 +239,7 @@ def validate_config(config: Any, *, num_devices: Optional[int] = None) -> Any:
     if not missing(field) and _get(config, field) is not None:
       positive(field, integer=False, allow_zero=field.endswith("decay"))
   choice("bissl.hessian_mode", choices["bissl.hessian_mode"])
+  choice("bissl.stage_driver", choices["bissl.stage_driver"])
   choice("bissl.lam_schedule", choices["bissl.lam_schedule"])
   positive("bissl.lam_min", integer=False, allow_zero=True)
   positive("bissl.lam_exp_alpha", integer=False)

@@ -160,8 +160,27 @@ def solve(matvec: MatVec, b: PyTree, *, solver: Union[str, Callable] = "cg",
   Returns:
     ``(x, SolveInfo)``.
   """
-  return resolve_solver(solver)(matvec, b, init=init, maxiter=maxiter, tol=tol,
-                                unroll=unroll)
+  solver_fn = resolve_solver(solver)
+  check_finite_rhs(b)
+  return solver_fn(matvec, b, init=init, maxiter=maxiter, tol=tol, unroll=unroll)
+
+
+def check_finite_rhs(b: PyTree) -> None:
+  """Raises ValueError if a concrete right-hand side holds NaN or inf.
+
+  The one policy for a non-finite right-hand side: concrete input is rejected here
+  with a message; under ``jit`` (traced input) every solver propagates the NaN into
+  its solution and sets ``SolveInfo.nonfinite``, which BiSSL's non-finite check reads.
+  """
+  leaves = jax.tree_util.tree_leaves(b)
+  if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
+    return
+  bad = [jax.tree_util.keystr(path) for path, leaf in jax.tree_util.tree_flatten_with_path(b)[0]
+         if not np.all(np.isfinite(np.asarray(leaf)))]
+  if bad:
+    raise ValueError(f"The right-hand side (outer gradient) has NaN or inf entries in "
+                     f"{bad}; a solve cannot recover from that. Check the outer loss and "
+                     f"its inputs.")
 
 
 def implicit_solve(hessian_matvec: MatVec, outer_grad: PyTree, *, lam, damping=0.0,
@@ -184,6 +203,7 @@ def implicit_solve(hessian_matvec: MatVec, outer_grad: PyTree, *, lam, damping=0
     ``(solution, SolveInfo)``.
   """
   solver_fn = resolve_solver(solver)  # fail before any tracing work
+  check_finite_rhs(outer_grad)
   matvec = damped_operator(hessian_matvec, lam=lam, damping=damping,
                            identity_mask=identity_mask)
   return solver_fn(matvec, outer_grad, init=init, maxiter=maxiter, tol=tol, unroll=unroll)

@@ -1,19 +1,27 @@
-"""The parameter partition of BiSSL: one tree, three top-level groups (SPEC §4).
+"""The parameter partition of BiSSL: one tree, named top-level groups (SPEC §4).
 
-``params = {'backbone': θ, 'pretext_head': φ_P, 'downstream_head': φ_D}``. Every leaf
-belongs to exactly one group; :func:`check_coverage` fails loudly otherwise. Each
-level's optimizer is built from this partition with :func:`partition_optimizer`, and
-BiSSL's two backbones θ_P and θ_D are moved in and out of trees with
-:func:`take_group`/:func:`put_group`.
+``params = {'backbone': θ, 'pretext_head': φ_P, 'downstream_head': φ_D}``, plus
+``'lam_rho'`` (λ = softplus(ρ)) in the upper level when λ is learnable. Every leaf
+belongs to exactly one group; :func:`check_coverage` fails loudly otherwise.
+
+Which leaves *train* is data: a boolean ``trainable`` tree (from
+:meth:`bissl_jax.protocols.Model.trainable`) marks frozen leaves, e.g. the base
+weights under LoRA adapters. Each level's optimizer is built here from the group
+labels (:func:`level_optimizer`, an ``optax.multi_transform``): frozen leaves get
+``optax.set_to_zero()`` and no optimizer state. :func:`split`/:func:`merge` separate
+the trainable leaves from the frozen ones, so gradients, the proximal term and the
+implicit gradient are only ever formed over trainable leaves.
 """
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import jax
+import jax.numpy as jnp
 import optax
 
 PyTree = Any
 
-GROUPS = ("backbone", "pretext_head", "downstream_head")
+GROUPS = ("backbone", "pretext_head", "downstream_head", "lam_rho")
+FROZEN = "frozen"
 
 
 def _check_top_level(tree: PyTree) -> None:
@@ -25,18 +33,25 @@ def _check_top_level(tree: PyTree) -> None:
                      f"under one of {GROUPS}.")
 
 
-def group_labels(params: PyTree) -> PyTree:
-  """Same structure as ``params`` with each leaf replaced by its top-level group name."""
+def all_trainable(params: PyTree) -> PyTree:
+  """A ``trainable`` tree with every leaf True."""
+  return jax.tree_util.tree_map(lambda _: True, params)
+
+
+def group_labels(params: PyTree, trainable: Optional[PyTree] = None) -> PyTree:
+  """Same structure as ``params``, each leaf replaced by its group name or ``'frozen'``."""
   _check_top_level(params)
-  return {group: jax.tree_util.tree_map(lambda _, g=group: g, sub)
+  trainable = all_trainable(params) if trainable is None else trainable
+  return {group: jax.tree_util.tree_map(lambda _, t, g=group: g if t else FROZEN,
+                                        sub, trainable[group])
           for group, sub in params.items()}
 
 
 def make_masks(params: PyTree) -> Dict[str, PyTree]:
-  """One boolean tree per group in :data:`GROUPS`, True on that group's leaves."""
+  """One boolean tree per group present in ``params``, True on that group's leaves."""
   labels = group_labels(params)
   return {group: jax.tree_util.tree_map(lambda label, g=group: label == g, labels)
-          for group in GROUPS}
+          for group in params}
 
 
 def _is_prefix(prefix, path) -> bool:
@@ -81,44 +96,63 @@ def check_coverage(params: PyTree, masks: Mapping[str, PyTree]) -> None:
                      "one of " + str(GROUPS) + ". Leaves " + "; ".join(problems) + ".")
 
 
-def partition_optimizer(transforms: Mapping[str, optax.GradientTransformation],
-                        params: PyTree) -> optax.GradientTransformation:
-  """One optimizer over the whole tree, one transform per group.
+def level_optimizer(transforms: Mapping[str, optax.GradientTransformation], params: PyTree,
+                    trainable: Optional[PyTree] = None) -> optax.GradientTransformation:
+  """One optimizer over a level's tree: a transform per group, frozen leaves untouched.
 
   Args:
-    transforms: group name → transform. Groups present in ``params`` but absent here
-      are frozen (``optax.set_to_zero()``: zero updates, no state).
-    params: the tree the optimizer will update (checked for exact coverage once here).
+    transforms: group name → transform, for every group in ``params`` that has a
+      trainable leaf. Frozen leaves (``trainable`` False) get
+      ``optax.set_to_zero()``: zero updates and no state.
+    params: the tree the optimizer will update; its groups are checked against
+      ``transforms`` here, so a missing or misspelt group fails at build time.
+    trainable: boolean tree shaped like ``params`` (default: all True).
 
   Returns:
-    ``optax.partition`` of the transforms by top-level group.
+    ``optax.multi_transform`` over the labels of :func:`group_labels`.
   """
-  unknown = [g for g in transforms if g not in GROUPS]
+  trainable = all_trainable(params) if trainable is None else trainable
+  labels = group_labels(params, trainable)
+  check_coverage(params, make_masks(params))
+  used = set(jax.tree_util.tree_leaves(labels)) - {FROZEN}
+  unknown = sorted(set(transforms) - set(GROUPS))
   if unknown:
     raise ValueError(f"Transforms for unknown group(s) {unknown}; valid groups are {GROUPS}.")
-  check_coverage(params, make_masks(params))
-  all_transforms = {g: transforms.get(g, optax.set_to_zero()) for g in GROUPS}
-  # A callable so the optimizer works on any tree with the same top-level groups.
-  return optax.partition(all_transforms, group_labels)
+  lacking = sorted(used - set(transforms))
+  if lacking:
+    raise ValueError(f"No optimizer for the trainable group(s) {lacking}; pass a transform "
+                     f"for each, or mark their leaves frozen.")
+  all_transforms = {g: transforms[g] for g in used}
+  all_transforms[FROZEN] = optax.set_to_zero()
+  # Labels are computed from the structure, so the optimizer works on any tree with
+  # the same paths (e.g. traced parameters inside jit).
+  return optax.multi_transform(all_transforms, lambda p: group_labels(p, trainable))
 
 
-def take_group(tree: PyTree, group: str) -> PyTree:
-  """The subtree of ``group``."""
-  if group not in GROUPS:
-    raise ValueError(f"Unknown group {group!r}; valid groups are {GROUPS}.")
-  if group not in tree:
-    raise ValueError(f"Group {group!r} is not in this tree (it has {list(tree)}).")
-  return tree[group]
+def split(tree: PyTree, trainable: PyTree) -> Tuple[PyTree, PyTree]:
+  """``(trainable part, frozen part)``, each with None where the other has a leaf.
+
+  Differentiate with respect to the first part and close over the second: no
+  gradient is ever formed for a frozen leaf.
+  """
+  flat, treedef = jax.tree_util.tree_flatten(tree)
+  keep = jax.tree_util.tree_leaves(trainable)
+  if len(keep) != len(flat):
+    raise ValueError(f"The trainable mask has {len(keep)} leaves, the tree {len(flat)}; "
+                     f"build the mask from the same tree.")
+  train = [x if k else None for x, k in zip(flat, keep)]
+  frozen = [None if k else x for x, k in zip(flat, keep)]
+  return treedef.unflatten(train), treedef.unflatten(frozen)
 
 
-def put_group(tree: PyTree, group: str, subtree: PyTree) -> PyTree:
-  """A new tree equal to ``tree`` with ``group`` replaced (or added); ``tree`` is untouched."""
-  if group not in GROUPS:
-    raise ValueError(f"Unknown group {group!r}; valid groups are {GROUPS}.")
-  return {**tree, group: subtree}
+def merge(train: PyTree, frozen: PyTree) -> PyTree:
+  """Inverse of :func:`split`."""
+  is_none = lambda x: x is None
+  a, treedef = jax.tree_util.tree_flatten(train, is_leaf=is_none)
+  b = jax.tree_util.tree_leaves(frozen, is_leaf=is_none)
+  return treedef.unflatten([x if y is None else y for x, y in zip(a, b)])
 
 
-def merge_groups(**groups: PyTree) -> PyTree:
-  """``merge_groups(backbone=θ, downstream_head=φ_D)`` → ``{'backbone': θ, ...}``."""
-  _check_top_level(groups)
-  return {g: groups[g] for g in GROUPS if g in groups}
+def zeros_for_frozen(train_grads: PyTree, frozen: PyTree) -> PyTree:
+  """A full gradient tree: ``train_grads`` on trainable leaves, zeros on frozen ones."""
+  return merge(train_grads, jax.tree_util.tree_map(jnp.zeros_like, frozen))

@@ -170,7 +170,10 @@ def _cg_iterations(matvec: MatVec, b: PyTree, init: Optional[PyTree], maxiter: i
   def step(s: _CGState) -> _CGState:
     # Masked so that the unrolled driver leaves a converged state untouched (and
     # never divides 0 by 0 once r is exactly 0).
-    active = s.rs > threshold
+    # "Not yet converged", written so that a NaN residual counts as active: a NaN
+    # right-hand side then propagates into x (and info.nonfinite) instead of
+    # silently returning the zero initial guess.
+    active = jnp.logical_not(s.rs <= threshold)
     ap = matvec(s.p)
     pap = tree_vdot(s.p, ap)
     alpha = s.rs / jnp.where(active, pap, 1.0)
@@ -186,7 +189,8 @@ def _cg_iterations(matvec: MatVec, b: PyTree, init: Optional[PyTree], maxiter: i
   if unrolled:  # fixed length; converged steps are masked out inside `step`
     state = loops.fori(lambda _, s: step(s), state, maxiter, unroll=True)
   else:         # stops early, as jax.scipy.sparse.linalg.cg does
-    state = lax.while_loop(lambda s: (s.rs > threshold) & (s.k < maxiter), step, state)
+    state = lax.while_loop(lambda s: jnp.logical_not(s.rs <= threshold) & (s.k < maxiter),
+                           step, state)
   return state.x, (state.k, state.min_curvature)
 
 

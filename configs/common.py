@@ -175,16 +175,20 @@ def base_config() -> config_dict.ConfigDict:
   config.bissl.lower_lr = 1.0
   config.bissl.lower_weight_decay = 1e-6
   config.bissl.lower_momentum = 0.9       # LARS
-  config.bissl.trust_coefficient = 1e-3   # LARS
-  config.bissl.upper_momentum = 0.9       # SGD of the upper level
+  config.bissl.trust_coefficient = 1e-3   # LARS η
+  config.bissl.upper_momentum = 0.9       # SGD
   config.bissl.grad_clip = 10.0           # global-norm clip of each level's gradient
-  config.bissl.unroll = config_dict.placeholder(bool)  # None: unrolled on CPU only
   config.bissl.upper_lr = config_dict.placeholder(float)            # None: head_warmup.lr
   config.bissl.upper_weight_decay = config_dict.placeholder(float)  # None: head_warmup.weight_decay
   config.bissl.pretext_batch_size = 1024
   config.bissl.downstream_batch_size = 256
   config.bissl.hessian_mode = "linearize"
   config.bissl.warm_start = False
+  # Loops inside one jit: None unrolls them on CPU (the XLA:CPU loop cliff) only.
+  config.bissl.unroll = config_dict.placeholder(bool)
+  # 'fused': one jit per alternation; 'per_step': one jit per step, looped from the
+  # host; 'auto': per_step on CPU (where the fused jit compiles slowly), fused elsewhere.
+  config.bissl.stage_driver = "auto"
   config.bissl.checkpoint_every = 25   # alternations
   config.bissl.lam_schedule = "none"
   config.bissl.lam_min = 1e-8

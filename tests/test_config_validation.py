@@ -53,11 +53,8 @@ def test_choices_come_from_the_registries(monkeypatch):
 
 def test_configs_hold_every_bissl_setup_field():
   """The configs are the one source of defaults: every BisslSetup field is in them."""
-  import dataclasses
-  from bissl_jax import train_state as ts
-  not_config = {"model", "task", "downstream", "image_size", "multilabel"}
-  fields = {f.name for f in dataclasses.fields(ts.BisslSetup)} - not_config
-  missing = sorted(fields - set(common.base_config().bissl))
+  from bissl_jax import bilevel
+  missing = sorted(set(bilevel.BisslSetup.field_names()) - set(common.base_config().bissl))
   assert not missing, f"add these fields to configs/common.py:base_config().bissl: {missing}"
 
 
@@ -70,6 +67,7 @@ def test_configs_hold_every_bissl_setup_field():
     ("pretext.task", "no_such_task", "unknown value"),
     ("stages", "train", "unknown value"),
     ("bissl.hessian_mode", "exact", "unknown value"),
+    ("bissl.stage_driver", "threaded", "unknown value"),
     ("bissl.upper_momentum", 1.0, "[0, 1)"),
     ("bissl.grad_clip", 0.0, "> 0"),
     ("bissl.unroll", "yes", "True, False or None"),

@@ -22,12 +22,15 @@ def test_group_labels_and_masks():
   assert labels["backbone"]["bn1"]["scale"] == "backbone"
   assert labels["downstream_head"]["dense"]["bias"] == "downstream_head"
   masks = partition.make_masks(params)
-  assert set(masks) == set(partition.GROUPS)
+  assert set(masks) == set(params)
   assert masks["pretext_head"]["pretext_head"]["projector"]["dense_0"]["kernel"]
   assert not masks["pretext_head"]["backbone"]["conv1"]["kernel"]
   partition.check_coverage(params, masks)  # exact: no error
-  with pytest.raises(ValueError, match="lam_rho"):
-    partition.group_labels({**params, "lam_rho": jnp.zeros(())})
+  assert partition.group_labels({**params, "lam_rho": jnp.zeros(())})["lam_rho"] == "lam_rho"
+  with pytest.raises(ValueError, match="lam_roh"):
+    partition.group_labels({**params, "lam_roh": jnp.zeros(())})
+  frozen = partition.group_labels(params, _frozen_conv(params))
+  assert frozen["backbone"]["conv1"]["kernel"] == partition.FROZEN
 
 
 def test_coverage_catches_missing_leaf():
@@ -55,29 +58,51 @@ def test_coverage_catches_doubly_covered_leaf():
     partition.check_coverage(params, prefix)
 
 
-def test_partition_optimizer_freezes_absent_groups():
+def _frozen_conv(params):
+  # Freeze the conv kernel, as LoRA freezes base weights.
+  mask = partition.all_trainable(params)
+  mask["backbone"]["conv1"]["kernel"] = False
+  return mask
+
+
+def test_level_optimizer_freezes_masked_leaves_without_state():
   params = _params()
-  tx = partition.partition_optimizer({"backbone": optax.sgd(0.5)}, params)
+  trainable = _frozen_conv(params)
+  tx = partition.level_optimizer(
+      {g: optax.sgd(0.5, momentum=0.9) for g in params}, params, trainable)
   grads = jax.tree_util.tree_map(jnp.ones_like, params)
   state = tx.init(params)
+  # The frozen leaf has no momentum buffer: only the three trainable leaves carry one...
+  momenta = [x for x in jax.tree_util.tree_leaves(state) if getattr(x, "ndim", 0) > 0]
+  assert sorted(x.shape for x in momenta) == sorted(
+      [(2,), (2, 4), (2, 3), (3,)]), [x.shape for x in momenta]
   updates, state = tx.update(grads, state, params)
   new = optax.apply_updates(params, updates)
-  # Trained group: p − 0.5·g.
-  np.testing.assert_allclose(new["backbone"]["conv1"]["kernel"], 0.5)
+  # ... trained leaves move by −0.5·g, the frozen one not at all, bit for bit.
   np.testing.assert_allclose(new["backbone"]["bn1"]["scale"], 0.5)
-  # Frozen groups unchanged, bit for bit.
-  for group in ("pretext_head", "downstream_head"):
-    same = jax.tree_util.tree_map(lambda a, b: bool(jnp.array_equal(a, b)), new[group],
-                                  params[group])
-    assert all(jax.tree_util.tree_leaves(same))
-  with pytest.raises(ValueError, match="head"):
-    partition.partition_optimizer({"head": optax.sgd(1.0)}, params)
+  np.testing.assert_allclose(new["downstream_head"]["dense"]["bias"], -0.5)
+  np.testing.assert_array_equal(new["backbone"]["conv1"]["kernel"],
+                                params["backbone"]["conv1"]["kernel"])
 
 
-def test_partition_optimizer_per_group_transforms_and_subset_tree():
+def test_level_optimizer_checks_its_groups():
+  params = _params()
+  with pytest.raises(ValueError, match="unknown group"):
+    partition.level_optimizer({"head": optax.sgd(1.0)}, params)
+  with pytest.raises(ValueError, match=r"No optimizer for the trainable group\(s\) \['downstream_head'"):
+    partition.level_optimizer({"backbone": optax.sgd(1.0), "pretext_head": optax.sgd(1.0)},
+                              params)
+  # lam_rho is a group of its own (the learnable λ of the upper level).
+  upper = {"backbone": params["backbone"], "lam_rho": jnp.zeros(())}
+  tx = partition.level_optimizer({"backbone": optax.sgd(1.0), "lam_rho": optax.sgd(2.0)}, upper)
+  updates, _ = tx.update(jax.tree_util.tree_map(jnp.ones_like, upper), tx.init(upper), upper)
+  np.testing.assert_allclose(updates["lam_rho"], -2.0)
+
+
+def test_level_optimizer_per_group_transforms_and_subset_tree():
   # The lower level's tree has no downstream head; groups use different optimizers.
   params = {k: v for k, v in _params().items() if k != "downstream_head"}
-  tx = partition.partition_optimizer(
+  tx = partition.level_optimizer(
       {"backbone": optax.sgd(1.0), "pretext_head": optax.sgd(0.1, momentum=0.9)}, params)
   grads = jax.tree_util.tree_map(jnp.ones_like, params)
   state = tx.init(params)
@@ -90,18 +115,16 @@ def test_partition_optimizer_per_group_transforms_and_subset_tree():
                              1.0 - 0.1 - 0.19, rtol=1e-6)
 
 
-def test_take_put_merge_are_functional():
+def test_split_and_merge_round_trip():
   params = _params()
-  theta = partition.take_group(params, "backbone")
-  theta_d = jax.tree_util.tree_map(lambda x: x * 2, theta)
-  moved = partition.put_group(params, "backbone", theta_d)
-  assert moved["backbone"] is theta_d and params["backbone"] is theta  # original untouched
-  assert moved["downstream_head"] is params["downstream_head"]
-  merged = partition.merge_groups(backbone=theta_d, downstream_head=params["downstream_head"])
-  assert list(merged) == ["backbone", "downstream_head"]
-  with pytest.raises(ValueError, match="Unknown"):
-    partition.merge_groups(backbone=theta, head=theta)
-  with pytest.raises(ValueError, match="not in this tree"):
-    partition.take_group(merged, "pretext_head")
-  with pytest.raises(ValueError, match="Unknown group"):
-    partition.put_group(params, "lam", theta)
+  train, frozen = partition.split(params, _frozen_conv(params))
+  assert train["backbone"]["conv1"]["kernel"] is None
+  assert frozen["backbone"]["conv1"]["kernel"] is params["backbone"]["conv1"]["kernel"]
+  assert len(jax.tree_util.tree_leaves(train)) == 4 and len(jax.tree_util.tree_leaves(frozen)) == 1
+  back = partition.merge(train, frozen)
+  assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(params)
+  full = partition.zeros_for_frozen(jax.tree_util.tree_map(jnp.ones_like, train), frozen)
+  np.testing.assert_array_equal(full["backbone"]["conv1"]["kernel"], 0.0)
+  np.testing.assert_array_equal(full["backbone"]["bn1"]["scale"], 1.0)
+  with pytest.raises(ValueError, match="mask has"):
+    partition.split(params, {"backbone": True})

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from bissl_jax import metrics as metrics_lib
+from bissl_jax.bilevel import LevelState
 from bissl_jax.pipeline import bissl_stage
 from bissl_jax.pipeline import build_context
 from bissl_jax.pipeline import checkpoint
@@ -20,7 +21,6 @@ from bissl_jax.pipeline import run
 from bissl_jax.pipeline import run_log
 from bissl_jax.pipeline import search
 from bissl_jax.pipeline import supervised
-from bissl_jax.pipeline.stage_loop import LevelState
 from config_helpers import override
 from configs import digits_simclr
 
@@ -127,12 +127,12 @@ def test_bissl_output_equals_final_checkpointed_state(comparison):
   ctx = build_context(tiny_config(), str(os.path.join(workdir, "reload")))
   state = bissl_stage.load_final_state(ctx, warm, os.path.join(directory, "bissl"))
   assert int(state.alternation) == 4
-  _tree_equal(theta_p["params"], state.lower_params)
-  _tree_equal(theta_p["batch_stats"], state.lower_stats)
+  _tree_equal(theta_p["params"], state.lower.params)
+  _tree_equal(theta_p["batch_stats"], state.lower.batch_stats)
   # θ_P moved away from the pretext backbone it started from.
   pretext, _ = checkpoint.load_export(os.path.join(workdir, "seed1", "pretext", "output"))
   assert bissl_stage.tree_max_abs_diff(pretext["params"]["backbone"],
-                                       state.lower_params["backbone"]) > 0
+                                       state.lower.params["backbone"]) > 0
 
 
 @pytest.mark.slow  # shares a full two-seed comparison run (about a minute)
@@ -187,7 +187,7 @@ def test_export_and_run_checkpoint_roundtrip(tmp_path):
   state = LevelState({"a": jnp.ones(2)}, {"s": jnp.zeros(1)}, (jnp.int32(4),), jnp.int32(0))
   ckpt = checkpoint.RunCheckpointer(str(tmp_path / "ckpt"), max_to_keep=2)
   for step in (1, 2, 3):
-    ckpt.save(step, state._replace(params={"a": jnp.full(2, float(step))}), {"step": step})
+    ckpt.save(step, state.replace(params={"a": jnp.full(2, float(step))}), {"step": step})
   assert ckpt.all_steps() == [2, 3]  # older steps pruned
   got, extra = ckpt.restore(state, step=2)
   assert isinstance(got, LevelState) and extra == {"step": 2}

@@ -78,8 +78,8 @@ def test_uninterrupted_run_checkpoints_and_advances(uninterrupted):
   state = out.state
   cfg = _config().bissl
   assert int(state.alternation) == ALTERNATIONS
-  assert int(state.lower_step) == ALTERNATIONS * cfg.lower_steps
-  assert int(state.upper_step) == ALTERNATIONS * cfg.upper_steps
+  assert int(state.lower.step) == ALTERNATIONS * cfg.lower_steps
+  assert int(state.upper.step) == ALTERNATIONS * cfg.upper_steps
   ckpt = checkpoint.RunCheckpointer(os.path.join(directory, "ckpt"))
   assert ckpt.all_steps() == [2, 4]
   _, extra = ckpt.restore(state)

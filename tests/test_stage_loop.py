@@ -21,7 +21,7 @@ from bissl_jax.errors import NonFiniteError
 from bissl_jax.pipeline import checkpoint
 from bissl_jax.pipeline import run_log
 from bissl_jax.pipeline import stage_loop
-from bissl_jax.pipeline.stage_loop import LevelState
+from bissl_jax.bilevel import LevelState
 
 STEPS_PER_EPOCH, EPOCHS = 3, 4
 

@@ -14,9 +14,16 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from bissl_jax import augment
+from bissl_jax import bilevel
+from bissl_jax import downstream
+from bissl_jax import lower_level
 from bissl_jax import models
+from bissl_jax import partition
 from bissl_jax import pretext
 from bissl_jax import train_state as ts
+from bissl_jax import upper_level
+from bissl_jax.errors import NonFiniteError
+from configs import common
 
 IMG = 4        # tiny images keep the dense Hessian small
 CLASSES = 3
@@ -40,32 +47,35 @@ def tiny_model(backbone=None):
                            classifier=models.LinearHead(CLASSES))
 
 
-def make_setup(model=None, **overrides):
+def make_setup(model=None, task=None, **overrides):
+  """A tiny setup: the configs' defaults (the one source of them) with test overrides."""
   model = model or tiny_model()
-  kwargs = dict(model=model, task=pretext.SimCLR(model), image_size=IMG, lam=1e-3,
-                damping=10.0, solver="layerwise_cg", cg_iters=3, lower_steps=2,
-                upper_steps=2, alternations=4, lower_lr=0.5, upper_lr=0.05,
-                upper_weight_decay=0.0)
-  kwargs.update(overrides)
-  return ts.BisslSetup(**kwargs)
+  cfg = common.base_config().bissl.to_dict()
+  cfg.update(lam=1e-3, damping=10.0, solver="layerwise_cg", cg_iters=3, lower_steps=2,
+             upper_steps=2, alternations=4, lower_lr=0.5, upper_lr=0.05,
+             upper_weight_decay=0.0)
+  cfg.update(overrides)
+  return bilevel.BisslSetup.from_config(model, task or pretext.SimCLR(model), cfg,
+                                        downstream=downstream.Classification(model, IMG))
 
 
 def make_state(setup, seed=0, perturb=True):
   params, stats = setup.model.init(jax.random.PRNGKey(seed), IMG)
-  state = ts.init_bilevel_state(setup, params, stats)
+  state = bilevel.init_bilevel_state(setup, params, stats)
   if perturb:  # make θ_P differ from θ_D, as after some lower steps
-    leaves, tdef = jax.tree_util.tree_flatten(state.lower_params["backbone"])
+    leaves, tdef = jax.tree_util.tree_flatten(state.lower.params["backbone"])
     keys = jax.random.split(jax.random.PRNGKey(seed + 100), len(leaves))
     leaves = [l + 0.05 * jax.random.normal(k, l.shape) for l, k in zip(leaves, keys)]
-    state = state.replace(lower_params={**state.lower_params,
+    lower = state.lower.replace(params={**state.lower.params,
                                         "backbone": jax.tree_util.tree_unflatten(tdef, leaves)})
+    state = state.replace(lower=lower)
   return state
 
 
 def make_batches(setup, seed=0, b_pre=8, b_down=6):
   rng = np.random.default_rng(seed)
   img = lambda *s: rng.integers(0, 256, size=s + (IMG, IMG, 3), dtype=np.uint8)
-  return ts.AlternationBatches(
+  return bilevel.AlternationBatches(
       pretext=img(setup.lower_steps, b_pre), hvp=img(b_pre),
       downstream_images=img(setup.upper_steps, b_down),
       downstream_labels=rng.integers(0, CLASSES, size=(setup.upper_steps, b_down)).astype(np.int32))
@@ -89,16 +99,16 @@ def test_upper_step_gradient_matches_dense_solve():
   x = augment.downstream_train_view(jax.random.split(step_rng, 1)[0],
                                     batches.downstream_images[0], size=IMG)
   y = batches.downstream_labels[0]
-  theta_p, theta_d = state.lower_params["backbone"], state.upper_params["backbone"]
+  theta_p, theta_d = state.lower.params["backbone"], state.upper.params["backbone"]
   flat_p, unravel = ravel_pytree(theta_p)
-  phi_p, phi_d = state.lower_params["pretext_head"], state.upper_params["downstream_head"]
+  phi_p, phi_d = state.lower.params["pretext_head"], state.upper.params["downstream_head"]
 
   def pretext_loss(flat):
     return setup.task.loss({"backbone": unravel(flat), "pretext_head": phi_p},
-                           state.lower_stats, views)[0]
+                           state.lower.batch_stats, views)[0]
 
   def down_loss(theta, phi, stats):
-    return ts.downstream_loss(setup, theta, phi, stats, x, y)[0]
+    return upper_level.downstream_loss(setup, theta, phi, stats, x, y)[0]
 
   hess = np.asarray(jax.hessian(pretext_loss)(flat_p), np.float64)
   eig_h = np.linalg.eigvalsh(hess)
@@ -108,8 +118,8 @@ def test_upper_step_gradient_matches_dense_solve():
   a_mat = np.eye(hess.shape[0]) + hess / (setup.lam + setup.damping)
   eig = np.linalg.eigvalsh(a_mat)
   assert eig.min() > 0.1 and eig.max() - eig.min() > 0.3, eig[[0, -1]]
-  gp_theta, gp_phi = jax.grad(down_loss, (0, 1))(theta_p, phi_d, state.lower_stats["backbone"])
-  gd_theta, gd_phi = jax.grad(down_loss, (0, 1))(theta_d, phi_d, state.upper_stats["backbone"])
+  gp_theta, gp_phi = jax.grad(down_loss, (0, 1))(theta_p, phi_d, state.lower.batch_stats["backbone"])
+  gd_theta, gd_phi = jax.grad(down_loss, (0, 1))(theta_d, phi_d, state.upper.batch_stats["backbone"])
   v_ig = np.linalg.solve(a_mat, np.asarray(ravel_pytree(gp_theta)[0], np.float64))
   expected = v_ig + np.asarray(ravel_pytree(gd_theta)[0], np.float64)
   assert np.max(np.abs(v_ig - ravel_pytree(gp_theta)[0])) > 1e-3  # the solve is not trivial
@@ -118,10 +128,10 @@ def test_upper_step_gradient_matches_dense_solve():
       state, batches.hvp, batches.downstream_images, batches.downstream_labels, rng)
   # SGD step 0, no momentum history, no weight decay: g = (θ_D − θ_D')/lr (clip inactive).
   assert float(metrics["upper_grad_norm"][0]) < setup.grad_clip
-  got = (ravel_pytree(theta_d)[0] - ravel_pytree(new_state.upper_params["backbone"])[0]) / setup.upper_lr
+  got = (ravel_pytree(theta_d)[0] - ravel_pytree(new_state.upper.params["backbone"])[0]) / setup.upper_lr
   np.testing.assert_allclose(np.asarray(got), expected, rtol=2e-3, atol=5e-5)
   got_phi = jax.tree_util.tree_map(lambda a, b: (a - b) / setup.upper_lr, phi_d,
-                                   new_state.upper_params["downstream_head"])
+                                   new_state.upper.params["downstream_head"])
   assert_trees_close(got_phi, jax.tree_util.tree_map(jnp.add, gp_phi, gd_phi), rtol=2e-3, atol=5e-5)
   assert float(metrics["cg_residual"][0]) < 1e-4
 
@@ -135,8 +145,8 @@ def test_linearize_and_jvp_modes_give_the_same_upper_stage():
     out.append(jax.jit(functools.partial(ts.upper_stage, setup))(
         state, batches.hvp, batches.downstream_images, batches.downstream_labels,
         jax.random.PRNGKey(1))[0])
-  assert_trees_close(out[0].upper_params, out[1].upper_params)
-  assert_trees_close(out[0].cg_solution, out[1].cg_solution)
+  assert_trees_close(out[0].upper.params, out[1].upper.params)
+  assert_trees_close(out[0].solver_state.warm_start, out[1].solver_state.warm_start)
 
 
 def test_huge_lambda_reduces_to_plain_finetuning_gradient():
@@ -147,15 +157,15 @@ def test_huge_lambda_reduces_to_plain_finetuning_gradient():
     out[solver] = jax.jit(functools.partial(ts.upper_stage, setup))(
         make_state(setup), batches.hvp, batches.downstream_images, batches.downstream_labels,
         jax.random.PRNGKey(2))
-  assert_trees_close(out["layerwise_cg"][0].upper_params, out["first_order"][0].upper_params,
+  assert_trees_close(out["layerwise_cg"][0].upper.params, out["first_order"][0].upper.params,
                      rtol=1e-4, atol=1e-6)
   # ... and with a small λ the implicit gradient really differs from v.
   setup = make_setup(solver="layerwise_cg", lam=1e-3, damping=0.0)
   small = jax.jit(functools.partial(ts.upper_stage, setup))(
       make_state(setup), batches.hvp, batches.downstream_images, batches.downstream_labels,
       jax.random.PRNGKey(2))
-  diff = ravel_pytree(small[0].upper_params["backbone"])[0] - ravel_pytree(
-      out["first_order"][0].upper_params["backbone"])[0]
+  diff = ravel_pytree(small[0].upper.params["backbone"])[0] - ravel_pytree(
+      out["first_order"][0].upper.params["backbone"])[0]
   assert float(jnp.max(jnp.abs(diff))) > 1e-5
 
 
@@ -163,6 +173,9 @@ def test_huge_lambda_reduces_to_plain_finetuning_gradient():
 class ConstantTask:
   """A pretext task whose loss does not depend on the parameters."""
   has_target = False
+
+  def prepare(self, rng, images):
+    return images
 
   def loss(self, params, batch_stats, views, target=None):
     return jnp.asarray(1.5), {"batch_stats": batch_stats, "metrics": {}}
@@ -173,11 +186,12 @@ def test_lower_proximal_gradient_is_lam_times_gap():
   state = make_state(setup)
   setup = dataclasses.replace(setup, task=ConstantTask())
   views = (jnp.zeros((2, IMG, IMG, 3)),) * 2
-  grads = jax.grad(lambda p: ts.lower_objective(
-      setup, p, state.lower_stats, None, state.upper_params["backbone"], views,
-      jnp.float32(setup.lam))[0])(state.lower_params)
+  frozen = jax.tree_util.tree_map(lambda _: None, state.lower.params)
+  grads = jax.grad(lambda p: lower_level.lower_objective(
+      setup, p, frozen, state.lower.batch_stats, None, state.upper.params["backbone"], views,
+      jnp.float32(setup.lam))[0])(state.lower.params)
   expected = jax.tree_util.tree_map(lambda a, b: setup.lam * (a - b),
-                                    state.lower_params["backbone"], state.upper_params["backbone"])
+                                    state.lower.params["backbone"], state.upper.params["backbone"])
   assert_trees_close(grads["backbone"], expected)
   assert all(float(jnp.max(jnp.abs(g))) == 0.0
              for g in jax.tree_util.tree_leaves(grads["pretext_head"]))
@@ -190,10 +204,10 @@ def test_running_stats_only_change_in_real_training_steps():
   after, _ = jax.jit(functools.partial(ts.upper_stage, setup))(
       state, batches.hvp, batches.downstream_images, batches.downstream_labels, jax.random.PRNGKey(0))
   # The upper stage's pretext HVPs and θ_P downstream forwards leave θ_P's stats alone...
-  assert_trees_close(after.lower_stats, state.lower_stats, rtol=0, atol=0)
+  assert_trees_close(after.lower.batch_stats, state.lower.batch_stats, rtol=0, atol=0)
   # ... while θ_D's downstream steps do update θ_D's statistics.
-  before = ravel_pytree(state.upper_stats)[0]
-  assert float(jnp.max(jnp.abs(ravel_pytree(after.upper_stats)[0] - before))) > 0
+  before = ravel_pytree(state.upper.batch_stats)[0]
+  assert float(jnp.max(jnp.abs(ravel_pytree(after.upper.batch_stats)[0] - before))) > 0
 
 
 def test_second_alternation_compiles_nothing():
@@ -201,7 +215,7 @@ def test_second_alternation_compiles_nothing():
       backbone=models.resnet18(width_multiplier=1 / 16, cifar_stem=True),
       projector=models.MLPHead((8, 8, 4)), predictor=None, classifier=models.LinearHead(CLASSES)))
   params, stats = setup.model.init(jax.random.PRNGKey(0), IMG)
-  state = ts.init_bilevel_state(setup, params, stats)
+  state = bilevel.init_bilevel_state(setup, params, stats)
   alternation = ts.make_alternation_fn(setup)
   compiles = []
   jax.monitoring.register_event_duration_secs_listener(
@@ -212,8 +226,8 @@ def test_second_alternation_compiles_nothing():
   state, m = alternation(state, make_batches(setup, 1), jax.random.PRNGKey(1))
   assert len(compiles) == first, "the second alternation recompiled"
   assert int(state.alternation) == 2
-  assert int(state.lower_step) == 2 * setup.lower_steps
-  assert int(state.upper_step) == 2 * setup.upper_steps
+  assert int(state.lower.step) == 2 * setup.lower_steps
+  assert int(state.upper.step) == 2 * setup.upper_steps
   for key in ("lower_loss", "upper_loss", "theta_distance", "cg_residual", "upper_grad_norm"):
     assert np.isfinite(float(m[key])), key
   assert float(m["theta_distance"]) > 0
@@ -227,8 +241,8 @@ def test_nan_in_batch_raises_naming_the_level():
   bad[0, 0, 0, 0, 0] = np.nan
   alternation = ts.make_alternation_fn(setup)
   _, metrics = alternation(state, batches._replace(pretext=bad), jax.random.PRNGKey(0))
-  with pytest.raises(ts.NonFiniteError, match="lower level at BiSSL alternation 7"):
-    ts.raise_if_nonfinite(metrics, alternation=7)
+  with pytest.raises(NonFiniteError, match="lower level at BiSSL alternation 7"):
+    ts.raise_if_nonfinite(metrics, 7)
 
 
 MULTI_DEVICE_SCRIPT = textwrap.dedent("""
@@ -259,3 +273,83 @@ def test_one_alternation_on_8_devices_matches_1_device():
   proc = subprocess.run([sys.executable, "-c", MULTI_DEVICE_SCRIPT], cwd=root, env=env,
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0 and "MULTI_DEVICE_OK" in proc.stdout, proc.stderr[-4000:]
+
+
+@pytest.mark.parametrize("unroll", [True, False])
+def test_fused_and_per_step_drivers_give_the_same_alternation(unroll):
+  # The two ways of running one alternation (one jit for all of it, or one jit per
+  # step driven from the host) share every function and every random key.
+  batches = make_batches(make_setup())
+  out = {}
+  for driver in ("fused", "per_step"):
+    setup = make_setup(stage_driver=driver, unroll=unroll, solver="cg")
+    alternation = ts.make_alternation_fn(setup)
+    assert hasattr(alternation, "fused") == (driver == "fused")
+    state, metrics = alternation(make_state(setup), batches, jax.random.PRNGKey(5))
+    state, metrics = alternation(state, make_batches(setup, 1), jax.random.PRNGKey(6))
+    out[driver] = jax.device_get((state, metrics))
+  (s_f, m_f), (s_p, m_p) = out["fused"], out["per_step"]
+  assert int(s_f.alternation) == int(s_p.alternation) == 2
+  assert_trees_close(s_f, s_p, rtol=1e-5, atol=1e-6)
+  for key in m_f:
+    np.testing.assert_allclose(m_f[key], m_p[key], rtol=1e-4, atol=1e-6, err_msg=key)
+  # The alternation really moved both levels.
+  fresh = make_state(make_setup())
+  assert float(np.max(np.abs(ravel_pytree(s_f.upper.params)[0]
+                              - ravel_pytree(fresh.upper.params)[0]))) > 1e-4
+
+
+@dataclasses.dataclass(frozen=True)
+class FrozenKernelModel(models.BisslModel):
+  """The tiny model with its first Dense kernel frozen, as LoRA freezes base weights."""
+
+  def trainable(self, params):
+    mask = jax.tree_util.tree_map(lambda _: True, params)
+    if "backbone" in params:
+      mask["backbone"]["Dense_0"]["kernel"] = False
+    return mask
+
+
+def test_frozen_leaves_never_move_and_get_no_state_or_implicit_gradient():
+  base = tiny_model()
+  model = FrozenKernelModel(backbone=base.backbone, projector=base.projector,
+                            predictor=None, classifier=base.classifier)
+  setup = make_setup(model=model, solver="cg", cg_iters=400, cg_tol=1e-10, unroll=False,
+                     lam=0.1, damping=2000.0, upper_steps=1)
+  state = make_state(setup)
+  kernel = lambda tree: np.asarray(tree["backbone"]["Dense_0"]["kernel"])
+  frozen_shape = kernel(state.lower.params).shape
+  for level in (state.lower, state.upper):
+    shapes = [np.shape(x) for x in jax.tree_util.tree_leaves(level.opt_state)]
+    assert frozen_shape not in shapes, "a frozen leaf has optimizer state"
+  assert state.solver_state.warm_start["Dense_0"]["kernel"] is None
+
+  # The implicit gradient solves over the trainable leaves only: compare with a dense
+  # solve of the Hessian restricted to them.
+  batches = make_batches(setup)
+  hvp_rng, keys = jax.random.split(jax.random.PRNGKey(4))
+  operator, lam = upper_level.prepare_stage(setup, state, batches.hvp, hvp_rng)
+  inputs = setup.task.prepare(hvp_rng, batches.hvp)
+  train, frozen = partition.split(
+      state.lower.params, setup.lower_trainable(state.lower.params))
+  flat, unravel = ravel_pytree(train["backbone"])
+
+  def pretext_loss(vec):
+    params = partition.merge(
+        {**train, "backbone": unravel(vec)}, frozen)
+    return setup.task.loss(params, state.lower.batch_stats, inputs)[0]
+  hess = np.asarray(jax.hessian(pretext_loss)(flat), np.float64)
+  a_mat = np.eye(flat.size) + hess / (setup.lam + setup.damping)
+  assert np.linalg.eigvalsh(a_mat).min() > 0.1
+  v = jax.tree_util.tree_map(lambda x: jnp.ones_like(x) * 0.01, train["backbone"])
+  v_ig, info = upper_level.implicit_gradient(setup, state, operator, lam, v)
+  expected = np.linalg.solve(a_mat, np.asarray(ravel_pytree(v)[0], np.float64))
+  np.testing.assert_allclose(np.asarray(ravel_pytree(v_ig)[0]), expected, rtol=1e-3, atol=1e-6)
+  assert v_ig["Dense_0"]["kernel"] is None
+
+  # A whole alternation moves every trainable leaf and leaves the frozen one bit-identical.
+  after, _ = ts.make_alternation_fn(setup)(state, batches, jax.random.PRNGKey(0))
+  for before_level, after_level in ((state.lower, after.lower), (state.upper, after.upper)):
+    np.testing.assert_array_equal(kernel(after_level.params), kernel(before_level.params))
+    assert not np.array_equal(np.asarray(after_level.params["backbone"]["Dense_0"]["bias"]),
+                              np.asarray(before_level.params["backbone"]["Dense_0"]["bias"]))

@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
+from bissl_jax import bilevel
 from bissl_jax import lam_variants
 from bissl_jax import train_state as ts
+from bissl_jax import upper_level
 
 import test_train_state as tt
 
@@ -75,14 +77,14 @@ def test_rho_gradient_matches_finite_differences_through_exact_lower_solution():
 def test_learnable_lam_is_trained_and_logged():
   setup = tt.make_setup(learnable_lam=True, lam=0.05, upper_lr=0.5, damping=0.0, lam_damping=0.0)
   state = tt.make_state(setup)
-  rho0 = float(state.upper_params["lam_rho"])
+  rho0 = float(state.upper.params["lam_rho"])
   np.testing.assert_allclose(float(jax.nn.softplus(rho0)), 0.05, rtol=1e-5)
   alternation = ts.make_alternation_fn(setup)
   logged = []
   for i in range(2):
     state, metrics = alternation(state, tt.make_batches(setup, i), jax.random.PRNGKey(i))
     logged.append(float(metrics["lam"]))
-  assert float(state.upper_params["lam_rho"]) != rho0
+  assert float(state.upper.params["lam_rho"]) != rho0
   # The logged λ is the one used in the last upper step of each alternation.
   assert logged[0] != logged[1]
   assert all(np.isfinite(logged))
@@ -96,6 +98,9 @@ class QuadraticTask:
   m: tuple
   b: tuple
   has_target = False
+
+  def prepare(self, rng, images):
+    return images
 
   def loss(self, params, batch_stats, views, target=None):
     x, _ = ravel_pytree({"backbone": params["backbone"], "pretext_head": params["pretext_head"]})
@@ -127,11 +132,11 @@ def run_upper(setup):
       jax.random.PRNGKey(0))
   x = tt.augment.downstream_train_view(jax.random.split(jax.random.split(jax.random.PRNGKey(0))[1], 1)[0],
                                        batches.downstream_images[0], size=tt.IMG)
-  v = jax.grad(lambda th: ts.downstream_loss(setup, th, state.upper_params["downstream_head"],
-                                             state.lower_stats["backbone"], x,
+  v = jax.grad(lambda th: upper_level.downstream_loss(setup, th, state.upper.params["downstream_head"],
+                                             state.lower.batch_stats["backbone"], x,
                                              batches.downstream_labels[0])[0])(
-      state.lower_params["backbone"])
-  return np.asarray(ravel_pytree(new_state.cg_solution)[0], np.float64), np.asarray(
+      state.lower.params["backbone"])
+  return np.asarray(ravel_pytree(new_state.solver_state.warm_start)[0], np.float64), np.asarray(
       ravel_pytree(v)[0], np.float64)
 
 
@@ -174,13 +179,12 @@ def test_layerwise_cg_head_inclusive_equals_fixed_head_exactly():
 
 def test_switches_off_is_bit_identical_to_default():
   base = tt.make_setup()
-  cfg = ml_collections.ConfigDict(dict(
-      lam=base.lam, damping=base.damping, solver=base.solver, cg_iters=base.cg_iters,
-      lower_steps=base.lower_steps, upper_steps=base.upper_steps, alternations=base.alternations,
-      lower_lr=base.lower_lr, upper_lr=base.upper_lr, upper_weight_decay=base.upper_weight_decay,
-      lam_schedule="none", learnable_lam=False, head_in_implicit=False, lam_damping=10.0,
-      lam_exp_alpha=100.0))
-  configured = ts.BisslSetup.from_config(base.model, base.task, cfg, image_size=tt.IMG)
+  values = {name: getattr(base, name) for name in bilevel.BisslSetup.field_names()}
+  values.update(lam_schedule="none", learnable_lam=False, head_in_implicit=False,
+                lam_damping=10.0, lam_exp_alpha=100.0)
+  configured = bilevel.BisslSetup.from_config(base.model, base.task,
+                                              ml_collections.ConfigDict(values),
+                                              downstream=base.downstream)
   assert configured == dataclasses.replace(base, lam_damping=10.0, lam_exp_alpha=100.0)
   out = []
   for setup in (base, configured):

@@ -10,7 +10,7 @@ longer fits in the current epoch), and calls the jitted alternation of
 The loop is :func:`bissl_jax.pipeline.stage_loop.run_stage` with one alternation
 per step. Checkpoints (``<directory>/ckpt``, every ``bissl.checkpoint_every``
 alternations, after the last, and on Ctrl-C/SIGTERM) hold the whole
-:class:`~bissl_jax.train_state.BilevelState` (both parameter sets, both optimizer
+:class:`~bissl_jax.bilevel.BilevelState` (both parameter sets, both optimizer
 states, step counters, the CG warm start, BYOL's target) plus both stacks' positions
 and the alternation counter. A rerun resumes from the latest one and ends in the
 same state as an uninterrupted run. A non-finite loss, gradient or CG solution, or
@@ -26,6 +26,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import numpy as np
 
+from bissl_jax import bilevel
 from bissl_jax import train_state as ts
 from bissl_jax.convert import stage_output
 from bissl_jax.data import BatchStack
@@ -43,17 +44,18 @@ class BisslOutput(NamedTuple):
   """θ_P (the stage output) and the final whole state (None when loaded from an export)."""
   params: PyTree
   batch_stats: PyTree
-  state: Optional[ts.BilevelState]
+  state: Optional[bilevel.BilevelState]
 
 
-def make_setup(ctx: StageContext) -> ts.BisslSetup:
+def make_setup(ctx: StageContext) -> bilevel.BisslSetup:
   """The static BiSSL setup of this run: the one call into the training core's setup.
 
   ``ctx.config`` is resolved (``config_validation.resolve_config``), so
-  ``config.bissl`` carries every BiSSL field with its final value.
+  ``config.bissl`` carries every BiSSL field with its final value; the upper level
+  uses the run's downstream task, the one fine-tuning and evaluation use.
   """
-  return ts.BisslSetup.from_config(ctx.model, ctx.task, ctx.config.bissl,
-                                   image_size=ctx.image_size, multilabel=ctx.multilabel)
+  return bilevel.BisslSetup.from_config(ctx.model, ctx.task, ctx.config.bissl,
+                                        downstream=ctx.downstream)
 
 
 def _fingerprint(ctx: StageContext) -> dict:
@@ -62,12 +64,12 @@ def _fingerprint(ctx: StageContext) -> dict:
 
 
 def alternation_batches(pretext_set, downstream_set, lower, upper, *, lower_steps: int,
-                        upper_steps: int) -> ts.AlternationBatches:
+                        upper_steps: int) -> bilevel.AlternationBatches:
   """Host batches of one alternation, drawn from the two stacks."""
   pretext = pretext_set.batch(lower.take(lower_steps))["image"]
   hvp = pretext_set.batch(lower.take(1)[0])["image"]  # from the lower level's stream
   down = downstream_set.batch(upper.take(upper_steps))
-  return ts.AlternationBatches(pretext=pretext, hvp=hvp, downstream_images=down["image"],
+  return bilevel.AlternationBatches(pretext=pretext, hvp=hvp, downstream_images=down["image"],
                                downstream_labels=down["label"])
 
 
@@ -86,7 +88,7 @@ class AlternationData:
                                                state=state)}
     self.stacks = {level: new() for level, new in self._new.items()}
 
-  def batch(self, step: int) -> ts.AlternationBatches:
+  def batch(self, step: int) -> bilevel.AlternationBatches:
     del step  # the stacks carry the position
     return alternation_batches(self.pretext_set, self.downstream_set, self.stacks["lower"],
                                self.stacks["upper"], lower_steps=self.cfg.lower_steps,
@@ -102,19 +104,19 @@ class AlternationData:
                    for level in self._new}
 
 
-def _params_to_check(state: ts.BilevelState) -> dict:
+def _params_to_check(state: bilevel.BilevelState) -> dict:
   lower_params, _ = ts.lower_result(state)
   return {
       "lower-level parameters (θ_P, φ_P)": (
           lower_params, "Lower config.bissl.lower_lr (or check the pretext data for NaN/Inf)."),
       "upper-level parameters (θ_D, φ_D)": (
-          state.upper_params, "Lower config.bissl.upper_lr or raise config.bissl.damping."),
+          state.upper.params, "Lower config.bissl.upper_lr or raise config.bissl.damping."),
   }
 
 
 def run_bissl(ctx: StageContext, warm: dict, pretext_set, downstream_set, *, seed: int,
               directory: str, name: str,
-              callback: Optional[Callable[[int, ts.BilevelState, dict], None]] = None
+              callback: Optional[Callable[[int, bilevel.BilevelState, dict], None]] = None
               ) -> BisslOutput:
   """Runs, resumes, or loads the finished output of, the BiSSL stage.
 
@@ -167,7 +169,7 @@ def run_bissl(ctx: StageContext, warm: dict, pretext_set, downstream_set, *, see
       fingerprint=_fingerprint(ctx), params_to_check=_params_to_check, loss_key=None,
       show={"lower_loss": "lower_loss", "upper_loss_sum": "upper_loss"}, unit="alt",
       items_per_step=cfg.lower_steps * cfg.pretext_batch_size, callback=callback)
-  fresh = ts.init_bilevel_state(setup, warm["params"], warm["batch_stats"])
+  fresh = bilevel.init_bilevel_state(setup, warm["params"], warm["batch_stats"])
   state = stage_loop.run_stage(stage, fresh).state
   params, batch_stats = ts.lower_result(state)
   stage_output.export(out_dir, {"params": params, "batch_stats": batch_stats}, {
@@ -178,10 +180,10 @@ def run_bissl(ctx: StageContext, warm: dict, pretext_set, downstream_set, *, see
   return BisslOutput(params, batch_stats, state)
 
 
-def load_final_state(ctx: StageContext, warm: dict, directory: str) -> ts.BilevelState:
+def load_final_state(ctx: StageContext, warm: dict, directory: str) -> bilevel.BilevelState:
   """The whole BilevelState of the newest BiSSL checkpoint in ``directory``."""
   setup = make_setup(ctx)
-  template = ts.init_bilevel_state(setup, warm["params"], warm["batch_stats"])
+  template = bilevel.init_bilevel_state(setup, warm["params"], warm["batch_stats"])
   ckpt = checkpoint.RunCheckpointer(os.path.join(directory, "ckpt"))
   try:
     state, _ = ckpt.restore(template)

@@ -25,7 +25,7 @@ from bissl_jax import optim
 from bissl_jax.convert import stage_output
 from bissl_jax.pipeline import stage_loop
 from bissl_jax.pipeline.context import StageContext, check_size
-from bissl_jax.pipeline.stage_loop import LevelState
+from bissl_jax.bilevel import LevelState
 from bissl_jax.seeds import derive_seed
 
 PyTree = Any

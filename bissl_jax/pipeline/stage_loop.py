@@ -22,8 +22,8 @@ A stage is a :class:`Stage`: its step function ``step(state, i, batch) -> (state
 metrics)``, its data (:class:`EpochData`, or anything with ``batch``/``position``/
 ``restore``), an optional ``end_of_epoch`` hook (fine-tuning's validation and
 best-epoch bookkeeping) and its checkpoint settings. The state is any pytree; the
-stages use :class:`LevelState` for one level's parameters, statistics, optimizer
-state and step counter.
+stages use the training core's :class:`bissl_jax.bilevel.LevelState` (parameters,
+statistics, optimizer state, step counter) for each level they train.
 
 A resumed stage ends bit-identical to an uninterrupted one: the state, the data
 position (the stack position at the start of the current epoch plus the steps done)
@@ -45,24 +45,6 @@ from bissl_jax.pipeline import checkpoint
 from bissl_jax.pipeline import run_log
 
 PyTree = Any
-
-
-class LevelState(NamedTuple):
-  """One level's trainable state: what every training stage updates.
-
-  The training core's ``bissl_jax.bilevel.LevelState`` (the same four fields) is the
-  one definition once both are merged; this module then imports it from there.
-
-  Attributes:
-    params: the parameter groups the stage trains.
-    batch_stats: BatchNorm running statistics (``{}`` or None where unused).
-    opt_state: the optimizer state.
-    step: number of optimizer steps taken (an int32 scalar).
-  """
-  params: PyTree
-  batch_stats: PyTree
-  opt_state: PyTree
-  step: Any
 
 
 class StageData(Protocol):
