@@ -9,8 +9,8 @@ dataset is present on disk is checked by the data module when the pipeline opens
 
 The valid choices are read from the registries of the library (solvers, Hessian
 modes, upper-stage drivers, architectures, pretext tasks, λ schedules), so a newly
-registered one is
-accepted without a change here. The defaults live in ``configs/common.py`` only.
+registered one is accepted without a change here. The defaults live in
+``configs/common.py`` only.
 """
 import contextlib
 import copy
