@@ -1,0 +1,161 @@
+"""Cost of BiSSL's pieces on a ViT + LoRA + MAE problem, in pretext-gradient units.
+
+On one MAE batch and one LoRA model, side by side:
+
+* one gradient of L_P with respect to the trainable leaves (LoRA + decoder): the unit;
+* one gradient with respect to every backbone and decoder leaf (full fine-tuning), to
+  show what freezing the base weights saves in the backward pass;
+* one lower step: that gradient plus the proximal term and an AdamW update on the
+  trainable half (``bissl_jax.trainable.masked_optimizer`` semantics);
+* one implicit solve over the LoRA leaves (``implicit_grad``, ``hessian_mode=
+  'linearize'``, ``cg`` with ``--cg-iters`` iterations), the upper level's main cost.
+
+Sizes: ``--tiny`` (the CPU test toy, seconds), ``--small`` (width 64, depth 4, 32 px,
+for a 2-core CPU), default full size: MAE ViT-B/16 at 224 px, LoRA rank 64 on q and v,
+pretext batch 256, for an accelerator::
+
+  python -m bench.vit_cost --small
+  python -m bench.vit_cost            # ViT-B/16, on a GPU or TPU
+
+M-FAC is not timed here yet (it needs no Hessian-vector product: m stored gradients
+and one m×m solve per block).
+"""
+import argparse
+import dataclasses
+import sys
+from typing import List, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from bench import common
+from bissl_jax import implicit
+from bissl_jax import lora
+from bissl_jax import trainable
+from bissl_jax.lora import LoRAConfig
+from bissl_jax.mae import MAE, MAEDecoder
+from bissl_jax.vit import ViT
+from bissl_jax.vit_model import LinearClassifier, ViTModel
+
+LAM = 1e-3
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTSize:
+  """One benchmark size: encoder, decoder, LoRA rank, image side and batch."""
+  name: str
+  width: int
+  depth: int
+  heads: int
+  patch: int
+  image_size: int
+  rank: int
+  decoder: tuple  # (width, depth, heads)
+  batch: int
+
+
+SIZES = {
+    "tiny": ViTSize("tiny", 16, 2, 2, 4, 8, 2, (8, 1, 2), 4),
+    "small": ViTSize("small", 64, 4, 4, 4, 32, 8, (32, 1, 2), 16),
+    "full": ViTSize("full", 768, 12, 12, 16, 224, 64, (512, 8, 16), 256),
+}
+
+
+def describe(s: ViTSize) -> str:
+  return (f"ViT width {s.width}, depth {s.depth}, patch {s.patch}, {s.image_size} px, "
+          f"LoRA r={s.rank} on q,v, decoder {s.decoder[0]}×{s.decoder[1]}, batch {s.batch}")
+
+
+def build(s: ViTSize, seed: int = 0):
+  encoder = ViT(patch_size=s.patch, width=s.width, depth=s.depth, num_heads=s.heads,
+                lora=LoRAConfig(s.rank))
+  decoder = MAEDecoder(patch_size=s.patch, width=s.decoder[0], depth=s.decoder[1],
+                       num_heads=s.decoder[2])
+  model = ViTModel(encoder, decoder, LinearClassifier(10))
+  params, stats = jax.jit(model.init, static_argnums=1)(jax.random.key(seed), s.image_size)
+  task = MAE(model, image_size=s.image_size)
+  images = np.random.default_rng(seed).integers(
+      0, 256, (s.batch, s.image_size, s.image_size, 3), dtype=np.uint8)
+  inputs = jax.jit(task.prepare)(jax.random.key(seed + 1), images)
+  return model, task, params, stats, inputs
+
+
+def parse_args(argv):
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  group = parser.add_mutually_exclusive_group()
+  group.add_argument("--small", action="store_true")
+  group.add_argument("--tiny", action="store_true")
+  parser.add_argument("--cg-iters", type=int, default=5)
+  parser.add_argument("--repeats", type=int, default=None)
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--no-record", action="store_true")
+  parser.add_argument("--doc", default=common.DOC_PATH)
+  args = parser.parse_args(argv)
+  args.size = SIZES["tiny" if args.tiny else "small" if args.small else "full"]
+  if args.repeats is None:
+    args.repeats = common.DEFAULT_REPEATS[args.size.name]
+  args.argv = list(argv)
+  return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> List[common.Table]:
+  args = parse_args(list(sys.argv[1:] if argv is None else argv))
+  s = args.size
+  model, task, params, stats, inputs = build(s, args.seed)
+  mask = model.trainable(params)
+  train, frozen = trainable.partition(params, mask)
+  loss_of = lambda t: task.loss(trainable.combine(t, frozen), stats, inputs)[0]
+  lower_keys = ("backbone", "pretext_head")
+  full = {k: params[k] for k in lower_keys}
+  full_loss = lambda p: task.loss(p, stats, inputs)[0]
+  tx = optax.adamw(1e-3, b2=0.95, weight_decay=0.0)
+  opt_state = tx.init(train)
+  anchor = train  # θ_D's trainable half (identical at the start of an alternation)
+
+  grad_trainable = jax.jit(jax.grad(loss_of))
+  grad_full = jax.jit(jax.grad(full_loss))
+
+  @jax.jit
+  def lower_step(t, state):
+    def objective(t):
+      prox = sum(jnp.sum(jnp.square(a - b)) for a, b in zip(
+          jax.tree_util.tree_leaves(t["backbone"]), jax.tree_util.tree_leaves(anchor["backbone"])))
+      return loss_of(t) + 0.5 * LAM * prox
+    updates, state = tx.update(jax.grad(objective)(t), state, t)
+    return optax.apply_updates(t, updates), state
+
+  lora_only = lora.lora_mask(params["backbone"])
+  bb_train, bb_frozen = trainable.partition(params["backbone"], lora_only)
+
+  @jax.jit
+  def implicit_solve(t, v):
+    lower = lambda b: task.loss(dict(params, backbone=trainable.combine(b, bb_frozen)),
+                                stats, inputs)[0]
+    return implicit.implicit_grad(lower, t, v, lam=LAM, damping=10.0, solver="cg",
+                                  maxiter=args.cg_iters)[0]
+
+  v = jax.tree_util.tree_map(jnp.ones_like, bb_train)
+  contenders = {
+      "gradient, trainable leaves (unit)": lambda: grad_trainable(train),
+      "gradient, all leaves (full fine-tuning)": lambda: grad_full(full),
+      "lower step (gradient + proximal + AdamW)": lambda: lower_step(train, opt_state),
+      f"implicit solve on LoRA leaves ({args.cg_iters} CG)": lambda: implicit_solve(bb_train, v),
+  }
+  times = common.interleaved_timings(contenders, args.repeats)
+  unit = times["gradient, trainable leaves (unit)"]
+  rows = [[name, common.median(t) * 1e3, common.paired_ratio(t, unit)]
+          for name, t in times.items()]
+  count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
+  notes = [f"Trainable leaves: {count(train):,} of {count(params):,} parameters "
+           f"({count(bb_train):,} LoRA leaves in the implicit solve).",
+           f"λ = {LAM}, δ = 10; medians of {args.repeats} interleaved rounds."]
+  table = common.Table(title=f"ViT + LoRA + MAE pieces — {describe(s)}",
+                       columns=["Piece", "ms", "pretext gradients"], rows=rows, notes=notes)
+  return common.finish("vit_cost", [table], args)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,15 @@
+"""Smoke test of bench/vit_cost.py at --tiny: it runs and returns a sane table."""
+import math
+
+from bench import common
+from bench import vit_cost
+
+
+def test_vit_cost_runs_tiny(tmp_path):
+  doc = tmp_path / "benchmarks.md"
+  (table,) = vit_cost.main(["--tiny", "--no-record", "--repeats", "1", "--doc", str(doc)])
+  assert isinstance(table, common.Table) and len(table.rows) == 4
+  values = table.numeric_cells()
+  assert values and all(math.isfinite(v) and v > 0 for v in values)
+  assert table.rows[0][2] == 1.0  # the unit
+  assert not doc.exists()
