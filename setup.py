@@ -24,7 +24,9 @@ setup(
     description="Bilevel self-supervised learning (BiSSL) in JAX/Flax.",
     long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["bissl_jax", "bissl_jax.*"]),
+    # configs/ and experiments/ too: the config files import configs.common, and
+    # `python -m experiments.main` then runs from any directory.
+    packages=find_packages(include=["bissl_jax", "bissl_jax.*", "configs", "experiments"]),
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require={

@@ -1,21 +1,24 @@
 """Checks a pipeline config before any compute, naming the offending field.
 
 ``validate_config`` collects every problem it finds and raises one
-:class:`ConfigError` listing them, each as ``config.<field>=<value>: <why and fix>``.
-It checks types and ranges only; whether a dataset is present on disk is checked
-by the data module when the pipeline opens it (``DatasetNotFoundError``), still
-before any training step.
+:class:`ConfigError` listing them, each as ``config.<field>=<value>: <why and fix>``;
+a valid config comes back *resolved* (:func:`resolve_config`: the placeholders the
+configs leave to the pipeline filled in). It checks types and ranges only; whether a
+dataset is present on disk is checked by the data module when the pipeline opens it
+(``DatasetNotFoundError``), still before any training step.
+
+The valid choices are read from the registries of the library (solvers, Hessian
+modes, upper-stage drivers, architectures, pretext tasks, λ schedules), so a newly
+registered one is accepted without a change here. The defaults live in
+``configs/common.py`` only.
 """
+import contextlib
+import copy
 from typing import Any, List, Optional
 
 import jax
 
 STAGES = ("all", "pretext", "head_warmup", "bissl", "finetune", "evaluate")
-PRETEXT_TASKS = ("simclr", "byol")
-SOLVERS = ("layerwise_cg", "cg", "neumann", "first_order")
-HESSIAN_MODES = ("linearize", "jvp")
-ARCHS = ("resnet18", "resnet50")
-LAM_SCHEDULES = ("none", "cosine_decay", "cosine_increase", "exp_increase")
 
 # Which earlier output a single stage needs, and the field that names it.
 STAGE_INPUTS = {
@@ -46,17 +49,71 @@ def _is_known_dataset(name) -> bool:
   return True
 
 
-def validate_config(config: Any, *, num_devices: Optional[int] = None) -> None:
-  """Raises :class:`ConfigError` if any field of ``config`` is invalid.
+def _choices():
+  """The registries' names: solver, Hessian mode, architecture, pretext task, λ schedule."""
+  # pylint: disable=g-import-not-at-top  (imported on use: the registries pull in JAX models)
+  from bissl_jax import bilevel, implicit, lam_variants, models, pretext, solvers
+  return {"bissl.solver": tuple(sorted(solvers.SOLVERS)),
+          "bissl.stage_driver": tuple(bilevel.STAGE_DRIVERS),
+          "bissl.hessian_mode": tuple(implicit.HESSIAN_MODES),
+          "model.arch": tuple(sorted(models.ARCHITECTURES)),
+          "pretext.task": tuple(sorted(pretext.TASKS)),
+          "bissl.lam_schedule": tuple(lam_variants.SCHEDULES)}
+
+
+def _set(config, dotted: str, value) -> None:
+  *parents, leaf = dotted.split(".")
+  node = config
+  for part in parents:
+    node = node[part] if isinstance(node, dict) else getattr(node, part)
+  if isinstance(node, dict):
+    node[leaf] = value
+  else:
+    setattr(node, leaf, value)
+
+
+# Placeholders a config may leave as None, and where their value comes from.
+_RESOLVED_FROM = {
+    "bissl.upper_lr": "head_warmup.lr",                      # paper Table 4 serves both
+    "bissl.upper_weight_decay": "head_warmup.weight_decay",
+}
+
+
+def resolve_config(config: Any) -> Any:
+  """A copy of ``config`` with the pipeline's placeholders filled in.
+
+  ``bissl.upper_lr`` / ``bissl.upper_weight_decay`` left at None take the head
+  warm-up values (the paper's Table 4 gives one pair for both). Resolving a resolved
+  config changes nothing. Works on ``ConfigDict`` and plain nested dicts.
+  """
+  resolved = copy.deepcopy(config)
+  unlock = getattr(resolved, "unlocked", None)
+  with (unlock() if unlock is not None else contextlib.nullcontext()):
+    for field, source in _RESOLVED_FROM.items():
+      try:
+        value = _get(resolved, field)
+      except (AttributeError, KeyError):
+        continue
+      if value is None:
+        _set(resolved, field, float(_get(resolved, source)))
+  return resolved
+
+
+def validate_config(config: Any, *, num_devices: Optional[int] = None) -> Any:
+  """Checks every field of ``config``; returns the resolved config.
 
   Args:
     config: the pipeline ``ConfigDict`` (see ``configs/common.py``).
     num_devices: devices the batches are split over (default: ``jax.device_count()``).
 
+  Returns:
+    :func:`resolve_config` of ``config`` (``config`` itself is not changed).
+
   Raises:
     ConfigError: listing every invalid field with the reason and a fix.
   """
   errors: List[str] = []
+  choices = _choices()
   n_dev = jax.device_count() if num_devices is None else int(num_devices)
 
   def bad(field, why):
@@ -121,11 +178,11 @@ def validate_config(config: Any, *, num_devices: Optional[int] = None) -> None:
       bad("data.val_fraction", "must lie strictly between 0 and 1 (paper: 0.2).")
   if not missing("data.max_train_examples") and _get(config, "data.max_train_examples") is not None:
     positive("data.max_train_examples")
-  choice("model.arch", ARCHS)
+  choice("model.arch", choices["model.arch"])
   positive("model.width_multiplier", integer=False)
 
   # Pretext pretraining.
-  choice("pretext.task", PRETEXT_TASKS)
+  choice("pretext.task", choices["pretext.task"])
   positive("pretext.temperature", integer=False)
   if not missing("pretext.ema_decay"):
     decay = _get(config, "pretext.ema_decay")
@@ -158,7 +215,7 @@ def validate_config(config: Any, *, num_devices: Optional[int] = None) -> None:
     elif lam == 0 and _get(config, "bissl.learnable_lam"):
       bad("bissl.lam", "a learnable λ starts at softplus⁻¹(λ) and needs λ > 0.")
   positive("bissl.damping", integer=False, allow_zero=True)
-  choice("bissl.solver", SOLVERS)
+  choice("bissl.solver", choices["bissl.solver"])
   positive("bissl.cg_iters")
   positive("bissl.cg_tol", integer=False, allow_zero=True)
   for field in ("bissl.lower_steps", "bissl.upper_steps", "bissl.alternations",
@@ -169,11 +226,21 @@ def validate_config(config: Any, *, num_devices: Optional[int] = None) -> None:
   divisible("bissl.downstream_batch_size")
   positive("bissl.lower_lr", integer=False)
   positive("bissl.lower_weight_decay", integer=False, allow_zero=True)
+  for field in ("bissl.lower_momentum", "bissl.upper_momentum"):
+    if not missing(field):
+      momentum = _get(config, field)
+      if not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
+        bad(field, "must lie in [0, 1) (paper: 0.9).")
+  positive("bissl.trust_coefficient", integer=False)
+  positive("bissl.grad_clip", integer=False)
+  if not missing("bissl.unroll") and _get(config, "bissl.unroll") not in (None, True, False):
+    bad("bissl.unroll", "must be True, False or None (None: unrolled on CPU only).")
   for field in ("bissl.upper_lr", "bissl.upper_weight_decay"):
     if not missing(field) and _get(config, field) is not None:
       positive(field, integer=False, allow_zero=field.endswith("decay"))
-  choice("bissl.hessian_mode", HESSIAN_MODES)
-  choice("bissl.lam_schedule", LAM_SCHEDULES)
+  choice("bissl.hessian_mode", choices["bissl.hessian_mode"])
+  choice("bissl.stage_driver", choices["bissl.stage_driver"])
+  choice("bissl.lam_schedule", choices["bissl.lam_schedule"])
   positive("bissl.lam_min", integer=False, allow_zero=True)
   positive("bissl.lam_exp_alpha", integer=False)
   positive("bissl.lam_damping", integer=False, allow_zero=True)
@@ -211,3 +278,4 @@ def validate_config(config: Any, *, num_devices: Optional[int] = None) -> None:
 
   if errors:
     raise ConfigError("Invalid config (nothing was computed):\n  " + "\n  ".join(errors))
+  return resolve_config(config)

@@ -35,11 +35,11 @@ PyTree = Any
 def load_backbone(directory: str) -> Tuple[PyTree, PyTree, dict]:
   """``(backbone_params, backbone_stats, meta)`` of a stage output directory.
 
-  Reads it with :func:`bissl_jax.pipeline.checkpoint.load_export`; a tree without a
+  Reads it with :func:`bissl_jax.convert.stage_output.load_export`; a tree without a
   'backbone' group is taken to be the backbone itself.
   """
-  from bissl_jax.pipeline import checkpoint
-  variables, meta = checkpoint.load_export(directory)
+  from bissl_jax.convert import stage_output
+  variables, meta = stage_output.load_export(directory)
   params, stats = variables["params"], variables.get("batch_stats", {})
   if "backbone" in params:
     params, stats = params["backbone"], stats.get("backbone", {})

@@ -8,9 +8,15 @@ fine-tuning with batch 256. The per-dataset learning rates and weight decays are
 Tables 3, 4 and 5 of the paper; ``apply_paper_hyperparams`` copies them into a
 config.
 
-Fields set to ``None`` are resolved by the pipeline:
+This is the one source of defaults: the training core (``BisslSetup``) has none of
+its own, and every config file starts from ``base_config()``. ``apply_runlocal`` is
+the one smoke-test shrink.
+
+Fields set to ``None`` are resolved by the pipeline
+(``bissl_jax.config_validation.resolve_config``):
   * ``bissl.upper_lr`` / ``bissl.upper_weight_decay``: the head warm-up values
     (Table 4: the same numbers serve both).
+  * ``bissl.unroll``: unrolled loops on CPU only (the XLA:CPU loop cliff, SPEC §3).
   * ``data.data_dir``: the TFDS default directory.
   * ``model.predictor``: the projector spec for BYOL, none for SimCLR.
 """
@@ -261,9 +267,9 @@ def expected_result(task: str, dataset: str) -> str:
 def paper_scale_config(task: str, arg: str) -> config_dict.ConfigDict:
   """ImageNet-pretrained ResNet-50 setup of the paper for ``downstream=<name>`` in ``arg``.
 
-  ``runlocal`` in ``arg`` shrinks everything (ResNet-18 at 1/8 width, 32 px, one
-  seed, a few steps per stage, no pretraining) to smoke-test the code path on real
-  data; its numbers mean nothing.
+  ``runlocal`` in ``arg`` applies :func:`apply_runlocal` with no pretraining (the
+  ImageNet pretext set is not local), to smoke-test the code path on real data; its
+  numbers mean nothing.
   """
   args = parse_arg(arg)
   config = base_config()
@@ -271,32 +277,49 @@ def paper_scale_config(task: str, arg: str) -> config_dict.ConfigDict:
   config.pretext.task = task
   apply_paper_hyperparams(config)
   if "runlocal" in args:
-    apply_runlocal(config)
+    apply_runlocal(config, pretext_epochs=0)
   return config
 
 
-def apply_runlocal(config: config_dict.ConfigDict) -> config_dict.ConfigDict:
-  """big_vision-style local smoke run: tiny model, few steps, one seed."""
-  config.seeds = (0,)
+def apply_runlocal(config: config_dict.ConfigDict, *,
+                   pretext_epochs: int = 0) -> config_dict.ConfigDict:
+  """The smoke-test shrink of every config (big_vision's ``runlocal``): seconds of compute.
+
+  An 8 px ResNet-18 at 1/16 width with a 16-16-16 projector, 64 training images,
+  batch 32 everywhere, two seeds (the smallest count with a sample std), a step or
+  two per stage and checkpoints as often as possible, so that every code path of the
+  comparison runs. Its numbers mean nothing.
+
+  Args:
+    config: a full config; changed in place.
+    pretext_epochs: pretext epochs; 0 (a random backbone) unless the pretext data is
+      the subsampled training split, as for the digits.
+
+  Returns:
+    ``config``.
+  """
+  config.seeds = (0, 1)
   config.log_every = 1
   config.checkpoint_every = 1
-  config.data.image_size = 32
-  config.data.max_train_examples = 256
+  config.data.image_size = 8
+  config.data.max_train_examples = 64
   config.model.arch = "resnet18"
-  config.model.width_multiplier = 0.125
-  config.model.projector = "64-64-64"
-  config.pretext.epochs = 0            # random backbone: pretraining on all of it is not local
-  for stage in (config.pretext, config.head_warmup, config.finetune, config.evaluate):
+  config.model.width_multiplier = 0.0625
+  config.model.projector = "16-16-16"
+  config.pretext.epochs = int(pretext_epochs)
+  config.pretext.baseline_epochs = None
+  for stage in (config.pretext, config.head_warmup, config.finetune):
     stage.batch_size = 32
+  config.evaluate.batch_size = 128
   config.head_warmup.epochs = 1
-  config.bissl.alternations = 2
+  config.bissl.alternations = 4
   config.bissl.lower_steps = 2
   config.bissl.upper_steps = 1
   config.bissl.cg_iters = 2
   config.bissl.pretext_batch_size = 32
   config.bissl.downstream_batch_size = 32
-  config.bissl.checkpoint_every = 1
-  config.finetune.epochs = 1
+  config.bissl.checkpoint_every = 2
+  config.finetune.epochs = 2
   config.search.num_configs = 2
   config.search.epochs = 1
   return config

@@ -41,14 +41,7 @@ times the complete protocol; it does not reproduce the paper's gains.
 
 ``get_config("runlocal")`` is the seconds-long smoke size the tests use.
 """
-import os
-import sys
-
-try:
-  from configs import common
-except ImportError:  # loaded by path from outside the repository root
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from configs import common
+from configs import common
 
 
 def get_config(arg: str = ""):
@@ -98,28 +91,6 @@ def get_config(arg: str = ""):
   config.search.epochs = 3
 
   if "runlocal" in common.parse_arg(arg):
-    # Smoke-test size (seconds of compute; the tests use it): 8 px, 4-channel
-    # ResNet-18, 64 training images, 2 seeds, a couple of steps per stage.
-    config.seeds = (0, 1)
-    config.log_every = 1
-    config.checkpoint_every = 1
-    config.data.image_size = 8
-    config.data.max_train_examples = 64
-    config.model.width_multiplier = 0.0625
-    config.model.projector = "16-16-16"
-    config.pretext.epochs = 2
-    for stage in (config.pretext, config.head_warmup, config.finetune):
-      stage.batch_size = 32
-    config.head_warmup.epochs = 1
-    config.bissl.alternations = 4
-    config.bissl.lower_steps = 2
-    config.bissl.upper_steps = 1
-    config.bissl.cg_iters = 2
-    config.bissl.pretext_batch_size = 32
-    config.bissl.downstream_batch_size = 32
-    config.bissl.checkpoint_every = 2
-    config.finetune.epochs = 2
-    config.evaluate.batch_size = 128
-    config.search.num_configs = 2
-    config.search.epochs = 1
+    # The tests' size: the digits are local, so the shrink pretrains for 2 epochs.
+    common.apply_runlocal(config, pretext_epochs=2)
   return config

@@ -21,14 +21,7 @@ Expected result (paper Table 1, BYOL rows), e.g. birds (caltech_birds2011):
 Only FT 52.7 ± 0.4, BiSSL+FT 60.1 ± 0.1; all twelve are in
 ``configs/common.TABLE1_RESULTS``.
 """
-import os
-import sys
-
-try:
-  from configs import common
-except ImportError:  # loaded by path from outside the repository root
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from configs import common
+from configs import common
 
 
 def get_config(arg: str = ""):

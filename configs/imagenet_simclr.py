@@ -33,14 +33,7 @@ Expected result (paper Table 1, test top-1 %, mAP for voc2007), e.g. pets:
 Only FT 73.2 ± 0.3, BiSSL+FT 79.6 ± 0.3; flowers: 82.6 ± 0.3 vs 85.6 ± 0.2; all
 twelve are in ``configs/common.TABLE1_RESULTS``.
 """
-import os
-import sys
-
-try:
-  from configs import common
-except ImportError:  # loaded by path from outside the repository root
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from configs import common
+from configs import common
 
 
 def get_config(arg: str = ""):

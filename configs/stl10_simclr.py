@@ -25,14 +25,7 @@ runs of 500 and 600 STL-10 epochs with ResNet-18 at 96 px dominate.
 Expected result: paper Fig. 2 (flowers, top-1): BiSSL+FT above Only FT once
 pretraining is long enough; the figure gives no table of values.
 """
-import os
-import sys
-
-try:
-  from configs import common
-except ImportError:  # loaded by path from outside the repository root
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from configs import common
+from configs import common
 
 
 def get_config(arg: str = ""):
@@ -47,7 +40,5 @@ def get_config(arg: str = ""):
   config.pretext.baseline_epochs = config.pretext.epochs + 100
   common.apply_paper_hyperparams(config)
   if "runlocal" in args:
-    common.apply_runlocal(config)
-    config.pretext.epochs = 0
-    config.pretext.baseline_epochs = None
+    common.apply_runlocal(config, pretext_epochs=0)
   return config

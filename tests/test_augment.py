@@ -6,10 +6,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.ndimage
-import torch
-import torch.nn.functional as F
 
 from bissl_jax import augment as A
+
+try:  # optional ([torch] extra): only the PyTorch-reference tests need it
+  import torch
+  import torch.nn.functional as F
+except ImportError:
+  torch = F = None
+
+requires_torch = pytest.mark.skipif(
+    torch is None, reason="needs PyTorch for the reference: pip install -e '.[torch]'")
 
 
 def _images(batch=3, height=20, width=16, channels=3, seed=0):
@@ -57,6 +64,7 @@ def test_grayscale_input_and_downstream_view():
     A.eval_view(None, _images(channels=4), size=8)
 
 
+@requires_torch
 def test_eval_view_matches_torch_resize_and_center_crop():
   images = _images(batch=2, height=37, width=50)
   got = A.eval_view(None, images, size=24, normalize_output=False)
@@ -72,6 +80,7 @@ def test_eval_view_matches_torch_resize_and_center_crop():
                              atol=1e-4)
 
 
+@requires_torch
 @pytest.mark.parametrize("box", [(3, 5, 27, 19), (3, 5, 10, 7), (0, 0, 40, 30), (10, 2, 20, 28)])
 def test_resized_crop_matches_torch_crop_then_resize(box):
   img = np.random.default_rng(1).random((40, 30, 3)).astype(np.float32)

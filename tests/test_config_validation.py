@@ -28,8 +28,34 @@ def _config(as_dict=False, **changes):
 ], ids=["digits", "digits-runlocal", "stl10", "stl10-runlocal", "imagenet-simclr",
         "imagenet-byol-dtd", "imagenet-voc-runlocal"])
 def test_shipped_configs_are_valid(config):
-  # validate_config raises ConfigError naming every bad field; None means valid.
-  assert validate_config(config, num_devices=1) is None
+  # validate_config raises ConfigError naming every bad field, else returns the
+  # resolved config: the placeholders filled, the input untouched.
+  resolved = validate_config(config, num_devices=1)
+  assert config.bissl.upper_lr is None
+  assert resolved.bissl.upper_lr == config.head_warmup.lr
+  assert resolved.bissl.upper_weight_decay == config.head_warmup.weight_decay
+  assert validate_config(resolved, num_devices=1).to_dict() == resolved.to_dict()
+
+
+def test_an_explicit_upper_lr_is_kept():
+  resolved = validate_config(_config(**{"bissl.upper_lr": 0.123}), num_devices=1)
+  assert resolved.bissl.upper_lr == 0.123
+
+
+def test_choices_come_from_the_registries(monkeypatch):
+  from bissl_jax import solvers
+  config = _config(**{"bissl.solver": "my_solver"})
+  with pytest.raises(ConfigError, match="bissl.solver"):
+    validate_config(config, num_devices=1)
+  monkeypatch.setitem(solvers.SOLVERS, "my_solver", solvers.SOLVERS["cg"])
+  validate_config(config, num_devices=1)  # registered: now valid
+
+
+def test_configs_hold_every_bissl_setup_field():
+  """The configs are the one source of defaults: every BisslSetup field is in them."""
+  from bissl_jax import bilevel
+  missing = sorted(set(bilevel.BisslSetup.field_names()) - set(common.base_config().bissl))
+  assert not missing, f"add these fields to configs/common.py:base_config().bissl: {missing}"
 
 
 @pytest.mark.parametrize("field, value, words", [
@@ -38,11 +64,15 @@ def test_shipped_configs_are_valid(config):
     ("data.downstream_dataset", "mnist_typo", "unknown dataset"),
     ("data.pretext_dataset", "imagenet21k", "unknown dataset"),
     ("bissl.solver", "newton", "unknown value"),
-    ("pretext.task", "mae", "unknown value"),
+    ("pretext.task", "no_such_task", "unknown value"),
     ("stages", "train", "unknown value"),
     ("bissl.hessian_mode", "exact", "unknown value"),
+    ("bissl.stage_driver", "threaded", "unknown value"),
+    ("bissl.upper_momentum", 1.0, "[0, 1)"),
+    ("bissl.grad_clip", 0.0, "> 0"),
+    ("bissl.unroll", "yes", "True, False or None"),
     ("bissl.lam_schedule", "linear", "unknown value"),
-    ("model.arch", "vit", "unknown value"),
+    ("model.arch", "resnet1001", "unknown value"),
     ("bissl.lower_steps", 0, "> 0"),
     ("bissl.upper_steps", -2, "> 0"),
     ("bissl.alternations", 0, "> 0"),
@@ -175,3 +205,30 @@ def test_command_line_rejects_bad_override(tmp_path):
   assert proc.returncode != 0
   assert "config.bissl.lam=-0.5" in proc.stderr
   assert not (tmp_path / "w").exists()
+
+
+def test_config_file_loads_by_path_from_another_directory(tmp_path):
+  """experiments/main.py started elsewhere, with a config given by absolute path."""
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  proc = subprocess.run(
+      [sys.executable, os.path.join(repo, "experiments", "main.py"),
+       f"--config={os.path.join(repo, 'configs', 'stl10_simclr.py')}:runlocal",
+       f"--workdir={tmp_path / 'w'}", "--config.bissl.lam=-0.25"],
+      cwd=str(tmp_path), capture_output=True, text=True, timeout=300,
+      env=dict(env, JAX_PLATFORMS="cpu"))
+  assert proc.returncode != 0
+  assert "config.bissl.lam=-0.25" in proc.stderr  # the config loaded; validation spoke
+  assert not (tmp_path / "w").exists()
+
+
+def test_one_runlocal_shrink():
+  """Every config's runlocal is common.apply_runlocal (only the pretext epochs differ)."""
+  shrunk = [digits_simclr.get_config("runlocal"), stl10_simclr.get_config("runlocal"),
+            imagenet_simclr.get_config("downstream=dtd,runlocal")]
+  for config in shrunk:
+    again = common.apply_runlocal(config.copy_and_resolve_references(),
+                                  pretext_epochs=config.pretext.epochs)
+    assert again.to_dict() == config.to_dict()
+  assert [c.pretext.epochs for c in shrunk] == [2, 0, 0]
+  assert {c.data.image_size for c in shrunk} == {8}

@@ -3,7 +3,8 @@ import collections
 
 import pytest
 
-torch = pytest.importorskip("torch")
+torch = pytest.importorskip(
+    "torch", reason="the PyTorch converter tests need the [torch] extra: pip install -e '.[torch]'")
 from torch import nn  # noqa: E402
 
 import jax  # noqa: E402

@@ -3,10 +3,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
 
 from bissl_jax import models
+
+try:  # optional ([torch] extra): only the PyTorch-reference tests need it
+  import torch
+  import torch.nn.functional as F
+except ImportError:
+  torch = F = None
+
+requires_torch = pytest.mark.skipif(
+    torch is None, reason="needs PyTorch for the reference: pip install -e '.[torch]'")
 
 
 def _count(tree):
@@ -100,6 +107,7 @@ def _randomize(tree, seed):
   return jax.tree_util.tree_unflatten(treedef, [jnp.asarray(x) for x in out])
 
 
+@requires_torch
 @pytest.mark.parametrize("net,image", [
     (models.ResNet(stage_sizes=(1, 1), block="basic", width=4), 15),
     (models.ResNet(stage_sizes=(1, 2), block="bottleneck", width=4, cifar_stem=True), 8),

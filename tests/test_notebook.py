@@ -78,6 +78,7 @@ def test_notebook_structure():
     assert needle in sources, needle
 
 
+@pytest.mark.slow  # runs the whole notebook (minutes)
 def test_notebook_executes_at_tiny_budget(tmp_path, monkeypatch):
   pytest.importorskip("bissl_jax.pipeline")
   nbclient = pytest.importorskip("nbclient")

@@ -11,12 +11,14 @@ import numpy as np
 import pytest
 
 from bissl_jax import metrics as metrics_lib
+from bissl_jax.bilevel import LevelState
 from bissl_jax.pipeline import bissl_stage
+from bissl_jax.pipeline import build_context
 from bissl_jax.pipeline import checkpoint
-from bissl_jax.pipeline import logging as plog
+from bissl_jax.pipeline import load_data
 from bissl_jax.pipeline import results as results_lib
 from bissl_jax.pipeline import run
-from bissl_jax.pipeline import runner
+from bissl_jax.pipeline import run_log
 from bissl_jax.pipeline import search
 from bissl_jax.pipeline import supervised
 from config_helpers import override
@@ -44,6 +46,7 @@ def _tree_equal(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.slow  # shares a full two-seed comparison run (about a minute)
 def test_comparison_writes_results(comparison):
   workdir, results, stdout = comparison
   for name in ("results.json", "results.md", "metrics.jsonl", "config.json"):
@@ -80,18 +83,20 @@ def test_comparison_writes_results(comparison):
       assert image.format == "PNG" and min(image.size) > 100
 
 
+@pytest.mark.slow  # shares a full two-seed comparison run (about a minute)
 def test_metrics_log_has_every_stage(comparison):
   workdir = comparison[0]
-  records = plog.read_metrics(workdir)
+  records = run_log.read_metrics(workdir)
   stages = {r["stage"] for r in records}
   assert {"pretext/seed0", "head_warmup/seed0", "bissl/seed0", "finetune/baseline/seed0",
           "finetune/bissl/seed1/val"} <= stages
-  bissl = plog.read_metrics(workdir, "bissl/seed1")
+  bissl = run_log.read_metrics(workdir, "bissl/seed1")
   assert [r["step"] for r in bissl] == [1, 2, 3, 4]  # log_every=1, four alternations
   for key in ("lower_loss", "upper_loss", "cg_residual", "theta_distance"):
     assert all(math.isfinite(r[key]) for r in bissl), key
 
 
+@pytest.mark.slow  # shares a full two-seed comparison run (about a minute)
 def test_finetuned_checkpoint_restores_and_reproduces_test_metrics(comparison):
   workdir = comparison[0]
   directory = os.path.join(workdir, "seed0", "baseline", "finetune")
@@ -100,8 +105,8 @@ def test_finetuned_checkpoint_restores_and_reproduces_test_metrics(comparison):
   with open(os.path.join(directory, "evaluation.json")) as f:
     recorded = json.load(f)
   config = tiny_config()
-  splits, _ = runner._load_data(config, need_pretext=False, need_downstream=True)
-  ctx = runner.build_context(config, str(os.path.join(workdir, "reeval")))
+  splits, _ = load_data(config, need_pretext=False, need_downstream=True)
+  ctx = build_context(config, str(os.path.join(workdir, "reeval")))
   again = supervised.evaluate(ctx, variables["params"], variables["batch_stats"],
                               splits["test"])
   assert again["top1"] == recorded["test"]["top1"]
@@ -112,13 +117,14 @@ def test_finetuned_checkpoint_restores_and_reproduces_test_metrics(comparison):
   assert again["top1"] == pytest.approx(np.mean(logits.argmax(1) == splits["test"].labels))
 
 
+@pytest.mark.slow  # shares a full two-seed comparison run (about a minute)
 def test_bissl_output_equals_final_checkpointed_state(comparison):
   workdir = comparison[0]
   directory = os.path.join(workdir, "seed1", "bissl")
   theta_p, meta = checkpoint.load_export(os.path.join(directory, "bissl", "output"))
   assert meta["stage"] == "bissl" and meta["alternations"] == 4
   warm, _ = checkpoint.load_export(os.path.join(directory, "head_warmup", "output"))
-  ctx = runner.build_context(tiny_config(), str(os.path.join(workdir, "reload")))
+  ctx = build_context(tiny_config(), str(os.path.join(workdir, "reload")))
   state = bissl_stage.load_final_state(ctx, warm, os.path.join(directory, "bissl"))
   assert int(state.alternation) == 4
   _tree_equal(theta_p["params"], state.lower.params)
@@ -129,15 +135,17 @@ def test_bissl_output_equals_final_checkpointed_state(comparison):
                                        state.lower.params["backbone"]) > 0
 
 
+@pytest.mark.slow  # shares a full two-seed comparison run (about a minute)
 def test_rerun_resumes_without_training(comparison):
   workdir, results, _ = comparison
-  lines_before = len(plog.read_metrics(workdir))
+  lines_before = len(run_log.read_metrics(workdir))
   with contextlib.redirect_stdout(io.StringIO()):
     again = run(tiny_config(), workdir)
   assert again["pipelines"] == results["pipelines"]
-  assert len(plog.read_metrics(workdir)) == lines_before  # nothing was retrained
+  assert len(run_log.read_metrics(workdir)) == lines_before  # nothing was retrained
 
 
+@pytest.mark.slow  # shares a full two-seed comparison run (about a minute)
 def test_single_stages_chain(comparison, tmp_path):
   """Each stage alone, fed the previous stage's exported output."""
   config = tiny_config(seeds=(0,))
@@ -176,13 +184,13 @@ def test_export_and_run_checkpoint_roundtrip(tmp_path):
   _tree_equal({k: v for k, v in restored.items() if k != "k"},
               {k: v for k, v in tree.items() if k != "k"})
 
-  state = supervised.TrainState({"a": jnp.ones(2)}, {"s": jnp.zeros(1)}, (jnp.int32(4),))
+  state = LevelState({"a": jnp.ones(2)}, {"s": jnp.zeros(1)}, (jnp.int32(4),), jnp.int32(0))
   ckpt = checkpoint.RunCheckpointer(str(tmp_path / "ckpt"), max_to_keep=2)
   for step in (1, 2, 3):
-    ckpt.save(step, state._replace(params={"a": jnp.full(2, float(step))}), {"step": step})
+    ckpt.save(step, state.replace(params={"a": jnp.full(2, float(step))}), {"step": step})
   assert ckpt.all_steps() == [2, 3]  # older steps pruned
   got, extra = ckpt.restore(state, step=2)
-  assert isinstance(got, supervised.TrainState) and extra == {"step": 2}
+  assert isinstance(got, LevelState) and extra == {"step": 2}
   np.testing.assert_array_equal(got.params["a"], [2.0, 2.0])
   ckpt.close()
   # No temporary directories are left behind (orbax renames atomically).
@@ -221,6 +229,7 @@ def test_random_search_picks_best_and_resumes(tmp_path):
   assert search.select([search.Trial(1, 1, float("nan"), 0), search.Trial(2, 1, 0.1, 9)]).lr == 2
 
 
+@pytest.mark.slow  # shares a full two-seed comparison run (about a minute)
 def test_comparison_with_search_uses_the_chosen_hyperparameters(tmp_path):
   config = tiny_config(seeds=(0,))
   config.search.enabled = True
@@ -251,7 +260,7 @@ def test_markdown_table_layout():
 
 
 def test_progress_reports_rate_and_eta(capsys):
-  with plog.Progress(20, "demo", items_per_step=8, use_tqdm=False) as progress:
+  with run_log.Progress(20, "demo", items_per_step=8, use_tqdm=False) as progress:
     for _ in range(20):
       progress.update(1, loss=0.5)
   lines = capsys.readouterr().out.splitlines()
@@ -259,7 +268,35 @@ def test_progress_reports_rate_and_eta(capsys):
   assert len([l for l in lines if "ETA" in l]) == 10  # every 10%
   assert "20/20 steps (100%)" in lines[-2] and "img/s" in lines[-2] and "loss 0.5" in lines[-2]
   assert lines[-1].startswith("[demo] done: 20/20 steps")
-  with plog.Progress(5, "bar", initial=2, use_tqdm=True) as progress:
+  with run_log.Progress(5, "bar", initial=2, use_tqdm=True) as progress:
     progress.update(3)
   err = capsys.readouterr().err
   assert "bar" in err and "5/5" in err  # tqdm draws on stderr
+
+
+def test_pretext_weights_fill_missing_heads_and_reject_wrong_widths(tmp_path, capsys):
+  from bissl_jax import convert
+  from bissl_jax import models
+  simclr = models.build_model("resnet18", num_classes=3, width_multiplier=0.0625,
+                              cifar_stem=True, projector="16-16-16")
+  byol = models.build_model("resnet18", num_classes=3, width_multiplier=0.0625,
+                            cifar_stem=True, projector="16-16-16", predictor="8-16")
+  params, stats = simclr.init(jax.random.key(1), 8)
+  path = str(tmp_path / "pretext")
+  checkpoint.export(path, {"params": params, "batch_stats": stats}, {"stage": "pretext"})
+  fresh_params, fresh_stats = byol.init(jax.random.key(2), 8)
+  kwargs = dict(arch="resnet18", cifar_stem=True, width_multiplier=0.0625,
+                fresh_params=fresh_params, fresh_stats=fresh_stats)
+  got, got_stats = convert.load_pretext_model(path, **kwargs)
+  _tree_equal(got["backbone"], params["backbone"])
+  _tree_equal(got["pretext_head"]["projector"], params["pretext_head"]["projector"])
+  _tree_equal(got["pretext_head"]["predictor"], fresh_params["pretext_head"]["predictor"])
+  _tree_equal(got_stats["backbone"], stats["backbone"])
+  assert "has no predictor: initialising it afresh" in capsys.readouterr().out
+  wide = models.build_model("resnet18", num_classes=3, width_multiplier=0.0625,
+                            cifar_stem=True, projector="32-32-32")
+  wide_params, wide_stats = wide.init(jax.random.key(3), 8)
+  with pytest.raises(ValueError, match=r"config\.model\.projector='32-32-32'"):
+    convert.load_pretext_model(path, **dict(kwargs, fresh_params=wide_params,
+                                            fresh_stats=wide_stats),
+                               head_specs={"projector": "32-32-32"})

@@ -8,11 +8,15 @@ import numpy as np
 import pytest
 
 from bissl_jax import train_state as ts
+from bissl_jax.errors import NonFiniteError
 from bissl_jax.pipeline import bissl_stage
+from bissl_jax.pipeline import build_context
 from bissl_jax.pipeline import checkpoint
+from bissl_jax.pipeline import load_data
 from bissl_jax.pipeline import pretrain
-from bissl_jax.pipeline import runner
 from configs import digits_simclr
+
+pytestmark = pytest.mark.slow  # about a minute: several short BiSSL and pretext runs
 
 ALTERNATIONS = 4
 
@@ -33,8 +37,8 @@ def _config():
 def setup(tmp_path_factory):
   config = _config()
   workdir = str(tmp_path_factory.mktemp("resume"))
-  splits, pretext_set = runner._load_data(config, need_pretext=True, need_downstream=True)
-  ctx = runner.build_context(config, workdir)
+  splits, pretext_set = load_data(config, need_pretext=True, need_downstream=True)
+  ctx = build_context(config, workdir)
   params, stats = ctx.model.init(jax.random.key(0), ctx.image_size)
   warm = {"params": params, "batch_stats": stats}
   return ctx, warm, pretext_set, splits["train"]
@@ -80,10 +84,10 @@ def test_uninterrupted_run_checkpoints_and_advances(uninterrupted):
   assert ckpt.all_steps() == [2, 4]
   _, extra = ckpt.restore(state)
   ckpt.close()
-  assert extra["alternation"] == ALTERNATIONS
+  assert extra["steps"] == ALTERNATIONS
   # Lower stack: 64 images / batch 32 = 2 batches per epoch; each alternation takes
   # N_L=2, then 1 for the HVP (a new epoch each time): 2 epochs per alternation.
-  assert extra["lower_stack"] == {"epoch": 2 * ALTERNATIONS - 1, "cursor": 1}
+  assert extra["data"]["lower"] == {"epoch": 2 * ALTERNATIONS - 1, "cursor": 1}
 
 
 @pytest.mark.parametrize("interrupt, saved_at", [(Crash("boom"), 2), (KeyboardInterrupt(), 3)])
@@ -147,7 +151,7 @@ def test_nan_in_data_stops_without_saving(setup, tmp_path):
   try:
     # Two batch() calls per alternation (N_L lower batches, then the HVP batch):
     # alternation 0 is clean, alternation 1 sees NaN.
-    with pytest.raises(ts.NonFiniteError, match="alternation 1"):
+    with pytest.raises(NonFiniteError, match="alternation 1"):
       _run((ctx, warm, NanAfter(pretext_set, good_calls=2), train), directory)
   finally:
     ctx.config.bissl.checkpoint_every = 2
@@ -166,7 +170,7 @@ def test_pretraining_resumes_mid_stage(setup, tmp_path):
   import shutil
   shutil.rmtree(tmp_path / "b" / "output")
   ckpt = checkpoint.RunCheckpointer(str(tmp_path / "b" / "ckpt"))
-  assert ckpt.all_steps() == [1]
+  assert ckpt.all_steps() == [2]  # after epoch 1 of 2 (2 steps per epoch)
   ckpt.close()
   with contextlib.redirect_stdout(io.StringIO()) as out:
     resumed = pretrain.pretrain(ctx, pretext_set, seed=3, directory=str(tmp_path / "b"))

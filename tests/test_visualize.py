@@ -253,6 +253,7 @@ def _tiny_resnet():
   return model, params, stats
 
 
+@pytest.mark.slow  # about 20 s on a shared 2-core CPU
 def test_recalibration_of_resnet_equals_per_batch_statistics():
   """On the real ResNet: one batch → its batch statistics, read off the EMA update with
   the documented momentum 0.9 (``new = 0.9·old + 0.1·batch``); two equal batches →
@@ -285,6 +286,7 @@ def test_recalibration_of_resnet_equals_per_batch_statistics():
   assert checked == len(jax.tree_util.tree_leaves(stats["backbone"])) > 20
 
 
+@pytest.mark.slow  # two CLI subprocesses (about a minute)
 def test_cli_on_exported_backbones_and_on_a_run_workdir(tmp_path, capsys):
   from bissl_jax import visualize_main
   from bissl_jax.pipeline import checkpoint

@@ -6,8 +6,13 @@ A *converted directory* (written by ``python -m bissl_jax.convert --from-torch``
   DIR/conversion.json  arch, cifar_stem, width_multiplier, head widths, provenance
 
 :func:`load_pretrained` reads such a directory, a pipeline stage output or ``.pth``
-files; the pipeline calls it for its ``pretext.checkpoint`` config field. torch is
-needed only for ``.pth`` files.
+files; :func:`load_pretext_model` (the pipeline's ``pretext.checkpoint`` field) adds
+freshly initialised pretext heads where the weights lack them. torch is needed only
+for ``.pth`` files.
+
+Modules: :mod:`.torch` (ResNet state-dict layout), :mod:`.stage_output` (the
+pipeline's stage-output format), :mod:`.pretext_weights` (weights for the pretext
+stage). This package imports nothing of ``bissl_jax.pipeline``.
 """
 import datetime
 import hashlib
@@ -17,6 +22,8 @@ from typing import Any, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from bissl_jax.convert import stage_output
+from bissl_jax.convert.pretext_weights import load_pretext_model  # noqa: F401
 from bissl_jax.convert.torch import (  # noqa: F401  (re-exported API)
     checked_layout, expected_layout, flax_to_numpy, flax_to_torch, guess_arch,
     load_state_dict, save_torch, strip_prefix, torch_to_flax)
@@ -98,12 +105,6 @@ def is_converted_dir(path: Union[str, os.PathLike]) -> bool:
   return os.path.isfile(os.path.join(os.fspath(path), METADATA_FILE))
 
 
-def _is_stage_output(path: str) -> bool:
-  # The layout of bissl_jax.pipeline.checkpoint.export; checked here so that a
-  # converted directory never imports the pipeline.
-  return all(os.path.isdir(os.path.join(path, d)) for d in ("state", "meta"))
-
-
 def load_variables(directory: Union[str, os.PathLike], *, arch: Optional[str] = None,
                    cifar_stem: Optional[bool] = None,
                    width_multiplier: Optional[float] = None
@@ -126,9 +127,8 @@ def load_variables(directory: Union[str, os.PathLike], *, arch: Optional[str] = 
       metadata = json.load(f)
     with ocp.StandardCheckpointer() as checkpointer:
       tree = checkpointer.restore(os.path.join(directory, VARIABLES_DIR))
-  elif _is_stage_output(directory):
-    from bissl_jax.pipeline import checkpoint  # pylint: disable=g-import-not-at-top
-    tree, metadata = checkpoint.load_export(directory)
+  elif stage_output.is_export(directory):
+    tree, metadata = stage_output.load_export(directory)
   else:
     raise FileNotFoundError(
         f"{directory} is neither a converted directory (no {METADATA_FILE}) nor a "

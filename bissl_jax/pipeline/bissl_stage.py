@@ -7,14 +7,15 @@ longer fits in the current epoch), and calls the jitted alternation of
 :mod:`bissl_jax.train_state`. The augmentation key of alternation t is
 ``fold_in(key, t)``, so the run is a pure function of the seed.
 
-Checkpoints (``<directory>/ckpt``, every ``bissl.checkpoint_every`` alternations
-and after the last) hold the whole :class:`~bissl_jax.train_state.BilevelState`
-(both parameter sets, both optimizer states, step counters, the CG warm start,
-BYOL's target) plus both stacks' positions and the alternation counter. A rerun
-resumes from the latest one and ends in the same state as an uninterrupted run.
-Ctrl-C (or SIGTERM, see ``experiments/main.py``) saves the last completed
-alternation before stopping. A non-finite loss, gradient or CG solution raises
-``NonFiniteError`` *before* anything of that alternation is saved.
+The loop is :func:`bissl_jax.pipeline.stage_loop.run_stage` with one alternation
+per step. Checkpoints (``<directory>/ckpt``, every ``bissl.checkpoint_every``
+alternations, after the last, and on Ctrl-C/SIGTERM) hold the whole
+:class:`~bissl_jax.bilevel.BilevelState` (both parameter sets, both optimizer
+states, step counters, the CG warm start, BYOL's target) plus both stacks' positions
+and the alternation counter. A rerun resumes from the latest one and ends in the
+same state as an uninterrupted run. A non-finite loss, gradient or CG solution, or
+non-finite parameters of either level, raise ``NonFiniteError`` naming the level
+*before* anything of that alternation is saved.
 
 Output ``<directory>/output``: θ_P as ``{'params': {'backbone', 'pretext_head'},
 'batch_stats': ...}``.
@@ -27,10 +28,12 @@ import numpy as np
 
 from bissl_jax import bilevel
 from bissl_jax import train_state as ts
+from bissl_jax.convert import stage_output
+from bissl_jax.data import BatchStack
 from bissl_jax.pipeline import checkpoint
-from bissl_jax.pipeline import logging as plog
-from bissl_jax.pipeline.context import StageContext, check_size, new_stack, stack_to_json
-from bissl_jax.pipeline.search import derive_seed
+from bissl_jax.pipeline import stage_loop
+from bissl_jax.pipeline.context import StageContext, check_size
+from bissl_jax.seeds import derive_seed
 
 PyTree = Any
 # Fields that do not change the computation (a resume may change them).
@@ -44,31 +47,20 @@ class BisslOutput(NamedTuple):
   state: Optional[bilevel.BilevelState]
 
 
-def resolved_bissl_config(config) -> dict:
-  """``config.bissl`` as a dict with the upper LR / weight decay defaults filled in.
-
-  Unset ``upper_lr`` / ``upper_weight_decay`` take the head warm-up values (the
-  paper uses Table 4 for both).
-  """
-  cfg = dict(config.bissl.to_dict() if hasattr(config.bissl, "to_dict") else config.bissl)
-  if cfg.get("upper_lr") is None:
-    cfg["upper_lr"] = float(config.head_warmup.lr)
-  if cfg.get("upper_weight_decay") is None:
-    cfg["upper_weight_decay"] = float(config.head_warmup.weight_decay)
-  return cfg
-
-
 def make_setup(ctx: StageContext) -> bilevel.BisslSetup:
-  """The static BiSSL setup of this run."""
-  from bissl_jax import downstream
-  return bilevel.BisslSetup.from_config(
-      ctx.model, ctx.task, resolved_bissl_config(ctx.config),
-      downstream=downstream.Classification(ctx.model, ctx.image_size, ctx.multilabel))
+  """The static BiSSL setup of this run: the one call into the training core's setup.
+
+  ``ctx.config`` is resolved (``config_validation.resolve_config``), so
+  ``config.bissl`` carries every BiSSL field with its final value; the upper level
+  uses the run's downstream task, the one fine-tuning and evaluation use.
+  """
+  return bilevel.BisslSetup.from_config(ctx.model, ctx.task, ctx.config.bissl,
+                                        downstream=ctx.downstream)
 
 
 def _fingerprint(ctx: StageContext) -> dict:
-  cfg = resolved_bissl_config(ctx.config)
-  return {k: v for k, v in sorted(cfg.items()) if k not in _RESUME_FREE_FIELDS}
+  return {f"bissl.{k}": v for k, v in sorted(ctx.config.bissl.items())
+          if k not in _RESUME_FREE_FIELDS}
 
 
 def alternation_batches(pretext_set, downstream_set, lower, upper, *, lower_steps: int,
@@ -79,6 +71,47 @@ def alternation_batches(pretext_set, downstream_set, lower, upper, *, lower_step
   down = downstream_set.batch(upper.take(upper_steps))
   return bilevel.AlternationBatches(pretext=pretext, hvp=hvp, downstream_images=down["image"],
                                downstream_labels=down["label"])
+
+
+class AlternationData:
+  """Both levels' batch stacks (SPEC §2): the data of one alternation per step."""
+
+  def __init__(self, pretext_set, downstream_set, cfg, *, seed: int):
+    self.pretext_set, self.downstream_set, self.cfg = pretext_set, downstream_set, cfg
+    self._new = {
+        "lower": lambda state=None: BatchStack(len(pretext_set), cfg.pretext_batch_size,
+                                               seed=derive_seed(seed, "bissl_lower"),
+                                               state=state),
+        "upper": lambda state=None: BatchStack(len(downstream_set),
+                                               cfg.downstream_batch_size,
+                                               seed=derive_seed(seed, "bissl_upper"),
+                                               state=state)}
+    self.stacks = {level: new() for level, new in self._new.items()}
+
+  def batch(self, step: int) -> bilevel.AlternationBatches:
+    del step  # the stacks carry the position
+    return alternation_batches(self.pretext_set, self.downstream_set, self.stacks["lower"],
+                               self.stacks["upper"], lower_steps=self.cfg.lower_steps,
+                               upper_steps=self.cfg.upper_steps)
+
+  def position(self, steps_done: int) -> dict:
+    del steps_done
+    return {level: stage_loop.stack_position(s) for level, s in self.stacks.items()}
+
+  def restore(self, position: dict, steps_done: int) -> None:
+    del steps_done
+    self.stacks = {level: stage_loop.restore_stack(self._new[level], position[level])
+                   for level in self._new}
+
+
+def _params_to_check(state: bilevel.BilevelState) -> dict:
+  lower_params, _ = ts.lower_result(state)
+  return {
+      "lower-level parameters (θ_P, φ_P)": (
+          lower_params, "Lower config.bissl.lower_lr (or check the pretext data for NaN/Inf)."),
+      "upper-level parameters (θ_D, φ_D)": (
+          state.upper.params, "Lower config.bissl.upper_lr or raise config.bissl.damping."),
+  }
 
 
 def run_bissl(ctx: StageContext, warm: dict, pretext_set, downstream_set, *, seed: int,
@@ -107,12 +140,11 @@ def run_bissl(ctx: StageContext, warm: dict, pretext_set, downstream_set, *, see
     NonFiniteError: a non-finite value appeared; that alternation is not saved.
   """
   out_dir = os.path.join(directory, "output")
-  if checkpoint.is_export(out_dir):
-    variables, _ = checkpoint.load_export(out_dir)
+  if stage_output.is_export(out_dir):
+    variables, _ = stage_output.load_export(out_dir)
     return BisslOutput(variables["params"], variables["batch_stats"], None)
 
   cfg = ctx.config.bissl
-  n_l, n_u, total = cfg.lower_steps, cfg.upper_steps, cfg.alternations
   check_size(len(pretext_set), cfg.pretext_batch_size, "bissl.pretext_batch_size",
              "the pretext set")
   check_size(len(downstream_set), cfg.downstream_batch_size, "bissl.downstream_batch_size",
@@ -120,72 +152,29 @@ def run_bissl(ctx: StageContext, warm: dict, pretext_set, downstream_set, *, see
   setup = make_setup(ctx)
   alternate = ctx.cached(("alternation", setup),
                          lambda: ts.make_alternation_fn(setup, ctx.mesh))
-  state = bilevel.init_bilevel_state(setup, warm["params"], warm["batch_stats"])
-  lower_seed, upper_seed = derive_seed(seed, "bissl_lower"), derive_seed(seed, "bissl_upper")
-  lower = new_stack(len(pretext_set), cfg.pretext_batch_size, seed=lower_seed)
-  upper = new_stack(len(downstream_set), cfg.downstream_batch_size, seed=upper_seed)
-
-  ckpt = checkpoint.RunCheckpointer(os.path.join(directory, "ckpt"))
-  done = 0
-  fingerprint = _fingerprint(ctx)
-  if ckpt.latest_step() is not None:
-    state, extra = ckpt.restore(state)
-    if extra.get("config") != fingerprint:
-      changed = sorted(k for k in fingerprint if extra.get("config", {}).get(k) != fingerprint[k])
-      raise ValueError(
-          f"The BiSSL checkpoint in {ckpt.directory} was written with different "
-          f"config.bissl fields {changed}; resuming would mix two runs. Restore those "
-          f"values or use a fresh --workdir.")
-    done = int(extra["alternation"])
-    lower = new_stack(len(pretext_set), cfg.pretext_batch_size, seed=lower_seed,
-                      state=extra["lower_stack"])
-    upper = new_stack(len(downstream_set), cfg.downstream_batch_size, seed=upper_seed,
-                      state=extra["upper_stack"])
-
-  def extra_record(count, stacks_json):
-    return {"alternation": count, "lower_stack": stacks_json[0],
-            "upper_stack": stacks_json[1], "config": fingerprint}
-
   base_key = jax.random.key(derive_seed(seed, "bissl_aug"))
-  # (alternations done, state, stack positions) always change together in one
-  # assignment, so an interrupt anywhere sees a consistent triple to save.
-  committed = (done, state, (stack_to_json(lower), stack_to_json(upper)))
-  last_saved = done if ckpt.latest_step() is not None else -1
-  progress = plog.Progress(total, name, initial=done, unit="alt",
-                           items_per_step=n_l * cfg.pretext_batch_size)
-  try:
-    while committed[0] < total:
-      t, state, _ = committed
-      batches = alternation_batches(pretext_set, downstream_set, lower, upper,
-                                    lower_steps=n_l, upper_steps=n_u)
-      new_state, metrics = alternate(state, batches, jax.random.fold_in(base_key, t))
-      metrics = jax.device_get(metrics)
-      ts.raise_if_nonfinite(metrics, t)  # before any save of this alternation
-      committed = (t + 1, new_state, (stack_to_json(lower), stack_to_json(upper)))
-      if (t + 1) % ctx.config.log_every == 0 or t + 1 == total:
-        ctx.logger.write(name, t + 1, {k: v for k, v in metrics.items()
-                                       if not k.endswith("nonfinite")})
-      if (t + 1) % cfg.checkpoint_every == 0 or t + 1 == total:
-        ckpt.save(t + 1, new_state, extra_record(t + 1, committed[2]))
-        last_saved = t + 1
-      progress.update(1, lower=metrics["lower_loss"], upper=metrics["upper_loss"])
-      if callback is not None:
-        callback(t + 1, new_state, metrics)
-  except KeyboardInterrupt:
-    count, state, stacks_json = committed
-    if count > last_saved and count > 0:
-      print(f"[{name}] interrupted: saving alternation {count} to {ckpt.directory}",
-            flush=True)
-      ckpt.save(count, state, extra_record(count, stacks_json))
-    raise
-  finally:
-    progress.close()
-    ckpt.close()
-  state = committed[1]
+
+  def step(state, t, batches):
+    new_state, metrics = alternate(state, batches, jax.random.fold_in(base_key, t))
+    metrics = jax.device_get(metrics)
+    ts.raise_if_nonfinite(metrics, t)  # before anything of this alternation is saved
+    return new_state, {k: v for k, v in metrics.items() if not k.endswith("nonfinite")}
+
+  stage = stage_loop.Stage(
+      name=name, total_steps=cfg.alternations, step=step,
+      data=AlternationData(pretext_set, downstream_set, cfg, seed=seed),
+      logger=ctx.logger, log_every=ctx.config.log_every,
+      checkpoint_dir=os.path.join(directory, "ckpt"),
+      checkpoint_every=cfg.checkpoint_every, save_last=True,
+      fingerprint=_fingerprint(ctx), params_to_check=_params_to_check, loss_key=None,
+      show={"lower_loss": "lower_loss", "upper_loss_sum": "upper_loss"}, unit="alt",
+      items_per_step=cfg.lower_steps * cfg.pretext_batch_size, callback=callback)
+  fresh = bilevel.init_bilevel_state(setup, warm["params"], warm["batch_stats"])
+  state = stage_loop.run_stage(stage, fresh).state
   params, batch_stats = ts.lower_result(state)
-  checkpoint.export(out_dir, {"params": params, "batch_stats": batch_stats}, {
+  stage_output.export(out_dir, {"params": params, "batch_stats": batch_stats}, {
       "stage": "bissl", "seed": seed, "arch": ctx.config.model.arch,
-      "task": ctx.config.pretext.task, "alternations": total,
+      "task": ctx.config.pretext.task, "alternations": cfg.alternations,
       "downstream_dataset": ctx.config.data.downstream_dataset,
       "image_size": ctx.image_size})
   return BisslOutput(params, batch_stats, state)

@@ -1,20 +1,23 @@
-"""What every pipeline stage shares: config, model, pretext task, mesh, logger.
+"""What every pipeline stage shares: config, model, tasks, mesh, logger.
 
-A :class:`StageContext` is built once per :func:`bissl_jax.pipeline.run` call. The
-stages' jitted step functions live in a process-wide cache keyed by everything
-they close over (model, task, image size, mesh, hyperparameters), so every seed,
-pipeline and search trial, and later runs in the same process, reuse the same
-compiled executables.
+A :class:`StageContext` is built once per :func:`bissl_jax.pipeline.run` call by
+:func:`build_context`. The stages' jitted step functions live in a process-wide
+cache keyed by everything they close over (model, tasks, image size, mesh,
+hyperparameters), so every seed, pipeline and search trial, and later runs in the
+same process, reuse the same compiled executables.
 """
 import dataclasses
 import os
 from typing import Any, Callable, Dict
 
 import jax
-import numpy as np
 
+from bissl_jax import downstream as downstream_lib
+from bissl_jax import models
 from bissl_jax import parallel
-from bissl_jax.pipeline import logging as plog
+from bissl_jax import pretext as pretext_lib
+from bissl_jax.config_validation import resolve_config
+from bissl_jax.pipeline import run_log
 
 
 _FUNCTION_CACHE: Dict[Any, Any] = {}
@@ -25,10 +28,12 @@ class StageContext:
   """Shared, read-only state of one pipeline run.
 
   Attributes:
-    config: the validated pipeline config.
+    config: the resolved pipeline config (``config_validation.resolve_config``).
     workdir: the run directory.
-    model: the :class:`bissl_jax.models.BisslModel`.
-    task: the pretext task.
+    model: the model (:class:`bissl_jax.protocols.Model`).
+    task: the pretext task (:class:`bissl_jax.protocols.PretextTask`).
+    downstream: the downstream task (:class:`bissl_jax.protocols.DownstreamTask`)
+      of the head warm-up, BiSSL's upper level, fine-tuning and evaluation.
     mesh: the 1-D device mesh the batches are split over.
     logger: the metric logger.
     image_size: input side in pixels.
@@ -39,8 +44,9 @@ class StageContext:
   workdir: str
   model: Any
   task: Any
+  downstream: Any
   mesh: Any
-  logger: plog.MetricLogger
+  logger: run_log.MetricLogger
   image_size: int
   multilabel: bool
   num_classes: int
@@ -51,7 +57,7 @@ class StageContext:
     ``key`` must name every other value ``build`` closes over.
     """
     mesh_key = (tuple(d.id for d in self.mesh.devices.flat), self.mesh.axis_names)
-    full_key = (key, self.model, self.task, self.image_size, self.multilabel, mesh_key)
+    full_key = (key, self.model, self.task, self.downstream, self.image_size, mesh_key)
     if full_key not in _FUNCTION_CACHE:
       _FUNCTION_CACHE[full_key] = build()
     return _FUNCTION_CACHE[full_key]
@@ -66,6 +72,48 @@ class StageContext:
   def replicate(self, tree):
     return parallel.replicate(tree, self.mesh)
 
+  def init_variables(self, key):
+    """``model.init`` under jit (compiled once per run): ``(params, batch_stats)``."""
+    fn = self.cached(("model_init",), lambda: jax.jit(
+        lambda k: self.model.init(k, self.image_size)))
+    return fn(key)
+
+
+def build_model(config, num_classes: int):
+  """The model of ``config.model`` with ``num_classes`` downstream outputs."""
+  m = config.model
+  predictor = m.predictor or (m.projector if config.pretext.task == "byol" else None)
+  return models.build_model(m.arch, num_classes=num_classes,
+                            width_multiplier=m.width_multiplier, cifar_stem=m.cifar_stem,
+                            projector=m.projector, predictor=predictor)
+
+
+def build_pretext_task(config, model):
+  """The pretext task of ``config.pretext`` for ``model``."""
+  p = config.pretext
+  kwargs = {"temperature": p.temperature} if p.task == "simclr" else {"ema_decay": p.ema_decay}
+  return pretext_lib.make_pretext_task(p.task, model, image_size=config.data.image_size,
+                                       **kwargs)
+
+
+def build_context(config, workdir: str) -> StageContext:
+  """Model, pretext and downstream tasks, mesh and logger of a run.
+
+  ``config`` is resolved here (``bissl.upper_lr`` and the other placeholders filled),
+  so every stage reads final values whether or not the caller validated it.
+  """
+  from bissl_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  config = resolve_config(config)
+  spec = data_lib.get_spec(config.data.downstream_dataset)
+  model = build_model(config, spec.num_classes)
+  image_size = int(config.data.image_size)
+  return StageContext(
+      config=config, workdir=workdir, model=model, task=build_pretext_task(config, model),
+      downstream=downstream_lib.Classification(model, image_size, bool(spec.multilabel)),
+      mesh=parallel.make_mesh(), logger=run_log.MetricLogger(workdir),
+      image_size=image_size, multilabel=bool(spec.multilabel),
+      num_classes=spec.num_classes)
+
 
 def check_size(num_examples: int, batch_size: int, field: str, what: str) -> int:
   """Steps per epoch (remainder dropped); raises if the set is smaller than a batch."""
@@ -74,21 +122,3 @@ def check_size(num_examples: int, batch_size: int, field: str, what: str) -> int
         f"config.{field}={batch_size} exceeds the {num_examples} images of {what}: "
         f"set config.{field} to at most {num_examples}.")
   return num_examples // batch_size
-
-
-def nonfinite(value) -> bool:
-  """True if any entry of a host/device array is NaN or infinite."""
-  return not bool(np.all(np.isfinite(np.asarray(jax.device_get(value)))))
-
-
-def new_stack(num_examples: int, batch_size: int, *, seed: int, state=None):
-  """A :class:`bissl_jax.data.BatchStack`, optionally resumed from a JSON ``state``."""
-  from bissl_jax.data import BatchStack, StackState
-  if state is not None:
-    state = StackState(int(state["epoch"]), int(state["cursor"]))
-  return BatchStack(num_examples, batch_size, seed=seed, state=state)
-
-
-def stack_to_json(stack) -> dict:
-  """A stack's position as a JSON record ``{'epoch', 'cursor'}``."""
-  return {"epoch": int(stack.state.epoch), "cursor": int(stack.state.cursor)}

@@ -4,39 +4,33 @@ LARS (trust coefficient 0.001, momentum 0.9, weight decay on matrices only) with
 linear warm-up over ``pretext.warmup_epochs`` epochs to ``pretext.lr``, then a cosine
 to 0.001·LR at the last step; BYOL's EMA target follows every step. The LR is the
 peak value itself (no batch-size scaling). Each epoch is one pass over a fresh
-permutation (the remainder batch is dropped).
+permutation (the remainder batch is dropped). The inputs of each step come from the
+pretext task's own ``prepare`` (SimCLR/BYOL: two augmented views), so any pretext
+task plugs in.
 
 Outputs ``<directory>/output``: ``{'params': {'backbone', 'pretext_head'},
-'batch_stats': {'backbone', 'pretext_head'}}``. Resumable from
-``<directory>/ckpt`` (saved every ``config.checkpoint_every`` epochs).
+'batch_stats': {'backbone', 'pretext_head'}}``. Resumable from ``<directory>/ckpt``
+(every ``config.checkpoint_every`` epochs, and on interrupt); the loop is
+:func:`bissl_jax.pipeline.stage_loop.run_stage`.
 """
 import functools
 import os
-from typing import Any, NamedTuple, Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import jax
+import jax.numpy as jnp
 import optax
 
-from bissl_jax import augment
 from bissl_jax import optim
-from bissl_jax import train_state as ts
-from bissl_jax.pipeline import checkpoint
-from bissl_jax.pipeline import logging as plog
-from bissl_jax.pipeline.context import (StageContext, check_size, new_stack, nonfinite,
-                                        stack_to_json)
-from bissl_jax.pipeline.search import derive_seed
-from bissl_jax.pipeline.supervised import init_variables
+from bissl_jax.convert import stage_output
+from bissl_jax.pipeline import stage_loop
+from bissl_jax.pipeline.context import StageContext, check_size
+from bissl_jax.bilevel import LevelState
+from bissl_jax.seeds import derive_seed
 
 PyTree = Any
-
-
-class PretextState(NamedTuple):
-  """Everything pretext pretraining updates."""
-  params: PyTree        # {'backbone', 'pretext_head'}
-  batch_stats: PyTree   # {'backbone', 'pretext_head'}
-  opt_state: PyTree
-  target: PyTree        # BYOL's EMA target, or None
-  step: jax.Array
+# Pretext fields that do not change the computation of this stage.
+_FREE_PRETEXT_FIELDS = ("checkpoint", "share_across_seeds", "baseline_epochs", "epochs")
 
 
 def pretext_optimizer(cfg, steps_per_epoch: int, epochs: int) -> optax.GradientTransformation:
@@ -47,31 +41,42 @@ def pretext_optimizer(cfg, steps_per_epoch: int, epochs: int) -> optax.GradientT
   return optim.lars(schedule, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
 
 
-def _train_step(task, tx, image_size: int, state: PretextState, images, rng
-                ) -> Tuple[PretextState, dict]:
-  views = augment.pretext_views(rng, images, size=image_size)
+def _train_step(task, tx, state: dict, images, rng) -> Tuple[dict, dict]:
+  """One pretext step; ``state`` is ``{'level': LevelState, 'target': EMA target or None}``."""
+  level, target = state["level"], state["target"]
+  inputs = task.prepare(rng, images)
   grad_fn = jax.value_and_grad(task.loss, has_aux=True)
-  (loss, aux), grads = grad_fn(state.params, state.batch_stats, views, state.target)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  target = state.target
+  (loss, aux), grads = grad_fn(level.params, level.batch_stats, inputs, target)
+  updates, opt_state = tx.update(grads, level.opt_state, level.params)
+  params = optax.apply_updates(level.params, updates)
   if task.has_target:
     target = task.update_target(target, params, aux["batch_stats"])
   metrics = dict(aux["metrics"], loss=loss, grad_norm=optax.tree.norm(grads))
-  return PretextState(params, aux["batch_stats"], opt_state, target, state.step + 1), metrics
+  return {"level": LevelState(params, aux["batch_stats"], opt_state, level.step + 1),
+          "target": target}, metrics
 
 
-def init_pretext_state(ctx: StageContext, tx, seed: int) -> PretextState:
-  """A fresh model (random init from ``seed``) and optimizer state."""
-  params, batch_stats = init_variables(ctx, jax.random.key(derive_seed(seed, "pretext_init")))
+def init_pretext_state(ctx: StageContext, tx, seed: int) -> dict:
+  """A fresh model (random init from ``seed``), optimizer state and BYOL target."""
+  params, batch_stats = ctx.init_variables(jax.random.key(derive_seed(seed, "pretext_init")))
   params = {"backbone": params["backbone"], "pretext_head": params["pretext_head"]}
   target = ctx.task.init_target(params, batch_stats) if ctx.task.has_target else None
-  return PretextState(params, batch_stats, tx.init(params), target,
-                      jax.numpy.zeros((), jax.numpy.int32))
+  return {"level": LevelState(params, batch_stats, tx.init(params), jnp.zeros((), jnp.int32)),
+          "target": target}
+
+
+def _fingerprint(ctx: StageContext, seed: int, epochs: int) -> dict:
+  config = ctx.config
+  out = {f"pretext.{k}": v for k, v in config.pretext.items() if k not in _FREE_PRETEXT_FIELDS}
+  out.update({f"model.{k}": v for k, v in config.model.items()})
+  out.update({"data.pretext_dataset": config.data.pretext_dataset,
+              "data.image_size": config.data.image_size, "epochs": epochs, "seed": seed})
+  return out
 
 
 def pretrain(ctx: StageContext, dataset, *, seed: int, directory: str,
-             epochs: Optional[int] = None) -> Tuple[PyTree, PyTree]:
+             epochs: Optional[int] = None, name: Optional[str] = None
+             ) -> Tuple[PyTree, PyTree]:
   """Runs (or resumes, or loads the finished output of) pretext pretraining.
 
   Args:
@@ -80,16 +85,18 @@ def pretrain(ctx: StageContext, dataset, *, seed: int, directory: str,
     seed: seed of the initialisation, data order and augmentation.
     directory: stage directory (``output`` and ``ckpt`` live inside).
     epochs: training epochs (default ``config.pretext.epochs``).
+    name: label for logs (default ``pretext/seed<seed>``); each run of a workdir needs
+      its own.
 
   Returns:
     ``(params, batch_stats)``, each ``{'backbone', 'pretext_head'}``.
 
   Raises:
-    NonFiniteError: the loss became NaN/Inf (nothing is saved for that epoch).
+    NonFiniteError: the loss or the parameters became NaN/Inf (nothing of it is saved).
   """
   out_dir = os.path.join(directory, "output")
-  if checkpoint.is_export(out_dir):
-    variables, _ = checkpoint.load_export(out_dir)
+  if stage_output.is_export(out_dir):
+    variables, _ = stage_output.load_export(out_dir)
     return variables["params"], variables["batch_stats"]
 
   cfg = ctx.config.pretext
@@ -97,51 +104,29 @@ def pretrain(ctx: StageContext, dataset, *, seed: int, directory: str,
   spe = check_size(len(dataset), cfg.batch_size, "pretext.batch_size",
                    f"the pretext set {ctx.config.data.pretext_dataset}")
   tx = pretext_optimizer(cfg, spe, epochs)
-  state = init_pretext_state(ctx, tx, seed)
   schedule_key = (cfg.lr, cfg.weight_decay, cfg.momentum, cfg.warmup_epochs, epochs, spe)
   step_fn = ctx.cached(("pretext_step", schedule_key), lambda: jax.jit(
-      functools.partial(_train_step, ctx.task, tx, ctx.image_size), donate_argnums=0))
-
-  data_seed = derive_seed(seed, "pretext_data")
-  stack = new_stack(len(dataset), cfg.batch_size, seed=data_seed)
-  ckpt = checkpoint.RunCheckpointer(os.path.join(directory, "ckpt"))
-  epoch = 0
-  if ckpt.latest_step() is not None:
-    state, extra = ckpt.restore(state)
-    epoch = int(extra["epoch"])
-    stack = new_stack(len(dataset), cfg.batch_size, seed=data_seed, state=extra["stack"])
-  state = ctx.replicate(state)
+      functools.partial(_train_step, ctx.task, tx), donate_argnums=0))
   base_key = jax.random.key(derive_seed(seed, "pretext_aug"))
-  name = f"pretext/seed{seed}"
-  progress = plog.Progress(epochs * spe, name, initial=epoch * spe,
-                           items_per_step=cfg.batch_size)
-  try:
-    for epoch in range(epoch, epochs):
-      indices = stack.take(spe)
-      for i, row in enumerate(indices):
-        step = epoch * spe + i
-        images = ctx.shard(dataset.batch(row)["image"])
-        state, metrics = step_fn(state, images, jax.random.fold_in(base_key, step))
-        if (step + 1) % ctx.config.log_every == 0 or step + 1 == epochs * spe:
-          metrics = jax.device_get(metrics)
-          if nonfinite(metrics["loss"]):
-            raise ts.NonFiniteError(
-                f"Non-finite pretext loss at step {step} (epoch {epoch}) of {name}. Nothing "
-                f"was saved for this epoch. Check the data, or lower config.pretext.lr.")
-          ctx.logger.write(name, step + 1, metrics)
-          progress.update(1, loss=metrics["loss"])
-        else:
-          progress.update(1)
-      if nonfinite(optax.tree.norm(state.params)):
-        raise ts.NonFiniteError(f"Non-finite pretext parameters after epoch {epoch} of {name}; "
-                                f"nothing was saved. Lower config.pretext.lr.")
-      if (epoch + 1) % ctx.config.checkpoint_every == 0 and epoch + 1 < epochs:
-        ckpt.save(epoch + 1, state, {"epoch": epoch + 1, "stack": stack_to_json(stack)})
-  finally:
-    progress.close()
-    ckpt.close()
-  variables = {"params": state.params, "batch_stats": state.batch_stats}
-  checkpoint.export(out_dir, variables, {
+
+  def step(state, i, batch):
+    return step_fn(state, ctx.shard(batch["image"]), jax.random.fold_in(base_key, i))
+
+  name = name or f"pretext/seed{seed}"
+  stage = stage_loop.Stage(
+      name=name, total_steps=epochs * spe, step=step,
+      data=stage_loop.EpochData(dataset, cfg.batch_size, seed=derive_seed(seed, "pretext_data"),
+                                steps_per_epoch=spe),
+      logger=ctx.logger, log_every=ctx.config.log_every, steps_per_epoch=spe,
+      checkpoint_dir=os.path.join(directory, "ckpt"),
+      checkpoint_every=ctx.config.checkpoint_every,
+      fingerprint=_fingerprint(ctx, seed, epochs), place=ctx.replicate,
+      params_to_check=lambda s: {"pretext parameters": (
+          s["level"].params, "Lower config.pretext.lr (or check the data for NaN/Inf).")},
+      loss_fix="Check the data for NaN/Inf, or lower config.pretext.lr.",
+      items_per_step=cfg.batch_size)
+  state = stage_loop.run_stage(stage, init_pretext_state(ctx, tx, seed)).state["level"]
+  stage_output.export(out_dir, {"params": state.params, "batch_stats": state.batch_stats}, {
       "stage": "pretext", "seed": seed, "task": cfg.task, "arch": ctx.config.model.arch,
       "dataset": ctx.config.data.pretext_dataset, "epochs": epochs,
       "image_size": ctx.image_size})

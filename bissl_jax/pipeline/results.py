@@ -15,7 +15,7 @@ layout of Table 1 of the paper.
 """
 import json
 import os
-from typing import Dict, Mapping
+from typing import Dict, Mapping, Optional
 
 from bissl_jax.metrics import summarize
 
@@ -111,3 +111,33 @@ def write_results(workdir: str, results: Mapping[str, object]) -> str:
   with open(os.path.join(workdir, "results.md"), "w") as f:
     f.write(text)
   return text
+
+
+def write_json(path: str, record: Mapping) -> None:
+  """Writes ``record`` to ``path`` atomically (a temporary file, then a rename)."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(record, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def read_json(path: str) -> Optional[dict]:
+  """The record at ``path``, or None if there is none."""
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def plot_curves(workdir: str) -> list:
+  """Training-curve PNGs in ``<workdir>/plots``; a plotting failure never loses results."""
+  from bissl_jax import plots  # pylint: disable=g-import-not-at-top  (matplotlib only here)
+  try:
+    paths = plots.plot_run(workdir)
+  except Exception as e:  # pylint: disable=broad-except
+    print(f"Could not draw the training curves ({e!r}); the results are saved.", flush=True)
+    return []
+  if paths:
+    print(f"Training curves: {os.path.join(workdir, 'plots')}", flush=True)
+  return paths

@@ -1,4 +1,4 @@
-"""Random search of fine-tuning hyperparameters and seed bookkeeping (SPEC §6).
+"""Random search of fine-tuning hyperparameters (SPEC §6).
 
 The paper samples 100 (learning rate, weight decay) pairs log-uniformly, LR in
 [1e-4, 1] and weight decay in [1e-5, 1e-2], fine-tunes one model per pair and keeps
@@ -14,6 +14,8 @@ import os
 from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
+
+from bissl_jax.pipeline.results import write_json
 
 
 class Trial(NamedTuple):
@@ -107,22 +109,6 @@ def load_trials(path: str) -> List[Trial]:
 
 
 def _save_trials(path: str, trials: Sequence[Trial]) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  best = select(trials)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump({"trials": [t._asdict() for t in trials],
-               "best": best._asdict()}, f, indent=2)
-  os.replace(tmp, path)  # atomic: a crash never leaves a half-written record
-
-
-def derive_seed(seed: int, *names: str) -> int:
-  """A stable 31-bit seed for ``seed`` and a purpose, e.g. ``derive_seed(0, 'finetune')``.
-
-  Stages, data stacks and pipelines draw independent, reproducible streams this way;
-  both pipelines of one comparison seed use the same fine-tuning stream.
-  """
-  h = 1469598103934665603  # 64-bit FNV-1a over the seed and the names
-  for byte in repr((int(seed),) + names).encode():
-    h = ((h ^ byte) * 1099511628211) % 2**64
-  return h % (2**31 - 1)
+  # Atomic: a crash never leaves a half-written record.
+  write_json(path, {"trials": [t._asdict() for t in trials],
+                    "best": select(trials)._asdict()})

@@ -9,8 +9,13 @@
   over all steps, training augmentation. Validation is scored after every epoch;
   the parameters of the best epoch (top-1, or 11-point mAP for multi-label sets)
   are kept.
-* **Evaluation**: resize to ``size/0.875`` + centre crop, BatchNorm in evaluation
-  mode; metrics over the whole split at once (``bissl_jax.metrics``).
+* **Evaluation**: the evaluation view (resize to ``size/0.875`` + centre crop),
+  BatchNorm in evaluation mode; metrics over the whole split at once
+  (``bissl_jax.metrics``).
+
+Inputs, losses and logits come from the run's downstream task (``ctx.downstream``,
+a :class:`bissl_jax.protocols.DownstreamTask`), the same one BiSSL's upper level
+differentiates. The loops are :func:`bissl_jax.pipeline.stage_loop.run_stage`.
 
 The learning rate and weight decay enter the compiled step as arguments
 (``optax.inject_hyperparams``), so the random search's trials, both pipelines and
@@ -19,31 +24,22 @@ all seeds share one executable.
 import functools
 import math
 import os
-from typing import Any, NamedTuple, Optional, Tuple
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bissl_jax import augment
+from bissl_jax import downstream as downstream_lib
 from bissl_jax import metrics as metrics_lib
 from bissl_jax import optim
-from bissl_jax import train_state as ts
-from bissl_jax.pipeline import checkpoint
-from bissl_jax.pipeline import logging as plog
-from bissl_jax.pipeline.context import (StageContext, check_size, new_stack, nonfinite,
-                                        stack_to_json)
-from bissl_jax.pipeline.search import derive_seed
+from bissl_jax.pipeline import stage_loop
+from bissl_jax.pipeline.context import StageContext, check_size
+from bissl_jax.bilevel import LevelState
+from bissl_jax.seeds import derive_seed
 
 PyTree = Any
-
-
-class TrainState(NamedTuple):
-  """Trainable parameters, BatchNorm statistics and optimizer state."""
-  params: PyTree
-  batch_stats: PyTree
-  opt_state: PyTree
 
 
 class FinetuneResult(NamedTuple):
@@ -66,51 +62,40 @@ def _with_hyperparams(opt_state, lr, weight_decay):
   return opt_state._replace(hyperparams=hp)
 
 
-def classification_loss(logits, labels, multilabel: bool):
-  """Softmax cross-entropy, or mean sigmoid BCE for multi-hot targets."""
-  if multilabel:
-    return optax.sigmoid_binary_cross_entropy(logits, labels.astype(logits.dtype)).mean()
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+def _apply(tx, state: LevelState, grads, lr, weight_decay, batch_stats) -> LevelState:
+  opt_state = _with_hyperparams(state.opt_state, lr, weight_decay)
+  updates, opt_state = tx.update(grads, opt_state, state.params)
+  return LevelState(optax.apply_updates(state.params, updates), batch_stats, opt_state,
+                    state.step + 1)
 
 
-def _finetune_step(model, tx, image_size, multilabel, state: TrainState, images, labels,
-                   rng, lr, weight_decay):
-  x = augment.downstream_train_view(rng, images, size=image_size)
+def _finetune_step(task, tx, state: LevelState, images, labels, rng, lr, weight_decay):
+  x = task.prepare(rng, images, train=True)
 
   def loss_fn(params):
-    feats, stats = model.features(params["backbone"], state.batch_stats, x, train=True)
-    logits = model.classify(params["downstream_head"], feats)
-    return classification_loss(logits, labels, multilabel), stats
+    return task.loss(params["backbone"], params["downstream_head"], state.batch_stats, x,
+                     labels, train=True)
 
   (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  opt_state = _with_hyperparams(state.opt_state, lr, weight_decay)
-  updates, opt_state = tx.update(grads, opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  return TrainState(params, stats, opt_state), {"loss": loss,
-                                                "grad_norm": optax.tree.norm(grads)}
+  return (_apply(tx, state, grads, lr, weight_decay, stats),
+          {"loss": loss, "grad_norm": optax.tree.norm(grads)})
 
 
-def _head_step(model, tx, image_size, multilabel, state: TrainState, backbone, images,
-               labels, rng, lr, weight_decay):
+def _head_step(task, tx, state: LevelState, backbone, images, labels, rng, lr, weight_decay):
   """Warm-up step: frozen backbone in evaluation mode, only the head moves."""
-  x = augment.downstream_train_view(rng, images, size=image_size)
-  feats, _ = model.features(backbone["params"], backbone["batch_stats"], x, train=False)
-  feats = jax.lax.stop_gradient(feats)
+  x = task.prepare(rng, images, train=True)
 
-  def loss_fn(head):
-    return classification_loss(model.classify(head, feats), labels, multilabel)
+  def loss_fn(head):  # differentiated in the head only: the backbone is a constant here
+    return task.loss(backbone["params"], head, backbone["batch_stats"], x, labels,
+                     train=False)[0]
 
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
-  opt_state = _with_hyperparams(state.opt_state, lr, weight_decay)
-  updates, opt_state = tx.update(grads, opt_state, state.params)
-  return TrainState(optax.apply_updates(state.params, updates), state.batch_stats,
-                    opt_state), {"loss": loss}
+  return _apply(tx, state, grads, lr, weight_decay, state.batch_stats), {"loss": loss}
 
 
-def _eval_logits(model, image_size, params, batch_stats, images):
-  x = augment.eval_view(None, images, size=image_size)
-  feats, _ = model.features(params["backbone"], batch_stats, x, train=False)
-  return model.classify(params["downstream_head"], feats)
+def _eval_logits(task, params, batch_stats, images):
+  x = task.prepare(None, images, train=False)
+  return task.logits(params["backbone"], params["downstream_head"], batch_stats, x)
 
 
 def predict(ctx: StageContext, params: PyTree, batch_stats: PyTree, dataset) -> np.ndarray:
@@ -120,7 +105,7 @@ def predict(ctx: StageContext, params: PyTree, batch_stats: PyTree, dataset) -> 
   and the padding dropped.
   """
   fn = ctx.cached(("eval_logits",), lambda: jax.jit(
-      functools.partial(_eval_logits, ctx.model, ctx.image_size)))
+      functools.partial(_eval_logits, ctx.downstream)))
   bs = ctx.config.evaluate.batch_size
   params, batch_stats = ctx.replicate((params, batch_stats))
   out = []
@@ -143,25 +128,31 @@ def evaluate(ctx: StageContext, params: PyTree, batch_stats: PyTree, dataset) ->
   out = metrics_lib.classification_metrics(
       logits, dataset.labels, multilabel=ctx.multilabel,
       ignore=getattr(dataset, "difficult", None))
-  out["loss"] = float(classification_loss(jnp.asarray(logits), jnp.asarray(dataset.labels),
-                                          ctx.multilabel))
+  out["loss"] = float(downstream_lib.classification_loss(
+      jnp.asarray(logits), jnp.asarray(dataset.labels), ctx.multilabel))
   return out
-
-
-def init_variables(ctx: StageContext, key) -> Tuple[PyTree, PyTree]:
-  """``model.init`` under jit (compiled once per run)."""
-  fn = ctx.cached(("model_init",), lambda: jax.jit(lambda k: ctx.model.init(k, ctx.image_size)))
-  return fn(key)
 
 
 def fresh_head(ctx: StageContext, seed: int) -> PyTree:
   """A newly initialised linear head (the same for both pipelines of one seed)."""
-  return init_variables(ctx, jax.random.key(derive_seed(seed, "fresh_head")))[0][
+  return ctx.init_variables(jax.random.key(derive_seed(seed, "fresh_head")))[0][
       "downstream_head"]
 
 
-def warmup_head(ctx: StageContext, backbone: dict, train_set, *, seed: int,
-                name: str) -> PyTree:
+def _fingerprint(ctx, section: str, exclude=(), **values) -> dict:
+  """The config values a warm-up or fine-tuning checkpoint depends on."""
+  config = ctx.config
+  out = {f"{section}.{k}": v for k, v in config[section].items()
+         if k not in exclude and k != "init_checkpoint"}
+  out.update({f"model.{k}": v for k, v in config.model.items()})
+  out.update({"data.downstream_dataset": config.data.downstream_dataset,
+              "data.image_size": config.data.image_size})
+  out.update(values)
+  return out
+
+
+def warmup_head(ctx: StageContext, backbone: dict, train_set, *, seed: int, name: str,
+                directory: Optional[str] = None) -> PyTree:
   """Fits the linear head on the frozen backbone (stage 2).
 
   Args:
@@ -170,6 +161,8 @@ def warmup_head(ctx: StageContext, backbone: dict, train_set, *, seed: int,
     train_set: the downstream training ``ArrayDataset``.
     seed: seed of the head initialisation, data order and augmentation.
     name: label for logs.
+    directory: if given, resumable checkpoints go to ``<directory>/ckpt`` every
+      ``config.checkpoint_every`` epochs and on interrupt.
 
   Returns:
     The warmed-up head parameters.
@@ -179,31 +172,31 @@ def warmup_head(ctx: StageContext, backbone: dict, train_set, *, seed: int,
                    "the downstream training split")
   tx = sgd_with_hyperparams(cfg.momentum)
   step_fn = ctx.cached(("head_step", cfg.momentum), lambda: jax.jit(functools.partial(
-      _head_step, ctx.model, tx, ctx.image_size, ctx.multilabel)))
+      _head_step, ctx.downstream, tx)))
   head = fresh_head(ctx, seed)
-  state = ctx.replicate(TrainState(head, None, tx.init(head)))
-  backbone = ctx.replicate(backbone)
-  stack = new_stack(len(train_set), cfg.batch_size, seed=derive_seed(seed, "warmup_data"))
+  frozen = ctx.replicate(backbone)
   base_key = jax.random.key(derive_seed(seed, "warmup_aug"))
   lr, wd = jnp.float32(cfg.lr), jnp.float32(cfg.weight_decay)  # constant LR (paper)
-  total = cfg.epochs * spe
-  with plog.Progress(total, name, items_per_step=cfg.batch_size) as progress:
-    for step in range(total):
-      if step % spe == 0:
-        rows = stack.take(spe)
-      batch = ctx.shard(train_set.batch(rows[step % spe]))
-      state, m = step_fn(state, backbone, batch["image"], batch["label"],
-                         jax.random.fold_in(base_key, step), lr, wd)
-      if (step + 1) % ctx.config.log_every == 0 or step + 1 == total:
-        m = jax.device_get(m)
-        if nonfinite(m["loss"]):
-          raise ts.NonFiniteError(f"Non-finite head warm-up loss at step {step} of {name}; "
-                                  f"lower config.head_warmup.lr.")
-        ctx.logger.write(name, step + 1, m)
-        progress.update(1, loss=m["loss"])
-      else:
-        progress.update(1)
-  return state.params
+
+  def step(state, i, batch):
+    batch = ctx.shard(batch)
+    return step_fn(state, frozen, batch["image"], batch["label"],
+                   jax.random.fold_in(base_key, i), lr, wd)
+
+  stage = stage_loop.Stage(
+      name=name, total_steps=cfg.epochs * spe, step=step,
+      data=stage_loop.EpochData(train_set, cfg.batch_size, seed=derive_seed(seed, "warmup_data"),
+                                steps_per_epoch=spe),
+      logger=ctx.logger, log_every=ctx.config.log_every, steps_per_epoch=spe,
+      checkpoint_dir=os.path.join(directory, "ckpt") if directory else None,
+      checkpoint_every=ctx.config.checkpoint_every,
+      fingerprint=_fingerprint(ctx, "head_warmup", seed=seed),
+      place=ctx.replicate,
+      params_to_check=lambda s: {"head warm-up parameters": (
+          s.params, "Lower config.head_warmup.lr.")},
+      loss_fix="Lower config.head_warmup.lr.", items_per_step=cfg.batch_size)
+  fresh = LevelState(head, {}, tx.init(head), jnp.zeros((), jnp.int32))
+  return stage_loop.run_stage(stage, fresh).state.params
 
 
 def finetune(ctx: StageContext, backbone: dict, splits: dict, *, lr: float,
@@ -223,7 +216,8 @@ def finetune(ctx: StageContext, backbone: dict, splits: dict, *, lr: float,
       both pipelines of one comparison seed).
     name: label for logs.
     directory: if given, resumable checkpoints go to ``<directory>/ckpt`` every
-      ``config.checkpoint_every`` epochs; None (search trials) saves nothing.
+      ``config.checkpoint_every`` epochs and on interrupt; None (search trials)
+      saves nothing.
     stop_on_nonfinite: on divergence, stop and return the best epoch so far (its
       score is -inf if no epoch finished) instead of raising; for search trials,
       whose sampled learning rates can be too large.
@@ -232,7 +226,7 @@ def finetune(ctx: StageContext, backbone: dict, splits: dict, *, lr: float,
     A :class:`FinetuneResult`.
 
   Raises:
-    NonFiniteError: the parameters diverged (unless ``stop_on_nonfinite``).
+    NonFiniteError: the loss or parameters diverged (unless ``stop_on_nonfinite``).
   """
   cfg = ctx.config.finetune
   train_set = splits["train"]
@@ -240,57 +234,58 @@ def finetune(ctx: StageContext, backbone: dict, splits: dict, *, lr: float,
                    "the downstream training split")
   tx = sgd_with_hyperparams(cfg.momentum)
   step_fn = ctx.cached(("finetune_step", cfg.momentum), lambda: jax.jit(functools.partial(
-      _finetune_step, ctx.model, tx, ctx.image_size, ctx.multilabel)))
+      _finetune_step, ctx.downstream, tx)))
   params = {"backbone": backbone["params"], "downstream_head": fresh_head(ctx, seed)}
-  state = TrainState(params, backbone["batch_stats"], tx.init(params))
-  best = {"params": params, "batch_stats": backbone["batch_stats"]}
-  record = {"epoch": 0, "best_score": -math.inf, "best_loss": math.inf, "best_epoch": -1}
-  data_seed = derive_seed(seed, "finetune_data")
-  stack = new_stack(len(train_set), cfg.batch_size, seed=data_seed)
-  ckpt = checkpoint.RunCheckpointer(os.path.join(directory, "ckpt")) if directory else None
-  if ckpt is not None and ckpt.latest_step() is not None:
-    (state, best), extra = ckpt.restore((state, best))
-    record = extra["record"]
-    stack = new_stack(len(train_set), cfg.batch_size, seed=data_seed, state=extra["stack"])
-  state = ctx.replicate(state)
+  fresh = {
+      "level": LevelState(params, backbone["batch_stats"], tx.init(params),
+                          jnp.zeros((), jnp.int32)),
+      "best": {"params": params, "batch_stats": backbone["batch_stats"]},
+      "record": {"best_score": -math.inf, "best_loss": math.inf, "best_epoch": -1}}
   # Cosine from lr to 0 over all steps, evaluated on the host (one executable for any lr).
   schedule = optim.cosine_schedule(1.0, total_steps=epochs * spe, final_ratio=0.0)
   base_key = jax.random.key(derive_seed(seed, "finetune_aug"))
   wd = jnp.float32(weight_decay)
-  progress = plog.Progress(epochs * spe, name, initial=record["epoch"] * spe,
-                           items_per_step=cfg.batch_size)
-  try:
-    for epoch in range(record["epoch"], epochs):
-      rows = stack.take(spe)
-      for i in range(spe):
-        step = epoch * spe + i
-        batch = ctx.shard(train_set.batch(rows[i]))
-        state, m = step_fn(state, batch["image"], batch["label"],
-                           jax.random.fold_in(base_key, step),
-                           jnp.float32(lr * float(schedule(step))), wd)
-        if (step + 1) % ctx.config.log_every == 0:
-          ctx.logger.write(name, step + 1, m)
-        progress.update(1)
-      if nonfinite(optax.tree.norm(state.params)):
-        if stop_on_nonfinite:
-          print(f"[{name}] diverged in epoch {epoch} (lr={lr:.3g}); keeping epoch "
-                f"{record['best_epoch']}", flush=True)
-          break
-        raise ts.NonFiniteError(
-            f"Non-finite parameters after fine-tuning epoch {epoch} of {name} (lr={lr:.3g}); "
-            f"nothing was saved. Lower the fine-tuning learning rate.")
-      val = evaluate(ctx, state.params, state.batch_stats, splits["validation"])
-      ctx.logger.write(name + "/val", epoch + 1, val)
-      record["epoch"] = epoch + 1
-      if val["score"] > record["best_score"]:
-        record.update(best_score=val["score"], best_loss=val["loss"], best_epoch=epoch + 1)
-        best = {"params": state.params, "batch_stats": state.batch_stats}
-      if ckpt is not None and (epoch + 1) % ctx.config.checkpoint_every == 0 \
-          and epoch + 1 < epochs:
-        ckpt.save(epoch + 1, (state, best), {"record": record, "stack": stack_to_json(stack)})
-  finally:
-    progress.close()
-    if ckpt is not None:
-      ckpt.close()
+
+  def step(state, i, batch):
+    batch = ctx.shard(batch)
+    level, metrics = step_fn(state["level"], batch["image"], batch["label"],
+                             jax.random.fold_in(base_key, i),
+                             jnp.float32(lr * float(schedule(i))), wd)
+    return dict(state, level=level), metrics
+
+  def end_of_epoch(state, epoch):
+    level = state["level"]
+    val = evaluate(ctx, level.params, level.batch_stats, splits["validation"])
+    ctx.logger.write(name + "/val", epoch, val)
+    if val["score"] <= state["record"]["best_score"]:
+      return state
+    return dict(state, best={"params": level.params, "batch_stats": level.batch_stats},
+                record={"best_score": float(val["score"]), "best_loss": float(val["loss"]),
+                        "best_epoch": int(epoch)})
+
+  def keep_best(state, err):
+    print(f"[{name}] diverged (lr={lr:.3g}): {err} Keeping epoch "
+          f"{state['record']['best_epoch']}.", flush=True)
+
+  fix = (f"Lower the fine-tuning learning rate (lr={lr:.3g}: config.finetune.lr, or "
+         f"config.finetune.bissl_lr after BiSSL).")
+  stage = stage_loop.Stage(
+      name=name, total_steps=epochs * spe, step=step,
+      data=stage_loop.EpochData(train_set, cfg.batch_size,
+                                seed=derive_seed(seed, "finetune_data"), steps_per_epoch=spe),
+      logger=ctx.logger, log_every=ctx.config.log_every, steps_per_epoch=spe,
+      end_of_epoch=end_of_epoch,
+      checkpoint_dir=os.path.join(directory, "ckpt") if directory else None,
+      checkpoint_every=ctx.config.checkpoint_every,
+      # lr/weight_decay are arguments (search trials, Table 3 vs Table 5): record those.
+      fingerprint=_fingerprint(ctx, "finetune", exclude=(
+          "lr", "weight_decay", "bissl_lr", "bissl_weight_decay", "epochs"),
+          lr=lr, weight_decay=weight_decay, epochs=epochs, seed=seed),
+      place=lambda s: dict(s, level=ctx.replicate(s["level"])),
+      params_to_check=lambda s: {"fine-tuning parameters": (s["level"].params, fix)},
+      loss_fix=fix, on_divergence=keep_best if stop_on_nonfinite else None,
+      show={}, items_per_step=cfg.batch_size)
+  state = stage_loop.run_stage(stage, fresh).state
+  best, record = state["best"], state["record"]
   return FinetuneResult(best["params"], best["batch_stats"], float(record["best_score"]),
                         float(record["best_loss"]), int(record["best_epoch"]))

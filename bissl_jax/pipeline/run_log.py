@@ -4,7 +4,9 @@
   ``{"stage": ..., "step": ..., "time": ..., <metric>: <float>, ...}``.
 * ``<workdir>/tensorboard/``: the same scalars as ``<stage>/<metric>``.
 * Progress: a tqdm bar with rate and ETA on a terminal; elsewhere (CI, files) plain
-  lines every ~10% with steps/s, images/s and ETA.
+  lines every ~10% with steps/s, images/s and ETA. The rate and ETA leave out the
+  first step of a session, which includes XLA compilation. A ``done`` line is printed
+  only for a stage that ran to its end.
 
 Only process 0 writes files in multi-host runs.
 """
@@ -59,6 +61,33 @@ class MetricLogger:
             self._writer.add_scalar(f"{stage}/{key}", value, int(step))
     return record
 
+  def forget_after(self, stage: str, step: int) -> int:
+    """Drops the records of ``stage`` past ``step`` (they are about to be redone).
+
+    A stage resumed from its checkpoint at ``step`` (after a crash or a hard kill)
+    recomputes the steps after it; this keeps one record per step in
+    ``metrics.jsonl``. TensorBoard event files are append-only and keep both.
+
+    Returns:
+      The number of records dropped.
+    """
+    if not self.enabled or not os.path.exists(self.path):
+      return 0
+    with open(self.path) as f:
+      lines = [line for line in f if line.strip()]
+
+    def redone(line):
+      record = json.loads(line)
+      return record["stage"] == stage and record["step"] > step
+
+    kept = [line for line in lines if not redone(line)]
+    if len(kept) != len(lines):
+      tmp = self.path + ".tmp"
+      with open(tmp, "w") as f:
+        f.writelines(kept)
+      os.replace(tmp, self.path)
+    return len(lines) - len(kept)
+
   def flush(self) -> None:
     if self._writer is not None:
       self._writer.flush()
@@ -108,6 +137,7 @@ class Progress:
     self.enabled = jax.process_index() == 0
     self._start = self._last_print = time.time()
     self._next_print = self.count + max(1, self.total // 10)
+    self._first_done = None  # (count, time) after the first step: the compile step
     use_tqdm = sys.stderr.isatty() if use_tqdm is None else use_tqdm
     self._bar = None
     if self.enabled and use_tqdm:
@@ -119,13 +149,21 @@ class Progress:
 
   @property
   def rate(self) -> float:
-    """Steps per second since this display started (excluding resumed steps)."""
-    elapsed = time.time() - self._start
-    return (self.count - self.start_count) / elapsed if elapsed > 0 else 0.0
+    """Steps per second after the first step of this session (which includes compiling).
+
+    Until a second step has finished, the rate of the first one is reported.
+    """
+    origin_count, origin_time = self.start_count, self._start
+    if self._first_done is not None and self.count > self._first_done[0]:
+      origin_count, origin_time = self._first_done
+    elapsed = time.time() - origin_time
+    return (self.count - origin_count) / elapsed if elapsed > 0 else 0.0
 
   def update(self, n: int = 1, **postfix) -> None:
     """Advances by ``n`` steps; ``postfix`` scalars are shown next to the bar."""
     self.count += n
+    if self._first_done is None:
+      self._first_done = (self.count, time.time())
     if not self.enabled:
       return
     shown = {k: f"{to_float(v):.4g}" for k, v in postfix.items()}
@@ -147,16 +185,18 @@ class Progress:
             f"({100.0 * self.count / max(self.total, 1):.0f}%) | {rate:.2f} {self.unit}/s | "
             f"ETA {_format_seconds(eta)}" + (f" | {extras}" if extras else ""), flush=True)
 
-  def close(self) -> None:
+  def close(self, completed: bool = True) -> None:
+    """Ends the display; the ``done`` line only when ``completed`` (not on a stop)."""
     if self._bar is not None:
       self._bar.close()
       self._bar = None
-    elif self.enabled:
+    elif self.enabled and completed:
       print(f"[{self.desc}] done: {self.count}/{self.total} {self.unit}s in "
             f"{_format_seconds(time.time() - self._start)}", flush=True)
+    self.enabled = False  # closing twice prints nothing more
 
   def __enter__(self):
     return self
 
-  def __exit__(self, *exc):
-    self.close()
+  def __exit__(self, exc_type, *exc):
+    self.close(completed=exc_type is None)

@@ -1,0 +1,119 @@
+"""The stage-output format: a finished stage's model variables plus a JSON record.
+
+One directory per finished stage (``<stage dir>/output``)::
+
+  DIR/state/   orbax tree {'params', 'batch_stats'}
+  DIR/meta/    JSON record: stage name, architecture, scores, ``format``
+
+The pipeline writes these; later stages, single-stage runs, the converter
+(``--to-torch``) and the visualisation read them. On one host they are stored as
+host (NumPy) arrays, so they load on any device count. Writes are atomic: orbax
+writes into a temporary directory and renames it when complete.
+
+Orbax's standard handler stores arrays only: typed PRNG keys are stored as their key
+data and Python/NumPy scalars as 0-d arrays (:func:`encode`); a restore against a
+template puts both back (:func:`decode`). The in-stage checkpoints of
+``bissl_jax.pipeline.checkpoint`` use the same encoding.
+
+This module sits below the pipeline: it imports nothing of it.
+"""
+import os
+from typing import Any, Optional, Tuple
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+PyTree = Any
+EXPORT_FORMAT = "bissl_jax.stage_output/1"
+
+
+def _is_key(x) -> bool:
+  return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def encode(tree: PyTree) -> PyTree:
+  """Makes ``tree`` storable: PRNG keys → key data, scalars → 0-d NumPy arrays."""
+  def leaf(x):
+    if _is_key(x):
+      return jax.random.key_data(x)
+    if isinstance(x, (bool, int, float, np.number, np.bool_)):
+      return np.asarray(x)
+    return x
+  return jax.tree_util.tree_map(leaf, tree)
+
+
+def decode(tree: PyTree, template: PyTree) -> PyTree:
+  """Inverse of :func:`encode` given a template with the original leaf types."""
+  def leaf(x, t):
+    if _is_key(t):
+      return jax.random.wrap_key_data(x, impl=jax.random.key_impl(t))
+    if isinstance(t, (bool, int, float)):
+      return type(t)(np.asarray(x).item())
+    if isinstance(t, (np.number, np.bool_)):
+      return np.asarray(x).astype(t.dtype)[()]
+    return x
+  return jax.tree_util.tree_map(leaf, tree, template)
+
+
+def abstract(tree: PyTree) -> PyTree:
+  """Shape/dtype (and sharding) structs of an encoded tree, the restore target."""
+  def leaf(x):
+    if isinstance(x, jax.Array):
+      return ocp.utils.to_shape_dtype_struct(x)
+    x = np.asarray(x)
+    return jax.ShapeDtypeStruct(x.shape, x.dtype)
+  return jax.tree_util.tree_map(leaf, encode(tree))
+
+
+def export(directory: str, variables: PyTree, meta: dict) -> None:
+  """Writes a finished stage's model variables and metadata (atomic; overwrites).
+
+  Args:
+    directory: the output directory.
+    variables: ``{'params': ..., 'batch_stats': ...}`` (any pytree of arrays).
+    meta: JSON-serialisable description (stage, arch, metrics, ...).
+  """
+  meta = dict(meta, format=EXPORT_FORMAT)
+  variables = encode(variables)
+  if jax.process_count() == 1:
+    # Host arrays carry no sharding, so the export loads on any number of devices.
+    variables = jax.device_get(variables)
+  checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+  checkpointer.save(os.path.abspath(directory), args=ocp.args.Composite(
+      state=ocp.args.StandardSave(variables), meta=ocp.args.JsonSave(meta)),
+      force=True)
+  checkpointer.close()
+
+
+def is_export(directory: str) -> bool:
+  """True if ``directory`` holds a complete stage output written by :func:`export`."""
+  return (os.path.isdir(os.path.join(directory, "state"))
+          and os.path.isdir(os.path.join(directory, "meta")))
+
+
+def load_export(directory: str, template: Optional[PyTree] = None) -> Tuple[PyTree, dict]:
+  """Loads a stage output.
+
+  Args:
+    directory: a directory written by :func:`export`.
+    template: optional pytree giving the structure, dtypes and shardings; without it
+      the variables come back as nested dicts of arrays.
+
+  Returns:
+    ``(variables, meta)``.
+  """
+  directory = os.path.abspath(directory)
+  if not is_export(directory):
+    raise FileNotFoundError(
+        f"{directory} is not a stage output of bissl_jax (expected 'state' and 'meta' "
+        f"sub-directories written by bissl_jax.pipeline.checkpoint.export).")
+  checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+  target = ocp.args.StandardRestore(None if template is None else abstract(template))
+  restored = checkpointer.restore(directory, args=ocp.args.Composite(
+      state=target, meta=ocp.args.JsonRestore()))
+  checkpointer.close()
+  state = restored["state"]
+  if template is not None:
+    state = decode(state, template)
+  return state, dict(restored["meta"])

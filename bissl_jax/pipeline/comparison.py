@@ -1,0 +1,179 @@
+"""The baseline-vs-BiSSL comparison (SPEC §1, §6) and the stage chains it is made of.
+
+For every seed in ``config.seeds``: pretext pretraining → baseline fine-tuning →
+test evaluation, and head warm-up → BiSSL → fine-tuning from θ_P → test evaluation.
+Both pipelines of a seed start from the same pretext model and fine-tune with the
+same budget, fresh-head initialisation and data order. With ``search.enabled`` the
+fine-tuning LR and weight decay of each pipeline are first chosen by random search
+on validation (on the first seed's models).
+
+Each helper here resumes from, or skips to, what its directory already holds.
+"""
+import os
+from typing import Callable, Optional
+
+import jax
+
+from bissl_jax import convert
+from bissl_jax.convert import stage_output
+from bissl_jax.pipeline import bissl_stage
+from bissl_jax.pipeline import results as results_lib
+from bissl_jax.pipeline import search as search_lib
+from bissl_jax.pipeline import supervised
+from bissl_jax.pipeline.context import StageContext
+from bissl_jax.pipeline.pretrain import pretrain
+from bissl_jax.seeds import derive_seed
+
+
+def load_pretext_model(ctx: StageContext, path: str):
+  """``(params, batch_stats)`` ({'backbone', 'pretext_head'}) from ``path``.
+
+  A stage output, a converted directory or PyTorch ``.pth`` files
+  (:func:`bissl_jax.convert.load_pretext_model`); missing pretext heads are freshly
+  initialised.
+  """
+  m = ctx.config.model
+  fresh_params, fresh_stats = ctx.init_variables(jax.random.key(0))
+  return convert.load_pretext_model(
+      path, arch=m.arch, cifar_stem=m.cifar_stem, width_multiplier=m.width_multiplier,
+      fresh_params=fresh_params, fresh_stats=fresh_stats,
+      head_specs={"projector": m.projector, "predictor": m.predictor})
+
+
+def pretext_model(ctx: StageContext, pretext_set, seed: int):
+  """The pretext model of ``seed``: loaded from ``pretext.checkpoint`` or pretrained."""
+  if ctx.config.pretext.checkpoint:
+    return load_pretext_model(ctx, ctx.config.pretext.checkpoint)
+  return pretrain(ctx, pretext_set, seed=seed, directory=ctx.path(f"seed{seed}", "pretext"))
+
+
+def warmed_up_model(ctx: StageContext, pretext_vars, train_set, *, seed: int,
+                    directory: str) -> dict:
+  """Stage 2 with its exported output: the full 3-group model BiSSL starts from."""
+  out_dir = os.path.join(directory, "output")
+  if stage_output.is_export(out_dir):
+    return stage_output.load_export(out_dir)[0]
+  params, stats = pretext_vars
+  head = supervised.warmup_head(
+      ctx, {"params": params["backbone"], "batch_stats": stats["backbone"]}, train_set,
+      seed=seed, name=f"head_warmup/seed{seed}", directory=directory)
+  warm = {"params": dict(params, downstream_head=head), "batch_stats": stats}
+  stage_output.export(out_dir, warm, {"stage": "head_warmup", "seed": seed,
+                                      "arch": ctx.config.model.arch})
+  return warm
+
+
+def finetune_and_evaluate(ctx: StageContext, backbone: dict, splits: dict, *, pipeline: str,
+                          lr: float, weight_decay: float, seed: int, directory: str) -> dict:
+  """Stages 4 and 5: fine-tune (best validation epoch kept), export, score on test.
+
+  Returns:
+    The evaluation record: test metrics, validation score and the hyperparameters.
+  """
+  record_path = os.path.join(directory, "evaluation.json")
+  out_dir = os.path.join(directory, "output")
+  record = results_lib.read_json(record_path)
+  if record is not None and stage_output.is_export(out_dir):
+    return record
+  name = f"finetune/{pipeline}/seed{seed}"
+  if stage_output.is_export(out_dir):  # fine-tuned, but stopped before the test scores
+    variables, meta = stage_output.load_export(out_dir)
+    params, stats = variables["params"], variables["batch_stats"]
+  else:
+    result = supervised.finetune(ctx, backbone, splits, lr=lr, weight_decay=weight_decay,
+                                 epochs=ctx.config.finetune.epochs, seed=seed, name=name,
+                                 directory=directory)
+    meta = {"stage": "finetune", "pipeline": pipeline, "seed": seed, "lr": lr,
+            "weight_decay": weight_decay, "val_score": result.val_score,
+            "val_loss": result.val_loss, "best_epoch": result.best_epoch,
+            "arch": ctx.config.model.arch}
+    params, stats = result.params, result.batch_stats
+    stage_output.export(out_dir, {"params": params, "batch_stats": stats}, meta)
+  test = supervised.evaluate(ctx, params, stats, splits["test"])
+  ctx.logger.write(name + "/test", meta["best_epoch"], test)
+  record = dict(meta, test=test)
+  record.pop("format", None)
+  results_lib.write_json(record_path, record)
+  return record
+
+
+def search_hyperparams(ctx: StageContext, backbone: dict, splits: dict, *, pipeline: str,
+                       seed: int) -> search_lib.SearchResult:
+  """Random search of the fine-tuning LR / weight decay on validation (resumable)."""
+  s = ctx.config.search
+  counter = iter(range(s.num_configs))
+
+  def trial(lr, wd):
+    i = next(counter, -1)
+    result = supervised.finetune(ctx, backbone, splits, lr=lr, weight_decay=wd,
+                                 epochs=s.epochs, seed=seed,
+                                 name=f"search/{pipeline}/trial{i}", stop_on_nonfinite=True)
+    return result.val_score, result.val_loss
+
+  return search_lib.random_search(
+      trial, num_configs=s.num_configs, lr_range=tuple(s.lr_range),
+      wd_range=tuple(s.wd_range), seed=derive_seed(ctx.config.seed, "search"),
+      record_path=ctx.path("search", f"{pipeline}.json"))
+
+
+def backbone_of(params, stats) -> dict:
+  """``{'params', 'batch_stats'}`` of the backbone group."""
+  return {"params": params["backbone"], "batch_stats": stats["backbone"]}
+
+
+def run_comparison(ctx: StageContext, splits: dict, pretext_set, *,
+                   bissl_callback: Optional[Callable] = None) -> dict:
+  """Baseline and BiSSL pipelines over ``config.seeds``; returns the results record."""
+  config = ctx.config
+  seeds = list(config.seeds)
+  hyper = {"baseline": {"lr": config.finetune.lr, "weight_decay": config.finetune.weight_decay},
+           "bissl": {"lr": config.finetune.bissl_lr,
+                     "weight_decay": config.finetune.bissl_weight_decay}}
+  per_seed = {"baseline": {}, "bissl": {}}
+  for i, seed in enumerate(seeds):
+    pretext_seed = seeds[0] if config.pretext.share_across_seeds else seed
+    pre_params, pre_stats = pretext_model(ctx, pretext_set, pretext_seed)
+    pretext_backbone = backbone_of(pre_params, pre_stats)
+    if config.pretext.baseline_epochs is not None:
+      # The baseline's own, longer pretext run (matches BiSSL's extra pretext steps).
+      pretext_backbone = backbone_of(*pretrain(
+          ctx, pretext_set, seed=pretext_seed, epochs=config.pretext.baseline_epochs,
+          directory=ctx.path(f"seed{pretext_seed}", "pretext_baseline"),
+          name=f"pretext_baseline/seed{pretext_seed}"))
+
+    # Baseline: pretext backbone → fine-tuning → test.
+    if config.search.enabled and i == 0:
+      found = search_hyperparams(ctx, pretext_backbone, splits, pipeline="baseline", seed=seed)
+      hyper["baseline"] = {"lr": found.lr, "weight_decay": found.weight_decay}
+    rec = finetune_and_evaluate(ctx, pretext_backbone, splits, pipeline="baseline",
+                                seed=seed, directory=ctx.path(f"seed{seed}", "baseline",
+                                                              "finetune"),
+                                **hyper["baseline"])
+    per_seed["baseline"][seed] = dict(rec["test"], val=rec["val_score"])
+
+    # BiSSL: head warm-up → BiSSL → fine-tuning from θ_P → test.
+    bissl_dir = ctx.path(f"seed{seed}", "bissl")
+    warm = warmed_up_model(ctx, (pre_params, pre_stats), splits["train"], seed=seed,
+                           directory=os.path.join(bissl_dir, "head_warmup"))
+    out = bissl_stage.run_bissl(ctx, warm, pretext_set, splits["train"], seed=seed,
+                                directory=os.path.join(bissl_dir, "bissl"),
+                                name=f"bissl/seed{seed}", callback=bissl_callback)
+    theta_p = backbone_of(out.params, out.batch_stats)
+    if config.search.enabled and i == 0:
+      found = search_hyperparams(ctx, theta_p, splits, pipeline="bissl", seed=seed)
+      hyper["bissl"] = {"lr": found.lr, "weight_decay": found.weight_decay}
+    rec = finetune_and_evaluate(ctx, theta_p, splits, pipeline="bissl", seed=seed,
+                                directory=os.path.join(bissl_dir, "finetune"),
+                                **hyper["bissl"])
+    per_seed["bissl"][seed] = dict(rec["test"], val=rec["val_score"])
+    print(f"[seed {seed}] test {results_lib.metric_names(ctx.multilabel)[0]}: "
+          f"baseline {per_seed['baseline'][seed]['score']:.4f}, "
+          f"BiSSL {per_seed['bissl'][seed]['score']:.4f}", flush=True)
+
+  info = {"downstream_dataset": config.data.downstream_dataset,
+          "pretext_dataset": config.data.pretext_dataset, "pretext_task": config.pretext.task,
+          "arch": config.model.arch, "seeds": seeds,
+          "pretext_shared_across_seeds": bool(config.pretext.share_across_seeds
+                                              or config.pretext.checkpoint)}
+  return results_lib.build_results(per_seed, multilabel=ctx.multilabel, hyperparams=hyper,
+                                   info=info)

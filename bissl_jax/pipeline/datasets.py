@@ -1,0 +1,41 @@
+"""The datasets of a run: opened before any compute, so a missing one fails at once."""
+import numpy as np
+
+from bissl_jax import data as data_lib
+
+
+def load_data(config, need_pretext: bool, need_downstream: bool):
+  """Opens the datasets a run needs; raises DatasetNotFoundError before any compute.
+
+  When pretext and downstream data are the same set (the digits default), the
+  pretext data is the downstream *training* split, never validation or test.
+  ``data.max_train_examples`` subsamples the training split (fixed by
+  ``data.split_seed``).
+
+  Returns:
+    ``(splits, pretext_set)``: ``{'train', 'validation', 'test'}`` datasets (or None)
+    and the pretext dataset (or None).
+  """
+  d = config.data
+  pretext_spec = data_lib.get_spec(d.pretext_dataset)
+  same = (data_lib.get_spec(d.downstream_dataset).name == pretext_spec.name
+          and pretext_spec.pretext_split == pretext_spec.train_split)
+  splits = pretext_set = None
+  if need_downstream or (need_pretext and same):
+    splits = data_lib.load_splits(d.downstream_dataset, data_dir=d.data_dir,
+                                  image_size=d.image_size, val_fraction=d.val_fraction,
+                                  seed=d.split_seed)
+    if d.max_train_examples and d.max_train_examples < len(splits["train"]):
+      keep = np.random.default_rng(d.split_seed).permutation(len(splits["train"]))
+      splits["train"] = splits["train"].subset(np.sort(keep[:d.max_train_examples]))
+  if need_pretext:
+    if same:
+      pretext_set = splits["train"]
+    elif pretext_spec.name == "imagenet2012":
+      # Too large for host memory: decode each batch on demand.
+      pretext_set = data_lib.open_tfds_split(pretext_spec, pretext_spec.pretext_split,
+                                             data_dir=d.data_dir, image_size=d.image_size)
+    else:
+      pretext_set = data_lib.load_pretext_split(d.pretext_dataset, data_dir=d.data_dir,
+                                                image_size=d.image_size)
+  return splits, pretext_set

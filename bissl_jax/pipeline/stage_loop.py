@@ -1,0 +1,385 @@
+"""The one training loop of the pipeline: every stage is a step function handed to it.
+
+:func:`run_stage` does, in one place, what every stage needs:
+
+* **restore or start fresh**: the latest checkpoint of ``<stage>/ckpt`` if there is
+  one (after checking that it was written with the same config fingerprint), else
+  the fresh state it is given; it says when it resumes;
+* **progress** with rate and ETA (:class:`~bissl_jax.pipeline.run_log.Progress`) and
+  **metric logging** every ``log_every`` steps and at the last one (records of steps
+  that a resume redoes are dropped first, so each step has one record);
+* **non-finite stop**: the loss (on every logged step) and the parameters (at every
+  epoch end, so before every checkpoint) must be finite; otherwise
+  :class:`~bissl_jax.errors.NonFiniteError` names the stage, the step, what became
+  non-finite and the field to change. Nothing non-finite is ever saved;
+* **checkpoints** every ``checkpoint_every`` epochs (and after the last step with
+  ``save_last``), and **on interrupt**: Ctrl-C or SIGTERM asks the loop to stop after
+  the current step; it saves that step, says how to resume and re-raises
+  ``KeyboardInterrupt``. A second signal stops at once (the last completed step is
+  still saved). An interrupted or failed stage prints no ``done`` line.
+
+A stage is a :class:`Stage`: its step function ``step(state, i, batch) -> (state,
+metrics)``, its data (:class:`EpochData`, or anything with ``batch``/``position``/
+``restore``), an optional ``end_of_epoch`` hook (fine-tuning's validation and
+best-epoch bookkeeping) and its checkpoint settings. The state is any pytree; the
+stages use the training core's :class:`bissl_jax.bilevel.LevelState` (parameters,
+statistics, optimizer state, step counter) for each level they train.
+
+A resumed stage ends bit-identical to an uninterrupted one: the state, the data
+position (the stack position at the start of the current epoch plus the steps done)
+and the step counter are saved together, and every step's randomness is
+``fold_in(key, step)``.
+"""
+import contextlib
+import dataclasses
+import json
+import signal
+import threading
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Protocol, Tuple
+
+import jax
+import jax.numpy as jnp
+
+from bissl_jax.errors import NonFiniteError
+from bissl_jax.pipeline import checkpoint
+from bissl_jax.pipeline import run_log
+
+PyTree = Any
+
+
+class StageData(Protocol):
+  """Where a stage's batches come from, resumable at any step."""
+
+  def batch(self, step: int) -> Any:
+    """The host batch of step ``step`` (0-based)."""
+
+  def position(self, steps_done: int) -> dict:
+    """A JSON record from which :meth:`restore` continues after ``steps_done`` steps."""
+
+  def restore(self, position: dict, steps_done: int) -> None:
+    """Continues from a record written by :meth:`position`."""
+
+
+class EpochData:
+  """Batches of one dataset, a fresh permutation per epoch, the remainder dropped.
+
+  Args:
+    dataset: anything with ``__len__`` and ``batch(indices) -> dict``.
+    batch_size: examples per step.
+    seed: seed of the permutations.
+    steps_per_epoch: batches per epoch (at most ``len(dataset) // batch_size``).
+  """
+
+  def __init__(self, dataset, batch_size: int, *, seed: int, steps_per_epoch: int):
+    from bissl_jax.data import BatchStack  # pylint: disable=g-import-not-at-top
+    self._new_stack = lambda state=None: BatchStack(len(dataset), batch_size, seed=seed,
+                                                    state=state)
+    self.dataset, self.steps_per_epoch = dataset, int(steps_per_epoch)
+    self.stack = self._new_stack()
+    self._epoch_start, self._rows = stack_position(self.stack), None
+
+  def batch(self, step: int) -> dict:
+    i = step % self.steps_per_epoch
+    if i == 0 or self._rows is None:
+      self._epoch_start = stack_position(self.stack)
+      self._rows = self.stack.take(self.steps_per_epoch)
+    return self.dataset.batch(self._rows[i])
+
+  def position(self, steps_done: int) -> dict:
+    # Mid-epoch, the current epoch's rows are re-drawn from its start position.
+    if steps_done % self.steps_per_epoch == 0:
+      return {"stack": stack_position(self.stack)}
+    return {"stack": self._epoch_start}
+
+  def restore(self, position: dict, steps_done: int) -> None:
+    self.stack = restore_stack(self._new_stack, position["stack"])
+    self._rows = None
+    if steps_done % self.steps_per_epoch:
+      self._epoch_start = position["stack"]
+      self._rows = self.stack.take(self.steps_per_epoch)
+
+
+def stack_position(stack) -> dict:
+  """A :class:`bissl_jax.data.BatchStack`'s position as JSON ``{'epoch', 'cursor'}``."""
+  return {"epoch": int(stack.state.epoch), "cursor": int(stack.state.cursor)}
+
+
+def restore_stack(new_stack: Callable, position: dict):
+  """``new_stack(state)`` at a position written by :func:`stack_position`."""
+  from bissl_jax.data import StackState  # pylint: disable=g-import-not-at-top
+  return new_stack(StackState(int(position["epoch"]), int(position["cursor"])))
+
+
+@dataclasses.dataclass
+class Stage:
+  """One training stage for :func:`run_stage`.
+
+  Attributes:
+    name: label of logs, progress lines and messages, e.g. ``'pretext/seed0'``.
+    total_steps: steps of the whole stage.
+    step: ``step(state, i, batch) -> (state, metrics)``; ``metrics`` may stay on device.
+    data: the stage's batches (:class:`EpochData` or another :class:`StageData`).
+    logger: metric logger (None: log nothing).
+    log_every: steps between metric records (and loss checks); the last step is
+      always logged.
+    steps_per_epoch: steps per epoch, the unit of ``checkpoint_every``, of the
+      parameter check and of ``end_of_epoch``.
+    end_of_epoch: ``hook(state, epochs_done) -> state`` after every epoch's
+      parameter check, before its checkpoint.
+    checkpoint_dir: where run checkpoints go; None keeps none.
+    checkpoint_every: epochs between checkpoints (0: only on interrupt).
+    save_last: also save after the last step.
+    fingerprint: the config values the stage's result depends on (dotted names);
+      a checkpoint written with other values is not resumed.
+    place: applied to the state before the first step (e.g. replicate on the mesh).
+    params_to_check: ``fn(state) -> {what: (params, fix)}``: trees that must stay
+      finite and the advice when one does not.
+    loss_key: metric that must stay finite on logged steps (None: not checked).
+    loss_fix: advice when it does not.
+    on_divergence: if given, a non-finite value stops the stage quietly:
+      ``on_divergence(state, error)`` is called and :func:`run_stage` returns
+      (random-search trials, whose sampled learning rates may be too large).
+    show: ``{label: metric key}`` shown on the progress line.
+    unit: the name of a step ('step', 'alt').
+    items_per_step: examples per step, for the images/s figure.
+    callback: ``callback(steps_done, state, metrics)`` after every step (and its
+      checkpoint); an exception raised there stops the stage like a crash.
+  """
+  name: str
+  total_steps: int
+  step: Callable[[Any, int, Any], Tuple[Any, Mapping[str, Any]]]
+  data: StageData
+  logger: Optional[run_log.MetricLogger] = None
+  log_every: int = 1
+  steps_per_epoch: int = 1
+  end_of_epoch: Optional[Callable[[Any, int], Any]] = None
+  checkpoint_dir: Optional[str] = None
+  checkpoint_every: int = 0
+  save_last: bool = False
+  fingerprint: Optional[Mapping[str, Any]] = None
+  place: Callable[[Any], Any] = lambda state: state
+  params_to_check: Optional[Callable[[Any], Mapping[str, Tuple[PyTree, str]]]] = None
+  loss_key: Optional[str] = "loss"
+  loss_fix: str = ""
+  on_divergence: Optional[Callable[[Any, NonFiniteError], None]] = None
+  show: Mapping[str, str] = dataclasses.field(default_factory=lambda: {"loss": "loss"})
+  unit: str = "step"
+  items_per_step: int = 0
+  callback: Optional[Callable[[int, Any, Mapping[str, Any]], None]] = None
+
+
+class StageResult(NamedTuple):
+  """What :func:`run_stage` returns.
+
+  Attributes:
+    state: the final state (the last good one after a quiet divergence stop).
+    steps_done: steps completed.
+    resumed_from: the step the stage resumed at (0 when it started fresh).
+    diverged: the :class:`NonFiniteError` that stopped it quietly, else None.
+  """
+  state: Any
+  steps_done: int
+  resumed_from: int
+  diverged: Optional[NonFiniteError]
+
+
+class StopRequested(KeyboardInterrupt):
+  """A SIGINT/SIGTERM asked the running stage to stop after its current step."""
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def is_finite(tree: PyTree) -> bool:
+  """True if every entry of every leaf of ``tree`` is finite."""
+  return bool(jax.device_get(_all_finite(tree)))
+
+
+@contextlib.contextmanager
+def deferred_signals(name: str):
+  """Turns the first SIGINT/SIGTERM into a request the loop reads between steps.
+
+  Yields a function that returns True once a stop was requested. A signal never
+  interrupts a step half-way (or XLA's compiler, or a checkpoint write); a second
+  signal raises ``KeyboardInterrupt`` at once. Outside the main thread signals
+  cannot be caught, and the function always returns False.
+  """
+  if threading.current_thread() is not threading.main_thread():
+    yield lambda: False
+    return
+  requested = []
+
+  def handler(signum, frame):
+    del frame
+    if requested:
+      raise KeyboardInterrupt(f"{signal.Signals(signum).name} received twice")
+    requested.append(signum)
+    print(f"\n[{name}] {signal.Signals(signum).name} received: stopping after the current "
+          f"step and saving it (send it again to stop at once).", flush=True)
+
+  previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+  for sig in previous:
+    signal.signal(sig, handler)
+  try:
+    yield lambda: bool(requested)
+  finally:
+    for sig, old in previous.items():
+      signal.signal(sig, old)
+
+
+def _normalise(record) -> Any:
+  return json.loads(json.dumps(record, sort_keys=True, default=str))
+
+
+def _check_fingerprint(stage: Stage, extra: dict, directory: str) -> None:
+  if stage.fingerprint is None:
+    return
+  from bissl_jax.config_validation import ConfigError  # pylint: disable=g-import-not-at-top
+  wanted, saved = _normalise(dict(stage.fingerprint)), extra.get("config") or {}
+  changed = sorted(k for k in set(wanted) | set(saved) if wanted.get(k) != saved.get(k))
+  if changed:
+    raise ConfigError(
+        f"The checkpoint in {directory} was written with different config fields "
+        f"{changed}; resuming would mix two runs. Restore those values or use a fresh "
+        f"--workdir.")
+
+
+def _arrays_deleted(tree) -> bool:
+  # A state donated to a step that was interrupted mid-call can no longer be read.
+  return any(isinstance(x, jax.Array) and x.is_deleted() for x in jax.tree_util.tree_leaves(tree))
+
+
+def run_stage(stage: Stage, state: PyTree) -> StageResult:
+  """Runs (or resumes) ``stage`` from the fresh ``state``; see the module docstring.
+
+  Args:
+    stage: the stage.
+    state: the fresh state (also the structure a checkpoint is restored into).
+
+  Returns:
+    A :class:`StageResult`.
+
+  Raises:
+    NonFiniteError: a checked value became non-finite (unless ``on_divergence``).
+    KeyboardInterrupt: Ctrl-C or SIGTERM; the last completed step was saved.
+    ConfigError: the checkpoint was written with another config fingerprint.
+  """
+  total, spe, unit = int(stage.total_steps), max(1, int(stage.steps_per_epoch)), stage.unit
+  ckpt = checkpoint.RunCheckpointer(stage.checkpoint_dir) if stage.checkpoint_dir else None
+  fingerprint = None if stage.fingerprint is None else _normalise(dict(stage.fingerprint))
+  done, last_saved = 0, -1
+  progress = None
+  completed, diverged = False, None
+  try:
+    if ckpt is not None and ckpt.latest_step() is not None:
+      restored, extra = ckpt.restore(state)
+      _check_fingerprint(stage, extra, ckpt.directory)
+      state, done = restored, int(extra["steps"])
+      stage.data.restore(extra["data"], done)
+      last_saved = done
+      print(f"[{stage.name}] resuming at {unit} {done} of {total} from {ckpt.directory}",
+            flush=True)
+    resumed_from = done
+    if stage.logger is not None:
+      stage.logger.forget_after(stage.name, done)  # steps past the checkpoint are redone
+    state = stage.place(state)
+    # (steps done, state, data position) always change together in one assignment,
+    # so whatever stops the loop sees a consistent triple to save.
+    committed = (done, state, stage.data.position(done))
+
+    def record(count, position):
+      return {"steps": count, "data": position, "config": fingerprint}
+
+    def save(count, saved_state, position):
+      nonlocal last_saved
+      ckpt.save(count, saved_state, record(count, position))
+      last_saved = count
+
+    def check_params(saved_state, count):
+      if stage.params_to_check is None:
+        return
+      for what, (tree, fix) in stage.params_to_check(saved_state).items():
+        if not is_finite(tree):
+          raise NonFiniteError(
+              f"Non-finite {what} after {unit} {count} of {total} of {stage.name}; nothing "
+              f"of it was saved. {fix}".rstrip())
+
+    progress = run_log.Progress(total, stage.name, initial=done, unit=unit,
+                                items_per_step=stage.items_per_step)
+    with deferred_signals(stage.name) as stop_requested:
+      try:
+        while committed[0] < total:
+          i, state, _ = committed
+          state, metrics = stage.step(state, i, stage.data.batch(i))
+          n = i + 1
+          postfix = {}
+          if n % stage.log_every == 0 or n == total:
+            metrics = jax.device_get(metrics)
+            if stage.loss_key is not None and not is_finite(metrics[stage.loss_key]):
+              raise NonFiniteError(
+                  f"Non-finite {stage.loss_key} at {unit} {n} of {total} of {stage.name}; "
+                  f"nothing of it was saved. {stage.loss_fix}".rstrip())
+            if stage.logger is not None:
+              stage.logger.write(stage.name, n, metrics)
+            postfix = {label: metrics[key] for label, key in stage.show.items()
+                       if key in metrics}
+          committed = (n, state, stage.data.position(n))
+          progress.update(1, **postfix)
+          if n % spe == 0:
+            check_params(state, n)
+            if stage.end_of_epoch is not None:
+              state = stage.end_of_epoch(state, n // spe)
+              committed = (n, state, committed[2])
+            epochs = n // spe
+            if ckpt is not None and (
+                (stage.checkpoint_every and epochs % stage.checkpoint_every == 0 and n < total)
+                or (stage.save_last and n == total)):
+              save(n, state, committed[2])
+          if stage.callback is not None:
+            stage.callback(n, state, metrics)
+          if stop_requested():
+            raise StopRequested(f"stop requested after {unit} {n}")
+        completed = True
+      except NonFiniteError as err:
+        if stage.on_divergence is None:
+          raise
+        diverged = err
+        stage.on_divergence(committed[1], err)
+      except KeyboardInterrupt:
+        _save_on_interrupt(stage, ckpt, committed, last_saved, save, check_params)
+        raise
+  finally:
+    if progress is not None:
+      progress.close(completed=completed)
+    if ckpt is not None:
+      ckpt.close()
+  return StageResult(committed[1], committed[0], resumed_from, diverged)
+
+
+def _save_on_interrupt(stage: Stage, ckpt, committed, last_saved: int, save, check_params):
+  count, state, position = committed
+  where = f"{stage.unit} {count} of {stage.total_steps}"
+  if ckpt is None:
+    print(f"[{stage.name}] interrupted at {where}; this stage keeps no checkpoints, so a "
+          f"rerun starts it again.", flush=True)
+    return
+  if count == 0:
+    print(f"[{stage.name}] interrupted before its first {stage.unit} finished; nothing to "
+          f"save.", flush=True)
+    return
+  if count > last_saved:
+    if _arrays_deleted(state):
+      print(f"[{stage.name}] interrupted inside a step: {where} could not be saved; a "
+            f"rerun resumes from the last checkpoint in {ckpt.directory}.", flush=True)
+      return
+    try:
+      check_params(state, count)
+    except NonFiniteError as err:
+      print(f"[{stage.name}] interrupted; not saving {where}: {err}", flush=True)
+      return
+    save(count, state, position)
+  print(f"[{stage.name}] interrupted: {where} is saved in {ckpt.directory}; rerun the same "
+        f"command (same --workdir) to resume from it.", flush=True)
