@@ -53,9 +53,12 @@ def _choices():
   """The registries' names: solver, Hessian mode, architecture, pretext task, λ schedule."""
   # pylint: disable=g-import-not-at-top  (imported on use: the registries pull in JAX models)
   from bissl_jax import bilevel, implicit, lam_variants, models, pretext, solvers
-  return {"bissl.solver": tuple(sorted(solvers.SOLVERS)),
+  from bissl_jax import mfac
+  return {"bissl.solver": tuple(sorted(solvers.SOLVERS)) + ("mfac",),  # mfac: stored gradients, no operator
           "bissl.stage_driver": tuple(bilevel.STAGE_DRIVERS),
-          "bissl.hessian_mode": tuple(implicit.HESSIAN_MODES),
+          "bissl.hessian_mode": tuple(bilevel.HESSIAN_MODES),
+          "bissl.mfac_blocks": tuple(mfac.BLOCK_RULES),
+          "bissl.mfac_dtype": tuple(mfac.STORAGE_DTYPES),
           "model.arch": tuple(sorted(models.ARCHITECTURES)),
           "pretext.task": tuple(sorted(pretext.TASKS)),
           "bissl.lam_schedule": tuple(lam_variants.SCHEDULES)}
@@ -240,6 +243,13 @@ def validate_config(config: Any, *, num_devices: Optional[int] = None) -> Any:
       positive(field, integer=False, allow_zero=field.endswith("decay"))
   choice("bissl.hessian_mode", choices["bissl.hessian_mode"])
   choice("bissl.stage_driver", choices["bissl.stage_driver"])
+  choice("bissl.mfac_blocks", choices["bissl.mfac_blocks"])
+  choice("bissl.mfac_dtype", choices["bissl.mfac_dtype"])
+  if not missing("bissl.mfac_history") and _get(config, "bissl.mfac_history") is not None:
+    positive("bissl.mfac_history")
+  if not missing("bissl.residual_guard") and not isinstance(
+      _get(config, "bissl.residual_guard"), bool):
+    bad("bissl.residual_guard", "must be True or False.")
   choice("bissl.lam_schedule", choices["bissl.lam_schedule"])
   positive("bissl.lam_min", integer=False, allow_zero=True)
   positive("bissl.lam_exp_alpha", integer=False)

@@ -109,7 +109,7 @@ class QuadraticTask:
 
 
 def quadratic_setup(block_diagonal: bool, solver="cg", **kw):
-  setup = tt.make_setup(upper_steps=1, **kw)
+  setup = tt.make_setup(upper_steps=1, solver=solver, **kw)
   params, _ = setup.model.init(jax.random.PRNGKey(0), tt.IMG)
   n_theta = ravel_pytree(params["backbone"])[0].size
   n = n_theta + ravel_pytree(params["pretext_head"])[0].size
@@ -121,7 +121,7 @@ def quadratic_setup(block_diagonal: bool, solver="cg", **kw):
     m[n_theta:, :n_theta] = 0.0
   task = QuadraticTask(m=tuple(map(tuple, m.astype(np.float32))),
                        b=tuple(rng.normal(size=n).astype(np.float32)))
-  return dataclasses.replace(setup, task=task, solver=solver), m, n_theta
+  return dataclasses.replace(setup, task=task), m, n_theta
 
 
 def run_upper(setup):
