@@ -74,18 +74,7 @@ class BisslSetup:
   mfac_dtype: str
 
   def __post_init__(self):
-    # Combinations that would otherwise fail deep inside a traced step, or be ignored.
-    problems = []
-    if self.solver == "mfac" and self.head_in_implicit:
-      problems.append("config.bissl.solver='mfac' keeps gradients of θ only; it cannot "
-                      "solve over [θ; φ_P]: set config.bissl.head_in_implicit=False.")
-    if self.warm_start and self.solver not in WARM_STARTABLE:
-      problems.append(f"config.bissl.warm_start=True has no effect with solver="
-                      f"{self.solver!r}; use one of {WARM_STARTABLE} or set it False.")
-    if self.cg_tol and self.solver not in TOLERANCE_SOLVERS:
-      problems.append(f"config.bissl.cg_tol={self.cg_tol} needs a solver with a tolerance "
-                      f"mode {TOLERANCE_SOLVERS}; {self.solver!r} runs exactly cg_iters "
-                      f"iterations: set config.bissl.cg_tol=0.")
+    problems = combination_problems({name: getattr(self, name) for name in self.field_names()})
     if problems:
       raise ValueError(" ".join(problems))
 
@@ -175,6 +164,32 @@ class BisslSetup:
     tx = partition.level_optimizer({g: sgd for g in params}, params,
                                    self.upper_trainable(params))
     return optim.with_clipping(tx, self.grad_clip)
+
+
+def combination_problems(bissl: dict) -> list:
+  """Messages for ``config.bissl`` values that are valid alone but not together.
+
+  Each would otherwise fail deep inside a traced step, or be silently ignored.
+  Config validation reports them before any compute; :class:`BisslSetup` refuses them.
+  """
+  problems = []
+  solver = bissl.get("solver")
+  if solver == "mfac" and bissl.get("head_in_implicit"):
+    problems.append("config.bissl.solver='mfac' keeps gradients of θ only; it cannot "
+                    "solve over [θ; φ_P]: set config.bissl.head_in_implicit=False.")
+  if bissl.get("warm_start") and solver not in WARM_STARTABLE:
+    problems.append(f"config.bissl.warm_start=True has no effect with solver={solver!r}; "
+                    f"use one of {WARM_STARTABLE} or set it False.")
+  if bissl.get("cg_tol") and solver not in TOLERANCE_SOLVERS:
+    problems.append(f"config.bissl.cg_tol={bissl.get('cg_tol')} needs a solver with a "
+                    f"tolerance mode {TOLERANCE_SOLVERS}; {solver!r} runs exactly cg_iters "
+                    f"iterations: set config.bissl.cg_tol=0.")
+  lam, damping = bissl.get("lam"), bissl.get("damping")
+  if (isinstance(lam, (int, float)) and isinstance(damping, (int, float))
+      and not bissl.get("learnable_lam") and lam + damping <= 0):
+    problems.append("config.bissl.lam + config.bissl.damping must be > 0: the operator "
+                    "I + H/(λ+δ) is undefined at λ = δ = 0. Set a positive λ or δ.")
+  return problems
 
 
 def _coerce(kind, value):

@@ -286,6 +286,47 @@ def validate_config(config: Any, *, num_devices: Optional[int] = None) -> Any:
       bad(field, f"stages={stage!r} needs the output of the previous stage: set "
                  f"--config.{field}=<a directory exported by an earlier run>.")
 
+  if not missing("bissl"):
+    errors.extend(bilevel_combination_problems(dict(_get(config, "bissl"))))
+
+  # Extra BiSSL rows of the comparison: each variant's overrides must make a valid
+  # config.bissl of its own.
+  variants = {} if missing("bissl_variants") else dict(_get(config, "bissl_variants") or {})
+  for name, overrides in variants.items():
+    unknown = sorted(set(dict(overrides)) - set(_get(config, "bissl")))
+    if unknown:
+      bad(f"bissl_variants.{name}", f"overrides unknown config.bissl fields {unknown}.")
+      continue
+    try:
+      validate_config(with_bissl_overrides(config, overrides, variants=False),
+                      num_devices=n_dev)
+    except ConfigError as e:
+      errors.extend(f"in config.bissl_variants.{name}: {line.strip()}"
+                    for line in str(e).splitlines()[1:])
+
   if errors:
     raise ConfigError("Invalid config (nothing was computed):\n  " + "\n  ".join(errors))
   return resolve_config(config)
+
+
+def bilevel_combination_problems(bissl: dict) -> list:
+  from bissl_jax import bilevel  # pylint: disable=g-import-not-at-top  (pulls in JAX)
+  return bilevel.combination_problems(bissl)
+
+
+def with_bissl_overrides(config: Any, overrides, *, variants: bool = True) -> Any:
+  """A copy of ``config`` whose ``bissl`` fields take ``overrides`` (a BiSSL variant).
+
+  With ``variants=False`` the copy has no ``bissl_variants`` of its own.
+  """
+  out = copy.deepcopy(config)
+  unlock = getattr(out, "unlocked", None)
+  with (unlock() if unlock is not None else contextlib.nullcontext()):
+    for key, value in dict(overrides).items():
+      _set(out, f"bissl.{key}", value)
+    if not variants:
+      try:
+        _set(out, "bissl_variants", {})
+      except (AttributeError, KeyError):
+        pass
+  return out

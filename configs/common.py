@@ -206,6 +206,11 @@ def base_config() -> config_dict.ConfigDict:
   config.bissl.mfac_dtype = "float32"
   config.bissl.init_checkpoint = config_dict.placeholder(str)  # stage-only input
 
+  # Extra BiSSL rows of the comparison, each a name and the config.bissl fields it
+  # changes, e.g. {"mfac": {"solver": "mfac", "damping": 0.0}}. Every variant runs on
+  # the same pretext model, head warm-up, seeds and fine-tuning budget as BiSSL.
+  config.bissl_variants = config_dict.ConfigDict()
+
   config.finetune = config_dict.ConfigDict()
   config.finetune.epochs = 400
   config.finetune.batch_size = 256
@@ -322,6 +327,7 @@ def apply_runlocal(config: config_dict.ConfigDict, *,
   config.finetune.epochs = 2
   config.search.num_configs = 2
   config.search.epochs = 1
+  config.bissl_variants = config_dict.ConfigDict()  # the paper's BiSSL row only
   return config
 
 

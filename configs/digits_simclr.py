@@ -90,6 +90,12 @@ def get_config(arg: str = ""):
   config.search.num_configs = 3
   config.search.epochs = 3
 
+  # Two more BiSSL rows, other implicit-gradient solvers on the same seeds and budget:
+  # BiSSLight's M-FAC with its own damping (none; m = N_L stored pretext gradients),
+  # and MINRES, whose residual never grows on the indefinite damped operator.
+  config.bissl_variants = {"mfac": {"solver": "mfac", "damping": 0.0},
+                           "minres": {"solver": "minres"}}
+
   if "runlocal" in common.parse_arg(arg):
     # The tests' size: the digits are local, so the shrink pretrains for 2 epochs.
     common.apply_runlocal(config, pretext_epochs=2)

@@ -300,3 +300,21 @@ def test_pretext_weights_fill_missing_heads_and_reject_wrong_widths(tmp_path, ca
     convert.load_pretext_model(path, **dict(kwargs, fresh_params=wide_params,
                                             fresh_stats=wide_stats),
                                head_specs={"projector": "32-32-32"})
+
+
+def test_bissl_variants_add_rows_on_the_same_seeds(tmp_path):
+  config = tiny_config()
+  with config.unlocked():
+    config.seeds = (0,)
+    config.bissl_variants = {"mfac": {"solver": "mfac", "damping": 0.0}}
+  with contextlib.redirect_stdout(io.StringIO()):
+    results = run(config, str(tmp_path))
+  pipelines = results["pipelines"]
+  assert set(pipelines) == {"baseline", "bissl", "bissl_mfac"}
+  assert pipelines["bissl_mfac"]["label"] == "BiSSL+FT (mfac)"
+  assert list(pipelines["bissl_mfac"]["per_seed"]) == ["0"]
+  # The variant ran its own BiSSL stage from the same warm-up, with its own solver.
+  mfac_out, _ = checkpoint.load_export(str(tmp_path / "seed0" / "bissl_mfac" / "bissl" / "output"))
+  plain_out, _ = checkpoint.load_export(str(tmp_path / "seed0" / "bissl" / "bissl" / "output"))
+  assert bissl_stage.tree_max_abs_diff(mfac_out["params"], plain_out["params"]) > 0
+  assert "BiSSL+FT (mfac)" in (tmp_path / "results.md").read_text()

@@ -9,11 +9,13 @@ on validation (on the first seed's models).
 
 Each helper here resumes from, or skips to, what its directory already holds.
 """
+import dataclasses
 import os
 from typing import Callable, Optional
 
 import jax
 
+from bissl_jax import config_validation
 from bissl_jax import convert
 from bissl_jax.convert import stage_output
 from bissl_jax.pipeline import bissl_stage
@@ -121,6 +123,13 @@ def backbone_of(params, stats) -> dict:
   return {"params": params["backbone"], "batch_stats": stats["backbone"]}
 
 
+def variant_contexts(ctx: StageContext):
+  """``(name, context)`` for every entry of ``config.bissl_variants``, in order."""
+  variants = ctx.config.get("bissl_variants") or {}
+  return [(name, dataclasses.replace(ctx, config=config_validation.with_bissl_overrides(
+      ctx.config, overrides, variants=False))) for name, overrides in variants.items()]
+
+
 def run_comparison(ctx: StageContext, splits: dict, pretext_set, *,
                    bissl_callback: Optional[Callable] = None) -> dict:
   """Baseline and BiSSL pipelines over ``config.seeds``; returns the results record."""
@@ -166,6 +175,19 @@ def run_comparison(ctx: StageContext, splits: dict, pretext_set, *,
                                 directory=os.path.join(bissl_dir, "finetune"),
                                 **hyper["bissl"])
     per_seed["bissl"][seed] = dict(rec["test"], val=rec["val_score"])
+
+    # BiSSL variants (other solvers, ...): the same warm-up, seed and fine-tuning.
+    for variant, vctx in variant_contexts(ctx):
+      pipeline = results_lib.VARIANT_PREFIX + variant
+      vdir = ctx.path(f"seed{seed}", pipeline)
+      out = bissl_stage.run_bissl(vctx, warm, pretext_set, splits["train"], seed=seed,
+                                  directory=os.path.join(vdir, "bissl"),
+                                  name=f"{pipeline}/seed{seed}", callback=bissl_callback)
+      rec = finetune_and_evaluate(vctx, backbone_of(out.params, out.batch_stats), splits,
+                                  pipeline=pipeline, seed=seed,
+                                  directory=os.path.join(vdir, "finetune"), **hyper["bissl"])
+      per_seed.setdefault(pipeline, {})[seed] = dict(rec["test"], val=rec["val_score"])
+      hyper[pipeline] = hyper["bissl"]
     print(f"[seed {seed}] test {results_lib.metric_names(ctx.multilabel)[0]}: "
           f"baseline {per_seed['baseline'][seed]['score']:.4f}, "
           f"BiSSL {per_seed['bissl'][seed]['score']:.4f}", flush=True)

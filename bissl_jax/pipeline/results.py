@@ -20,6 +20,16 @@ from typing import Dict, Mapping, Optional
 from bissl_jax.metrics import summarize
 
 PIPELINE_LABELS = {"baseline": "Only FT", "bissl": "BiSSL+FT"}
+VARIANT_PREFIX = "bissl_"  # pipelines of config.bissl_variants: 'bissl_<name>'
+
+
+def pipeline_label(pipeline: str) -> str:
+  """'Only FT', 'BiSSL+FT', or 'BiSSL+FT (<variant>)'."""
+  if pipeline in PIPELINE_LABELS:
+    return PIPELINE_LABELS[pipeline]
+  if pipeline.startswith(VARIANT_PREFIX):
+    return f"BiSSL+FT ({pipeline[len(VARIANT_PREFIX):]})"
+  return pipeline
 
 
 def metric_names(multilabel: bool) -> tuple:
@@ -52,7 +62,7 @@ def build_results(per_seed: Mapping[str, Mapping[int, Mapping[str, float]]], *,
     rows = {str(s): {k: float(v) for k, v in m.items()} for s, m in sorted(seeds.items())}
     summary = {name: summarize([m[name] for m in rows.values()]) for name in names}
     out["pipelines"][pipeline] = {
-        "label": PIPELINE_LABELS.get(pipeline, pipeline),
+        "label": pipeline_label(pipeline),
         "hyperparams": dict(hyperparams.get(pipeline, {})),
         "per_seed": rows, "summary": summary}
   if {"baseline", "bissl"} <= set(out["pipelines"]):
