@@ -136,8 +136,8 @@ def unrolled_second_level(inner_loss: Callable[[PyTree], jax.Array],
                           divergence: Callable[[PyTree, PyTree], jax.Array],
                           params: PyTree, *, steps: int, extra_steps: int, inner_lr,
                           first_order: bool = False, mask: Optional[PyTree] = None,
-                          unroll: Optional[bool] = None, target: Optional[PyTree] = None
-                          ) -> Tuple[jax.Array, Tuple[PyTree, PyTree]]:
+                          unroll: Optional[bool] = None, target: Optional[PyTree] = None,
+                          has_aux: bool = False):
   """GeSSL's second-level objective for one task, as a differentiable function of θ.
 
   θᴷ = K SGD steps of ``inner_loss`` from θ (lr α); θ̃ = ``stop_gradient`` of
@@ -160,9 +160,10 @@ def unrolled_second_level(inner_loss: Callable[[PyTree], jax.Array],
     target: a given θ̃ (e.g. from an earlier call) instead of the λ−1 steps; it is
       what the gradient holds fixed, so finite differences of the value at a fixed
       ``target`` check the gradient.
+    has_aux: ``divergence`` returns ``(value, aux)``.
 
   Returns:
-    ``(value, (θᴷ, θ̃))``.
+    ``(value, (θᴷ, θ̃))``, or ``(value, (θᴷ, θ̃), aux)`` with ``has_aux``.
   """
   if mask is None:
     mask = jax.tree_util.tree_map(lambda _: True, params)
@@ -172,6 +173,9 @@ def unrolled_second_level(inner_loss: Callable[[PyTree], jax.Array],
     target = loops.fori(lambda _, p: _sgd_step(inner_loss, p, mask, inner_lr, True),
                         jax.lax.stop_gradient(adapted), int(extra_steps), unroll=unroll)
   target = jax.lax.stop_gradient(target)
+  if has_aux:
+    value, aux = divergence(target, adapted)
+    return value, (adapted, target), aux
   return divergence(target, adapted), (adapted, target)
 
 
@@ -317,16 +321,22 @@ class GeSSL:
                      ) -> Tuple[jax.Array, dict, PyTree]:
     """Second-level loss of one task, diagnostics and θ̃ (see :func:`unrolled_second_level`)."""
     inner = lambda p: cross_entropy(self.task_logits(p, batch_stats, x), y)
-    divergence = lambda t, a: second_level_divergence(
-        self.second_level_loss, self.task_logits(t, batch_stats, x),
-        self.task_logits(a, batch_stats, x))
-    value, (adapted, target) = unrolled_second_level(
+    sg = jax.lax.stop_gradient
+
+    def divergence(t, a):
+      target_logits = self.task_logits(t, batch_stats, x)
+      logits = self.task_logits(a, batch_stats, x)
+      diag = {"inner_ce_adapted": sg(cross_entropy(logits, y)),
+              "inner_ce_target": sg(cross_entropy(target_logits, y))}
+      return second_level_divergence(self.second_level_loss, target_logits, logits), diag
+
+    value, (_, target), diag = unrolled_second_level(
         inner, divergence, params, steps=int(self.K), extra_steps=int(self.lam) - 1,
         inner_lr=self.inner_lr, first_order=self.first_order,
-        mask=_inner_mask(params, self.inner_params), unroll=self.unroll, target=target)
-    sg = jax.lax.stop_gradient
-    diag = {"inner_ce_before": sg(inner(params)), "inner_ce_adapted": sg(inner(adapted)),
-            "inner_ce_target": sg(inner(target))}
+        mask=_inner_mask(params, self.inner_params), unroll=self.unroll, target=target,
+        has_aux=True)
+    # The same forward as the first inner step's, which XLA merges with it.
+    diag["inner_ce_before"] = sg(inner(params))
     return value, diag, target
 
   def second_level(self, params: PyTree, batch_stats: PyTree, inputs: dict,

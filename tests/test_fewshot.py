@@ -109,3 +109,16 @@ def test_linear_probe_learns_a_separable_problem():
   chance = fewshot.linear_probe(x[:200], rng.permutation(y[:200]), x[200:], y[200:],
                                 num_classes=3, epochs=30, batch_size=32, lr=0.5)
   assert chance.accuracy < 0.7
+
+
+@pytest.mark.slow
+def test_gessl_comparison_runlocal_writes_results(tmp_path):
+  from bissl_jax.pipeline import gessl_comparison  # pylint: disable=import-outside-toplevel
+  cfg = gessl_comparison.load_config("configs/digits_gessl.py", "runlocal")
+  results = gessl_comparison.run(cfg, str(tmp_path))
+  assert set(results["summary"]) == set(gessl_comparison.METHODS)
+  assert not set(results["train_classes"]) & set(results["held_out_classes"])
+  for stats in results["summary"].values():
+    assert set(stats) == {"linear_probe", "5way_1shot", "5way_5shot"}
+    assert all(0.0 <= s["mean"] <= 1.0 for s in stats.values())
+  assert (tmp_path / "results.md").read_text().count("|") > 10
