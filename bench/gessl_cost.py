@@ -37,16 +37,16 @@ def add_arguments(parser) -> None:
   parser.add_argument("--ks", default="1,5", help="comma-separated K values (default 1,5).")
   parser.add_argument("--lam", type=int, default=10, help="GeSSL's λ (default 10).")
   parser.add_argument("--n-tasks", type=int, default=None,
-                      help="tasks per step (default: 8 if the batch allows B >= 2, else 2).")
+                      help="tasks per step (default: 8 if the batch allows B >= 16, else 2).")
   parser.add_argument("--first-order", action="store_true",
                       help="also time the first-order variants.")
   parser.set_defaults(doc=DOC_PATH)
 
 
 def default_n_tasks(batch: int) -> int:
-  """8 tasks (the paper's n) when each gets at least 2 images, else 2, else 1."""
+  """The paper's n = 8 when each task keeps at least its B = 16 images, else 2, else 1."""
   for n in (8, 2, 1):
-    if batch % n == 0 and batch // n >= 2:
+    if batch % n == 0 and batch // n >= (16 if n == 8 else 2):
       return n
   raise ValueError(f"A pretext batch of {batch} images cannot form tasks of >= 2 images.")
 

@@ -311,3 +311,16 @@ def test_from_config_and_optimizer():
   p2 = optax.apply_updates(p, u1)
   u2, _ = tx.update(g, state, p2)
   np.testing.assert_allclose(u2["w"], -0.1 * (0.9 * buf1 + g["w"] + 1e-4 * p2["w"]), rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_cost_benchmark_runs_tiny(tmp_path):
+  from bench import gessl_cost  # pylint: disable=import-outside-toplevel
+  doc = tmp_path / "gessl.md"
+  tables = gessl_cost.main(["--tiny", "--no-record", "--repeats", "1", "--ks", "1", "--lam", "2",
+                            "--doc", str(doc)])
+  cost, mem = tables
+  assert [row[0] for row in cost.rows] == ["plain SimCLR step", "GeSSL K=1, λ=2"]
+  assert all(v > 0 and np.isfinite(v) for v in cost.numeric_cells() + mem.numeric_cells())
+  assert mem.rows[1][2] > 1.0  # the outer step holds more than a plain step
+  assert not doc.exists()
