@@ -38,6 +38,8 @@ def add_arguments(parser) -> None:
   parser.add_argument("--lam", type=int, default=10, help="GeSSL's λ (default 10).")
   parser.add_argument("--n-tasks", type=int, default=None,
                       help="tasks per step (default: 8 if the batch allows B >= 16, else 2).")
+  parser.add_argument("--task-batching", default="vmap", choices=gessl.TASK_BATCHING,
+                      help="run the n tasks side by side (vmap) or in a loop.")
   parser.add_argument("--first-order", action="store_true",
                       help="also time the first-order variants.")
   parser.set_defaults(doc=DOC_PATH)
@@ -102,7 +104,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[common.Table]:
     name = f"GeSSL K={k}, λ={args.lam}" + (", first order" if first_order else "")
     task = gessl.GeSSL(base=problem.task, classes_per_task=batch // n_tasks, n_tasks=n_tasks,
                        K=k, lam=args.lam, first_order=first_order,
-                       image_size=size.image_size)
+                       image_size=size.image_size, task_batching=args.task_batching)
     params = task.init_head(jax.random.PRNGKey(args.seed + 2), lower)
     step = make_gessl_step(task)
     step_args = (params, problem.batch_stats, step.init_opt_state(params), images, rng)
@@ -113,7 +115,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[common.Table]:
   times = common.interleaved_timings(contenders, args.repeats)
   unit = times["plain SimCLR step"]
   setting = (f"{common.describe(size)}; GeSSL: n = {n_tasks} tasks of B = {batch // n_tasks} "
-             f"images, A = 2 views, inner lr 0.1, all parameters adapted")
+             f"images ({args.task_batching}), A = 2 views, inner lr 0.1, all parameters "
+             "adapted")
   cost = common.Table(
       title=f"One GeSSL outer step in plain SimCLR steps ({setting})",
       columns=["program", "step (ms)", "plain SimCLR steps", "compile (s)"],

@@ -35,6 +35,7 @@ PyTree = Any
 SECOND_LEVEL_LOSSES = ("kl", "cross_entropy", "mse", "wasserstein")
 INNER_PARAMS = ("all", "pretext_head", "task_classifier")
 HEAD_INITS = ("lecun_normal", "zeros")
+TASK_BATCHING = ("vmap", "loop")
 HEAD_KEY = "task_classifier"
 
 
@@ -215,6 +216,10 @@ class GeSSL:
     head_init: initialiser of the task classifier, 'lecun_normal' or 'zeros'.
     image_size: side of the views (default: the base task's, else the input side).
     unroll: inner-loop driver, see :func:`bissl_jax.loops.fori` (None: by backend).
+    task_batching: 'vmap' runs the n tasks side by side (per-task weights make the
+      convolutions grouped ones), 'loop' one after another with
+      :func:`bissl_jax.loops.scan` (plain convolutions; unrolled on CPU, so n times
+      the compile time there).
   """
   base: Any
   classes_per_task: int
@@ -231,6 +236,7 @@ class GeSSL:
   head_init: str = "lecun_normal"
   image_size: Optional[int] = None
   unroll: Optional[bool] = None
+  task_batching: str = "vmap"
 
   def __post_init__(self):
     checks = [
@@ -245,6 +251,8 @@ class GeSSL:
         (self.inner_params in INNER_PARAMS,
          f"inner_params={self.inner_params!r}; valid: {INNER_PARAMS}"),
         (self.head_init in HEAD_INITS, f"head_init={self.head_init!r}; valid: {HEAD_INITS}"),
+        (self.task_batching in TASK_BATCHING,
+         f"task_batching={self.task_batching!r}; valid: {TASK_BATCHING}"),
     ]
     bad = [msg for ok, msg in checks if not ok]
     if bad:
@@ -347,7 +355,12 @@ class GeSSL:
     lower = {"backbone": params["backbone"], "pretext_head": params["pretext_head"]}
     x, y = make_tasks(inputs["views"], int(self.n_tasks))
     objective = lambda xi, yi, ti: self.task_objective(lower, batch_stats, xi, yi, ti)
-    per_task, diag, targets = jax.vmap(objective)(x, y, targets)
+    if self.task_batching == "vmap":
+      per_task, diag, targets = jax.vmap(objective)(x, y, targets)
+    else:
+      body = lambda carry, xs: (carry, objective(*xs))
+      _, (per_task, diag, targets) = loops.scan(body, None, (x, y, targets),
+                                                unroll=self.unroll)
     return jnp.sum(per_task), {k: jnp.mean(v) for k, v in diag.items()}, targets
 
   def loss(self, params: PyTree, batch_stats: PyTree, inputs: dict, target=None
@@ -400,7 +413,7 @@ def default_config():
       K=1, lam=10, n_tasks=8, classes_per_task=16, num_views=2, inner_lr=0.1,
       outer_lr=0.05, momentum=0.9, weight_decay=1e-4, second_level_loss="kl",
       first_order=False, inner_params="all", ssl_weight=1.0, gessl_weight=1.0,
-      head_init="lecun_normal"))
+      head_init="lecun_normal", task_batching="vmap"))
 
 
 def from_config(base: Any, cfg, *, image_size: Optional[int] = None) -> GeSSL:
@@ -411,10 +424,12 @@ def from_config(base: Any, cfg, *, image_size: Optional[int] = None) -> GeSSL:
   fields = ("K", "lam", "n_tasks", "classes_per_task", "num_views", "inner_lr",
             "second_level_loss", "first_order", "inner_params", "ssl_weight",
             "gessl_weight", "head_init")
+  optional = ("task_batching",)
   missing = [f for f in fields if f not in cfg]
   if missing:
     raise ValueError(f"config.gessl lacks {missing}; start from gessl.default_config().")
   kwargs = {f: cfg[f] for f in fields}
+  kwargs.update({f: cfg[f] for f in optional if f in cfg})
   for f in ("K", "lam", "n_tasks", "classes_per_task", "num_views"):
     kwargs[f] = int(kwargs[f])
   for f in ("inner_lr", "ssl_weight", "gessl_weight"):

@@ -234,13 +234,16 @@ def test_lam_one_makes_second_level_vanish_and_loss_equals_base():
   np.testing.assert_allclose(loss, base, rtol=1e-6)
 
 
-def test_lax_and_unrolled_inner_loops_agree():
+def test_lax_and_unrolled_loops_and_task_batchings_agree():
   task, params, stats, inputs = _setup(rng=7, K=2, lam=3)
+  variants = [dict(unroll=True), dict(unroll=False), dict(unroll=True, task_batching="loop"),
+              dict(unroll=False, task_batching="loop")]
   grads = [jax.jit(jax.grad(
-      lambda p, t=dataclasses.replace(task, unroll=u): t.loss(p, stats, inputs)[0]))(params)
-           for u in (True, False)]
-  for a, b in zip(*map(jax.tree_util.tree_leaves, grads)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+      lambda p, t=dataclasses.replace(task, **v): t.loss(p, stats, inputs)[0]))(params)
+           for v in variants]
+  for other in grads[1:]:
+    for a, b in zip(*map(jax.tree_util.tree_leaves, (grads[0], other))):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_outer_steps_do_not_recompile():
