@@ -14,6 +14,7 @@ subsets and N-way K-shot episodes on held-out classes.
 Everything here runs on features (NumPy or JAX arrays); :func:`extract_features`
 computes them from a model's backbone in evaluation mode.
 """
+import functools
 from typing import Any, NamedTuple, Optional, Sequence, Tuple
 
 import jax
@@ -39,13 +40,19 @@ def extract_features(model, backbone_params: PyTree, backbone_stats: PyTree,
   Returns:
     float32 ``(N, C)``.
   """
-  @jax.jit
-  def feats(x):
-    view = augment.eval_view(None, x, size=image_size)
-    return model.features(backbone_params, backbone_stats, view, train=False)[0]
-  out = [np.asarray(feats(images[i:i + batch_size]))
+  feats = _features_fn(model, int(image_size))
+  out = [np.asarray(feats(backbone_params, backbone_stats, images[i:i + batch_size]))
          for i in range(0, len(images), batch_size)]
   return np.concatenate(out).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=16)
+def _features_fn(model, image_size: int):
+  # Parameters are arguments, not constants: one compilation per model and size.
+  def feats(backbone_params, backbone_stats, x):
+    view = augment.eval_view(None, x, size=image_size)
+    return model.features(backbone_params, backbone_stats, view, train=False)[0]
+  return jax.jit(feats)
 
 
 # ----------------------------------------------------------------------------- linear probe

@@ -122,3 +122,22 @@ def test_gessl_comparison_runlocal_writes_results(tmp_path):
     assert set(stats) == {"linear_probe", "5way_1shot", "5way_5shot"}
     assert all(0.0 <= s["mean"] <= 1.0 for s in stats.values())
   assert (tmp_path / "results.md").read_text().count("|") > 10
+
+
+def test_extract_features_batches_and_matches_a_direct_call():
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from bissl_jax import augment  # pylint: disable=import-outside-toplevel
+
+  @dataclasses.dataclass(frozen=True)
+  class MeanModel:
+    def features(self, bp, bs, x, *, train):
+      assert not train
+      return jnp.mean(x, axis=(1, 2)) * bp["scale"], bs
+
+  images = np.random.default_rng(4).integers(0, 256, (7, 8, 8, 3), dtype=np.uint8)
+  params = {"scale": jnp.float32(2.0)}
+  got = fewshot.extract_features(MeanModel(), params, {}, images, image_size=8, batch_size=3)
+  ref = 2.0 * np.asarray(augment.eval_view(None, images, size=8)).mean(axis=(1, 2))
+  assert got.shape == (7, 3) and got.dtype == np.float32
+  np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
