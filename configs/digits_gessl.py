@@ -18,8 +18,8 @@ loss = SimCLR + GeSSL (see docs/gessl.md). The inner steps adapt the pretext hea
 only (projector + task classifier; the outer gradient still reaches the backbone
 through the features): adapting all parameters as in the paper's Eq. 6
 (``gessl.inner_params = 'all'``) makes one outer step
-cost about 25 plain SimCLR steps on this CPU (``bench/gessl_cost.py``), which does
-not fit the offline budget.
+cost 10–26 plain SimCLR steps on this CPU at K = 1 (``bench/gessl_cost.py``), which
+does not fit the offline budget.
 
 Evaluation on frozen features: a linear probe on the train split (all 10 classes;
 SGD momentum 0.9, batch 128, LR 5e-2 → 5e-6 cosine, 100 epochs) scored on test;
