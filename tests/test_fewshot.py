@@ -141,3 +141,15 @@ def test_extract_features_batches_and_matches_a_direct_call():
   ref = 2.0 * np.asarray(augment.eval_view(None, images, size=8)).mean(axis=(1, 2))
   assert got.shape == (7, 3) and got.dtype == np.float32
   np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_comparison_config_and_overrides():
+  from bissl_jax.pipeline import gessl_comparison  # pylint: disable=import-outside-toplevel
+  cfg = gessl_comparison.load_config("configs/digits_gessl.py")
+  assert cfg.gessl.n_tasks * cfg.gessl.classes_per_task == cfg.pretext.batch_size
+  assert tuple(cfg.fewshot.shots) == (1, 5) and len(cfg.seeds) == 3
+  gessl_comparison.override(cfg, "gessl.inner_params=all")
+  gessl_comparison.override(cfg, "pretext.epochs=3")
+  assert cfg.gessl.inner_params == "all" and cfg.pretext.epochs == 3
+  with pytest.raises(ValueError, match="no field"):
+    gessl_comparison.override(cfg, "gessl.innerparams=all")

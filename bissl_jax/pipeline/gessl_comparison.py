@@ -24,6 +24,7 @@ Run: ``python -m bissl_jax.pipeline.gessl_comparison --config configs/digits_ges
 --workdir runs/digits_gessl``.
 """
 import argparse
+import ast
 import dataclasses
 import importlib.util
 import json
@@ -210,13 +211,36 @@ def load_config(path: str, arg: str = ""):
   return module.get_config(arg)
 
 
+def override(cfg, item: str) -> None:
+  """Sets ``cfg.a.b = value`` from ``'a.b=value'`` (a Python literal, else a string)."""
+  field, sep, text = item.partition("=")
+  if not sep:
+    raise ValueError(f"--set {item!r}: use FIELD=VALUE, e.g. gessl.inner_params=all.")
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    value = text
+  *parents, leaf = field.split(".")
+  node = cfg
+  for name in parents:
+    node = node[name]
+  if leaf not in node:
+    raise ValueError(f"--set {item!r}: the config has no field {field!r}.")
+  node[leaf] = value
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--config", default="configs/digits_gessl.py")
   parser.add_argument("--config-arg", default="", help="e.g. 'runlocal' for the smoke size.")
   parser.add_argument("--workdir", default="runs/digits_gessl")
+  parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                      help="override a config field, e.g. --set gessl.inner_params=all.")
   args = parser.parse_args(argv)
-  results = run(load_config(args.config, args.config_arg), args.workdir)
+  cfg = load_config(args.config, args.config_arg)
+  for item in args.set:
+    override(cfg, item)
+  results = run(cfg, args.workdir)
   print(to_markdown(results))
   return results
 
