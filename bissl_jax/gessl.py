@@ -46,8 +46,9 @@ def multi_views(rng: jax.Array, images: jax.Array, *, num_views: int, size: int,
   """``num_views`` augmented views of every image, stacked ``(A, N, size, size, 3)``.
 
   Views come in :func:`bissl_jax.augment.pretext_views` pairs (the asymmetric
-  SimCLR/BYOL pair), so views 0 and 1 are exactly the base task's two views; an odd
-  ``num_views`` drops the second view of the last pair.
+  SimCLR/BYOL pair), so views 0 and 1 are a pair of exactly the kind the base task
+  draws (from the first of the split keys); an odd ``num_views`` drops the second
+  view of the last pair.
   """
   pairs = (num_views + 1) // 2
   views = []
