@@ -26,6 +26,15 @@ SGD momentum 0.9, batch 128, LR 5e-2 → 5e-6 cosine, 100 epochs) scored on test
 5-way 1-shot and 5-shot episodes (15 queries per class, 600 episodes, nearest
 prototype) drawn from the test split's held-out digits. 3 seeds, mean ± std.
 
+Result (3 seeds, test accuracy %, on the shared 2-core CPU; docs/gessl.md)::
+
+  | Method         | Linear probe | 5-way 1-shot | 5-way 5-shot | Wall (s) |
+  | SimCLR         | 89.6 ± 2.3   | 47.0 ± 1.8   | 57.9 ± 2.7   | 183      |
+  | SimCLR + GeSSL | 81.2 ± 0.9   | 45.1 ± 4.2   | 58.4 ± 5.3   | 232      |
+
+About 7 minutes in all under a load average of ~12. GeSSL does not help at this
+scale (nothing is tuned); the config exercises and times the protocol.
+
 ``get_config("runlocal")`` is the seconds-long smoke size the tests use.
 """
 import ml_collections
