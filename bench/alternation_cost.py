@@ -48,10 +48,22 @@ from bissl_jax import upper_level
 FLOOR_TARGET = 1.1
 
 
-def add_arguments(parser) -> None:
+def add_stage_arguments(parser) -> None:
+  """``--lower-steps``, ``--upper-steps``, ``--cg-iters`` (see :func:`stage_sizes`)."""
   parser.add_argument("--lower-steps", type=int, default=None, help="N_L (default 20).")
   parser.add_argument("--upper-steps", type=int, default=None, help="N_U (default 8).")
   parser.add_argument("--cg-iters", type=int, default=None, help="solver iterations (default 5).")
+
+
+def stage_sizes(args):
+  """``(N_L, N_U, iterations)``: the paper's 20, 8, 5, or 2, 2, 2 at ``--tiny``."""
+  tiny = args.base_size == "tiny"
+  return (args.lower_steps or (2 if tiny else 20), args.upper_steps or (2 if tiny else 8),
+          args.cg_iters or (2 if tiny else 5))
+
+
+def add_arguments(parser) -> None:
+  add_stage_arguments(parser)
   parser.add_argument("--driver", choices=["library", "pieces", "both"], default=None,
                       help="how the upper stage runs (default: pieces on CPU, library "
                            "elsewhere; both at --tiny, which also checks they agree).")
@@ -170,9 +182,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[common.Table]:
   args = common.parse_args(argv, __doc__, add_arguments,
                            default_repeats={"tiny": 1, "small": 3, "full": 5})
   size, tiny = args.size, args.base_size == "tiny"
-  n_lower = args.lower_steps or (2 if tiny else 20)
-  n_upper = args.upper_steps or (2 if tiny else 8)
-  cg_iters = args.cg_iters or (2 if tiny else 5)
+  n_lower, n_upper, cg_iters = stage_sizes(args)
   driver = args.driver or ("both" if tiny else "pieces" if jax.default_backend() == "cpu"
                            else "library")
 

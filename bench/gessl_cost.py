@@ -17,7 +17,6 @@ unrolled (the loop cliff), on GPU/TPU they are ``lax`` loops.
 Run: ``python -m bench.gessl_cost --small`` (records into ``docs/gessl.md``; add
 ``--no-record`` to only print).
 """
-import dataclasses
 import functools
 import os
 from typing import List, Optional, Sequence

@@ -35,12 +35,13 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
+from bench import cg_accuracy
 from bench import common
 from bissl_jax import augment
 from bissl_jax import gauss_newton
 from bissl_jax import implicit
 from bissl_jax import mfac
-from bissl_jax import optim
+
 
 DOC = os.path.join(common.REPO_ROOT, "docs", "solvers.md")
 LAM, DAMPING = 1e-3, 10.0
@@ -84,27 +85,6 @@ def resolve_size(args) -> common.Size:
 
 
 # ----------------------------------------------------------------------------- the point
-
-def pretrain(problem, pool, steps: int, seed: int):
-  """``steps`` SimCLR steps (clipped Adam 1e-3) from the initial point."""
-  tx = optax.chain(optax.clip_by_global_norm(optim.GRAD_CLIP_NORM), optax.adam(1e-3))
-  size = problem.size.image_size
-
-  @jax.jit
-  def step(params, stats, opt_state, images, rng):
-    views = augment.pretext_views(rng, images, size=size)
-    (loss, aux), grads = jax.value_and_grad(problem.task.loss, has_aux=True)(params, stats, views)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), aux["batch_stats"], opt_state, loss
-
-  params, stats = common.lower_params_of(problem.params), problem.batch_stats
-  opt_state, rng = tx.init(params), np.random.default_rng(seed + 11)
-  for i in range(steps):
-    images, _ = common.sample_batch(rng, pool, (problem.size.pretext_batch,))
-    params, stats, opt_state, _ = step(params, stats, opt_state, images,
-                                       jax.random.PRNGKey(seed * 1000 + i))
-  return params, stats
-
 
 def lower_steps(problem, params, stats, pool, steps: int, lam: float, lr: float, seed: int):
   """BiSSL lower steps from θ_D = θ: LARS on L_P + λ/2‖θ − θ_D‖², as the core runs them.
@@ -283,7 +263,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[common.Table]:
 
   problem = common.build_problem(size, args.seed)
   pool = common.image_pool(size)
-  lower, stats = pretrain(problem, pool, pre, args.seed)
+  lower, stats, _, _ = cg_accuracy.pretrain(problem, pool, pre, args.seed)
   lower, stats, window = lower_steps(problem, lower, stats, pool, m, args.lam, args.lower_lr,
                                      args.seed)
   head = fit_head(problem, lower["backbone"], stats, pool, args.seed)

@@ -52,7 +52,7 @@ def _is_known_dataset(name) -> bool:
 def _choices():
   """The registries' names: solver, Hessian mode, architecture, pretext task, λ schedule."""
   # pylint: disable=g-import-not-at-top  (imported on use: the registries pull in JAX models)
-  from bissl_jax import bilevel, implicit, lam_variants, models, pretext, solvers
+  from bissl_jax import bilevel, lam_variants, models, pretext, solvers
   from bissl_jax import mfac
   return {"bissl.solver": tuple(sorted(solvers.SOLVERS)) + ("mfac",),  # mfac: stored gradients, no operator
           "bissl.stage_driver": tuple(bilevel.STAGE_DRIVERS),

@@ -20,7 +20,8 @@ from jax import lax
 
 from bissl_jax import loops
 from bissl_jax.solver_base import (SolveInfo, _check_like, _check_maxiter, _check_tol,
-                                   _rayleigh, _select, _use_unrolled, finish)
+                                   _rayleigh, _select, finish,
+                                   symmetric_krylov)
 from bissl_jax.tree_math import (tree_axpy, tree_norm, tree_scale, tree_sub, tree_vdot,
                                  tree_zeros_like)
 
@@ -130,18 +131,8 @@ def minres(matvec: MatVec, b: PyTree, *, init: Optional[PyTree] = None, maxiter:
   Returns:
     ``(x, SolveInfo)``.
   """
-  maxiter, tol = _check_maxiter(maxiter), _check_tol(tol)
-  unrolled = _use_unrolled(unroll, tol)
-  if init is not None:
-    init = _check_like("init", init, b)
-
-  def solve_fn(operator, rhs):
-    return _minres_iterations(operator, rhs, init, maxiter, tol, unrolled)
-
-  x, (iterations, min_curvature) = lax.custom_linear_solve(
-      matvec, b, solve_fn, symmetric=True, has_aux=True)
-  iterations, min_curvature = lax.stop_gradient((iterations, min_curvature))
-  return x, finish(matvec, b, x, x, iterations, min_curvature)
+  return symmetric_krylov(_minres_iterations, matvec, b, init=init, maxiter=maxiter, tol=tol,
+                          unroll=unroll)
 
 
 # ---------------------------------------------------------------------------

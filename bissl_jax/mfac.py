@@ -44,7 +44,7 @@ matrices, products and the m×m solve accumulate in float32 (``Precision.HIGHEST
 matmuls, so TPUs do not drop to bfloat16 passes).
 """
 import re
-from typing import Any, Callable, Hashable, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Hashable, List, NamedTuple, Optional, Tuple, Union
 
 import jax
 import jax.numpy as jnp

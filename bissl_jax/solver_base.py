@@ -6,10 +6,11 @@ which imports them: no import cycle.
 """
 import math
 import operator
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from bissl_jax import loops
 from bissl_jax.tree_math import tree_all_finite, tree_norm, tree_sub
@@ -109,3 +110,26 @@ def finish(matvec: MatVec, b: PyTree, x: PyTree, raw_x: PyTree,
 
 def _select(pred, new: PyTree, old: PyTree) -> PyTree:
   return jax.tree_util.tree_map(lambda n, o: jnp.where(pred, n, o), new, old)
+
+
+def symmetric_krylov(iterate, matvec, b: PyTree, *, init, maxiter, tol, unroll
+                     ) -> Tuple[PyTree, SolveInfo]:
+  """Runs a Krylov method for a symmetric operator the way ``jax.scipy`` wraps its CG.
+
+  ``iterate(operator, rhs, init, maxiter, tol, unrolled) -> (x, (iterations,
+  min_curvature))`` is the method itself (``cg``, ``minres``). It is wrapped in
+  ``lax.custom_linear_solve(symmetric=True)``, so derivatives are implicit (another
+  solve of the transposed system) and jit/vmap/grad behave as for JAX's own CG.
+  """
+  maxiter, tol = _check_maxiter(maxiter), _check_tol(tol)
+  unrolled = _use_unrolled(unroll, tol)
+  if init is not None:
+    init = _check_like("init", init, b)
+
+  def solve_fn(operator, rhs):
+    return iterate(operator, rhs, init, maxiter, tol, unrolled)
+
+  x, (iterations, min_curvature) = lax.custom_linear_solve(
+      matvec, b, solve_fn, symmetric=True, has_aux=True)
+  iterations, min_curvature = lax.stop_gradient((iterations, min_curvature))
+  return x, finish(matvec, b, x, x, iterations, min_curvature)

@@ -42,7 +42,7 @@ from bissl_jax import krylov
 from bissl_jax import loops
 from bissl_jax.solver_base import (SolveInfo, _check_like, _check_maxiter,  # noqa: F401
                                    _check_tol, _rayleigh, _require_fixed_iterations,
-                                   _select, _use_unrolled, finish)
+                                   _select, _use_unrolled, finish, symmetric_krylov)
 from bissl_jax.tree_math import (tree_add, tree_axpy, tree_leaf_vdots, tree_sub,
                                  tree_vdot, tree_where_finite, tree_zeros_like)
 
@@ -132,18 +132,8 @@ def cg(matvec: MatVec, b: PyTree, *, init: Optional[PyTree] = None, maxiter: int
   Returns:
     ``(x, SolveInfo)``.
   """
-  maxiter, tol = _check_maxiter(maxiter), _check_tol(tol)
-  unrolled = _use_unrolled(unroll, tol)
-  if init is not None:
-    init = _check_like("init", init, b)
-
-  def solve_fn(operator, rhs):
-    return _cg_iterations(operator, rhs, init, maxiter, tol, unrolled)
-
-  x, (iterations, min_curvature) = lax.custom_linear_solve(
-      matvec, b, solve_fn, symmetric=True, has_aux=True)
-  iterations, min_curvature = lax.stop_gradient((iterations, min_curvature))
-  return x, finish(matvec, b, x, x, iterations, min_curvature)
+  return symmetric_krylov(_cg_iterations, matvec, b, init=init, maxiter=maxiter, tol=tol,
+                          unroll=unroll)
 
 
 # ---------------------------------------------------------------------------

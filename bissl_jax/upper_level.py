@@ -16,7 +16,6 @@ separate code path). Only trainable leaves enter the solve. ``solver='mfac'``
 (BiSSLight) needs no operator at all: it solves against the empirical Fisher of the
 pretext gradients the lower steps stored (:mod:`bissl_jax.mfac`).
 """
-import functools
 from typing import Any, Tuple
 
 import jax

@@ -9,9 +9,10 @@ from bench import common
 from bench import hvp_cost
 from bench import loop_cliff
 from bench import memory
+from bench import solver_cost
 
 # Order matters for speed only: later scripts reuse programs compiled by earlier ones.
-SCRIPTS = [hvp_cost, alternation_cost, memory, cg_accuracy, loop_cliff]
+SCRIPTS = [hvp_cost, alternation_cost, memory, cg_accuracy, loop_cliff, solver_cost]
 
 
 def test_every_benchmark_runs_tiny_and_returns_finite_positive_tables(tmp_path):

@@ -1,0 +1,158 @@
+"""Cost of each implicit-gradient solver per upper step and per alternation, side by side.
+
+Contenders, all through the library's own per-step pieces
+(``train_state.make_alternation_fn`` with the ``'per_step'`` driver), on one model,
+one state and the same batches:
+
+* ``layerwise_cg`` (the paper's), ``cg`` and ``minres``, 5 iterations each, on the
+  linearized Hessian;
+* ``gauss_newton`` + ``cg``: the Gauss–Newton matrix (PSD) instead of the Hessian;
+* ``mfac`` (BiSSLight): no Hessian at all; the lower steps keep the last N_L pretext
+  gradients and each upper step solves with them by Woodbury.
+
+Units are pretext gradients (one ``∇_θ L_P`` on the pretext batch, timed in the same
+rounds). The M-FAC floor is ``N_L·(lower step) + N_U·2d``, d a downstream gradient:
+M-FAC adds no product to either stage. Targets (issue): an M-FAC alternation
+≤ 1.05× that floor, and its upper stage ≥ 5× cheaper than the paper's 5-iteration
+layer-wise CG. Memory is XLA's compiled memory of one upper step (arguments +
+outputs + temporaries − aliases), plus the M-FAC window.
+
+Run: ``python -m bench.solver_cost --small`` (add ``--no-record`` to only print).
+"""
+import dataclasses
+from typing import List, Optional, Sequence
+
+import jax
+
+from bench import alternation_cost
+from bench import common
+from bissl_jax import bilevel
+from bissl_jax import mfac
+from bissl_jax import train_state as ts
+
+MiB = 2.0 ** 20
+MFAC_FLOOR_TARGET = 1.05
+MFAC_SPEEDUP_TARGET = 5.0
+
+
+def solver_setups(base: bilevel.BisslSetup) -> dict:
+  """The contenders, as per-step setups."""
+  per_step = dataclasses.replace(base, stage_driver="per_step")
+  return {
+      "layerwise_cg": per_step,
+      "cg": dataclasses.replace(per_step, solver="cg"),
+      "minres": dataclasses.replace(per_step, solver="minres"),
+      "gauss_newton + cg": dataclasses.replace(per_step, solver="cg",
+                                               hessian_mode="gauss_newton"),
+      "mfac": dataclasses.replace(per_step, solver="mfac"),
+  }
+
+
+def _memory_mib(compiled) -> float:
+  stats = compiled.memory_analysis()
+  total = (stats.argument_size_in_bytes + stats.output_size_in_bytes
+           + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
+  return max(stats.peak_memory_in_bytes, total) / MiB
+
+
+def main(argv: Optional[Sequence[str]] = None) -> List[common.Table]:
+  """Runs the benchmark; returns (and prints, and records) its table."""
+  args = common.parse_args(argv, __doc__, alternation_cost.add_stage_arguments,
+                           default_repeats={"tiny": 1, "small": 3, "full": 5})
+  size, tiny = args.size, args.base_size == "tiny"
+  n_lower, n_upper, cg_iters = alternation_cost.stage_sizes(args)
+  problem = common.build_problem(size, args.seed)
+  base = common.make_setup(problem, solver="layerwise_cg", cg_iters=cg_iters,
+                           lower_steps=n_lower, upper_steps=n_upper)
+  setups = solver_setups(base)
+  batches = alternation_cost.make_batches(size, n_lower, n_upper, args.seed)
+  rng = jax.random.PRNGKey(args.seed + 1)
+  lower_rng, upper_rng = jax.random.split(rng)
+
+  loss = common.pretext_loss_of_backbone(problem.task)
+  views = common.make_views(batches.pretext[0], image_size=size.image_size, seed=args.seed,
+                            augmented=not tiny)
+  grad_args = (problem.params["backbone"], problem.params["pretext_head"],
+               problem.batch_stats, views)
+  grad_c, _ = common.compile_timed(jax.jit(jax.grad(loss)), *grad_args)
+  p0 = alternation_cost.make_pieces(base)
+  state0 = bilevel.init_bilevel_state(base, problem.params, problem.batch_stats)
+  down_c, _ = common.compile_timed(p0["downstream"], state0, batches.downstream_images[0],
+                                   batches.downstream_labels[0], rng)
+
+  contenders = {"gradient": lambda: grad_c(*grad_args),
+                "downstream": lambda: down_c(state0, batches.downstream_images[0],
+                                             batches.downstream_labels[0], rng)}
+  memory, compile_s = {}, {}
+  for name, setup in setups.items():
+    alt = ts.make_alternation_fn(setup)
+    state = bilevel.init_bilevel_state(setup, problem.params, problem.batch_stats)
+    lower_c, lower_s = common.compile_timed(alt.lower_step, state, batches.pretext[0], rng)
+    # M-FAC's window must hold real gradients before its upper stage means anything.
+    filled = alternation_cost.lower_stage(lower_c, state, batches.pretext, lower_rng)
+    build_c, build_s = common.compile_timed(alt.prepare_stage, filled, batches.hvp, rng)
+    operator, lam = build_c(filled, batches.hvp, rng)
+    step_c, step_s = common.compile_timed(alt.upper_step, filled, operator, lam,
+                                          batches.downstream_images[0],
+                                          batches.downstream_labels[0], rng)
+    compile_s[name] = lower_s + build_s + step_s
+    memory[name] = _memory_mib(step_c)
+    if setup.solver == "mfac":
+      memory["mfac window"] = mfac.window_bytes(filled.solver_state.gradient_window) / MiB
+    pieces = {"build": build_c, "step": step_c}
+
+    def upper(pieces=pieces, filled=filled):
+      return alternation_cost.pieces_upper_stage(pieces, filled, batches.hvp,
+                                                 batches.downstream_images,
+                                                 batches.downstream_labels, upper_rng)
+
+    def alternation(pieces=pieces, lower_c=lower_c, state=state):
+      s = alternation_cost.lower_stage(lower_c, state, batches.pretext, lower_rng)
+      return alternation_cost.pieces_upper_stage(pieces, s, batches.hvp,
+                                                 batches.downstream_images,
+                                                 batches.downstream_labels, upper_rng)
+    contenders[f"{name}: lower stage"] = (
+        lambda lower_c=lower_c, state=state:
+        alternation_cost.lower_stage(lower_c, state, batches.pretext, lower_rng))
+    contenders[f"{name}: upper stage"] = upper
+    contenders[f"{name}: alternation"] = alternation
+
+  times = common.interleaved_timings(contenders, args.repeats)
+  grad_t = times["gradient"]
+
+  def grads(name):
+    return common.paired_ratio(times[name], grad_t)
+
+  rows = []
+  for name in setups:
+    rows.append([name, grads(f"{name}: upper stage") / n_upper,
+                 grads(f"{name}: upper stage"), grads(f"{name}: lower stage"),
+                 grads(f"{name}: alternation"), memory[name], compile_s[name]])
+  d = grads("downstream") / 2.0
+  mfac_floor_s = times["mfac: lower stage"] + n_upper * times["downstream"]
+  floor_ratio = common.paired_ratio(times["mfac: alternation"], mfac_floor_s)
+  speedup = common.paired_ratio(times["layerwise_cg: upper stage"], times["mfac: upper stage"])
+  notes = [
+      f"{args.repeats} interleaved rounds after one warm-up round; medians of per-round "
+      f"ratios to one pretext gradient ({common.median(grad_t):.4g} s). N_L = {n_lower}, "
+      f"N_U = {n_upper}, {cg_iters} iterations; one downstream gradient d = {d:.2f}.",
+      f"M-FAC alternation / its floor N_L·(lower step) + N_U·2d: {floor_ratio:.2f} "
+      f"(target ≤ {MFAC_FLOOR_TARGET}: {'met' if floor_ratio <= MFAC_FLOOR_TARGET else 'missed'}).",
+      f"Upper stage, layerwise_cg / mfac: {speedup:.1f}× (target ≥ {MFAC_SPEEDUP_TARGET}: "
+      f"{'met' if speedup >= MFAC_SPEEDUP_TARGET else 'missed'}).",
+      f"M-FAC window ({n_lower} gradients, float32): {memory['mfac window']:.3g} MiB, "
+      "included in its upper step's arguments.",
+      "Operator solvers spend one more product per step on SolveInfo.residual; M-FAC's "
+      "residual is of its own system and needs no product.",
+  ]
+  table = common.Table(
+      title=f"Implicit-gradient solvers side by side, in pretext gradients — "
+            f"{common.describe(size)}",
+      columns=["Solver", "per upper step", "upper stage", "lower stage", "alternation",
+               "upper-step memory MiB", "compile s"],
+      rows=rows, notes=notes)
+  return common.finish("solver_cost", [table], args)
+
+
+if __name__ == "__main__":
+  main()
