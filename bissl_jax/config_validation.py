@@ -61,6 +61,7 @@ def _choices():
           "bissl.mfac_dtype": tuple(mfac.STORAGE_DTYPES),
           "model.arch": tuple(sorted(models.ARCHITECTURES)),
           "pretext.task": tuple(sorted(pretext.TASKS)),
+          "pretext.bn_grouping": tuple(pretext.BN_GROUPINGS),
           "bissl.lam_schedule": tuple(lam_variants.SCHEDULES)}
 
 
@@ -186,6 +187,7 @@ def validate_config(config: Any, *, num_devices: Optional[int] = None) -> Any:
 
   # Pretext pretraining.
   choice("pretext.task", choices["pretext.task"])
+  choice("pretext.bn_grouping", choices["pretext.bn_grouping"])
   positive("pretext.temperature", integer=False)
   if not missing("pretext.ema_decay"):
     decay = _get(config, "pretext.ema_decay")

@@ -3,12 +3,16 @@
 Every task follows :class:`bissl_jax.protocols.PretextTask`: ``prepare(rng, images)``
 turns a raw uint8 batch into the loss inputs (here, two augmented views) and
 ``loss(params, batch_stats, views, target=None) -> (loss, aux)`` takes
-``params = {'backbone': θ, 'pretext_head': φ_P}`` (other keys ignored). The two
-views go through the network as one batch of 2B, so BatchNorm takes one statistic
-over both views, and the loss is written for the global batch: under jit with the
-batch sharded over a device mesh, XLA inserts the cross-device reductions. The loss
-is built from smooth primitives only, so it can be differentiated twice (BiSSL takes
-Hessian-vector products of it).
+``params = {'backbone': θ, 'pretext_head': φ_P}`` (other keys ignored).
+
+BatchNorm grouping (``bn_grouping``, :func:`two_view_apply`): ``'joint'`` sends both
+views through the network as one batch of 2B, so BatchNorm takes one statistic over
+both views; ``'per_view'`` sends each view on its own, as the reference PyTorch code
+does (the paper-reproduction configs use it). The same grouping applies in the lower
+steps and in the upper stage's Hessian. The loss is written for the global batch:
+under jit with the batch sharded over a device mesh, XLA inserts the cross-device
+reductions. It is built from smooth primitives only, so it can be differentiated
+twice (BiSSL takes Hessian-vector products of it).
 """
 import dataclasses
 from typing import Any, ClassVar, Optional, Tuple
@@ -108,6 +112,32 @@ def _joint_batch(views) -> jax.Array:
   return jnp.concatenate([v1, v2], axis=0)
 
 
+BN_GROUPINGS = ("joint", "per_view")
+
+
+def two_view_apply(apply, params, stats, views, grouping: str):
+  """Runs a BatchNorm-carrying ``apply(params, stats, x) -> (y, stats)`` on two views.
+
+  ``'joint'``: one batch of 2B (SimCLR's original TPU code): one set of batch
+  statistics over both views and one running-statistics update. ``'per_view'``: the
+  reference PyTorch code's order (each view through the network on its own): batch
+  statistics per view, and the running statistics updated by view 1, then view 2.
+  Under data parallelism the statistics of each group are over its global batch.
+
+  Returns:
+    ``(y of both views concatenated (2B, ...), new stats)``.
+  """
+  if grouping == "joint":
+    return apply(params, stats, views if not isinstance(views, tuple) else _joint_batch(views))
+  if grouping != "per_view":
+    raise ValueError(f"Unknown BatchNorm grouping {grouping!r}; choose one of {BN_GROUPINGS} "
+                     f"(config.pretext.bn_grouping).")
+  v1, v2 = views if isinstance(views, tuple) else _split_views(views)
+  y1, stats = apply(params, stats, v1)
+  y2, stats = apply(params, stats, v2)
+  return jnp.concatenate([y1, y2], axis=0), stats
+
+
 def _mean_cosine(a, b):
   return jnp.mean(jnp.sum(l2_normalize(a) * l2_normalize(b), axis=-1))
 
@@ -123,6 +153,7 @@ class SimCLR:
   model: BisslModel
   temperature: float = 0.5
   image_size: Optional[int] = None
+  bn_grouping: str = "joint"
   has_target: ClassVar[bool] = False
 
   def prepare(self, rng, images):
@@ -143,14 +174,9 @@ class SimCLR:
       ``(loss, {'batch_stats': updated stats, 'metrics': {'loss', 'positive_cosine'}})``.
     """
     del target
-    model = self.model
-    h, bb_stats = model.features(params["backbone"], batch_stats["backbone"],
-                                 _joint_batch(views), train=True)
-    z, proj_stats = model.project(params["pretext_head"]["projector"],
-                                  batch_stats["pretext_head"]["projector"], h, train=True)
+    z, new_stats = self._projections(params, batch_stats, views)
     z1, z2 = _split_views(z)
     loss = nt_xent(z1, z2, self.temperature)
-    new_stats = {"backbone": bb_stats, "pretext_head": {"projector": proj_stats}}
     metrics = {"loss": loss, "positive_cosine": jax.lax.stop_gradient(_mean_cosine(z1, z2))}
     return loss, {"batch_stats": new_stats, "metrics": metrics}
 
@@ -165,11 +191,18 @@ class SimCLR:
     Gauss–Newton matrix split at z could be indefinite; split here it is PSD.
     """
     del target
-    h, _ = self.model.features(params["backbone"], batch_stats["backbone"],
-                               _joint_batch(views), train=True)
-    z, _ = self.model.project(params["pretext_head"]["projector"],
-                              batch_stats["pretext_head"]["projector"], h, train=True)
-    return similarity_logits(z, self.temperature)
+    return similarity_logits(self._projections(params, batch_stats, views)[0],
+                             self.temperature)
+
+  def _projections(self, params, batch_stats, views):
+    """Projector outputs ``(2B, D)`` of both views and the updated statistics."""
+    model, g = self.model, self.bn_grouping
+    h, bb_stats = two_view_apply(lambda p, st, x: model.features(p, st, x, train=True),
+                                 params["backbone"], batch_stats["backbone"], views, g)
+    z, proj_stats = two_view_apply(lambda p, st, x: model.project(p, st, x, train=True),
+                                   params["pretext_head"]["projector"],
+                                   batch_stats["pretext_head"]["projector"], h, g)
+    return z, {"backbone": bb_stats, "pretext_head": {"projector": proj_stats}}
 
   def output_loss(self, outputs: jax.Array, views=None,
                   target: Optional[PyTree] = None) -> jax.Array:
@@ -192,6 +225,7 @@ class BYOL:
   model: BisslModel
   ema_decay: float = 0.9995
   image_size: Optional[int] = None
+  bn_grouping: str = "joint"
   has_target: ClassVar[bool] = True
 
   def prepare(self, rng, images):
@@ -225,14 +259,30 @@ class BYOL:
             "batch_stats": {"backbone": batch_stats["backbone"],
                             "projector": batch_stats["pretext_head"]["projector"]}}
 
-  def _target_projections(self, target, x):
-    # Training mode like the reference (target BN on batch statistics); its updated
-    # running statistics are dropped, see update_target.
+  def _target_projections(self, target, views):
+    # Training mode like the reference (target BN on batch statistics, grouped as the
+    # online network's); its updated running statistics are dropped, see update_target.
     target = jax.lax.stop_gradient(target)
     tp, ts = target["params"], target["batch_stats"]
-    h, _ = self.model.features(tp["backbone"], ts["backbone"], x, train=True)
-    z, _ = self.model.project(tp["projector"], ts["projector"], h, train=True)
+    model, g = self.model, self.bn_grouping
+    h, _ = two_view_apply(lambda p, st, x: model.features(p, st, x, train=True),
+                          tp["backbone"], ts["backbone"], views, g)
+    z, _ = two_view_apply(lambda p, st, x: model.project(p, st, x, train=True),
+                          tp["projector"], ts["projector"], h, g)
     return jax.lax.stop_gradient(z)
+
+  def _predictions(self, params, batch_stats, views):
+    """Online predictor outputs ``(2B, D)`` of both views and the updated statistics."""
+    model, g = self.model, self.bn_grouping
+    head, head_stats = params["pretext_head"], batch_stats["pretext_head"]
+    h, bb_stats = two_view_apply(lambda p, st, x: model.features(p, st, x, train=True),
+                                 params["backbone"], batch_stats["backbone"], views, g)
+    z, proj_stats = two_view_apply(lambda p, st, x: model.project(p, st, x, train=True),
+                                   head["projector"], head_stats["projector"], h, g)
+    p, pred_stats = two_view_apply(lambda q, st, x: model.predict(q, st, x, train=True),
+                                   head["predictor"], head_stats["predictor"], z, g)
+    return p, {"backbone": bb_stats,
+               "pretext_head": {"projector": proj_stats, "predictor": pred_stats}}
 
   def loss(self, params: PyTree, batch_stats: PyTree, views, target: Optional[PyTree] = None
            ) -> Tuple[jax.Array, dict]:
@@ -250,17 +300,10 @@ class BYOL:
     if target is None:
       raise ValueError("BYOL.loss needs the target network; create it with "
                        "task.init_target(params, batch_stats).")
-    model = self.model
-    x = _joint_batch(views)
-    head, head_stats = params["pretext_head"], batch_stats["pretext_head"]
-    h, bb_stats = model.features(params["backbone"], batch_stats["backbone"], x, train=True)
-    z, proj_stats = model.project(head["projector"], head_stats["projector"], h, train=True)
-    p, pred_stats = model.predict(head["predictor"], head_stats["predictor"], z, train=True)
+    p, new_stats = self._predictions(params, batch_stats, views)
     p1, p2 = _split_views(p)
-    zt1, zt2 = _split_views(self._target_projections(target, x))
+    zt1, zt2 = _split_views(self._target_projections(target, views))
     loss = byol_regression_loss(p1, zt2) + byol_regression_loss(p2, zt1)
-    new_stats = {"backbone": bb_stats,
-                 "pretext_head": {"projector": proj_stats, "predictor": pred_stats}}
     cosine = 0.5 * (_mean_cosine(p1, zt2) + _mean_cosine(p2, zt1))
     metrics = {"loss": loss, "online_target_cosine": jax.lax.stop_gradient(cosine)}
     return loss, {"batch_stats": new_stats, "metrics": metrics}
@@ -274,13 +317,7 @@ class BYOL:
     projections enter through :meth:`output_loss`).
     """
     del target
-    model = self.model
-    head, head_stats = params["pretext_head"], batch_stats["pretext_head"]
-    h, _ = model.features(params["backbone"], batch_stats["backbone"], _joint_batch(views),
-                          train=True)
-    z, _ = model.project(head["projector"], head_stats["projector"], h, train=True)
-    p, _ = model.predict(head["predictor"], head_stats["predictor"], z, train=True)
-    return l2_normalize(_at_least_f32(p))
+    return l2_normalize(_at_least_f32(self._predictions(params, batch_stats, views)[0]))
 
   def output_loss(self, outputs: jax.Array, views, target: Optional[PyTree] = None
                   ) -> jax.Array:
@@ -294,7 +331,7 @@ class BYOL:
       raise ValueError("BYOL.output_loss needs the target network; create it with "
                        "task.init_target(params, batch_stats).")
     p1, p2 = _split_views(outputs)
-    zt = l2_normalize(_at_least_f32(self._target_projections(target, _joint_batch(views))))
+    zt = l2_normalize(_at_least_f32(self._target_projections(target, views)))
     zt1, zt2 = _split_views(zt)
     squared = lambda a, b: jnp.mean(jnp.sum(jnp.square(a - b), axis=-1))
     return squared(p1, zt2) + squared(p2, zt1)

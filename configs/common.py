@@ -143,6 +143,9 @@ def base_config() -> config_dict.ConfigDict:
   config.pretext.task = "simclr"
   config.pretext.temperature = 0.5
   config.pretext.ema_decay = 0.9995
+  # BatchNorm over the two views: 'per_view' (each view its own batch, as the reference
+  # PyTorch code; the paper's setting) or 'joint' (one batch of 2B).
+  config.pretext.bn_grouping = "per_view"
   config.pretext.epochs = 500
   config.pretext.batch_size = 1024
   config.pretext.lr = 4.8          # peak LR (not scaled by batch size)

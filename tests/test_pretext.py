@@ -247,3 +247,38 @@ def test_simclr_loss_same_on_two_devices():
   result = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], cwd=root, env=env,
                           capture_output=True, text=True, timeout=300)
   assert result.returncode == 0 and "SHARDED_OK" in result.stdout, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("task_name", ["simclr", "byol"])
+def test_bn_grouping_per_view_and_joint_match_separate_and_concatenated_passes(task_name):
+  # per_view: each view through the network on its own, statistics per view and the
+  # running averages updated twice (the reference's order); joint: one pass of 2B.
+  model = _tiny_model(task_name == "byol")
+  params, stats = model.init(jax.random.PRNGKey(0), 16)
+  rng = np.random.default_rng(0)
+  v1, v2 = (jnp.asarray(rng.normal(size=(4, 16, 16, 3)), jnp.float32) for _ in range(2))
+  feats = lambda st, x: model.features(params["backbone"], st, x, train=True)
+  h1, s1 = feats(stats["backbone"], v1)
+  h2, s2 = feats(s1, v2)
+  hj, sj = feats(stats["backbone"], jnp.concatenate([v1, v2]))
+  for grouping, (h_ref, s_ref) in (("per_view", (jnp.concatenate([h1, h2]), s2)),
+                                   ("joint", (hj, sj))):
+    h, s = pretext.two_view_apply(lambda p, st, x: model.features(p, st, x, train=True),
+                                  params["backbone"], stats["backbone"], (v1, v2), grouping)
+    np.testing.assert_allclose(h, h_ref, rtol=1e-5, atol=1e-6)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                           s, s_ref)
+  # The groupings really differ, and the task's loss follows its grouping.
+  assert float(jnp.max(jnp.abs(jnp.concatenate([h1, h2]) - hj))) > 1e-4
+  task = pretext.make_pretext_task(task_name, model, bn_grouping="per_view")
+  joint = pretext.make_pretext_task(task_name, model, bn_grouping="joint")
+  target = task.init_target(params, stats) if task.has_target else None
+  lp = task.loss(params, stats, (v1, v2), target)[0]
+  lj = joint.loss(params, stats, (v1, v2), target)[0]
+  assert abs(float(lp) - float(lj)) > 1e-6
+  if hasattr(task, "outputs"):  # the Gauss-Newton split follows the same grouping
+    np.testing.assert_allclose(task.output_loss(task.outputs(params, stats, (v1, v2), target),
+                                                (v1, v2), target), lp, rtol=1e-5)
+  with pytest.raises(ValueError, match="bn_grouping"):
+    pretext.make_pretext_task(task_name, model, bn_grouping="per_batch").loss(
+        params, stats, (v1, v2), target)

@@ -92,6 +92,7 @@ def build_pretext_task(config, model):
   """The pretext task of ``config.pretext`` for ``model``."""
   p = config.pretext
   kwargs = {"temperature": p.temperature} if p.task == "simclr" else {"ema_decay": p.ema_decay}
+  kwargs["bn_grouping"] = p.bn_grouping
   return pretext_lib.make_pretext_task(p.task, model, image_size=config.data.image_size,
                                        **kwargs)
 
