@@ -220,6 +220,12 @@ def help_text(spec: str = DEFAULT_CONFIG) -> str:
   config = load_config(spec)
   base = config_fields(common.base_config())
   fields = config_fields(config)
+  for name in set(base) - set(fields):  # a group the config file filled (bissl_variants)
+    if name in _groups(config):
+      node = config
+      for part in name.split("."):
+        node = node[part]
+      fields[name] = node
   choices = _choices()
   lines = [
       "usage: bissl-jax run [--config=FILE[:ARGS]] [--workdir=DIR] "
@@ -242,7 +248,7 @@ def help_text(spec: str = DEFAULT_CONFIG) -> str:
   width = max(len(n) for n in fields)
   for name in sorted(fields, key=lambda n: (n.count(".") > 0, n)):
     value = fields[name]
-    shown = "{}" if hasattr(value, "items") else repr(value)
+    shown = ("{" + ", ".join(value) + "}") if hasattr(value, "items") else repr(value)
     meaning = common.FIELD_HELP.get(name, "(set by this config file)")
     if name in choices:
       meaning += f"; one of {', '.join(choices[name])}"
