@@ -78,6 +78,60 @@ def test_notebook_structure():
     assert needle in sources, needle
 
 
+def _cell_with(nb, needle):
+  cells = [c for c in nb.cells if c.cell_type == "code" and needle in c.source]
+  assert len(cells) == 1, needle
+  return cells[0]
+
+
+def _install_helpers(nb) -> dict:
+  """The functions of the install cell, defined in a namespace of their own."""
+  tree = ast.parse(_cell_with(nb, "def jax_constraints").source)
+  defs = [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.Import, ast.ImportFrom))]
+  namespace = {}
+  exec(compile(ast.Module(body=defs, type_ignores=[]), "<install>", "exec"), namespace)  # pylint: disable=exec-used
+  return namespace
+
+
+def test_install_keeps_the_runtimes_jax(tmp_path):
+  from importlib import metadata
+  helpers = _install_helpers(_read())
+  pins = helpers["jax_constraints"](REPO_ROOT)
+  assert pins.splitlines() == [f"jax=={metadata.version('jax')}",
+                               f"jaxlib=={metadata.version('jaxlib')}"]
+  # A JAX outside setup.py's range stops with the command that fixes it.
+  (tmp_path / "setup.py").write_text('INSTALL_REQUIRES = ["jax>=0.1,<0.2"]')
+  with pytest.raises(RuntimeError, match=r"jax\[tpu\]>=0.1,<0.2.*restart the runtime"):
+    helpers["jax_constraints"](str(tmp_path))
+  # The pins reach pip: the install command carries the constraints file.
+  source = _cell_with(_read(), "def jax_constraints").source
+  assert 'pip += ["-c", "jax_constraints.txt"]' in source
+
+
+def test_colab_link_from_the_repository_url():
+  nb = _read()
+  colab_link = _install_helpers(nb)["colab_link"]
+  want = ("https://colab.research.google.com/github/someone/bissl_jax/blob/main/notebooks/"
+          "quickstart.ipynb")
+  assert colab_link("https://github.com/someone/bissl_jax.git") == want
+  assert colab_link("https://github.com/someone/bissl_jax/") == want
+  assert "Open in Colab" in nb.cells[0].source
+  assert "REPO_URL" in _parameter_cell(nb).source
+
+
+def test_float32_checks_run_at_highest_precision_and_text_matches_config():
+  nb = _read()
+  cell = _cell_with(nb, "< 1e-4")
+  assert 'with jax.default_matmul_precision("highest"):' in cell.source
+  assert cell.source.index("default_matmul_precision") < cell.source.index("implicit_grad(")
+  from configs import digits_simclr  # pylint: disable=g-import-not-at-top
+  config = digits_simclr.get_config()
+  text = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
+  assert f"upscaled to {config.data.image_size} px" in text
+  width = {0.125: "width 1/8"}[config.model.width_multiplier]
+  assert width in text and "ResNet-18" in text and config.model.arch == "resnet18"
+
+
 @pytest.mark.slow  # runs the whole notebook (minutes)
 def test_notebook_executes_at_tiny_budget(tmp_path, monkeypatch):
   pytest.importorskip("bissl_jax.pipeline")
