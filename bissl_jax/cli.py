@@ -168,60 +168,24 @@ def load_config(spec: str):
   return values.config
 
 
-def config_fields(config, prefix: str = "") -> dict:
-  """``{dotted name: value}`` of every leaf (and every empty group) of ``config``."""
-  out = {}
-  for key, value in config.items():
-    name = prefix + key
-    if hasattr(value, "items"):
-      nested = config_fields(value, name + ".")
-      out.update(nested if nested else {name: value})
-    else:
-      out[name] = value
-  return out
-
-
-def _groups(config, prefix: str = "") -> set:
-  out = set()
-  for key, value in config.items():
-    if hasattr(value, "items"):
-      out.add(prefix + key)
-      out |= _groups(value, prefix + key + ".")
-  return out
-
-
 def check_overrides(argv: Sequence[str], config) -> None:
   """Raises ConfigError for every ``--config.<field>`` that ``config`` does not have."""
-  from bissl_jax.config_validation import ConfigError  # pylint: disable=g-import-not-at-top
-  known = set(config_fields(config)) | _groups(config)
-  problems = []
-  for arg in argv:
-    if not arg.startswith(("--config.", "--noconfig.")):
-      continue
-    field = arg.split("=", 1)[0].split("config.", 1)[1]
-    if field in known:
-      continue
-    leaf = field.rsplit(".", 1)[-1]
-    close = difflib.get_close_matches(field, sorted(known), n=3, cutoff=0.6) or [
-        k for k in sorted(known) if k.rsplit(".", 1)[-1] in
-        difflib.get_close_matches(leaf, [n.rsplit(".", 1)[-1] for n in known], n=3)][:3]
-    hint = (f"did you mean {' or '.join(repr(c) for c in close)}?" if close else
-            "no field of that name.")
-    problems.append(f"config.{field}: unknown field; {hint}")
-  if problems:
-    raise ConfigError("\n".join(problems) + "\n`bissl-jax run --help` lists every field.")
+  from bissl_jax.config_validation import check_field_names  # pylint: disable=g-import-not-at-top
+  names = [arg.split("=", 1)[0].split("config.", 1)[1] for arg in argv
+           if arg.startswith(("--config.", "--noconfig."))]
+  check_field_names(config, names, hint="`bissl-jax run --help` lists every field.")
 
 
 def help_text(spec: str = DEFAULT_CONFIG) -> str:
   """Usage, flags and every config field with its value in ``spec`` and its meaning."""
   # pylint: disable=g-import-not-at-top
   from configs import common
-  from bissl_jax.config_validation import _choices
+  from bissl_jax.config_validation import _choices, config_fields, config_groups
   config = load_config(spec)
   base = config_fields(common.base_config())
   fields = config_fields(config)
   for name in set(base) - set(fields):  # a group the config file filled (bissl_variants)
-    if name in _groups(config):
+    if name in config_groups(config):
       node = config
       for part in name.split("."):
         node = node[part]

@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from bissl_jax import cli
+from bissl_jax.config_validation import ConfigError, check_field_names, config_fields
 from bissl_jax.errors import NonFiniteError
 from configs import common
 
@@ -115,7 +116,7 @@ def test_help_lists_every_config_field(tmp_path):
   proc = _run(["-m", "bissl_jax", "run", "--help"], tmp_path)
   assert proc.returncode == 0, proc.stderr
   lines = proc.stdout.splitlines()
-  fields = cli.config_fields(common.base_config())
+  fields = config_fields(common.base_config())
   for name in fields:
     line = next((l for l in lines if l.split()[:1] == [name]), None)
     assert line is not None, f"{name} missing from --help"
@@ -154,3 +155,15 @@ def test_console_script_and_subcommands(tmp_path):
   assert proc.returncode == 0 and "--backbone" in proc.stdout
   proc = _run(["-m", "bissl_jax", "runn"], tmp_path)
   assert proc.returncode == cli.USER_ERROR_STATUS and "Did you mean 'run'" in proc.stderr
+
+
+def test_check_field_names_did_you_mean():
+  config = common.base_config()
+  check_field_names(config, ["bissl.lam", "data", "bissl_variants"])
+  with pytest.raises(ConfigError) as err:
+    check_field_names(config, ["bissl.lamm", "lam", "model.zzz_unrelated"], hint="see --help")
+  lines = str(err.value).splitlines()
+  assert lines[0].startswith("config.bissl.lamm: unknown field; did you mean 'bissl.lam'")
+  assert lines[1].startswith("config.lam: unknown field; did you mean 'bissl.lam'")
+  assert lines[2] == "config.model.zzz_unrelated: unknown field; no field of that name."
+  assert lines[3] == "see --help"
