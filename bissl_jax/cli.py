@@ -18,7 +18,6 @@ import difflib
 import os
 import signal
 import sys
-import traceback
 from typing import Iterator, List, Optional, Sequence
 
 # The config files import ``configs.common``: make the folder holding ``configs``

@@ -407,7 +407,8 @@ FIELD_HELP = {
     "bissl.hessian_mode": "how the lower-level Hessian is applied",
     "bissl.warm_start": "start each solve from the previous solution",
     "bissl.unroll": "unroll the loops inside a jit (None: on CPU only)",
-    "bissl.stage_driver": "fused: one jit per alternation; per_step: one per step; auto: per_step on CPU",
+    "bissl.stage_driver": "fused: one jit per alternation; per_step: one per step; "
+                          "auto: per_step on CPU",
     "bissl.checkpoint_every": "alternations between BiSSL checkpoints",
     "bissl.lam_schedule": "λ schedule over the alternations",
     "bissl.lam_min": "smallest λ of a schedule",

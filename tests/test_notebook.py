@@ -92,7 +92,8 @@ def _install_helpers(nb) -> dict:
   tree = ast.parse(_cell_with(nb, "def jax_constraints").source)
   defs = [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.Import, ast.ImportFrom))]
   namespace = {}
-  exec(compile(ast.Module(body=defs, type_ignores=[]), "<install>", "exec"), namespace)  # pylint: disable=exec-used
+  code = compile(ast.Module(body=defs, type_ignores=[]), "<install>", "exec")
+  exec(code, namespace)  # pylint: disable=exec-used
   return namespace
 
 
