@@ -29,6 +29,8 @@ setup(
     packages=find_packages(include=["bissl_jax", "bissl_jax.*", "configs", "experiments"]),
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
+    # `bissl-jax run|visualize|convert` (also `python -m bissl_jax`).
+    entry_points={"console_scripts": ["bissl-jax=bissl_jax.cli:main"]},
     extras_require={
         "test": ["pytest>=8", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29",
                  "transformers>=4.40", "pyarrow>=14"],

@@ -14,6 +14,7 @@ registered one is accepted without a change here. The defaults live in
 """
 import contextlib
 import copy
+import difflib
 from typing import Any, List, Optional
 
 import jax
@@ -38,6 +39,52 @@ def _get(config, dotted: str):
   for part in dotted.split("."):
     node = node[part] if isinstance(node, dict) else getattr(node, part)
   return node
+
+
+def config_fields(config, prefix: str = "") -> dict:
+  """``{dotted name: value}`` of every leaf (and every empty group) of ``config``."""
+  out = {}
+  for key, value in config.items():
+    name = prefix + key
+    if hasattr(value, "items"):
+      nested = config_fields(value, name + ".")
+      out.update(nested if nested else {name: value})
+    else:
+      out[name] = value
+  return out
+
+
+def config_groups(config, prefix: str = "") -> set:
+  """The dotted names of every group (nested ConfigDict) of ``config``."""
+  out = set()
+  for key, value in config.items():
+    if hasattr(value, "items"):
+      out.add(prefix + key)
+      out |= config_groups(value, prefix + key + ".")
+  return out
+
+
+def check_field_names(config: Any, names, *, hint: str = "") -> None:
+  """Raises one ConfigError naming every dotted name in ``names`` that ``config`` lacks.
+
+  Each unknown name gets the closest known names ("did you mean"): first by the whole
+  dotted name, else by its last part (``lam`` -> ``bissl.lam``).
+  """
+  known = sorted(set(config_fields(config)) | config_groups(config))
+  leaves = [k.rsplit(".", 1)[-1] for k in known]
+  problems = []
+  for name in names:
+    if name in known:
+      continue
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+    if not close:
+      near = difflib.get_close_matches(name.rsplit(".", 1)[-1], leaves, n=3)
+      close = [k for k in known if k.rsplit(".", 1)[-1] in near][:3]
+    problems.append(f"config.{name}: unknown field; " + (
+        f"did you mean {' or '.join(repr(c) for c in close)}?" if close
+        else "no field of that name."))
+  if problems:
+    raise ConfigError("\n".join(problems) + (f"\n{hint}" if hint else ""))
 
 
 def _is_known_dataset(name) -> bool:

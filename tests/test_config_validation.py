@@ -169,7 +169,7 @@ def test_command_line_flags(monkeypatch):
   from experiments import main as main_lib
   import bissl_jax.pipeline
   calls = []
-  monkeypatch.setattr(bissl_jax.pipeline, "run", lambda config, workdir: calls.append(
+  monkeypatch.setattr(bissl_jax.pipeline, "run", lambda config, workdir, **_: calls.append(
       (config, workdir)))
   monkeypatch.setattr(main_lib.signal, "signal", lambda *args: None)
 

@@ -7,10 +7,13 @@
 - ``tfds_loader``: TFDS datasets read without TensorFlow (:func:`load_splits`,
   :func:`load_pretext_split`).
 - ``folder``: FGVC-Aircraft from a local folder.
+- ``availability``: :func:`check_prepared`, every missing dataset of a run in one
+  message, checked on the files before TFDS is asked.
 - ``stacks``: :class:`BatchStack`, the resumable per-level batch iterator.
 
 TensorFlow Datasets is imported only when a TFDS dataset is read.
 """
+from bissl_jax.data.availability import check_prepared
 from bissl_jax.data.arrays import (ArrayDataset, resize_image, resize_images,
                                    stratified_split)
 from bissl_jax.data.catalogue import (CATALOGUE, DatasetNotFoundError,
@@ -24,7 +27,7 @@ from bissl_jax.data.tfds_loader import (LazyTfdsDataset, load_pretext_split,
 
 __all__ = [
     'ArrayDataset', 'BatchStack', 'CATALOGUE', 'DatasetNotFoundError',
-    'DatasetSpec', 'LazyTfdsDataset', 'StackState', 'get_spec',
+    'DatasetSpec', 'LazyTfdsDataset', 'check_prepared', 'StackState', 'get_spec',
     'load_digits_splits', 'load_fgvc_aircraft', 'load_pretext_split',
     'load_splits', 'load_tfds_split', 'open_tfds_split', 'resize_image',
     'resize_images', 'stratified_split',

@@ -7,6 +7,9 @@ from bissl_jax import data as data_lib
 def load_data(config, need_pretext: bool, need_downstream: bool):
   """Opens the datasets a run needs; raises DatasetNotFoundError before any compute.
 
+  Every dataset the run needs is checked first, and all missing ones are named in
+  one message with their preparation commands (``bissl_jax.data.check_prepared``).
+
   When pretext and downstream data are the same set (the digits default), the
   pretext data is the downstream *training* split, never validation or test.
   ``data.max_train_examples`` subsamples the training split (fixed by
@@ -17,6 +20,9 @@ def load_data(config, need_pretext: bool, need_downstream: bool):
     and the pretext dataset (or None).
   """
   d = config.data
+  wanted = ([("pretext", d.pretext_dataset)] if need_pretext else []) + (
+      [("downstream", d.downstream_dataset)] if need_downstream else [])
+  data_lib.check_prepared(wanted, d.data_dir)  # every missing set named, before TFDS
   pretext_spec = data_lib.get_spec(d.pretext_dataset)
   same = (data_lib.get_spec(d.downstream_dataset).name == pretext_spec.name
           and pretext_spec.pretext_split == pretext_spec.train_split)

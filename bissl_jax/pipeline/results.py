@@ -108,7 +108,11 @@ def to_markdown(results: Mapping[str, object]) -> str:
     lines.append(f"- {p['label']}: {per}")
   if "wall_time_s" in results:
     lines.append("")
-    lines.append(f"Wall time: {results['wall_time_s']:.0f} s.")
+    lines.append(f"Wall time: {results['wall_time_s']:.0f} s (until the run first "
+                 "completed, summed over its interrupted invocations).")
+    if results.get("resumed_wall_time_s"):
+      later = ", ".join(f"{s:.0f} s" for s in results["resumed_wall_time_s"])
+      lines.append(f"Reruns after completion: {later}.")
   return "\n".join(lines) + "\n"
 
 
@@ -121,6 +125,48 @@ def write_results(workdir: str, results: Mapping[str, object]) -> str:
   with open(os.path.join(workdir, "results.md"), "w") as f:
     f.write(text)
   return text
+
+
+WALL_TIMES_FILE = "wall_times.json"  # one entry per invocation of a comparison run
+
+
+def record_invocation(workdir: str, seconds: float, finished: bool) -> list:
+  """Appends one invocation's wall time to ``workdir/wall_times.json``; returns all."""
+  path = os.path.join(workdir, WALL_TIMES_FILE)
+  entries = (read_json(path) or {}).get("invocations", [])
+  entries.append({"seconds": float(seconds), "finished": bool(finished)})
+  write_json(path, {"invocations": entries})
+  return entries
+
+
+def wall_times(invocations, previous: Optional[Mapping] = None) -> dict:
+  """``wall_time_s`` and ``resumed_wall_time_s`` of a run from its invocations.
+
+  ``wall_time_s`` is the time until the run first finished: every invocation up to
+  and including the first finished one (an interrupted run resumed later counts
+  both parts). Each later invocation (a rerun of a finished workdir, which only
+  reloads the stage outputs) goes into ``resumed_wall_time_s`` and never replaces
+  the original time.
+
+  Args:
+    invocations: ``[{'seconds', 'finished'}]`` in order (see :func:`record_invocation`).
+    previous: the ``results.json`` already in the workdir, if any. A workdir written
+      before invocations were recorded keeps that file's ``wall_time_s``.
+
+  Returns:
+    ``{'wall_time_s': float, 'resumed_wall_time_s': [float, ...]}``.
+  """
+  first = next((i for i, e in enumerate(invocations) if e["finished"]), None)
+  if first is None:
+    raise ValueError("wall_times: no finished invocation.")
+  if previous and "wall_time_s" in previous and first == len(invocations) - 1:
+    # A finished results.json but no earlier finished invocation: the workdir was
+    # written before invocations were recorded, and its time is the original one.
+    return {"wall_time_s": float(previous["wall_time_s"]),
+            "resumed_wall_time_s": list(previous.get("resumed_wall_time_s", []))
+            + [invocations[-1]["seconds"]]}
+  return {"wall_time_s": sum(e["seconds"] for e in invocations[:first + 1]),
+          "resumed_wall_time_s": [e["seconds"] for e in invocations[first + 1:]]}
 
 
 def write_json(path: str, record: Mapping) -> None:

@@ -89,7 +89,31 @@ def _write_config(workdir: str, config) -> None:
             else json.dumps(dict(config), indent=2, default=str))
 
 
-def run(config, workdir: str, *, bissl_callback: Optional[Callable] = None) -> dict:
+def _has_earlier_run(workdir: str) -> bool:
+  return any(os.path.exists(os.path.join(workdir, name))
+             for name in ("config.json", "metrics.jsonl", results_lib.WALL_TIMES_FILE))
+
+
+def banner(config, workdir: str, *, source: str, resumed: bool) -> str:
+  """The start-up lines of a run: backend, devices, mesh, config, workdir, fresh/resumed."""
+  from bissl_jax import parallel  # pylint: disable=g-import-not-at-top
+  devices = jax.devices()
+  mesh = parallel.make_mesh()
+  kinds = sorted({d.device_kind for d in devices})
+  state = ("resumed: finished stages are loaded, an unfinished one continues from its "
+           "checkpoint" if resumed else "fresh")
+  return "\n".join([
+      f"bissl-jax: backend {jax.default_backend()}, {len(devices)} device(s) "
+      f"({', '.join(kinds)}), {jax.process_count()} process(es), mesh "
+      + " x ".join(f"{name}={size}" for name, size in mesh.shape.items()),
+      f"  config   {source} (stages={config.stages}, downstream "
+      f"{config.data.downstream_dataset}, pretext {config.data.pretext_dataset}, "
+      f"{config.data.image_size} px, seeds {tuple(config.seeds)})",
+      f"  workdir  {workdir} ({state})"])
+
+
+def run(config, workdir: str, *, bissl_callback: Optional[Callable] = None,
+        announce: Optional[str] = None) -> dict:
   """Runs ``config.stages`` in ``workdir`` (resuming whatever is already there).
 
   Args:
@@ -97,6 +121,9 @@ def run(config, workdir: str, *, bissl_callback: Optional[Callable] = None) -> d
     workdir: the run directory.
     bissl_callback: optional ``callback(alternations_done, state, metrics)`` called
       after every BiSSL alternation (tests use it to interrupt a run).
+    announce: the config's name (e.g. its file); when given, a start-up banner
+      (backend, devices, mesh, config, workdir, fresh or resumed) is printed once the
+      config and the data are checked.
 
   Returns:
     For ``'all'`` the results record (also written to ``results.json`` and
@@ -111,11 +138,16 @@ def run(config, workdir: str, *, bissl_callback: Optional[Callable] = None) -> d
   start = time.time()
   config = validate_config(config)
   workdir = os.path.abspath(workdir)
+  resumed = _has_earlier_run(workdir)
+  need_pretext, need_downstream = _NEEDS[config.stages]
+  # Before anything is written: a missing dataset leaves no workdir behind.
+  splits, pretext_set = load_data(config, need_pretext, need_downstream)
   os.makedirs(workdir, exist_ok=True)
   _write_config(workdir, config)
-  need_pretext, need_downstream = _NEEDS[config.stages]
-  splits, pretext_set = load_data(config, need_pretext, need_downstream)
+  if announce is not None and jax.process_index() == 0:
+    print(banner(config, workdir, source=announce, resumed=resumed), flush=True)
   ctx = build_context(config, workdir)
+  finished = False
   try:
     if config.stages != "all":
       record = run_single_stage(ctx, config.stages, splits, pretext_set)
@@ -123,7 +155,13 @@ def run(config, workdir: str, *, bissl_callback: Optional[Callable] = None) -> d
       return record
     results = comparison.run_comparison(ctx, splits, pretext_set,
                                         bissl_callback=bissl_callback)
-    results["wall_time_s"] = time.time() - start
+    finished = True
+    if jax.process_index() == 0:
+      # The original run's time survives reruns of a finished workdir (which only
+      # reload the stage outputs); later invocations are listed separately.
+      previous = results_lib.read_json(os.path.join(workdir, "results.json"))
+      invocations = results_lib.record_invocation(workdir, time.time() - start, True)
+      results.update(results_lib.wall_times(invocations, previous))
     results["devices"] = f"{jax.device_count()} x {jax.devices()[0].platform}"
     if jax.process_index() == 0:
       print(results_lib.write_results(workdir, results), flush=True)
@@ -131,4 +169,6 @@ def run(config, workdir: str, *, bissl_callback: Optional[Callable] = None) -> d
       results["plots"] = results_lib.plot_curves(workdir)
     return results
   finally:
+    if config.stages == "all" and not finished and jax.process_index() == 0:
+      results_lib.record_invocation(workdir, time.time() - start, False)
     ctx.logger.close()
