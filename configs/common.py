@@ -373,6 +373,7 @@ FIELD_HELP = {
     "pretext.task": "pretext task",
     "pretext.temperature": "SimCLR's NT-Xent temperature τ",
     "pretext.ema_decay": "BYOL's target EMA decay",
+    "pretext.bn_grouping": "BatchNorm over the two views: per_view (the reference's) or joint (one 2B batch)",
     "pretext.epochs": "pretext pretraining epochs",
     "pretext.batch_size": "pretext pretraining batch size",
     "pretext.lr": "peak LARS learning rate of pretraining (not scaled by batch size)",
