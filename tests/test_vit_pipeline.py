@@ -99,3 +99,23 @@ def test_imagenet_config_has_bisslight_defaults():
   small = imagenet_mae_lora.get_config("downstream=dtd,runlocal")
   assert small.model.arch == "vit_test_patch4" and small.pretext.task == "mae"
   validate_config(small)
+
+
+def test_pretext_checkpoint_pth_loads_into_the_lora_model(tmp_path):
+  """``pretext.checkpoint`` = an MAE .pth: base weights as saved, fresh adapters (B = 0)."""
+  from bissl_jax.convert import mae as convert_mae
+  from bissl_jax.pipeline import comparison
+  ctx = build_context(validate_config(tiny_config()), str(tmp_path))
+  base = context_lib.pretraining_context(ctx).init_variables(jax.random.key(7))[0]
+  path = str(tmp_path / "mae_pretrain_vit_test_full.pth")
+  convert_mae.save_mae_torch({"backbone": base["backbone"],
+                              "pretext_head": base["pretext_head"]}, path)
+  params, stats = comparison.load_pretext_model(ctx, path, seed=3)
+  assert stats == {"backbone": {}, "pretext_head": {}}
+  flat, saved = _flat(params), _flat({g: base[g] for g in ("backbone", "pretext_head")})
+  assert set(saved) < set(flat)
+  for k, v in saved.items():
+    np.testing.assert_allclose(flat[k], v, rtol=0, atol=1e-7, err_msg=k)
+  added = [k for k in flat if k not in saved]
+  assert added and all("lora_" in k for k in added)
+  assert all(not np.any(flat[k]) for k in added if k.endswith("['lora_b']"))
