@@ -1,10 +1,13 @@
 """Smoke test of bench/vit_cost.py at --tiny: it runs and returns a sane table."""
 import math
 
+import pytest
+
 from bench import common
 from bench import vit_cost
 
 
+@pytest.mark.slow  # compiles two BiSSL alternations (about 30 s on a 2-core CPU)
 def test_vit_cost_runs_tiny(tmp_path):
   doc = tmp_path / "benchmarks.md"
   table, alternation = vit_cost.main(["--tiny", "--no-record", "--repeats", "1", "--doc",

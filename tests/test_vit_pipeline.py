@@ -38,6 +38,7 @@ def vit_run(tmp_path_factory):
   return workdir, results
 
 
+@pytest.mark.slow  # shares one runlocal comparison (about 20 s on a 2-core CPU)
 def test_runlocal_comparison_keeps_the_frozen_base_bit_for_bit(vit_run):
   workdir, results = vit_run
   assert set(results["pipelines"]) == {"baseline", "bissl"}
@@ -60,6 +61,7 @@ def test_runlocal_comparison_keeps_the_frozen_base_bit_for_bit(vit_run):
     assert max(float(np.max(np.abs(x))) for x in b) > 0, name
 
 
+@pytest.mark.slow  # shares one runlocal comparison (about 20 s on a 2-core CPU)
 def test_pretraining_trained_the_base_weights(vit_run, tmp_path):
   workdir, _ = vit_run
   config = validate_config(tiny_config())
