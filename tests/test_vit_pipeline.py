@@ -103,15 +103,22 @@ def test_imagenet_config_has_bisslight_defaults():
   validate_config(small)
 
 
-def test_pretext_checkpoint_pth_loads_into_the_lora_model(tmp_path):
-  """``pretext.checkpoint`` = an MAE .pth: base weights as saved, fresh adapters (B = 0)."""
+@pytest.mark.parametrize("fmt", ["pth", "stage_output"])
+def test_pretext_checkpoint_loads_into_the_lora_model(tmp_path, fmt):
+  """``pretext.checkpoint``: base weights as saved, fresh adapters (B = 0)."""
   from bissl_jax.convert import mae as convert_mae
   from bissl_jax.pipeline import comparison
   ctx = build_context(validate_config(tiny_config()), str(tmp_path))
   base = context_lib.pretraining_context(ctx).init_variables(jax.random.key(7))[0]
-  path = str(tmp_path / "mae_pretrain_vit_test_full.pth")
-  convert_mae.save_mae_torch({"backbone": base["backbone"],
-                              "pretext_head": base["pretext_head"]}, path)
+  groups = {"backbone": base["backbone"], "pretext_head": base["pretext_head"]}
+  if fmt == "pth":
+    path = str(tmp_path / "mae_pretrain_vit_test_full.pth")
+    convert_mae.save_mae_torch(groups, path)
+  else:
+    path = str(tmp_path / "pretext" / "output")
+    stage_output.export(path, {"params": groups,
+                               "batch_stats": {"backbone": {}, "pretext_head": {}}},
+                        {"stage": "pretext"})
   params, stats = comparison.load_pretext_model(ctx, path, seed=3)
   assert stats == {"backbone": {}, "pretext_head": {}}
   flat, saved = _flat(params), _flat({g: base[g] for g in ("backbone", "pretext_head")})
