@@ -10,15 +10,19 @@ On one MAE batch and one LoRA model, side by side:
 * one implicit solve over the LoRA leaves (``implicit_grad``, ``hessian_mode=
   'linearize'``, ``cg`` with ``--cg-iters`` iterations), the upper level's main cost.
 
+A second table times one BiSSL alternation (N_L lower + N_U upper steps) through
+the library's own per-step pieces (``train_state.make_alternation_fn(setup)`` with
+the ``'per_step'`` driver, as ``bench/solver_cost.py``), with the implicit gradient
+by BiSSLight's ``mfac`` (per-layer blocks, m = N_L, no damping) and by the paper's
+``layerwise_cg`` (``--cg-iters``, δ = 10), in the same pretext-gradient unit, with
+XLA's compiled memory of one upper step (plus the M-FAC window).
+
 Sizes: ``--tiny`` (the CPU test toy, seconds), ``--small`` (width 64, depth 4, 32 px,
 for a 2-core CPU), default full size: MAE ViT-B/16 at 224 px, LoRA rank 64 on q and v,
-pretext batch 256, for an accelerator::
+pretext batch 256 (downstream batch 64), for an accelerator::
 
   python -m bench.vit_cost --small
   python -m bench.vit_cost            # ViT-B/16, on a GPU or TPU
-
-M-FAC is not timed here yet (it needs no Hessian-vector product: m stored gradients
-and one m×m solve per block).
 """
 import argparse
 import dataclasses
@@ -30,13 +34,19 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from bench import alternation_cost
 from bench import common
+from bench import solver_cost
+from bissl_jax import bilevel
+from bissl_jax import downstream as downstream_lib
 from bissl_jax import implicit
+from bissl_jax import mfac
 from bissl_jax import lora
 from bissl_jax import partition
 from bissl_jax.lora import LoRAConfig
 from bissl_jax.mae import MAE, MAEDecoder
 from bissl_jax.vit import ViT
+from bissl_jax import train_state as ts
 from bissl_jax.vit_model import LinearClassifier, ViTModel
 
 LAM = 1e-3
@@ -89,6 +99,10 @@ def parse_args(argv):
   group.add_argument("--small", action="store_true")
   group.add_argument("--tiny", action="store_true")
   parser.add_argument("--cg-iters", type=int, default=5)
+  parser.add_argument("--lower-steps", type=int, default=None,
+                      help="N_L of the alternation (default 20; 2 at --tiny).")
+  parser.add_argument("--upper-steps", type=int, default=None,
+                      help="N_U of the alternation (default 8; 2 at --tiny).")
   parser.add_argument("--repeats", type=int, default=None)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--no-record", action="store_true")
@@ -97,8 +111,94 @@ def parse_args(argv):
   args.size = SIZES["tiny" if args.tiny else "small" if args.small else "full"]
   if args.repeats is None:
     args.repeats = common.DEFAULT_REPEATS[args.size.name]
+  tiny = args.size.name == "tiny"
+  args.lower_steps = args.lower_steps or (2 if tiny else 20)
+  args.upper_steps = args.upper_steps or (2 if tiny else 8)
   args.argv = list(argv)
   return args
+
+
+def alternation_setups(model, task, image_size: int, args) -> dict:
+  """``{'mfac': setup, 'layerwise_cg': setup}``: the configs' BiSSL defaults, per step."""
+  from configs import common as config_common  # pylint: disable=g-import-not-at-top
+  config = config_common.base_config()
+  cfg = config.bissl.to_dict()
+  cfg.update(upper_lr=config.head_warmup.lr, upper_weight_decay=config.head_warmup.weight_decay,
+             lam=LAM, lower_steps=args.lower_steps, upper_steps=args.upper_steps,
+             cg_iters=args.cg_iters, stage_driver="per_step")
+  down = downstream_lib.Classification(model, image_size)
+  variants = {"mfac": dict(solver="mfac", damping=0.0, mfac_blocks="per_layer"),
+              "layerwise_cg": dict(solver="layerwise_cg", damping=10.0)}
+  return {name: bilevel.BisslSetup.from_config(model, task, dict(cfg, **v), downstream=down)
+          for name, v in variants.items()}
+
+
+def alternation_table(model, task, params, stats, s: ViTSize, args, grad_unit) -> common.Table:
+  """One alternation with ``mfac`` vs ``layerwise_cg``, in pretext gradients."""
+  rng = np.random.default_rng(args.seed + 2)
+  images = lambda *shape: rng.integers(0, 256, shape + (s.image_size, s.image_size, 3),
+                                       dtype=np.uint8)
+  down_batch = min(s.batch, 64)
+  batches = bilevel.AlternationBatches(
+      pretext=images(args.lower_steps, s.batch), hvp=images(s.batch),
+      downstream_images=images(args.upper_steps, down_batch),
+      downstream_labels=rng.integers(0, 10, (args.upper_steps, down_batch)).astype(np.int32))
+  key = jax.random.key(args.seed + 3)
+  lower_key, upper_key = jax.random.split(key)
+  contenders = {"gradient": grad_unit}
+  memory, compile_s = {}, {}
+  setups = alternation_setups(model, task, s.image_size, args)
+  for name, setup in setups.items():
+    alt = ts.make_alternation_fn(setup)
+    state = bilevel.init_bilevel_state(setup, params, stats)
+    lower_c, lower_s = common.compile_timed(alt.lower_step, state, batches.pretext[0], key)
+    # M-FAC's window must hold real gradients before its upper stage means anything.
+    filled = alternation_cost.lower_stage(lower_c, state, batches.pretext, lower_key)
+    build_c, build_s = common.compile_timed(alt.prepare_stage, filled, batches.hvp, key)
+    operator, lam = build_c(filled, batches.hvp, key)
+    step_c, step_s = common.compile_timed(alt.upper_step, filled, operator, lam,
+                                          batches.downstream_images[0],
+                                          batches.downstream_labels[0], key)
+    compile_s[name] = lower_s + build_s + step_s
+    memory[name] = solver_cost._memory_mib(step_c)  # pylint: disable=protected-access
+    if setup.solver == "mfac":
+      memory["window"] = mfac.window_bytes(filled.solver_state.gradient_window) / 2.0 ** 20
+    pieces = {"build": build_c, "step": step_c}
+
+    def lower(lower_c=lower_c, state=state):
+      return alternation_cost.lower_stage(lower_c, state, batches.pretext, lower_key)
+
+    def upper(pieces=pieces, filled=filled):
+      return alternation_cost.pieces_upper_stage(pieces, filled, batches.hvp,
+                                                 batches.downstream_images,
+                                                 batches.downstream_labels, upper_key)
+
+    contenders[f"{name}: lower stage"] = lower
+    contenders[f"{name}: upper stage"] = upper
+    contenders[f"{name}: alternation"] = lambda lower=lower, pieces=pieces: (
+        alternation_cost.pieces_upper_stage(pieces, lower(), batches.hvp,
+                                            batches.downstream_images,
+                                            batches.downstream_labels, upper_key))
+  times = common.interleaved_timings(contenders, args.repeats)
+  unit = times["gradient"]
+  grads = lambda name: common.paired_ratio(times[name], unit)
+  rows = [[name, grads(f"{name}: upper stage") / args.upper_steps,
+           grads(f"{name}: upper stage"), grads(f"{name}: lower stage"),
+           grads(f"{name}: alternation"), memory[name], compile_s[name]]
+          for name in setups]
+  speedup = common.paired_ratio(times["layerwise_cg: upper stage"], times["mfac: upper stage"])
+  notes = [f"N_L = {args.lower_steps}, N_U = {args.upper_steps}, pretext batch {s.batch}, "
+           f"downstream batch {down_batch}; layerwise_cg: {args.cg_iters} iterations, "
+           f"δ = 10; mfac: per-layer blocks, m = N_L, δ = 0; λ = {LAM}.",
+           f"Upper stage, layerwise_cg / mfac: {speedup:.1f}×. M-FAC window "
+           f"({args.lower_steps} gradients of the LoRA leaves, float32): "
+           f"{memory['window']:.3g} MiB, included in its upper step's arguments.",
+           f"Unit: one pretext gradient of the trainable leaves ({common.median(unit):.4g} s); "
+           f"medians of per-round ratios over {args.repeats} interleaved rounds."]
+  return common.Table(
+      title=f"One BiSSL alternation on ViT + LoRA + MAE, mfac vs layerwise_cg — {describe(s)}",
+      columns=["Solver", "per upper step", "upper stage", "lower stage", "alternation",
+               "upper-step memory MiB", "compile s"], rows=rows, notes=notes)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[common.Table]:
@@ -154,7 +254,9 @@ def main(argv: Optional[Sequence[str]] = None) -> List[common.Table]:
            f"λ = {LAM}, δ = 10; medians of {args.repeats} interleaved rounds."]
   table = common.Table(title=f"ViT + LoRA + MAE pieces — {describe(s)}",
                        columns=["Piece", "ms", "pretext gradients"], rows=rows, notes=notes)
-  return common.finish("vit_cost", [table], args)
+  alternation = alternation_table(model, task, params, stats, s, args,
+                                  lambda: grad_trainable(train))
+  return common.finish("vit_cost", [table, alternation], args)
 
 
 if __name__ == "__main__":

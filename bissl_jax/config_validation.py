@@ -100,13 +100,16 @@ def _choices():
   """The registries' names: solver, Hessian mode, architecture, pretext task, λ schedule."""
   # pylint: disable=g-import-not-at-top  (imported on use: the registries pull in JAX models)
   from bissl_jax import bilevel, lam_variants, models, pretext, solvers
-  from bissl_jax import mfac
+  from bissl_jax import mfac, vit, vit_model
   return {"bissl.solver": tuple(sorted(solvers.SOLVERS)) + ("mfac",),  # mfac: stored gradients, no operator
           "bissl.stage_driver": tuple(bilevel.STAGE_DRIVERS),
           "bissl.hessian_mode": tuple(bilevel.HESSIAN_MODES),
           "bissl.mfac_blocks": tuple(mfac.BLOCK_RULES),
           "bissl.mfac_dtype": tuple(mfac.STORAGE_DTYPES),
-          "model.arch": tuple(sorted(models.ARCHITECTURES)),
+          # ResNets (models.ARCHITECTURES) and the named ViTs (vit_model.ARCHITECTURES).
+          "model.arch": tuple(sorted(models.ARCHITECTURES)) + vit_model.ARCHITECTURES,
+          "model.pool": vit_model.POOLS,
+          "model.posemb": vit.POSEMBS,
           "pretext.task": tuple(sorted(pretext.TASKS)),
           "pretext.bn_grouping": tuple(pretext.BN_GROUPINGS),
           "bissl.lam_schedule": tuple(lam_variants.SCHEDULES)}
@@ -230,6 +233,8 @@ def validate_config(config: Any, *, num_devices: Optional[int] = None) -> Any:
   if not missing("data.max_train_examples") and _get(config, "data.max_train_examples") is not None:
     positive("data.max_train_examples")
   choice("model.arch", choices["model.arch"])
+  choice("model.pool", choices["model.pool"])
+  choice("model.posemb", choices["model.posemb"])
   positive("model.width_multiplier", integer=False)
 
   # Pretext pretraining.

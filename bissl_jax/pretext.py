@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from bissl_jax import augment
+from bissl_jax.mae import MAE
 from bissl_jax.models import BisslModel
 
 PyTree = Any
@@ -337,19 +338,20 @@ class BYOL:
     return squared(p1, zt2) + squared(p2, zt1)
 
 
-TASKS = {"simclr": SimCLR, "byol": BYOL}
+# MAE (bissl_jax.mae) needs a ViT model with a decoder (bissl_jax.vit_model).
+TASKS = {"simclr": SimCLR, "byol": BYOL, "mae": MAE}
 
 
 def make_pretext_task(name: str, model: BisslModel, **kwargs):
   """Builds a pretext task by name.
 
   Args:
-    name: ``'simclr'`` or ``'byol'`` (case-insensitive).
-    model: the network bundle.
-    **kwargs: task fields, e.g. ``temperature`` or ``ema_decay``.
+    name: ``'simclr'``, ``'byol'`` or ``'mae'`` (case-insensitive).
+    model: the network bundle (a ViT with a decoder for ``'mae'``).
+    **kwargs: task fields, e.g. ``temperature``, ``ema_decay`` or ``mask_ratio``.
 
   Returns:
-    A :class:`SimCLR` or :class:`BYOL`.
+    A :class:`SimCLR`, :class:`BYOL` or :class:`bissl_jax.mae.MAE`.
   """
   key = str(name).lower()
   if key not in TASKS:

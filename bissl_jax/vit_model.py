@@ -27,6 +27,10 @@ from bissl_jax.vit import ViT, build_vit, sample_drop_noise
 PyTree = Any
 
 POOLS = ("token", "mean")
+# The ViT names a config may use as ``model.arch`` (config validation reads this):
+# the standard sizes at their usual patches, and the CPU test toy at patch 4.
+ARCHITECTURES = ("vit_test_patch4", "vit_tiny_patch16", "vit_small_patch16",
+                 "vit_base_patch16", "vit_large_patch16", "vit_huge_patch14")
 _BACKBONE_NORMS = ("norm", "norm1", "norm2")
 
 # trunc_normal(std=0.02) is timm's default for a fresh classifier.

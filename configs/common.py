@@ -138,6 +138,22 @@ def base_config() -> config_dict.ConfigDict:
   config.model.cifar_stem = False
   config.model.projector = "256-256-256"
   config.model.predictor = config_dict.placeholder(str)
+  # ViT fields (model.arch one of bissl_jax.vit_model.ARCHITECTURES, docs/vit.md); a
+  # ResNet ignores them. LoRA (lora_rank > 0) freezes the base weights in BiSSL, the
+  # head warm-up and fine-tuning; pretext pretraining (stage 1) trains the base model
+  # without adapters, and fresh adapters (B = 0: the same function) are added after it.
+  config.model.lora_rank = 0               # 0: no adapters, every backbone leaf trains
+  config.model.lora_alpha = config_dict.placeholder(float)   # None: alpha = rank
+  config.model.lora_targets = ("q", "v")   # of q, k, v, proj, fc1, fc2 (BiSSLight: q, v)
+  config.model.train_norms = False         # with LoRA, also train the backbone LayerNorms
+  config.model.pool = "token"              # classifier features: 'token' (class) or 'mean'
+  config.model.posemb = "sincos"           # 'sincos' (fixed, MAE) or 'learn'
+  config.model.decoder_width = 512         # MAE decoder (the pretext head φ_P)
+  config.model.decoder_depth = 8
+  config.model.decoder_heads = 16
+  config.model.drop_path = 0.0             # encoder stochastic depth (MAE's lower level only)
+  config.model.remat = False               # jax.checkpoint per transformer block
+  config.model.dtype = "float32"           # compute dtype ('bfloat16' on accelerators)
 
   config.pretext = config_dict.ConfigDict()
   config.pretext.task = "simclr"
@@ -146,6 +162,8 @@ def base_config() -> config_dict.ConfigDict:
   # BatchNorm over the two views: 'per_view' (each view its own batch, as the reference
   # PyTorch code; the paper's setting) or 'joint' (one batch of 2B).
   config.pretext.bn_grouping = "per_view"
+  config.pretext.mask_ratio = 0.75         # MAE: fraction of patches masked per sample
+  config.pretext.norm_pix_loss = True      # MAE: per-patch normalised pixel targets
   config.pretext.epochs = 500
   config.pretext.batch_size = 1024
   config.pretext.lr = 4.8          # peak LR (not scaled by batch size)
@@ -293,7 +311,8 @@ def apply_runlocal(config: config_dict.ConfigDict, *,
                    pretext_epochs: int = 0) -> config_dict.ConfigDict:
   """The smoke-test shrink of every config (big_vision's ``runlocal``): seconds of compute.
 
-  An 8 px ResNet-18 at 1/16 width with a 16-16-16 projector, 64 training images,
+  An 8 px ResNet-18 at 1/16 width with a 16-16-16 projector (a ViT config: the
+  test ViT ``vit_test_patch4`` with a 16-wide decoder and rank-2 LoRA), 64 training images,
   batch 32 everywhere, two seeds (the smallest count with a sample std), a step or
   two per stage and checkpoints as often as possible, so that every code path of the
   comparison runs. Its numbers mean nothing.
@@ -311,9 +330,20 @@ def apply_runlocal(config: config_dict.ConfigDict, *,
   config.checkpoint_every = 1
   config.data.image_size = 8
   config.data.max_train_examples = 64
-  config.model.arch = "resnet18"
-  config.model.width_multiplier = 0.0625
-  config.model.projector = "16-16-16"
+  if str(config.model.arch).startswith("vit_"):
+    # The CPU-test ViT (width 16, depth 2, patch 4: 4 patches at 8 px), a 16-wide
+    # one-block decoder, rank-2 LoRA if the config has LoRA.
+    config.model.arch = "vit_test_patch4"
+    config.model.decoder_width = 16
+    config.model.decoder_depth = 1
+    config.model.decoder_heads = 2
+    config.model.lora_rank = 2 if config.model.lora_rank else 0
+    config.model.remat = False
+    config.model.dtype = "float32"
+  else:
+    config.model.arch = "resnet18"
+    config.model.width_multiplier = 0.0625
+    config.model.projector = "16-16-16"
   config.pretext.epochs = int(pretext_epochs)
   config.pretext.baseline_epochs = None
   for stage in (config.pretext, config.head_warmup, config.finetune):
@@ -370,6 +400,20 @@ FIELD_HELP = {
     "model.cifar_stem": "3x3 stem without max-pool (small images)",
     "model.projector": "projector MLP widths, e.g. 256-256-256",
     "model.predictor": "BYOL predictor MLP widths (None: BYOL gets one, SimCLR none)",
+    "model.lora_rank": "ViT: LoRA rank (0: no adapters, every backbone leaf trains)",
+    "model.lora_alpha": "ViT: LoRA alpha (None: alpha = rank)",
+    "model.lora_targets": "ViT: projections with LoRA adapters (q, k, v, proj, fc1, fc2)",
+    "model.train_norms": "ViT with LoRA: also train the backbone LayerNorms",
+    "model.pool": "ViT: classifier features, 'token' (class token) or 'mean'",
+    "model.posemb": "ViT: position embeddings, 'sincos' (fixed) or 'learn'",
+    "model.decoder_width": "MAE decoder width (the pretext head)",
+    "model.decoder_depth": "MAE decoder blocks",
+    "model.decoder_heads": "MAE decoder attention heads",
+    "model.drop_path": "ViT: stochastic depth rate of the encoder",
+    "model.remat": "ViT: jax.checkpoint per transformer block",
+    "model.dtype": "ViT: compute dtype ('float32', 'bfloat16')",
+    "pretext.mask_ratio": "MAE: fraction of patches masked per sample",
+    "pretext.norm_pix_loss": "MAE: per-patch normalised pixel targets",
     "pretext.task": "pretext task",
     "pretext.temperature": "SimCLR's NT-Xent temperature τ",
     "pretext.ema_decay": "BYOL's target EMA decay",

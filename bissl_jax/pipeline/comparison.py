@@ -22,18 +22,23 @@ from bissl_jax.pipeline import bissl_stage
 from bissl_jax.pipeline import results as results_lib
 from bissl_jax.pipeline import search as search_lib
 from bissl_jax.pipeline import supervised
+from bissl_jax.pipeline import context as context_lib
 from bissl_jax.pipeline.context import StageContext
-from bissl_jax.pipeline.pretrain import pretrain
+from bissl_jax.pipeline.pretrain import load_vit_pretext_model, pretrain
 from bissl_jax.seeds import derive_seed
 
 
-def load_pretext_model(ctx: StageContext, path: str):
+def load_pretext_model(ctx: StageContext, path: str, seed: int = 0):
   """``(params, batch_stats)`` ({'backbone', 'pretext_head'}) from ``path``.
 
   A stage output, a converted directory or PyTorch ``.pth`` files
   (:func:`bissl_jax.convert.load_pretext_model`); missing pretext heads are freshly
-  initialised.
+  initialised. For a ViT: a stage output or an official MAE ``.pth``
+  (:func:`bissl_jax.pipeline.pretrain.load_vit_pretext_model`), with fresh LoRA
+  adapters from ``seed``.
   """
+  if context_lib.is_vit(ctx.config):
+    return load_vit_pretext_model(ctx, path, seed)
   m = ctx.config.model
   fresh_params, fresh_stats = ctx.init_variables(jax.random.key(0))
   return convert.load_pretext_model(
@@ -45,7 +50,7 @@ def load_pretext_model(ctx: StageContext, path: str):
 def pretext_model(ctx: StageContext, pretext_set, seed: int):
   """The pretext model of ``seed``: loaded from ``pretext.checkpoint`` or pretrained."""
   if ctx.config.pretext.checkpoint:
-    return load_pretext_model(ctx, ctx.config.pretext.checkpoint)
+    return load_pretext_model(ctx, ctx.config.pretext.checkpoint, seed)
   return pretrain(ctx, pretext_set, seed=seed, directory=ctx.path(f"seed{seed}", "pretext"))
 
 

@@ -16,8 +16,11 @@ from bissl_jax import downstream as downstream_lib
 from bissl_jax import models
 from bissl_jax import parallel
 from bissl_jax import pretext as pretext_lib
-from bissl_jax.config_validation import resolve_config
+from bissl_jax import vit_model
+from bissl_jax.config_validation import ConfigError, resolve_config
+from bissl_jax.convert import mae as convert_mae
 from bissl_jax.pipeline import run_log
+from bissl_jax.seeds import derive_seed
 
 
 _FUNCTION_CACHE: Dict[Any, Any] = {}
@@ -79,9 +82,53 @@ class StageContext:
     return fn(key)
 
 
-def build_model(config, num_classes: int):
-  """The model of ``config.model`` with ``num_classes`` downstream outputs."""
+def is_vit(config) -> bool:
+  """``config.model.arch`` names a ViT (``bissl_jax.vit_model.ARCHITECTURES``)."""
+  return config.model.arch in vit_model.ARCHITECTURES
+
+
+def uses_lora(config) -> bool:
+  """A ViT with LoRA adapters: the base weights are frozen after pretext pretraining."""
+  return is_vit(config) and int(config.model.get("lora_rank", 0) or 0) > 0
+
+
+def _check_model_and_task(config) -> None:
+  vit, task = is_vit(config), config.pretext.task
+  if vit and task != "mae":
+    raise ConfigError(f"config.pretext.task={task!r}: a ViT (config.model.arch="
+                      f"{config.model.arch!r}) is pretrained with 'mae' only; set "
+                      f"config.pretext.task='mae'.")
+  if not vit and task == "mae":
+    raise ConfigError(f"config.pretext.task='mae' needs a ViT; set config.model.arch to one "
+                      f"of {vit_model.ARCHITECTURES}.")
+  if vit:
+    patch = int(config.model.arch.rsplit("patch", 1)[1])
+    if int(config.data.image_size) % patch:
+      raise ConfigError(f"config.data.image_size={config.data.image_size} is not a multiple "
+                        f"of the patch size {patch} of {config.model.arch}; change one.")
+    if int(config.model.lora_rank) < 0:
+      raise ConfigError(f"config.model.lora_rank={config.model.lora_rank}: must be >= 0 "
+                        f"(0: no adapters).")
+
+
+def build_model(config, num_classes: int, *, lora: bool = True):
+  """The model of ``config.model`` with ``num_classes`` downstream outputs.
+
+  Args:
+    config: the run config.
+    num_classes: downstream outputs.
+    lora: False builds a ViT without its adapters (every backbone leaf trains): the
+      model of pretext pretraining (:func:`pretraining_context`).
+  """
+  _check_model_and_task(config)
   m = config.model
+  if is_vit(config):
+    return vit_model.build_vit_model(
+        m.arch, num_classes=num_classes, decoder="mae", decoder_width=m.decoder_width,
+        decoder_depth=m.decoder_depth, decoder_heads=m.decoder_heads,
+        lora_rank=int(m.lora_rank) if lora else 0, lora_alpha=m.lora_alpha,
+        lora_targets=tuple(m.lora_targets), posemb=m.posemb, drop_path_rate=m.drop_path,
+        remat=m.remat, dtype=m.dtype, pool=m.pool, train_norms=m.train_norms)
   predictor = m.predictor or (m.projector if config.pretext.task == "byol" else None)
   return models.build_model(m.arch, num_classes=num_classes,
                             width_multiplier=m.width_multiplier, cifar_stem=m.cifar_stem,
@@ -91,10 +138,45 @@ def build_model(config, num_classes: int):
 def build_pretext_task(config, model):
   """The pretext task of ``config.pretext`` for ``model``."""
   p = config.pretext
-  kwargs = {"temperature": p.temperature} if p.task == "simclr" else {"ema_decay": p.ema_decay}
-  kwargs["bn_grouping"] = p.bn_grouping
+  kwargs = {"simclr": {"temperature": p.temperature, "bn_grouping": p.bn_grouping},
+            "byol": {"ema_decay": p.ema_decay, "bn_grouping": p.bn_grouping},
+            "mae": {"mask_ratio": p.mask_ratio, "norm_pix_loss": p.norm_pix_loss}}[p.task]
   return pretext_lib.make_pretext_task(p.task, model, image_size=config.data.image_size,
                                        **kwargs)
+
+
+def pretraining_context(ctx: "StageContext") -> "StageContext":
+  """The context of pretext pretraining (stage 1): the model without LoRA adapters.
+
+  Stage 1 trains the base weights, which the later stages freeze under the adapters;
+  without LoRA this is ``ctx`` itself.
+  """
+  if not uses_lora(ctx.config):
+    return ctx
+  model = build_model(ctx.config, ctx.num_classes, lora=False)
+  return dataclasses.replace(
+      ctx, model=model, task=build_pretext_task(ctx.config, model),
+      downstream=downstream_lib.Classification(model, ctx.image_size, ctx.multilabel))
+
+
+def with_fresh_adapters(ctx: "StageContext", params, batch_stats, seed: int):
+  """Pretext weights of the base model, in the tree of ``ctx.model`` (with its LoRA).
+
+  The adapters are freshly initialised from ``seed`` (B = 0, so the model computes the
+  base model's function); without LoRA ``(params, batch_stats)`` are returned as they
+  are. Leaves of ``ctx.model`` the weights lack (e.g. a decoder a checkpoint did not
+  have) keep their initial values.
+
+  Returns:
+    ``(params, batch_stats)``, each ``{'backbone', 'pretext_head'}``.
+  """
+  if not is_vit(ctx.config):
+    return params, batch_stats
+  fresh, fresh_stats = ctx.init_variables(jax.random.key(derive_seed(seed, "lora_init")))
+  groups = ("backbone", "pretext_head")
+  merged = convert_mae.merge_pretrained({g: fresh[g] for g in groups},
+                                        {g: params.get(g, {}) for g in groups})
+  return merged, {g: fresh_stats[g] for g in groups}
 
 
 def build_context(config, workdir: str) -> StageContext:

@@ -9,7 +9,13 @@ pretext task's own ``prepare`` (SimCLR/BYOL: two augmented views), so any pretex
 task plugs in.
 
 Outputs ``<directory>/output``: ``{'params': {'backbone', 'pretext_head'},
-'batch_stats': {'backbone', 'pretext_head'}}``. Resumable from ``<directory>/ckpt``
+'batch_stats': {'backbone', 'pretext_head'}}``.
+
+A ViT with LoRA (``model.lora_rank > 0``) is pretrained *without* its adapters, so
+every base weight trains (:func:`bissl_jax.pipeline.context.pretraining_context`);
+the output holds the base model (the official MAE layout, no LoRA leaves), and
+:func:`pretrain` returns it in the LoRA model's tree with fresh adapters (B = 0: the
+same function), whose base the later stages keep frozen. Resumable from ``<directory>/ckpt``
 (every ``config.checkpoint_every`` epochs, and on interrupt); the loop is
 :func:`bissl_jax.pipeline.stage_loop.run_stage`.
 """
@@ -22,8 +28,11 @@ import jax.numpy as jnp
 import optax
 
 from bissl_jax import optim
+from bissl_jax import partition
+from bissl_jax import protocols
 from bissl_jax.convert import stage_output
 from bissl_jax.pipeline import stage_loop
+from bissl_jax.pipeline import context as context_lib
 from bissl_jax.pipeline.context import StageContext, check_size
 from bissl_jax.bilevel import LevelState
 from bissl_jax.seeds import derive_seed
@@ -33,12 +42,22 @@ PyTree = Any
 _FREE_PRETEXT_FIELDS = ("checkpoint", "share_across_seeds", "baseline_epochs", "epochs")
 
 
-def pretext_optimizer(cfg, steps_per_epoch: int, epochs: int) -> optax.GradientTransformation:
-  """LARS on a warm-up + cosine schedule from ``config.pretext`` over ``epochs``."""
+def pretext_optimizer(cfg, steps_per_epoch: int, epochs: int, params: Optional[PyTree] = None,
+                      trainable: Optional[PyTree] = None) -> optax.GradientTransformation:
+  """LARS on a warm-up + cosine schedule from ``config.pretext`` over ``epochs``.
+
+  With ``params`` (the ``{'backbone', 'pretext_head'}`` tree) it is one LARS per group
+  through :func:`bissl_jax.partition.level_optimizer`, so leaves that ``trainable``
+  marks False (a ViT's fixed sin-cos position tables) get no update, no weight decay
+  and no state.
+  """
   schedule = optim.warmup_cosine_schedule(
       cfg.lr, warmup_steps=cfg.warmup_epochs * steps_per_epoch,
       total_steps=epochs * steps_per_epoch)
-  return optim.lars(schedule, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+  lars = optim.lars(schedule, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+  if params is None:
+    return lars
+  return partition.level_optimizer({g: lars for g in params}, params, trainable)
 
 
 def _train_step(task, tx, state: dict, images, rng) -> Tuple[dict, dict]:
@@ -56,10 +75,14 @@ def _train_step(task, tx, state: dict, images, rng) -> Tuple[dict, dict]:
           "target": target}, metrics
 
 
+def _pretext_groups(params):
+  return {"backbone": params["backbone"], "pretext_head": params["pretext_head"]}
+
+
 def init_pretext_state(ctx: StageContext, tx, seed: int) -> dict:
   """A fresh model (random init from ``seed``), optimizer state and BYOL target."""
   params, batch_stats = ctx.init_variables(jax.random.key(derive_seed(seed, "pretext_init")))
-  params = {"backbone": params["backbone"], "pretext_head": params["pretext_head"]}
+  params = _pretext_groups(params)
   target = ctx.task.init_target(params, batch_stats) if ctx.task.has_target else None
   return {"level": LevelState(params, batch_stats, tx.init(params), jnp.zeros((), jnp.int32)),
           "target": target}
@@ -89,7 +112,8 @@ def pretrain(ctx: StageContext, dataset, *, seed: int, directory: str,
       its own.
 
   Returns:
-    ``(params, batch_stats)``, each ``{'backbone', 'pretext_head'}``.
+    ``(params, batch_stats)``, each ``{'backbone', 'pretext_head'}``, in the tree of
+    ``ctx.model`` (with fresh LoRA adapters from ``seed`` when it has them).
 
   Raises:
     NonFiniteError: the loss or the parameters became NaN/Inf (nothing of it is saved).
@@ -97,13 +121,24 @@ def pretrain(ctx: StageContext, dataset, *, seed: int, directory: str,
   out_dir = os.path.join(directory, "output")
   if stage_output.is_export(out_dir):
     variables, _ = stage_output.load_export(out_dir)
-    return variables["params"], variables["batch_stats"]
+  else:
+    variables = _pretrain(context_lib.pretraining_context(ctx), dataset, seed=seed,
+                          out_dir=out_dir, directory=directory, epochs=epochs, name=name)
+  return context_lib.with_fresh_adapters(ctx, variables["params"], variables["batch_stats"],
+                                         seed)
 
+
+def _pretrain(ctx: StageContext, dataset, *, seed: int, out_dir: str, directory: str,
+              epochs: Optional[int], name: Optional[str]) -> dict:
+  """Stage 1 on ``ctx.model``; exports and returns ``{'params', 'batch_stats'}``."""
   cfg = ctx.config.pretext
   epochs = cfg.epochs if epochs is None else int(epochs)
   spe = check_size(len(dataset), cfg.batch_size, "pretext.batch_size",
                    f"the pretext set {ctx.config.data.pretext_dataset}")
-  tx = pretext_optimizer(cfg, spe, epochs)
+  template = jax.eval_shape(lambda: _pretext_groups(ctx.model.init(jax.random.key(0),
+                                                                    ctx.image_size)[0]))
+  tx = pretext_optimizer(cfg, spe, epochs, template,
+                         protocols.trainable_mask(ctx.model, template))
   schedule_key = (cfg.lr, cfg.weight_decay, cfg.momentum, cfg.warmup_epochs, epochs, spe)
   step_fn = ctx.cached(("pretext_step", schedule_key), lambda: jax.jit(
       functools.partial(_train_step, ctx.task, tx), donate_argnums=0))
@@ -130,4 +165,31 @@ def pretrain(ctx: StageContext, dataset, *, seed: int, directory: str,
       "stage": "pretext", "seed": seed, "task": cfg.task, "arch": ctx.config.model.arch,
       "dataset": ctx.config.data.pretext_dataset, "epochs": epochs,
       "image_size": ctx.image_size})
-  return state.params, state.batch_stats
+  return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+def load_vit_pretext_model(ctx: StageContext, path: str, seed: int = 0):
+  """A ViT's pretext weights from a stage output or an official MAE ``.pth`` file.
+
+  ``.pth`` files go through :func:`bissl_jax.convert.mae.mae_to_flax`, which checks
+  the architecture, image size and every tensor before anything is built; a missing
+  decoder is freshly initialised. LoRA adapters are fresh (from ``seed``).
+
+  Returns:
+    ``(params, batch_stats)``, each ``{'backbone', 'pretext_head'}``, in the tree of
+    ``ctx.model``.
+  """
+  from bissl_jax.convert import mae as convert_mae  # pylint: disable=g-import-not-at-top
+  if stage_output.is_export(path):
+    variables, _ = stage_output.load_export(path)
+    params, stats = variables["params"], variables["batch_stats"]
+  elif os.path.isfile(path):
+    m = ctx.config.model
+    params = convert_mae.mae_to_flax(path, arch=m.arch, image_size=ctx.image_size,
+                                     decoder_heads=m.decoder_heads)
+    stats = {}
+  else:
+    raise FileNotFoundError(
+        f"config.pretext.checkpoint={path!r} is neither a stage output directory nor an MAE "
+        f".pth file; pass mae_pretrain_vit_*_full.pth or a <workdir>/.../pretext/output.")
+  return context_lib.with_fresh_adapters(ctx, params, stats, seed)

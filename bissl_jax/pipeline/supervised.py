@@ -13,6 +13,12 @@
   BatchNorm in evaluation mode; metrics over the whole split at once
   (``bissl_jax.metrics``).
 
+Both stages respect ``Model.trainable`` (parameter-efficient fine-tuning of a LoRA
+ViT): the optimizer is :func:`bissl_jax.partition.level_optimizer` over the mask,
+gradients are formed for trainable leaves only, and frozen leaves (the base weights
+under the adapters) get no optimizer state and are carried over unchanged, bit for
+bit. Without a mask every leaf trains, as before.
+
 Inputs, losses and logits come from the run's downstream task (``ctx.downstream``,
 a :class:`bissl_jax.protocols.DownstreamTask`), the same one BiSSL's upper level
 differentiates. The loops are :func:`bissl_jax.pipeline.stage_loop.run_stage`.
@@ -34,6 +40,8 @@ import optax
 from bissl_jax import downstream as downstream_lib
 from bissl_jax import metrics as metrics_lib
 from bissl_jax import optim
+from bissl_jax import partition
+from bissl_jax import protocols
 from bissl_jax.pipeline import stage_loop
 from bissl_jax.pipeline.context import StageContext, check_size
 from bissl_jax.bilevel import LevelState
@@ -51,10 +59,21 @@ class FinetuneResult(NamedTuple):
   best_epoch: int
 
 
-def sgd_with_hyperparams(momentum: float) -> optax.GradientTransformation:
-  """SGD + coupled weight decay whose LR and weight decay are set at every step."""
-  return optax.inject_hyperparams(optim.sgd)(learning_rate=0.0, weight_decay=0.0,
-                                             momentum=momentum)
+def sgd_with_hyperparams(momentum: float, params: Optional[PyTree] = None,
+                         trainable: Optional[PyTree] = None) -> optax.GradientTransformation:
+  """SGD + coupled weight decay whose LR and weight decay are set at every step.
+
+  With ``params`` (a tree of top-level groups), one SGD per group through
+  :func:`bissl_jax.partition.level_optimizer`: leaves ``trainable`` marks False get
+  no update, no decay and no state.
+  """
+  def make(learning_rate, weight_decay):
+    sgd = optim.sgd(learning_rate, weight_decay=weight_decay, momentum=momentum)
+    if params is None:
+      return sgd
+    return partition.level_optimizer({g: sgd for g in params}, params, trainable)
+
+  return optax.inject_hyperparams(make)(learning_rate=0.0, weight_decay=0.0)
 
 
 def _with_hyperparams(opt_state, lr, weight_decay):
@@ -62,35 +81,52 @@ def _with_hyperparams(opt_state, lr, weight_decay):
   return opt_state._replace(hyperparams=hp)
 
 
-def _apply(tx, state: LevelState, grads, lr, weight_decay, batch_stats) -> LevelState:
+def _masked_step(tx, mask, state: LevelState, loss_fn, lr, weight_decay):
+  """One update of the trainable leaves of ``state.params``; frozen ones stay as they are.
+
+  ``loss_fn(params) -> (loss, batch_stats)`` is differentiated in the trainable
+  leaves only (the frozen ones are closed over).
+  """
+  train, frozen = partition.split(state.params, mask)
+  (loss, stats), grads = jax.value_and_grad(
+      lambda t: loss_fn(partition.merge(t, frozen)), has_aux=True)(train)
   opt_state = _with_hyperparams(state.opt_state, lr, weight_decay)
-  updates, opt_state = tx.update(grads, opt_state, state.params)
-  return LevelState(optax.apply_updates(state.params, updates), batch_stats, opt_state,
-                    state.step + 1)
+  updates, opt_state = tx.update(partition.zeros_for_frozen(grads, frozen), opt_state,
+                                 state.params)
+  moved, _ = partition.split(optax.apply_updates(state.params, updates), mask)
+  new = LevelState(partition.merge(moved, frozen), stats, opt_state, state.step + 1)
+  return new, loss, optax.tree.norm(grads)
 
 
-def _finetune_step(task, tx, state: LevelState, images, labels, rng, lr, weight_decay):
+def _finetune_step(task, tx, mask, state: LevelState, images, labels, rng, lr, weight_decay):
   x = task.prepare(rng, images, train=True)
 
   def loss_fn(params):
     return task.loss(params["backbone"], params["downstream_head"], state.batch_stats, x,
                      labels, train=True)
 
-  (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  return (_apply(tx, state, grads, lr, weight_decay, stats),
-          {"loss": loss, "grad_norm": optax.tree.norm(grads)})
+  state, loss, grad_norm = _masked_step(tx, mask, state, loss_fn, lr, weight_decay)
+  return state, {"loss": loss, "grad_norm": grad_norm}
 
 
-def _head_step(task, tx, state: LevelState, backbone, images, labels, rng, lr, weight_decay):
+def _head_step(task, tx, mask, state: LevelState, backbone, images, labels, rng, lr,
+               weight_decay):
   """Warm-up step: frozen backbone in evaluation mode, only the head moves."""
   x = task.prepare(rng, images, train=True)
 
-  def loss_fn(head):  # differentiated in the head only: the backbone is a constant here
-    return task.loss(backbone["params"], head, backbone["batch_stats"], x, labels,
-                     train=False)[0]
+  def loss_fn(params):  # differentiated in the head only: the backbone is a constant here
+    loss = task.loss(backbone["params"], params["downstream_head"], backbone["batch_stats"],
+                     x, labels, train=False)[0]
+    return loss, state.batch_stats
 
-  loss, grads = jax.value_and_grad(loss_fn)(state.params)
-  return _apply(tx, state, grads, lr, weight_decay, state.batch_stats), {"loss": loss}
+  state, loss, _ = _masked_step(tx, mask, state, loss_fn, lr, weight_decay)
+  return state, {"loss": loss}
+
+
+def level_optimizer(ctx: StageContext, momentum: float, params: PyTree):
+  """``(tx, trainable mask)`` of a warm-up or fine-tuning tree under ``ctx.model``."""
+  mask = protocols.trainable_mask(ctx.model, params)
+  return sgd_with_hyperparams(momentum, params, mask), mask
 
 
 def _eval_logits(task, params, batch_stats, images):
@@ -170,10 +206,10 @@ def warmup_head(ctx: StageContext, backbone: dict, train_set, *, seed: int, name
   cfg = ctx.config.head_warmup
   spe = check_size(len(train_set), cfg.batch_size, "head_warmup.batch_size",
                    "the downstream training split")
-  tx = sgd_with_hyperparams(cfg.momentum)
+  head = {"downstream_head": fresh_head(ctx, seed)}
+  tx, mask = level_optimizer(ctx, cfg.momentum, head)
   step_fn = ctx.cached(("head_step", cfg.momentum), lambda: jax.jit(functools.partial(
-      _head_step, ctx.downstream, tx)))
-  head = fresh_head(ctx, seed)
+      _head_step, ctx.downstream, tx, mask)))
   frozen = ctx.replicate(backbone)
   base_key = jax.random.key(derive_seed(seed, "warmup_aug"))
   lr, wd = jnp.float32(cfg.lr), jnp.float32(cfg.weight_decay)  # constant LR (paper)
@@ -196,7 +232,7 @@ def warmup_head(ctx: StageContext, backbone: dict, train_set, *, seed: int, name
           s.params, "Lower config.head_warmup.lr.")},
       loss_fix="Lower config.head_warmup.lr.", items_per_step=cfg.batch_size)
   fresh = LevelState(head, {}, tx.init(head), jnp.zeros((), jnp.int32))
-  return stage_loop.run_stage(stage, fresh).state.params
+  return stage_loop.run_stage(stage, fresh).state.params["downstream_head"]
 
 
 def finetune(ctx: StageContext, backbone: dict, splits: dict, *, lr: float,
@@ -232,10 +268,10 @@ def finetune(ctx: StageContext, backbone: dict, splits: dict, *, lr: float,
   train_set = splits["train"]
   spe = check_size(len(train_set), cfg.batch_size, "finetune.batch_size",
                    "the downstream training split")
-  tx = sgd_with_hyperparams(cfg.momentum)
-  step_fn = ctx.cached(("finetune_step", cfg.momentum), lambda: jax.jit(functools.partial(
-      _finetune_step, ctx.downstream, tx)))
   params = {"backbone": backbone["params"], "downstream_head": fresh_head(ctx, seed)}
+  tx, mask = level_optimizer(ctx, cfg.momentum, params)
+  step_fn = ctx.cached(("finetune_step", cfg.momentum), lambda: jax.jit(functools.partial(
+      _finetune_step, ctx.downstream, tx, mask)))
   fresh = {
       "level": LevelState(params, backbone["batch_stats"], tx.init(params),
                           jnp.zeros((), jnp.int32)),
