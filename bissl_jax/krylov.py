@@ -22,8 +22,8 @@ from bissl_jax import loops
 from bissl_jax.solver_base import (SolveInfo, _check_like, _check_maxiter, _check_tol,
                                    _rayleigh, _select, finish,
                                    symmetric_krylov)
-from bissl_jax.tree_math import (tree_axpy, tree_norm, tree_scale, tree_sub, tree_vdot,
-                                 tree_zeros_like)
+from bissl_jax.tree_math import (tree_all_finite, tree_axpy, tree_norm, tree_scale,
+                                 tree_sub, tree_vdot, tree_zeros_like)
 
 PyTree = Any
 MatVec = Callable[[PyTree], PyTree]
@@ -68,7 +68,8 @@ def _minres_iterations(matvec: MatVec, b: PyTree, init: Optional[PyTree], maxite
   def step(s: _MinresState) -> _MinresState:
     # Masked like cg: a converged state (phibar ≤ tol·‖b‖, or an exhausted Krylov
     # space, beta = 0) is left untouched, and no 0/0 is ever formed.
-    active = (s.phibar > threshold) & (s.beta > 0)
+    # Written so that NaN counts as active: a NaN right-hand side propagates into x.
+    active = jnp.logical_not(s.phibar <= threshold) & jnp.logical_not(s.beta <= 0)
     beta = jnp.where(active, s.beta, 1.0)
     v = tree_scale(s.r2, 1.0 / beta)               # Lanczos vector, ‖v‖ = 1
     av = matvec(v)
@@ -99,7 +100,8 @@ def _minres_iterations(matvec: MatVec, b: PyTree, init: Optional[PyTree], maxite
     state = loops.fori(lambda _, s: step(s), state, maxiter, unroll=True)
   else:
     state = lax.while_loop(
-        lambda s: (s.phibar > threshold) & (s.beta > 0) & (s.k < maxiter), step, state)
+        lambda s: (jnp.logical_not(s.phibar <= threshold) & jnp.logical_not(s.beta <= 0)
+                   & (s.k < maxiter)), step, state)
   return state.x, (state.k, state.min_curvature)
 
 
@@ -170,4 +172,8 @@ def jax_cg(matvec: MatVec, b: PyTree, *, init: Optional[PyTree] = None, maxiter:
     init = _check_like("init", init, b)
   x, _ = jax.scipy.sparse.linalg.cg(matvec, b, x0=init, tol=tol, atol=0.0,
                                     maxiter=maxiter)
+  # JAX's cg returns its initial guess for a NaN right-hand side; propagate the NaN
+  # instead, as every solver of the library does (the non-finite policy of implicit.py).
+  bad = jnp.logical_not(tree_all_finite(b))
+  x = jax.tree_util.tree_map(lambda leaf: jnp.where(bad, jnp.nan, leaf), x)
   return x, finish(matvec, b, x, x, maxiter, jnp.nan)
