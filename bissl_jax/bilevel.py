@@ -26,6 +26,7 @@ from bissl_jax import protocols
 PyTree = Any
 
 STAGE_DRIVERS = ("auto", "fused", "per_step")
+LOWER_OPTIMIZERS = ("lars", "adamw")
 WARM_STARTABLE = ("cg", "minres", "jax_cg", "neumann")
 TOLERANCE_SOLVERS = ("cg", "minres", "jax_cg")
 # How the upper stage forms H: the two operator modes of bissl_jax.implicit, or the
@@ -50,6 +51,7 @@ class BisslSetup:
   lower_steps: int
   upper_steps: int
   alternations: int
+  lower_optimizer_name: str
   lower_lr: float
   lower_weight_decay: float
   lower_momentum: float
@@ -146,12 +148,21 @@ class BisslSetup:
     return mask
 
   def lower_optimizer(self, params: PyTree) -> optax.GradientTransformation:
-    """Clip over the trainable (θ_P, φ_P) jointly, then LARS on the lower schedule."""
+    """Clip over the trainable (θ_P, φ_P) jointly, then LARS (or AdamW) on the lower schedule.
+
+    AdamW (``lower_optimizer_name='adamw'``, BiSSLight's choice for LoRA) matters for
+    zero-initialised adapters: LARS scales each step by ‖B‖, so it hardly moves a
+    LoRA B that starts at 0.
+    """
     schedule = optim.lower_lr_schedule(self.lower_lr, lower_steps=self.lower_steps,
                                        alternations=self.alternations)
-    lars = optim.lars(schedule, weight_decay=self.lower_weight_decay,
-                      momentum=self.lower_momentum, trust_coefficient=self.trust_coefficient)
-    tx = partition.level_optimizer({g: lars for g in params}, params,
+    if self.lower_optimizer_name == "adamw":
+      tx_lower = optim.adamw(schedule, weight_decay=self.lower_weight_decay)
+    else:
+      tx_lower = optim.lars(schedule, weight_decay=self.lower_weight_decay,
+                            momentum=self.lower_momentum,
+                            trust_coefficient=self.trust_coefficient)
+    tx = partition.level_optimizer({g: tx_lower for g in params}, params,
                                    self.lower_trainable(params))
     return optim.with_clipping(tx, self.grad_clip)
 

@@ -103,6 +103,7 @@ def _choices():
   from bissl_jax import mfac, vit, vit_model
   return {"bissl.solver": tuple(sorted(solvers.SOLVERS)) + ("mfac",),  # mfac: stored gradients, no operator
           "bissl.stage_driver": tuple(bilevel.STAGE_DRIVERS),
+          "bissl.lower_optimizer_name": tuple(bilevel.LOWER_OPTIMIZERS),
           "bissl.hessian_mode": tuple(bilevel.HESSIAN_MODES),
           "bissl.mfac_blocks": tuple(mfac.BLOCK_RULES),
           "bissl.mfac_dtype": tuple(mfac.STORAGE_DTYPES),
@@ -297,6 +298,7 @@ def validate_config(config: Any, *, num_devices: Optional[int] = None) -> Any:
       positive(field, integer=False, allow_zero=field.endswith("decay"))
   choice("bissl.hessian_mode", choices["bissl.hessian_mode"])
   choice("bissl.stage_driver", choices["bissl.stage_driver"])
+  choice("bissl.lower_optimizer_name", choices["bissl.lower_optimizer_name"])
   choice("bissl.mfac_blocks", choices["bissl.mfac_blocks"])
   choice("bissl.mfac_dtype", choices["bissl.mfac_dtype"])
   if not missing("bissl.mfac_history") and _get(config, "bissl.mfac_history") is not None:

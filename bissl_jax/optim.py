@@ -42,6 +42,13 @@ def lars(learning_rate: ScalarOrSchedule, *, weight_decay: float = 1e-6,
                     trust_ratio_mask=_is_matrix, momentum=momentum)
 
 
+def adamw(learning_rate: ScalarOrSchedule, *, weight_decay: float = 0.0,
+          b1: float = 0.9, b2: float = 0.95) -> optax.GradientTransformation:
+  """AdamW as BiSSLight's lower level uses it (β = (0.9, 0.95)); no decay on 1-D leaves."""
+  return optax.adamw(learning_rate, b1=b1, b2=b2, weight_decay=weight_decay,
+                     mask=_is_matrix)
+
+
 def sgd(learning_rate: ScalarOrSchedule, *, momentum: float = 0.9,
         weight_decay: float = 0.0) -> optax.GradientTransformation:
   """SGD with momentum and coupled weight decay (``g + wd·p`` before momentum).

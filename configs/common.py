@@ -193,6 +193,7 @@ def base_config() -> config_dict.ConfigDict:
   config.bissl.lower_steps = 20
   config.bissl.upper_steps = 8
   config.bissl.alternations = 500
+  config.bissl.lower_optimizer_name = "lars"   # 'lars' (the paper) or 'adamw' (BiSSLight, LoRA)
   config.bissl.lower_lr = 1.0
   config.bissl.lower_weight_decay = 1e-6
   config.bissl.lower_momentum = 0.9       # LARS
@@ -442,6 +443,7 @@ FIELD_HELP = {
     "bissl.lower_steps": "N_L, lower-level (pretext) steps per alternation",
     "bissl.upper_steps": "N_U, upper-level (downstream) steps per alternation",
     "bissl.alternations": "T, alternations of the BiSSL stage",
+    "bissl.lower_optimizer_name": "lower-level optimizer: 'lars' (paper) or 'adamw' (BiSSLight; needed for LoRA)",
     "bissl.lower_lr": "LARS learning rate of the lower level",
     "bissl.lower_weight_decay": "LARS weight decay of the lower level",
     "bissl.lower_momentum": "LARS momentum of the lower level",

@@ -100,7 +100,8 @@ def get_config(arg: str = ""):
   config.bissl.mfac_history = 5
   config.bissl.damping = 0.0
   config.bissl.cg_iters = 3
-  config.bissl.lower_lr = 0.5
+  config.bissl.lower_optimizer_name = "adamw"   # BiSSLight's; LARS hardly moves LoRA's B = 0
+  config.bissl.lower_lr = 1e-3
   config.bissl.pretext_batch_size = 64
   config.bissl.downstream_batch_size = 32
   config.bissl.checkpoint_every = 10

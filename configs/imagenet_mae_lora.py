@@ -94,6 +94,7 @@ def get_config(arg: str = ""):
   config.bissl.mfac_blocks = "per_layer"
   config.bissl.mfac_history = 20
   config.bissl.damping = 0.0
+  config.bissl.lower_optimizer_name = "adamw"   # BiSSLight's lower optimizer
   config.bissl.lower_lr = 0.01
   config.bissl.lower_weight_decay = 0.0
   config.bissl.pretext_batch_size = 256

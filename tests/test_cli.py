@@ -161,9 +161,9 @@ def test_check_field_names_did_you_mean():
   config = common.base_config()
   check_field_names(config, ["bissl.lam", "data", "bissl_variants"])
   with pytest.raises(ConfigError) as err:
-    check_field_names(config, ["bissl.lamm", "lam", "model.zzz_unrelated"], hint="see --help")
+    check_field_names(config, ["bissl.lamm", "lam", "model.qxqxqxqxqxqx_w"], hint="see --help")
   lines = str(err.value).splitlines()
   assert lines[0].startswith("config.bissl.lamm: unknown field; did you mean 'bissl.lam'")
   assert lines[1].startswith("config.lam: unknown field; did you mean 'bissl.lam'")
-  assert lines[2] == "config.model.zzz_unrelated: unknown field; no field of that name."
+  assert lines[2] == "config.model.qxqxqxqxqxqx_w: unknown field; no field of that name."
   assert lines[3] == "see --help"

@@ -422,3 +422,28 @@ def test_invalid_solver_combinations_are_rejected_with_the_field():
     make_setup(solver="layerwise_cg", warm_start=True)
   with pytest.raises(ValueError, match="cg_tol"):
     make_setup(solver="layerwise_cg", cg_tol=1e-3)
+
+
+def test_adamw_lower_optimizer_moves_a_zero_initialised_leaf():
+  # BiSSLight's lower level: AdamW moves a zero leaf (like a LoRA B) at once, where
+  # LARS's step is scaled by the leaf's own (zero) norm.
+  import optax
+  moved = {}
+  for name in ("adamw", "lars"):
+    setup = make_setup(lower_optimizer_name=name, lower_lr=0.01)
+    state = make_state(setup, perturb=False)
+    bb = dict(state.lower.params["backbone"])
+    bb["Dense_0"] = {**bb["Dense_0"], "kernel": jnp.zeros_like(bb["Dense_0"]["kernel"])}
+    params = {**state.lower.params, "backbone": bb}
+    state = state.replace(lower=bilevel.init_level(params, state.lower.batch_stats,
+                                                   setup.lower_optimizer(params)))
+    has_adam = any(isinstance(s, optax.ScaleByAdamState)
+                   for s in jax.tree_util.tree_leaves(
+                       state.lower.opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState)))
+    assert has_adam == (name == "adamw")
+    batches = make_batches(setup)
+    step = jax.jit(functools.partial(lower_level.lower_step, setup))
+    for i in range(3):  # step 0 runs at the warm-up's LR 0
+      state, _ = step(state, batches.pretext[i % setup.lower_steps], jax.random.PRNGKey(i))
+    moved[name] = float(jnp.max(jnp.abs(state.lower.params["backbone"]["Dense_0"]["kernel"])))
+  assert moved["adamw"] > 1e-4 and moved["adamw"] > 10 * moved["lars"], moved
