@@ -23,6 +23,8 @@ Two entry points:
 **Blocks** (``blocks=``):
 
 * ``'per_leaf'``: every parameter tensor is a block (BiSSLight's default);
+* ``'per_module'``: the leaves of one module form a block: one LoRA adapter's A and B
+  (BiSSLight's ``block`` setting: q and v separately), a BatchNorm's scale and bias;
 * ``'per_layer'``: the leaves under one network layer form a block. A leaf's layer
   is the path prefix up to its first key that names a layer: ``layer<i>_<j>``
   (a ResNet block, e.g. ``layer1_0``), ``blocks_<i>`` / ``block_<i>`` (a ViT
@@ -57,7 +59,7 @@ from bissl_jax.tree_math import tree_all_finite, tree_norm, tree_sub, tree_vdot
 PyTree = Any
 BlockRule = Union[str, Callable[[Tuple[str, ...]], Optional[Hashable]]]
 
-BLOCK_RULES = ("per_leaf", "per_layer", "global")
+BLOCK_RULES = ("per_leaf", "per_module", "per_layer", "global")
 STORAGE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 # A path key naming one layer of a network (see the module docstring).
@@ -95,6 +97,8 @@ def _rule_fn(blocks: BlockRule) -> Callable[[Tuple[str, ...]], Optional[Hashable
     return blocks
   if blocks == "per_leaf":
     return lambda path: path
+  if blocks == "per_module":  # the leaves of one module: a LoRA adapter's A and B
+    return lambda path: path[:-1]
   if blocks == "per_layer":
     return per_layer_block
   if blocks == "global":

@@ -69,6 +69,7 @@ def sherman_morrison_block(g, vb, lam):
 
 GROUPS = {   # leaf order of SHAPES: bn1/bias, bn1/scale, conv1/kernel, l10/bn1, l10/conv1, l11
     "per_leaf": [[0], [1], [2], [3], [4], [5]],
+    "per_module": [[0, 1], [2], [3], [4], [5]],   # a LoRA adapter's A and B together
     "per_layer": [[0, 1], [2], [3, 4], [5]],
     "global": [[0, 1, 2, 3, 4, 5]],
 }
