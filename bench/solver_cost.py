@@ -48,6 +48,48 @@ def solver_setups(base: bilevel.BisslSetup) -> dict:
   }
 
 
+def solver_contenders(setups: dict, params, batch_stats, batches, rng, contenders: dict):
+  """Compiles each setup's per-step pieces and adds its three timed contenders.
+
+  For every ``name, setup``: ``'<name>: lower stage'`` (N_L jitted lower steps),
+  ``'<name>: upper stage'`` (the operator build and N_U jitted upper steps, from a
+  state whose lower stage has run, so M-FAC's window holds real gradients) and
+  ``'<name>: alternation'``, all keyed as ``make_alternation_fn`` keys them.
+
+  Returns:
+    ``(memory MiB of each upper step (+ 'mfac window'), compile seconds of each)``.
+  """
+  lower_rng, upper_rng = jax.random.split(rng)
+  memory, compile_s = {}, {}
+  for name, setup in setups.items():
+    alt = ts.make_alternation_fn(setup)
+    state = bilevel.init_bilevel_state(setup, params, batch_stats)
+    lower_c, lower_s = common.compile_timed(alt.lower_step, state, batches.pretext[0], rng)
+    filled = alternation_cost.lower_stage(lower_c, state, batches.pretext, lower_rng)
+    build_c, build_s = common.compile_timed(alt.prepare_stage, filled, batches.hvp, rng)
+    operator, lam = build_c(filled, batches.hvp, rng)
+    step_c, step_s = common.compile_timed(alt.upper_step, filled, operator, lam,
+                                          batches.downstream_images[0],
+                                          batches.downstream_labels[0], rng)
+    compile_s[name] = lower_s + build_s + step_s
+    memory[name] = _memory_mib(step_c)
+    if setup.solver == "mfac":
+      memory["mfac window"] = mfac.window_bytes(filled.solver_state.gradient_window) / MiB
+    pieces = {"build": build_c, "step": step_c}
+
+    def lower(lower_c=lower_c, state=state):
+      return alternation_cost.lower_stage(lower_c, state, batches.pretext, lower_rng)
+
+    def upper(pieces=pieces, start=filled):
+      return alternation_cost.pieces_upper_stage(pieces, start, batches.hvp,
+                                                 batches.downstream_images,
+                                                 batches.downstream_labels, upper_rng)
+    contenders[f"{name}: lower stage"] = lower
+    contenders[f"{name}: upper stage"] = upper
+    contenders[f"{name}: alternation"] = lambda lower=lower, upper=upper: upper(start=lower())
+  return memory, compile_s
+
+
 def _memory_mib(compiled) -> float:
   stats = compiled.memory_analysis()
   total = (stats.argument_size_in_bytes + stats.output_size_in_bytes
@@ -67,7 +109,6 @@ def main(argv: Optional[Sequence[str]] = None) -> List[common.Table]:
   setups = solver_setups(base)
   batches = alternation_cost.make_batches(size, n_lower, n_upper, args.seed)
   rng = jax.random.PRNGKey(args.seed + 1)
-  lower_rng, upper_rng = jax.random.split(rng)
 
   loss = common.pretext_loss_of_backbone(problem.task)
   views = common.make_views(batches.pretext[0], image_size=size.image_size, seed=args.seed,
@@ -83,40 +124,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[common.Table]:
   contenders = {"gradient": lambda: grad_c(*grad_args),
                 "downstream": lambda: down_c(state0, batches.downstream_images[0],
                                              batches.downstream_labels[0], rng)}
-  memory, compile_s = {}, {}
-  for name, setup in setups.items():
-    alt = ts.make_alternation_fn(setup)
-    state = bilevel.init_bilevel_state(setup, problem.params, problem.batch_stats)
-    lower_c, lower_s = common.compile_timed(alt.lower_step, state, batches.pretext[0], rng)
-    # M-FAC's window must hold real gradients before its upper stage means anything.
-    filled = alternation_cost.lower_stage(lower_c, state, batches.pretext, lower_rng)
-    build_c, build_s = common.compile_timed(alt.prepare_stage, filled, batches.hvp, rng)
-    operator, lam = build_c(filled, batches.hvp, rng)
-    step_c, step_s = common.compile_timed(alt.upper_step, filled, operator, lam,
-                                          batches.downstream_images[0],
-                                          batches.downstream_labels[0], rng)
-    compile_s[name] = lower_s + build_s + step_s
-    memory[name] = _memory_mib(step_c)
-    if setup.solver == "mfac":
-      memory["mfac window"] = mfac.window_bytes(filled.solver_state.gradient_window) / MiB
-    pieces = {"build": build_c, "step": step_c}
-
-    def upper(pieces=pieces, filled=filled):
-      return alternation_cost.pieces_upper_stage(pieces, filled, batches.hvp,
-                                                 batches.downstream_images,
-                                                 batches.downstream_labels, upper_rng)
-
-    def alternation(pieces=pieces, lower_c=lower_c, state=state):
-      s = alternation_cost.lower_stage(lower_c, state, batches.pretext, lower_rng)
-      return alternation_cost.pieces_upper_stage(pieces, s, batches.hvp,
-                                                 batches.downstream_images,
-                                                 batches.downstream_labels, upper_rng)
-    contenders[f"{name}: lower stage"] = (
-        lambda lower_c=lower_c, state=state:
-        alternation_cost.lower_stage(lower_c, state, batches.pretext, lower_rng))
-    contenders[f"{name}: upper stage"] = upper
-    contenders[f"{name}: alternation"] = alternation
-
+  memory, compile_s = solver_contenders(setups, problem.params, problem.batch_stats,
+                                        batches, rng, contenders)
   times = common.interleaved_timings(contenders, args.repeats)
   grad_t = times["gradient"]
 

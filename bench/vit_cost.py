@@ -34,19 +34,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bench import alternation_cost
 from bench import common
 from bench import solver_cost
 from bissl_jax import bilevel
 from bissl_jax import downstream as downstream_lib
 from bissl_jax import implicit
-from bissl_jax import mfac
 from bissl_jax import lora
 from bissl_jax import partition
 from bissl_jax.lora import LoRAConfig
 from bissl_jax.mae import MAE, MAEDecoder
 from bissl_jax.vit import ViT
-from bissl_jax import train_state as ts
 from bissl_jax.vit_model import LinearClassifier, ViTModel
 
 LAM = 1e-3
@@ -144,41 +141,10 @@ def alternation_table(model, task, params, stats, s: ViTSize, args, grad_unit) -
       downstream_images=images(args.upper_steps, down_batch),
       downstream_labels=rng.integers(0, 10, (args.upper_steps, down_batch)).astype(np.int32))
   key = jax.random.key(args.seed + 3)
-  lower_key, upper_key = jax.random.split(key)
   contenders = {"gradient": grad_unit}
-  memory, compile_s = {}, {}
   setups = alternation_setups(model, task, s.image_size, args)
-  for name, setup in setups.items():
-    alt = ts.make_alternation_fn(setup)
-    state = bilevel.init_bilevel_state(setup, params, stats)
-    lower_c, lower_s = common.compile_timed(alt.lower_step, state, batches.pretext[0], key)
-    # M-FAC's window must hold real gradients before its upper stage means anything.
-    filled = alternation_cost.lower_stage(lower_c, state, batches.pretext, lower_key)
-    build_c, build_s = common.compile_timed(alt.prepare_stage, filled, batches.hvp, key)
-    operator, lam = build_c(filled, batches.hvp, key)
-    step_c, step_s = common.compile_timed(alt.upper_step, filled, operator, lam,
-                                          batches.downstream_images[0],
-                                          batches.downstream_labels[0], key)
-    compile_s[name] = lower_s + build_s + step_s
-    memory[name] = solver_cost._memory_mib(step_c)  # pylint: disable=protected-access
-    if setup.solver == "mfac":
-      memory["window"] = mfac.window_bytes(filled.solver_state.gradient_window) / 2.0 ** 20
-    pieces = {"build": build_c, "step": step_c}
-
-    def lower(lower_c=lower_c, state=state):
-      return alternation_cost.lower_stage(lower_c, state, batches.pretext, lower_key)
-
-    def upper(pieces=pieces, filled=filled):
-      return alternation_cost.pieces_upper_stage(pieces, filled, batches.hvp,
-                                                 batches.downstream_images,
-                                                 batches.downstream_labels, upper_key)
-
-    contenders[f"{name}: lower stage"] = lower
-    contenders[f"{name}: upper stage"] = upper
-    contenders[f"{name}: alternation"] = lambda lower=lower, pieces=pieces: (
-        alternation_cost.pieces_upper_stage(pieces, lower(), batches.hvp,
-                                            batches.downstream_images,
-                                            batches.downstream_labels, upper_key))
+  memory, compile_s = solver_cost.solver_contenders(setups, params, stats, batches, key,
+                                                    contenders)
   times = common.interleaved_timings(contenders, args.repeats)
   unit = times["gradient"]
   grads = lambda name: common.paired_ratio(times[name], unit)
@@ -192,7 +158,7 @@ def alternation_table(model, task, params, stats, s: ViTSize, args, grad_unit) -
            f"δ = 10; mfac: per-layer blocks, m = N_L, δ = 0; λ = {LAM}.",
            f"Upper stage, layerwise_cg / mfac: {speedup:.1f}×. M-FAC window "
            f"({args.lower_steps} gradients of the LoRA leaves, float32): "
-           f"{memory['window']:.3g} MiB, included in its upper step's arguments.",
+           f"{memory['mfac window']:.3g} MiB, included in its upper step's arguments.",
            f"Unit: one pretext gradient of the trainable leaves ({common.median(unit):.4g} s); "
            f"medians of per-round ratios over {args.repeats} interleaved rounds."]
   return common.Table(
