@@ -68,3 +68,45 @@ def test_sigint_then_sigterm_save_and_resume(tmp_path):
   assert f"[pretext/seed0] resuming at step {saved[-1]} of 400 from" in out
   assert "SIGTERM received" in out and "[pretext/seed0] interrupted: step" in out
   assert "Traceback" not in err
+
+
+def _records(workdir, stage):
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return 0
+  with open(path) as f:
+    return sum(f'"stage": "{stage}"' in line for line in f)
+
+
+# Every other stage of the comparison, made long enough to be interrupted mid-way.
+STAGES = [
+    ("finetune/baseline/seed0", "--config.finetune.epochs=200", "seed0/baseline/finetune/ckpt"),
+    ("head_warmup/seed0", "--config.head_warmup.epochs=200", "seed0/bissl/head_warmup/ckpt"),
+    ("bissl/seed0", "--config.bissl.alternations=400", "seed0/bissl/bissl/ckpt"),
+]
+
+
+@pytest.mark.slow  # two subprocess runs per stage, each compiling the stages before it
+@pytest.mark.parametrize("stage, override, ckpt", STAGES, ids=[s[0].split("/")[0] for s in STAGES])
+def test_sigint_saves_and_resumes_every_stage(tmp_path, stage, override, ckpt):
+  workdir = str(tmp_path / "run")
+  cmd = [sys.executable, "-m", "experiments.main", f"--workdir={workdir}",
+         "--config=configs/digits_simclr.py:runlocal", override]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+  start = lambda: subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
+  proc = start()
+  _wait_for(lambda: _records(workdir, stage) >= 2, proc, timeout=600)
+  proc.send_signal(signal.SIGINT)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 130, (out[-2000:], err[-2000:])
+  assert f"[{stage}] interrupted: " in out and "is saved in" in out
+  assert f"[{stage}] done" not in out
+  assert "Traceback" not in err and "Rerun the same command" in err
+  saved = sorted(int(s) for s in os.listdir(os.path.join(workdir, ckpt)) if s.isdigit())
+  assert saved and saved[-1] >= 2, saved
+  proc = start()
+  _wait_for(lambda: _records(workdir, stage) >= saved[-1] + 1, proc, timeout=600)
+  proc.send_signal(signal.SIGINT)
+  out, _ = proc.communicate(timeout=300)
+  assert f"[{stage}] resuming at " in out and f" {saved[-1]} of " in out, out[-2000:]

@@ -318,3 +318,14 @@ def test_bissl_variants_add_rows_on_the_same_seeds(tmp_path):
   plain_out, _ = checkpoint.load_export(str(tmp_path / "seed0" / "bissl" / "bissl" / "output"))
   assert bissl_stage.tree_max_abs_diff(mfac_out["params"], plain_out["params"]) > 0
   assert "BiSSL+FT (mfac)" in (tmp_path / "results.md").read_text()
+
+
+def test_residual_warning_is_printed_once_and_explains():
+  metrics = {"cg_residual": np.array([0.5, 3.0]), "cg_min_curvature": np.array([-2.0])}
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    assert bissl_stage.warn_if_residual_above_one("bissl/seed0", 3, metrics) == [True]
+    assert bissl_stage.warn_if_residual_above_one(
+        "bissl/seed0", 4, {"cg_residual": np.array([0.5]), "cg_min_curvature": [1.0]}) == []
+  text = out.getvalue()
+  assert text.count("warning") == 1 and "1.75 > 1" in text and "solver='minres'" in text
