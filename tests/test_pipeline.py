@@ -264,7 +264,7 @@ def test_progress_reports_rate_and_eta(capsys):
     for _ in range(20):
       progress.update(1, loss=0.5)
   lines = capsys.readouterr().out.splitlines()
-  assert lines[0] == "[demo] start: 0/20 steps"
+  assert lines[0] == "[demo] start: 0/20 steps (compiling…)"
   assert len([l for l in lines if "ETA" in l]) == 10  # every 10%
   assert "20/20 steps (100%)" in lines[-2] and "img/s" in lines[-2] and "loss 0.5" in lines[-2]
   assert lines[-1].startswith("[demo] done: 20/20 steps")
@@ -272,6 +272,17 @@ def test_progress_reports_rate_and_eta(capsys):
     progress.update(3)
   err = capsys.readouterr().err
   assert "bar" in err and "5/5" in err  # tqdm draws on stderr
+  # A first step slow enough to trigger a line (it compiles) shows no ETA from it.
+  import time as time_lib
+  with run_log.Progress(10, "slow", use_tqdm=False) as progress:
+    progress._last_print -= 60  # pylint: disable=protected-access  (as if 60 s passed)
+    progress.update(1)
+    progress._last_print -= 60  # pylint: disable=protected-access
+    time_lib.sleep(0.01)
+    progress.update(1)
+  lines = capsys.readouterr().out.splitlines()
+  assert "first step compiled in" in lines[1] and "ETA" not in lines[1]
+  assert "ETA" in lines[2]
 
 
 def test_pretext_weights_fill_missing_heads_and_reject_wrong_widths(tmp_path, capsys):

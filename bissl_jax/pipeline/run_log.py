@@ -145,7 +145,8 @@ class Progress:
       self._bar = tqdm(total=self.total, initial=self.count, desc=desc, unit=unit,
                        dynamic_ncols=True, leave=True)
     elif self.enabled:
-      print(f"[{desc}] start: {self.count}/{self.total} {unit}s", flush=True)
+      # The session's first step compiles; the ETA is only shown once it is known.
+      print(f"[{desc}] start: {self.count}/{self.total} {unit}s (compiling…)", flush=True)
 
   @property
   def rate(self) -> float:
@@ -179,11 +180,15 @@ class Progress:
       self._next_print = self.count + max(1, self.total // 10)
       self._last_print = now
       rate = self.rate
-      eta = (self.total - self.count) / rate if rate > 0 else float("inf")
+      if self.count == self._first_done[0] and self.count < self.total:
+        timing = f"first {self.unit} compiled in {_format_seconds(now - self._start)}"
+      else:
+        eta = (self.total - self.count) / rate if rate > 0 else float("inf")
+        timing = f"{rate:.2f} {self.unit}/s | ETA {_format_seconds(eta)}"
       extras = " | ".join(f"{k} {v}" for k, v in shown.items())
       print(f"[{self.desc}] {self.count}/{self.total} {self.unit}s "
-            f"({100.0 * self.count / max(self.total, 1):.0f}%) | {rate:.2f} {self.unit}/s | "
-            f"ETA {_format_seconds(eta)}" + (f" | {extras}" if extras else ""), flush=True)
+            f"({100.0 * self.count / max(self.total, 1):.0f}%) | {timing}"
+            + (f" | {extras}" if extras else ""), flush=True)
 
   def close(self, completed: bool = True) -> None:
     """Ends the display; the ``done`` line only when ``completed`` (not on a stop)."""
