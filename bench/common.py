@@ -256,12 +256,21 @@ def make_plain_step(problem: Problem, learning_rate: float = 1.0) -> Callable:
 
 @functools.lru_cache(maxsize=8)
 def _plain_step(task, image_size: int, learning_rate: float) -> Callable:
-  tx = pretext_optimizer(learning_rate)
+  del image_size  # the task's own prepare crops to its image size
+  return task_step(task, pretext_optimizer(learning_rate))
+
+
+def task_step(task, tx: optax.GradientTransformation) -> Callable:
+  """One jitted step of any pretext task: ``task.prepare``, gradient, ``tx``.
+
+  ``step(params, batch_stats, opt_state, images, rng) -> (params, stats, opt_state,
+  loss)``; ``step.init_opt_state`` is ``tx.init``.
+  """
 
   def step(lower_params, batch_stats, opt_state, images, rng):
-    views = augment.pretext_views(rng, images, size=image_size)
+    inputs = task.prepare(rng, images)
     (loss, aux), grads = jax.value_and_grad(task.loss, has_aux=True)(
-        lower_params, batch_stats, views)
+        lower_params, batch_stats, inputs)
     updates, opt_state = tx.update(grads, opt_state, lower_params)
     return optax.apply_updates(lower_params, updates), aux["batch_stats"], opt_state, loss
   step = jax.jit(step)

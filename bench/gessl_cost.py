@@ -23,7 +23,6 @@ from typing import List, Optional, Sequence
 
 import jax
 import numpy as np
-import optax
 
 from bench import common
 from bissl_jax import gessl
@@ -54,17 +53,7 @@ def default_n_tasks(batch: int) -> int:
 
 def make_gessl_step(task: gessl.GeSSL, learning_rate: float = 0.05):
   """One jitted GeSSL outer step: ``(params, stats, opt_state, images, rng) -> (..., loss)``."""
-  tx = gessl.gessl_optimizer(learning_rate)
-
-  def step(params, batch_stats, opt_state, images, rng):
-    inputs = task.prepare(rng, images)
-    (loss, aux), grads = jax.value_and_grad(task.loss, has_aux=True)(
-        params, batch_stats, inputs)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), aux["batch_stats"], opt_state, loss
-  step = jax.jit(step)
-  step.init_opt_state = tx.init
-  return step
+  return common.task_step(task, gessl.gessl_optimizer(learning_rate))
 
 
 def peak_bytes(compiled) -> float:

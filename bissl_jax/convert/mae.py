@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bissl_jax.convert.torch import LayoutEntry, load_state_dict, strip_prefix, _import_torch
+from bissl_jax.convert.torch import _to_flax_layout, _to_torch_layout
 
 PyTree = Any
 
@@ -111,22 +112,6 @@ def torch_key(path) -> str:
     raise ValueError(f"{'/'.join(path)}: no MAE name for leaf {leaf!r} (LoRA leaves and "
                      "the downstream head are not part of a MAE checkpoint)")
   return ".".join(names + [_LEAF_TO_TORCH[leaf]])
-
-
-def _to_torch_layout(array, leaf: str):
-  if leaf == "kernel" and array.ndim == 4:
-    return np.transpose(array, (3, 2, 0, 1))   # HWIO -> OIHW
-  if leaf == "kernel" and array.ndim == 2:
-    return np.transpose(array)
-  return array
-
-
-def _to_flax_layout(array, leaf: str):
-  if leaf == "kernel" and array.ndim == 4:
-    return np.transpose(array, (2, 3, 1, 0))   # OIHW -> HWIO
-  if leaf == "kernel" and array.ndim == 2:
-    return np.transpose(array)
-  return array
 
 
 def _model(arch, decoder_width, decoder_depth, decoder_heads):
