@@ -87,8 +87,8 @@ def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
 
 
 def test_upper_step_gradient_matches_dense_solve():
-  setup = make_setup(solver="cg", cg_iters=400, cg_tol=1e-10, unroll=False, upper_steps=1, residual_every=1,
-                     lam=0.1)
+  setup = make_setup(solver="cg", cg_iters=400, cg_tol=1e-10, unroll=False, upper_steps=1,
+                     lam=0.1, residual_every=1)
   state = make_state(setup)
   batches = make_batches(setup)
   rng = jax.random.PRNGKey(3)
