@@ -71,6 +71,7 @@ class BisslSetup:
   lam_damping: float
   head_in_implicit: bool
   residual_guard: bool
+  residual_every: int
   mfac_history: Optional[int]
   mfac_blocks: str
   mfac_dtype: str

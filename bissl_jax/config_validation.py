@@ -306,6 +306,7 @@ def validate_config(config: Any, *, num_devices: Optional[int] = None) -> Any:
   if not missing("bissl.residual_guard") and not isinstance(
       _get(config, "bissl.residual_guard"), bool):
     bad("bissl.residual_guard", "must be True or False.")
+  positive("bissl.residual_every", allow_zero=True)
   choice("bissl.lam_schedule", choices["bissl.lam_schedule"])
   positive("bissl.lam_min", integer=False, allow_zero=True)
   positive("bissl.lam_exp_alpha", integer=False)

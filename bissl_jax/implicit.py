@@ -138,7 +138,7 @@ def _wrap_user_solver(fn: Callable) -> Callable:
     out = fn(matvec, b, **kwargs)
     if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], SolveInfo):
       return out
-    return out, finish(matvec, b, out, out, maxiter, float("inf"))
+    return out, finish(matvec, b, out, out, maxiter, float("inf"), curvature_tracked=False)
   return solver
 
 

@@ -176,4 +176,4 @@ def jax_cg(matvec: MatVec, b: PyTree, *, init: Optional[PyTree] = None, maxiter:
   # instead, as every solver of the library does (the non-finite policy of implicit.py).
   bad = jnp.logical_not(tree_all_finite(b))
   x = jax.tree_util.tree_map(lambda leaf: jnp.where(bad, jnp.nan, leaf), x)
-  return x, finish(matvec, b, x, x, maxiter, jnp.nan)
+  return x, finish(matvec, b, x, x, maxiter, jnp.nan, curvature_tracked=False)

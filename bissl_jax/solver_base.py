@@ -27,14 +27,16 @@ class SolveInfo(NamedTuple):
       for ``init`` and the one for ``residual`` are not counted). ``cg`` stops
       early once ``‖r‖ ≤ tol·‖b‖`` (with ``tol = 0``: once ``r`` is exactly 0).
     residual: float32, ``‖A x − b‖ / ‖b‖`` recomputed with the true operator on the
-      returned ``x`` (one extra product; ``jit`` removes it when unused). Plain
-      ``‖A x − b‖`` when ``b = 0``.
+      returned ``x`` (one extra product; ``jit`` removes it when unused, which is
+      why ``nonfinite`` does not read it). Plain ``‖A x − b‖`` when ``b = 0``.
     min_curvature: float32, the smallest Rayleigh quotient ``dᵀA d / dᵀd`` over the
       directions ``d`` the operator was applied to (CG search directions, Neumann
       iterates). It is scale-free and an upper bound on A's smallest eigenvalue, so
       a negative value proves ``A`` indefinite. ``+inf`` when no product was taken.
     nonfinite: bool, True if the solver's raw solution (before ``layerwise_cg``
-      zeroes non-finite entries) or the residual contains NaN/inf.
+      zeroes non-finite entries) or an operator product the solver took contains
+      NaN/inf (seen through ``min_curvature``; for solvers that do not track it,
+      through ``residual``).
   """
   iterations: jnp.ndarray
   residual: jnp.ndarray
@@ -96,16 +98,28 @@ def _rayleigh(dAd: jnp.ndarray, dd: jnp.ndarray) -> jnp.ndarray:
   return jnp.where(dd > 0, dAd / safe_dd, jnp.inf).astype(jnp.float32)
 
 
-def finish(matvec: MatVec, b: PyTree, x: PyTree, raw_x: PyTree,
-            iterations, min_curvature) -> SolveInfo:
-  """Builds SolveInfo, recomputing the residual with the true operator."""
+def relative_residual(matvec: MatVec, b: PyTree, x: PyTree) -> jnp.ndarray:
+  """``‖A x − b‖ / ‖b‖`` (``‖A x − b‖`` when ``b = 0``) as float32: one product."""
   residual_norm = tree_norm(tree_sub(matvec(x), b))
   b_norm = tree_norm(b)
-  residual = (residual_norm / jnp.where(b_norm > 0, b_norm, 1.0)).astype(jnp.float32)
-  nonfinite = jnp.logical_not(tree_all_finite(raw_x) & jnp.isfinite(residual))
+  return (residual_norm / jnp.where(b_norm > 0, b_norm, 1.0)).astype(jnp.float32)
+
+
+def finish(matvec: MatVec, b: PyTree, x: PyTree, raw_x: PyTree,
+            iterations, min_curvature, *, curvature_tracked: bool = True) -> SolveInfo:
+  """Builds SolveInfo, recomputing the residual with the true operator.
+
+  With ``curvature_tracked`` (the solver folded every product into
+  ``min_curvature``, where a NaN propagates), ``nonfinite`` does not read the
+  residual, so a caller that ignores ``residual`` (BiSSL's upper step between
+  checks) pays no product for it under jit. Otherwise the residual decides.
+  """
+  residual = relative_residual(matvec, b, x)
+  min_curvature = jnp.asarray(min_curvature, jnp.float32)
+  products_ok = (~jnp.isnan(min_curvature)) if curvature_tracked else jnp.isfinite(residual)
+  nonfinite = jnp.logical_not(tree_all_finite(raw_x) & products_ok)
   return SolveInfo(iterations=jnp.asarray(iterations, jnp.int32), residual=residual,
-                   min_curvature=jnp.asarray(min_curvature, jnp.float32),
-                   nonfinite=nonfinite)
+                   min_curvature=min_curvature, nonfinite=nonfinite)
 
 
 def _select(pred, new: PyTree, old: PyTree) -> PyTree:

@@ -255,7 +255,7 @@ def first_order(matvec: MatVec, b: PyTree, *, init: Optional[PyTree] = None,
   solving ``A x = b`` (one product, removed by ``jit`` when unused).
   """
   del init, maxiter, tol, unroll
-  return b, finish(matvec, b, b, b, 0, jnp.inf)
+  return b, finish(matvec, b, b, b, 0, jnp.inf, curvature_tracked=False)
 
 
 SOLVERS = {

@@ -82,8 +82,17 @@ def summarize_metrics(lower: dict, upper: dict, state: BilevelState) -> dict:
   """Reduces per-step metrics of one alternation to scalars (still on device)."""
   out = {k: jnp.mean(v) for k, v in lower.items() if k != "lower_nonfinite"}
   out.update({k: jnp.mean(v) for k, v in upper.items()
-              if k not in ("upper_nonfinite", "cg_min_curvature", "lam")})
-  out["cg_residual_last"] = upper["cg_residual"][-1]
+              if k not in ("upper_nonfinite", "cg_min_curvature", "lam", "cg_residual",
+                           "residual_checked")})
+  # The residual exists on checked steps only (config.bissl.residual_every): its
+  # mean and last value over those, NaN when this alternation checked none.
+  checked, residual = upper["residual_checked"], upper["cg_residual"]
+  count = jnp.sum(checked)
+  out["cg_residual"] = jnp.where(count > 0, jnp.sum(jnp.where(checked, residual, 0.0))
+                                 / jnp.maximum(count, 1), jnp.nan)
+  last = jnp.max(jnp.where(checked, jnp.arange(checked.shape[0]), -1))
+  out["cg_residual_last"] = jnp.where(last >= 0, residual[jnp.maximum(last, 0)], jnp.nan)
+  out["residual_checks"] = count
   out["cg_min_curvature"] = jnp.min(upper["cg_min_curvature"])
   out["lam"] = upper["lam"][-1]
   out["lower_nonfinite"] = jnp.any(lower["lower_nonfinite"])

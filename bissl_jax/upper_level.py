@@ -30,6 +30,7 @@ from bissl_jax import partition
 from bissl_jax import residual_guard
 from bissl_jax import tree_math
 from bissl_jax.bilevel import BilevelState, BisslSetup, current_lam
+from bissl_jax.solver_base import relative_residual
 
 PyTree = Any
 
@@ -118,12 +119,16 @@ def _identity_mask(setup: BisslSetup, rhs: PyTree):
           "pretext_head": jax.tree_util.tree_map(lambda _: False, rhs["pretext_head"])}
 
 
-def implicit_gradient(setup: BisslSetup, state: BilevelState, operator, lam, v):
+def implicit_gradient(setup: BisslSetup, state: BilevelState, operator, lam, v,
+                      check_residual=True):
   """``v_IG`` for the trainable θ-gradient ``v``, and the solver's ``SolveInfo``.
 
-  With ``residual_guard``, a solution whose relative residual exceeds 1 (further
-  from solving the system than 0 is) is replaced by ``v`` (first order); the
-  returned info still describes the solve, and the fallback is counted by the caller.
+  ``info.residual`` costs one more operator product. Where ``check_residual`` (a
+  traced bool) is False it is NaN and the product is skipped (``lax.cond``); the
+  residual guard and ``residual_every`` decide (see :func:`residual_due`). With
+  ``residual_guard``, a solution whose relative residual exceeds 1 (further from
+  solving the system than 0 is) is replaced by ``v`` (first order); the returned
+  info still describes the solve, and the fallback is counted by the caller.
   """
   if setup.solver == "mfac":
     solution, info = mfac.solve(state.solver_state.gradient_window, v,
@@ -137,12 +142,36 @@ def implicit_gradient(setup: BisslSetup, state: BilevelState, operator, lam, v):
     init = {"backbone": state.solver_state.warm_start, "pretext_head": zeros}
   else:
     rhs, init = v, state.solver_state.warm_start
+  hessian, identity_mask = stage_matvec(setup, state, operator), _identity_mask(setup, rhs)
   solution, info = implicit.implicit_solve(
-      stage_matvec(setup, state, operator), rhs, lam=lam, damping=setup.damping,
+      hessian, rhs, lam=lam, damping=setup.damping,
       solver=setup.solver, maxiter=setup.cg_iters, tol=setup.cg_tol,
-      init=init if setup.warm_start else None, identity_mask=_identity_mask(setup, rhs),
+      init=init if setup.warm_start else None, identity_mask=identity_mask,
       unroll=setup.use_unrolled)
+  # The solver's own residual goes unused, so jit drops its product; it is
+  # recomputed here only on the steps that check it.
+  matvec = implicit.damped_operator(hessian, lam=lam, damping=setup.damping,
+                                    identity_mask=identity_mask)
+  residual = jax.lax.cond(check_residual,
+                          lambda x: relative_residual(matvec, rhs, x),
+                          lambda x: jnp.full((), jnp.nan, jnp.float32), solution)
+  info = info._replace(residual=residual,
+                       nonfinite=info.nonfinite | (check_residual & ~jnp.isfinite(residual)))
   return (solution["backbone"] if setup.head_in_implicit else solution), info
+
+
+def residual_due(setup: BisslSetup, step) -> jnp.ndarray:
+  """Whether upper step ``step`` (0-based, over the run) recomputes the residual.
+
+  Every ``residual_every``-th step, counted so that a stage whose N_U is a multiple
+  of it checks its last step; every step with ``residual_guard`` (it needs them);
+  never with ``residual_every = 0``. M-FAC's residual is free and always computed.
+  """
+  if setup.residual_guard or setup.residual_every == 1 or setup.solver == "mfac":
+    return jnp.ones((), bool)
+  if setup.residual_every == 0:
+    return jnp.zeros((), bool)
+  return (step + 1) % setup.residual_every == 0
 
 
 def upper_step(setup: BisslSetup, state: BilevelState, operator, lam, images, labels, rng
@@ -177,7 +206,8 @@ def upper_step(setup: BisslSetup, state: BilevelState, operator, lam, images, la
                                            state.lower.batch_stats["backbone"])
   (loss_d, stats_d), (gtheta_d, gphi_d) = loss_and_grad(theta_d, phi_d, frozen_d,
                                                          upper.batch_stats["backbone"])
-  v_ig, info = implicit_gradient(setup, state, operator, lam, v)
+  checked = residual_due(setup, upper.step)
+  v_ig, info = implicit_gradient(setup, state, operator, lam, v, checked)
   fallback = jnp.zeros((), bool)
   if setup.residual_guard:
     v_ig, fallback = residual_guard.guard_residual(v_ig, v, info)
@@ -195,7 +225,8 @@ def upper_step(setup: BisslSetup, state: BilevelState, operator, lam, images, la
       "upper_loss": loss_p + loss_d, "upper_loss_theta_p": loss_p, "upper_loss_theta_d": loss_d,
       "upper_grad_norm": grad_norm, "v_norm": tree_math.tree_norm(v),
       "v_ig_norm": tree_math.tree_norm(v_ig), "lam": lam,
-      "cg_residual": info.residual, "cg_min_curvature": info.min_curvature,
+      "cg_residual": info.residual, "residual_checked": checked,
+      "cg_min_curvature": info.min_curvature,
       "cg_iterations": info.iterations, "residual_fallback": fallback,
       "upper_nonfinite": info.nonfinite | ~(jnp.isfinite(loss_p + loss_d)
                                             & jnp.isfinite(grad_norm)

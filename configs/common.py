@@ -221,6 +221,9 @@ def base_config() -> config_dict.ConfigDict:
   # Off by default (the paper has no guard): replace a solution whose relative
   # residual ‖Ax − v‖/‖v‖ exceeds 1 by v itself (first order), and count it.
   config.bissl.residual_guard = False
+  # The relative residual ‖Ax − v‖/‖v‖ costs one more product per solve: recompute it
+  # on every k-th upper step only (1: every step, 0: never; the guard forces 1).
+  config.bissl.residual_every = 4
   # solver='mfac' (BiSSLight): m stored pretext gradients (None: N_L), block rule
   # ('per_leaf', 'per_layer' or 'global') and storage dtype ('float32', 'bfloat16').
   config.bissl.mfac_history = config_dict.placeholder(int)
@@ -467,6 +470,8 @@ FIELD_HELP = {
     "bissl.lam_damping": "extra damping of a learnable λ",
     "bissl.head_in_implicit": "include the pretext head in the implicit gradient",
     "bissl.residual_guard": "replace a solve whose relative residual exceeds 1 by first order",
+    "bissl.residual_every": "recompute the solve's residual (one product) every k-th upper "
+                            "step (1: every step, 0: never; forced to 1 by the guard)",
     "bissl.mfac_history": "solver=mfac: stored pretext gradients (None: N_L)",
     "bissl.mfac_blocks": "solver=mfac: block rule",
     "bissl.mfac_dtype": "solver=mfac: storage dtype of the gradients",

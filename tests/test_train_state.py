@@ -88,7 +88,7 @@ def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
 
 def test_upper_step_gradient_matches_dense_solve():
   setup = make_setup(solver="cg", cg_iters=400, cg_tol=1e-10, unroll=False, upper_steps=1,
-                     lam=0.1)
+                     lam=0.1, residual_every=1)
   state = make_state(setup)
   batches = make_batches(setup)
   rng = jax.random.PRNGKey(3)
@@ -447,3 +447,40 @@ def test_adamw_lower_optimizer_moves_a_zero_initialised_leaf():
       state, _ = step(state, batches.pretext[i % setup.lower_steps], jax.random.PRNGKey(i))
     moved[name] = float(jnp.max(jnp.abs(state.lower.params["backbone"]["Dense_0"]["kernel"])))
   assert moved["adamw"] > 1e-4 and moved["adamw"] > 10 * moved["lars"], moved
+
+
+def test_residual_every_changes_only_the_residual_metrics():
+  # The residual is a diagnostic: skipping it on some steps must leave the
+  # trajectory bit-identical, and a checked step must report what k = 1 reports.
+  batches = make_batches(make_setup(upper_steps=3))
+  out = {}
+  for every in (1, 3, 0):
+    setup = make_setup(upper_steps=3, residual_every=every, stage_driver="per_step")
+    out[every] = jax.device_get(ts.make_alternation_fn(setup)(
+        make_state(setup), batches, jax.random.PRNGKey(3)))
+  for every in (3, 0):
+    for a, b in zip(jax.tree_util.tree_leaves(out[1][0]), jax.tree_util.tree_leaves(out[every][0])):
+      np.testing.assert_array_equal(a, b)
+  assert int(out[1][1]["residual_checks"]) == 3
+  assert int(out[3][1]["residual_checks"]) == 1      # step 2, the stage's last
+  assert int(out[0][1]["residual_checks"]) == 0
+  assert np.isnan(out[0][1]["cg_residual"]) and np.isnan(out[0][1]["cg_residual_last"])
+  np.testing.assert_allclose(out[3][1]["cg_residual"], out[1][1]["cg_residual_last"], rtol=1e-6)
+
+
+def _convolutions_in_compiled_upper_step(every):
+  setup = make_setup(upper_steps=1, residual_every=every,
+                     model=tiny_model(models.ResNet(stage_sizes=(1,), block="basic", width=4,
+                                                    cifar_stem=True)))
+  state, batches = make_state(setup), make_batches(setup)
+  operator, lam = upper_level.prepare_stage(setup, state, batches.hvp, jax.random.PRNGKey(0))
+  step = jax.jit(functools.partial(upper_level.upper_step, setup))
+  hlo = step.lower(state, operator, lam, batches.downstream_images[0],
+                   batches.downstream_labels[0], jax.random.PRNGKey(1)).compile().as_text()
+  return hlo.count(" convolution(")
+
+
+def test_an_unchecked_residual_costs_no_operator_product():
+  # With residual_every=0 the solver's own residual product must be dead code
+  # (nothing reads it), so the compiled step has fewer convolutions than with 1.
+  assert _convolutions_in_compiled_upper_step(0) < _convolutions_in_compiled_upper_step(1)

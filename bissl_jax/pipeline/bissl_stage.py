@@ -162,7 +162,9 @@ def run_bissl(ctx: StageContext, warm: dict, pretext_set, downstream_set, *, see
     ts.raise_if_nonfinite(metrics, t)  # before anything of this alternation is saved
     if not warned and setup.solver != "mfac":
       warned.extend(warn_if_residual_above_one(name, t, metrics))
-    return new_state, {k: v for k, v in metrics.items() if not k.endswith("nonfinite")}
+    unchecked = ("cg_residual", "cg_residual_last") if not metrics["residual_checks"] else ()
+    return new_state, {k: v for k, v in metrics.items()
+                       if not k.endswith("nonfinite") and k not in unchecked}
 
   stage = stage_loop.Stage(
       name=name, total_steps=cfg.alternations, step=step,
@@ -187,7 +189,7 @@ def run_bissl(ctx: StageContext, warm: dict, pretext_set, downstream_set, *, see
 
 def warn_if_residual_above_one(name: str, t: int, metrics: dict) -> list:
   """Prints one explanation when the solve's relative residual exceeds 1; returns [True] then."""
-  residual = float(np.mean(metrics["cg_residual"]))
+  residual = float(np.mean(metrics["cg_residual"]))  # NaN when no step checked it
   if not residual > 1.0:
     return []
   print(f"[{name}] warning: at alternation {t} the implicit-gradient solve's relative "
