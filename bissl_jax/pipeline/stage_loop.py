@@ -247,6 +247,22 @@ def _check_fingerprint(stage: Stage, extra: dict, directory: str) -> None:
         f"--workdir.")
 
 
+def _check_params(stage: Stage, state, where: str, source: Optional[str] = None) -> None:
+  """Raises NonFiniteError if a tree of ``stage.params_to_check(state)`` is not finite.
+
+  ``source`` (e.g. a loaded checkpoint) replaces the stage's advice: then the
+  learning rates are not to blame.
+  """
+  if stage.params_to_check is None:
+    return
+  for what, (tree, fix, *_) in stage.params_to_check(state).items():
+    if not is_finite(tree):
+      if source is not None:
+        raise NonFiniteError(f"Non-finite {what} {where} of {stage.name}: {source}.")
+      raise NonFiniteError(f"Non-finite {what} {where} of {stage.name}; nothing of it was "
+                           f"saved. {fix}".rstrip())
+
+
 def _arrays_deleted(tree) -> bool:
   # A state donated to a step that was interrupted mid-call can no longer be read.
   return any(isinstance(x, jax.Array) and x.is_deleted() for x in jax.tree_util.tree_leaves(tree))
@@ -274,8 +290,14 @@ def run_stage(stage: Stage, state: PyTree) -> StageResult:
   progress = None
   completed, diverged = False, None
   try:
+    good = None
     if ckpt is not None and ckpt.latest_step() is not None:
-      restored, extra = ckpt.restore(state)
+      # A step that does not read back intact, or holds non-finite parameters, is
+      # set aside and the previous one tried (never resumed into).
+      good = ckpt.restore_good(state, name=stage.name, check=lambda s: _check_params(
+          stage, s, "in the checkpoint", "a corrupt or diverged checkpoint"))
+    if good is not None:
+      _, restored, extra = good
       _check_fingerprint(stage, extra, ckpt.directory)
       state, done = restored, int(extra["steps"])
       stage.data.restore(extra["data"], done)
@@ -299,13 +321,7 @@ def run_stage(stage: Stage, state: PyTree) -> StageResult:
       last_saved = count
 
     def check_params(saved_state, count):
-      if stage.params_to_check is None:
-        return
-      for what, (tree, fix) in stage.params_to_check(saved_state).items():
-        if not is_finite(tree):
-          raise NonFiniteError(
-              f"Non-finite {what} after {unit} {count} of {total} of {stage.name}; nothing "
-              f"of it was saved. {fix}".rstrip())
+      _check_params(stage, saved_state, f"after {unit} {count} of {total}")
 
     progress = run_log.Progress(total, stage.name, initial=done, unit=unit,
                                 items_per_step=stage.items_per_step)
