@@ -138,3 +138,15 @@ def test_the_checksum_is_recorded_with_each_step(interrupted):
   state = LevelState(np.zeros(2, np.float32), {}, {}, np.int32(0))
   assert checkpoint.tree_checksum(state) != checkpoint.tree_checksum(
       state.replace(params=np.ones(2, np.float32)))
+
+
+def test_nan_weights_in_a_loaded_stage_output_blame_the_file(tmp_path):
+  from bissl_jax.convert import stage_output
+  from bissl_jax.errors import NonFiniteError
+  path = str(tmp_path / "output")
+  stage_output.export(path, {"params": {"w": np.array([1.0, np.nan], np.float32)},
+                             "batch_stats": {}}, {"stage": "pretext"})
+  with pytest.raises(NonFiniteError, match=r"output holds NaN/Inf weights.*\['params'\]\['w'\]"
+                     r".*no learning rate of this run is to blame") as err:
+    stage_output.load_export(path)
+  assert err.value.field is None  # nothing to branch on: the file is at fault

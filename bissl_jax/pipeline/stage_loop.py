@@ -33,6 +33,8 @@ and the step counter are saved together, and every step's randomness is
 import contextlib
 import dataclasses
 import json
+import os
+import re
 import signal
 import threading
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Protocol, Tuple
@@ -41,6 +43,7 @@ import jax
 import jax.numpy as jnp
 
 from bissl_jax.errors import NonFiniteError
+from bissl_jax.pipeline import branch
 from bissl_jax.pipeline import checkpoint
 from bissl_jax.pipeline import run_log
 
@@ -131,6 +134,8 @@ class Stage:
     save_last: also save after the last step.
     fingerprint: the config values the stage's result depends on (dotted names);
       a checkpoint written with other values is not resumed.
+    reuse: what a checkpoint with another fingerprint gets: ``'strict'`` refuses
+      (ConfigError), ``'recompute'`` sets it aside and starts the stage afresh.
     place: applied to the state before the first step (e.g. replicate on the mesh).
     params_to_check: ``fn(state) -> {what: (params, fix)}``: trees that must stay
       finite and the advice when one does not.
@@ -157,6 +162,7 @@ class Stage:
   checkpoint_every: int = 0
   save_last: bool = False
   fingerprint: Optional[Mapping[str, Any]] = None
+  reuse: str = "strict"
   place: Callable[[Any], Any] = lambda state: state
   params_to_check: Optional[Callable[[Any], Mapping[str, Tuple[PyTree, str]]]] = None
   loss_key: Optional[str] = "loss"
@@ -234,17 +240,27 @@ def _normalise(record) -> Any:
   return json.loads(json.dumps(record, sort_keys=True, default=str))
 
 
-def _check_fingerprint(stage: Stage, extra: dict, directory: str) -> None:
-  if stage.fingerprint is None:
-    return
+def _fingerprint_changes(fingerprint: Optional[dict], extra: dict) -> list:
+  if fingerprint is None:
+    return []
+  saved = extra.get("config") or {}
+  return sorted(k for k in set(fingerprint) | set(saved)
+                if fingerprint.get(k) != saved.get(k))
+
+
+def _refuse_or_set_aside(stage: Stage, changed: list, directory: str) -> None:
+  """A checkpoint of other config values: refuse (strict) or move it aside (recompute)."""
   from bissl_jax.config_validation import ConfigError  # pylint: disable=g-import-not-at-top
-  wanted, saved = _normalise(dict(stage.fingerprint)), extra.get("config") or {}
-  changed = sorted(k for k in set(wanted) | set(saved) if wanted.get(k) != saved.get(k))
-  if changed:
+  from bissl_jax.pipeline import provenance  # pylint: disable=g-import-not-at-top
+  if stage.reuse != "recompute":
     raise ConfigError(
         f"The checkpoint in {directory} was written with different config fields "
-        f"{changed}; resuming would mix two runs. Restore those values or use a fresh "
-        f"--workdir.")
+        f"{changed}; resuming would mix two runs. Restore those values, use a fresh "
+        f"--workdir, or let the stage start again (config.reuse='recompute').")
+  moved = provenance.set_aside(os.path.dirname(directory), [directory])
+  print(f"[{stage.name}] the checkpoint in {directory} was written with other values of "
+        f"{changed}: starting this stage afresh (the old checkpoint is kept in {moved}).",
+        flush=True)
 
 
 def _check_params(stage: Stage, state, where: str, source: Optional[str] = None) -> None:
@@ -255,12 +271,18 @@ def _check_params(stage: Stage, state, where: str, source: Optional[str] = None)
   """
   if stage.params_to_check is None:
     return
-  for what, (tree, fix, *_) in stage.params_to_check(state).items():
+  for what, (tree, fix, *field) in stage.params_to_check(state).items():
     if not is_finite(tree):
       if source is not None:
         raise NonFiniteError(f"Non-finite {what} {where} of {stage.name}: {source}.")
       raise NonFiniteError(f"Non-finite {what} {where} of {stage.name}; nothing of it was "
-                           f"saved. {fix}".rstrip())
+                           f"saved. {fix}".rstrip(), field=(field or [_field_in(fix)])[0])
+
+
+def _field_in(fix: str) -> Optional[str]:
+  """The first ``config.<field>`` an advice names (the field a branch would change)."""
+  found = re.search(r"config\.([A-Za-z_][\w.]*[A-Za-z0-9_])", fix or "")
+  return found.group(1) if found else None
 
 
 def _arrays_deleted(tree) -> bool:
@@ -286,6 +308,9 @@ def run_stage(stage: Stage, state: PyTree) -> StageResult:
   total, spe, unit = int(stage.total_steps), max(1, int(stage.steps_per_epoch)), stage.unit
   ckpt = checkpoint.RunCheckpointer(stage.checkpoint_dir) if stage.checkpoint_dir else None
   fingerprint = None if stage.fingerprint is None else _normalise(dict(stage.fingerprint))
+  stage_dir = os.path.dirname(os.path.abspath(stage.checkpoint_dir or "."))
+  if fingerprint is not None and branch.lineage(stage_dir) is not None:
+    fingerprint["branch"] = branch.lineage(stage_dir)  # resumed from a parent run's step
   done, last_saved = 0, -1
   progress = None
   completed, diverged = False, None
@@ -296,9 +321,18 @@ def run_stage(stage: Stage, state: PyTree) -> StageResult:
       # set aside and the previous one tried (never resumed into).
       good = ckpt.restore_good(state, name=stage.name, check=lambda s: _check_params(
           stage, s, "in the checkpoint", "a corrupt or diverged checkpoint"))
+    changed = [] if good is None else _fingerprint_changes(fingerprint, good[2])
+    adopted = changed and branch.adopt(stage_dir, good[0], changed)
+    if adopted:
+      fingerprint["branch"] = _normalise(adopted)
+      print(f"[{stage.name}] branch: resuming the parent's {unit} {good[0]} "
+            f"({adopted['parent']}) with new values of {changed}.", flush=True)
+    elif changed:
+      ckpt.close()
+      _refuse_or_set_aside(stage, changed, ckpt.directory)
+      ckpt, good = checkpoint.RunCheckpointer(stage.checkpoint_dir), None
     if good is not None:
       _, restored, extra = good
-      _check_fingerprint(stage, extra, ckpt.directory)
       state, done = restored, int(extra["steps"])
       stage.data.restore(extra["data"], done)
       last_saved = done
@@ -337,7 +371,8 @@ def run_stage(stage: Stage, state: PyTree) -> StageResult:
             if stage.loss_key is not None and not is_finite(metrics[stage.loss_key]):
               raise NonFiniteError(
                   f"Non-finite {stage.loss_key} at {unit} {n} of {total} of {stage.name}; "
-                  f"nothing of it was saved. {stage.loss_fix}".rstrip())
+                  f"nothing of it was saved. {stage.loss_fix}".rstrip(),
+                  field=_field_in(stage.loss_fix))
             if stage.logger is not None:
               stage.logger.write(stage.name, n, metrics)
             postfix = {label: metrics[key] for label, key in stage.show.items()
