@@ -302,13 +302,6 @@ def _parse_run_flags(argv: Sequence[str]) -> List[str]:
 
 # --------------------------------------------------------------------------- commands
 
-def _stop_on_sigterm(signum, frame):
-  # Cluster pre-emption sends SIGTERM. Inside a stage the stage loop catches it and
-  # stops after the current step, saving it; between stages this ends the run like
-  # Ctrl-C.
-  raise KeyboardInterrupt(f"signal {signum}")
-
-
 def _run_main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -320,7 +313,11 @@ def _run_main(argv: Sequence[str]) -> None:
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
   with error_boundary(_DEBUG.value or debug_requested()):
     parallel.initialize_multihost()
-    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    # Cluster pre-emption sends SIGTERM, a user Ctrl-C: both are recorded, never
+    # raised where they land (a swallowed exception would lose them); the running or
+    # next stage stops after its current step and saves it.
+    from bissl_jax.pipeline import stage_loop  # pylint: disable=g-import-not-at-top
+    stage_loop.install_stop_handlers()
     try:
       config = _CONFIG.value
       if config is None:  # flags parsed without our parser (the default file)

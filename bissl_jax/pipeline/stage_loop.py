@@ -204,33 +204,53 @@ def is_finite(tree: PyTree) -> bool:
   return bool(jax.device_get(_all_finite(tree)))
 
 
+# Signals received and not yet honoured (process-wide): a handler only records them,
+# so no signal can be lost inside a callback that swallows exceptions (JAX's
+# garbage-collection hook) or interrupt XLA's compiler half-way.
+_PENDING_STOP: list = []
+
+
+def _record_signal(signum, frame) -> None:
+  del frame
+  if _PENDING_STOP:
+    raise KeyboardInterrupt(f"{signal.Signals(signum).name} received twice")
+  _PENDING_STOP.append(signum)
+  print(f"\n{signal.Signals(signum).name} received: stopping after the current step and "
+        f"saving it (send it again to stop at once).", flush=True)
+
+
+def install_stop_handlers() -> None:
+  """Makes SIGINT/SIGTERM of the whole process requests that every stage loop honours.
+
+  The first signal is recorded and the running (or next) stage stops after its
+  current step, saving it; a second one raises ``KeyboardInterrupt`` at once. The
+  entry points call this once; :func:`run_stage` installs the same handlers while
+  it runs.
+  """
+  if threading.current_thread() is threading.main_thread():
+    for sig in (signal.SIGINT, signal.SIGTERM):
+      signal.signal(sig, _record_signal)
+
+
 @contextlib.contextmanager
 def deferred_signals(name: str):
   """Turns the first SIGINT/SIGTERM into a request the loop reads between steps.
 
-  Yields a function that returns True once a stop was requested. A signal never
-  interrupts a step half-way (or XLA's compiler, or a checkpoint write); a second
-  signal raises ``KeyboardInterrupt`` at once. Outside the main thread signals
-  cannot be caught, and the function always returns False.
+  Yields a function that returns True once a stop was requested (also one received
+  before this stage started). A signal never interrupts a step half-way (or XLA's
+  compiler, or a checkpoint write); a second signal raises ``KeyboardInterrupt`` at
+  once. Outside the main thread signals cannot be caught, and the function always
+  returns False.
   """
+  del name
   if threading.current_thread() is not threading.main_thread():
     yield lambda: False
     return
-  requested = []
-
-  def handler(signum, frame):
-    del frame
-    if requested:
-      raise KeyboardInterrupt(f"{signal.Signals(signum).name} received twice")
-    requested.append(signum)
-    print(f"\n[{name}] {signal.Signals(signum).name} received: stopping after the current "
-          f"step and saving it (send it again to stop at once).", flush=True)
-
   previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
   for sig in previous:
-    signal.signal(sig, handler)
+    signal.signal(sig, _record_signal)
   try:
-    yield lambda: bool(requested)
+    yield lambda: bool(_PENDING_STOP)
   finally:
     for sig, old in previous.items():
       signal.signal(sig, old)
@@ -361,6 +381,9 @@ def run_stage(stage: Stage, state: PyTree) -> StageResult:
                                 items_per_step=stage.items_per_step)
     with deferred_signals(stage.name) as stop_requested:
       try:
+        if stop_requested():  # received between stages (maybe swallowed where raised)
+          _PENDING_STOP.clear()
+          raise StopRequested(f"stop requested before {unit} {committed[0] + 1}")
         while committed[0] < total:
           i, state, _ = committed
           state, metrics = stage.step(state, i, stage.data.batch(i))
@@ -392,6 +415,7 @@ def run_stage(stage: Stage, state: PyTree) -> StageResult:
           if stage.callback is not None:
             stage.callback(n, state, metrics)
           if stop_requested():
+            _PENDING_STOP.clear()  # honoured here
             raise StopRequested(f"stop requested after {unit} {n}")
         completed = True
       except NonFiniteError as err:
