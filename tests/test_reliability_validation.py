@@ -48,3 +48,39 @@ def test_bad_value_is_rejected_naming_the_field(changes, field):
 
 def test_the_smoke_config_itself_is_valid():
   validate_config(digits_simclr.get_config("runlocal"), num_devices=1)
+
+
+# ------------------------------------------------ input checkpoints vs. the model
+
+def _export(path, width, cifar_stem, provenance_fields=True):
+  """A finetune-ready stage output of a runlocal ResNet-18 at ``width``."""
+  import jax
+  from bissl_jax import models
+  from bissl_jax.convert import stage_output
+  model = models.build_model("resnet18", num_classes=10, width_multiplier=width,
+                             cifar_stem=cifar_stem, projector="16-16-16")
+  params, stats = model.init(jax.random.key(0), 8)
+  meta = {"stage": "pretext"}
+  if provenance_fields:
+    meta["provenance"] = {"fields": {"model.arch": "resnet18", "model.width_multiplier": width,
+                                     "model.cifar_stem": cifar_stem}, "inputs": {},
+                          "digest": "x"}
+  stage_output.export(path, {"params": params, "batch_stats": stats}, meta)
+  return path
+
+
+@pytest.mark.parametrize("width,stem,recorded,field", [
+    (0.125, True, True, "model.width_multiplier=0.125"),
+    (0.0625, False, True, "model.cifar_stem=False"),
+    (0.125, True, False, "model.width_multiplier=0.125"),
+    (0.0625, False, False, "model.cifar_stem=False"),
+])
+def test_an_input_checkpoint_that_does_not_fit_is_rejected_before_compute(
+    tmp_path, capsys, width, stem, recorded, field):
+  from bissl_jax.pipeline import run
+  path = _export(str(tmp_path / "ckpt"), width, stem, recorded)
+  config = override(digits_simclr.get_config("runlocal"), **{
+      "stages": "finetune", "finetune.init_checkpoint": path})
+  with pytest.raises(ConfigError, match=rf"(?s)does not fit the model.*--config\.{field}"):
+    run(config, str(tmp_path / "run"))
+  assert "finetune" not in capsys.readouterr().out  # no stage started

@@ -39,6 +39,7 @@ from bissl_jax.pipeline import results as results_lib
 from bissl_jax.pipeline import supervised
 from bissl_jax.pipeline.context import StageContext, build_context  # noqa: F401
 from bissl_jax.pipeline.datasets import load_data
+from bissl_jax.pipeline.inputs import check_inputs
 from bissl_jax.pipeline.pretrain import pretrain
 
 
@@ -176,6 +177,7 @@ def run(config, workdir: str, *, bissl_callback: Optional[Callable] = None,
   ctx = build_context(config, workdir)
   finished = False
   try:
+    check_inputs(ctx)  # every input checkpoint fits the model, before any compute
     if config.stages != "all":
       record = run_single_stage(ctx, config.stages, splits, pretext_set)
       print(json.dumps(record, indent=2, default=str), flush=True)
