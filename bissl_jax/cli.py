@@ -16,6 +16,7 @@ saves the running stage and exits with status 130.
 import contextlib
 import difflib
 import os
+import re
 import signal
 import sys
 from typing import Iterator, List, Optional, Sequence
@@ -124,6 +125,9 @@ def branch_advice(err, argv: Optional[Sequence[str]] = None, config=None) -> str
   """
   argv = list(argv if argv is not None else (_PARSED["argv"] or sys.argv))
   field = getattr(err, "field", None)
+  if field is None:  # an error raised without one: the first field its advice names
+    found = re.search(r"config\.([a-z_]+\.[a-z_]+)", str(err))
+    field = found.group(1) if found and "to blame" not in str(err) else None
   if field is None:
     return "No learning rate is to blame: fix the named input, then rerun the same command."
   if config is None:

@@ -58,3 +58,39 @@ def test_random_sigterm_and_sigint_always_resume_identically(tmp_path):
   assert _final(out) == expected
   if finished is not None:
     assert finished == expected
+
+
+REPO = os.path.dirname(HERE)
+
+
+def _start_cli(workdir):
+  cmd = [sys.executable, "-m", "experiments.main", f"--workdir={workdir}",
+         "--config=configs/digits_simclr.py:runlocal", "--config.pretext.epochs=50"]
+  return subprocess.Popen(cmd, cwd=REPO, env=dict(ENV, JAX_DISABLE_MOST_OPTIMIZATIONS="1"),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _signal_after_line(proc, marker, signum, delay):
+  seen = []
+  for line in proc.stdout:
+    seen.append(line)
+    if marker in line:
+      time.sleep(delay)
+      proc.send_signal(signum)
+      break
+  out, err = proc.communicate(timeout=300)
+  return "".join(seen) + out, err
+
+
+@pytest.mark.slow  # two runs of the real entry point up to its first compilations
+def test_a_signal_during_compilation_exits_cleanly(tmp_path):
+  workdir = str(tmp_path / "run")
+  # While the context is built (the model's init compiles) and the pretext step compiles.
+  for marker, signum in (("bissl-jax: backend", signal.SIGTERM),
+                         ("(compiling", signal.SIGINT)):
+    proc = _start_cli(workdir)
+    out, err = _signal_after_line(proc, marker, signum, 0.2)
+    assert proc.returncode == 130, (marker, proc.returncode, err[-3000:])
+    assert "Fatal Python error" not in err and "Segmentation" not in err
+    assert "Traceback" not in err and "Exception ignored" not in err, err[-3000:]
+    assert f"{signal.Signals(signum).name} received" in out

@@ -93,7 +93,8 @@ class RunCheckpointer:
   def save(self, step: int, state: PyTree, extra: Optional[dict] = None) -> None:
     """Saves ``state`` (any pytree of arrays) and a JSON-serialisable ``extra`` as ``step``.
 
-    ``extra`` gains the state's ``checksum`` (:func:`tree_checksum`).
+    The state's checksum (:func:`tree_checksum`) is stored with ``extra`` and
+    checked (and removed from it) on restore.
     """
     extra = dict(extra or {}, checksum=tree_checksum(state))
     self._manager.save(int(step), args=ocp.args.Composite(
@@ -122,7 +123,7 @@ class RunCheckpointer:
     restored = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract(template)), extra=ocp.args.JsonRestore()))
     state, extra = decode(restored["state"], template), dict(restored["extra"] or {})
-    saved = extra.get("checksum")
+    saved = extra.pop("checksum", None)
     if saved is not None and saved != tree_checksum(state):
       raise CorruptCheckpointError("its checksum does not match the bytes read back")
     return state, extra
