@@ -137,8 +137,10 @@ class Stage:
     reuse: what a checkpoint with another fingerprint gets: ``'strict'`` refuses
       (ConfigError), ``'recompute'`` sets it aside and starts the stage afresh.
     place: applied to the state before the first step (e.g. replicate on the mesh).
-    params_to_check: ``fn(state) -> {what: (params, fix)}``: trees that must stay
-      finite and the advice when one does not.
+    params_to_check: ``fn(state) -> {what: (params, fix[, field])}``: trees that
+      must stay finite, the advice when one does not and the config field to blame
+      (default: the first ``config.<field>`` the advice names). Also checked on every
+      restored checkpoint, which is never resumed when it fails.
     loss_key: metric that must stay finite on logged steps (None: not checked).
     loss_fix: advice when it does not.
     on_divergence: if given, a non-finite value stops the stage quietly:
