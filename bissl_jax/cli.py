@@ -17,7 +17,6 @@ import contextlib
 import difflib
 import os
 import re
-import signal
 import sys
 from typing import Iterator, List, Optional, Sequence
 
