@@ -340,7 +340,9 @@ def finetune(ctx: StageContext, backbone: dict, splits: dict, *, lr: float,
                                       seed=seed, inputs=inputs).fingerprint(),
       reuse=ctx.config.get("reuse", "recompute"),
       place=lambda s: dict(s, level=ctx.replicate(s["level"])),
-      params_to_check=lambda s: {"fine-tuning parameters": (s["level"].params, fix)},
+      # The field a branch changes: fine-tuning after BiSSL has its own LR.
+      params_to_check=lambda s: {"fine-tuning parameters": (
+          s["level"].params, fix, "finetune.bissl_lr" if "bissl" in name else "finetune.lr")},
       loss_fix=fix, on_divergence=keep_best if stop_on_nonfinite else None,
       show={}, items_per_step=cfg.batch_size)
   state = stage_loop.run_stage(stage, fresh).state
