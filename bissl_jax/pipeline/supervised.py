@@ -326,8 +326,8 @@ def finetune(ctx: StageContext, backbone: dict, splits: dict, *, lr: float,
     print(f"[{name}] diverged (lr={lr:.3g}): {err} Keeping epoch "
           f"{state['record']['best_epoch']}.", flush=True)
 
-  fix = (f"Lower the fine-tuning learning rate (lr={lr:.3g}: config.finetune.lr, or "
-         f"config.finetune.bissl_lr after BiSSL).")
+  field = "finetune.bissl_lr" if "bissl" in name else "finetune.lr"  # after BiSSL: its own
+  fix = f"Lower the fine-tuning learning rate (lr={lr:.3g}: config.{field})."
   stage = stage_loop.Stage(
       name=name, total_steps=epochs * spe, step=step,
       data=stage_loop.EpochData(train_set, cfg.batch_size,
@@ -340,9 +340,7 @@ def finetune(ctx: StageContext, backbone: dict, splits: dict, *, lr: float,
                                       seed=seed, inputs=inputs).fingerprint(),
       reuse=ctx.config.get("reuse", "recompute"),
       place=lambda s: dict(s, level=ctx.replicate(s["level"])),
-      # The field a branch changes: fine-tuning after BiSSL has its own LR.
-      params_to_check=lambda s: {"fine-tuning parameters": (
-          s["level"].params, fix, "finetune.bissl_lr" if "bissl" in name else "finetune.lr")},
+      params_to_check=lambda s: {"fine-tuning parameters": (s["level"].params, fix, field)},
       loss_fix=fix, on_divergence=keep_best if stop_on_nonfinite else None,
       show={}, items_per_step=cfg.batch_size)
   state = stage_loop.run_stage(stage, fresh).state
