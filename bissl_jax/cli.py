@@ -3,6 +3,7 @@
 ::
 
   bissl-jax run [--config=FILE[:ARGS]] [--workdir=DIR] [--config.<field>=VALUE ...]
+                [--reuse=strict] [--branch_from=PARENT_DIR]
   bissl-jax run --help          # every config field with its value and meaning
   bissl-jax visualize ...       # t-SNE and k-NN of exported backbones
   bissl-jax convert ...         # PyTorch weights <-> converted directories
@@ -10,8 +11,10 @@
 ``run`` is the pipeline of ``python -m experiments.main`` (same flags). Errors a user
 can fix (an invalid or unknown config field, a dataset that is not prepared, weights
 that do not load, a diverged run) print one short message and exit with status 2;
-``--debug`` or ``BISSL_JAX_DEBUG=1`` shows the traceback instead. Ctrl-C or SIGTERM
-saves the running stage and exits with status 130.
+``--debug`` or ``BISSL_JAX_DEBUG=1`` shows the traceback instead; a diverged run's
+message offers a ``--branch_from`` command that continues from its last good
+checkpoint with the blamed value changed. Ctrl-C or SIGTERM saves the running stage
+and exits with status 130.
 """
 import contextlib
 import difflib
