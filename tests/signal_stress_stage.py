@@ -1,6 +1,6 @@
 """A tiny stage loop run as a subprocess by ``test_signals.py``: ``python signal_stress_stage.py DIR``.
 
-Prints ``ready`` once the signal handlers are installed, runs a 3-epoch toy stage
+Prints ``ready`` once the signal handlers are installed, runs a 20-epoch toy stage (1,000 steps of ~8 ms)
 (checkpoints in ``DIR/ckpt``) and prints the final parameters' bytes as hex.
 Exit status 130 after SIGINT/SIGTERM, as the command line does.
 """
@@ -15,12 +15,12 @@ import numpy as np
 from bissl_jax.bilevel import LevelState
 from bissl_jax.pipeline import stage_loop
 
-STEPS_PER_EPOCH, EPOCHS = 20, 3
+STEPS_PER_EPOCH, EPOCHS = 50, 20
 
 
 class Data:
   def __init__(self):
-    self.x = np.arange(160, dtype=np.float32).reshape(80, 2)
+    self.x = np.arange(400, dtype=np.float32).reshape(200, 2)
 
   def __len__(self):
     return len(self.x)
@@ -41,7 +41,7 @@ def main(directory):
   key = jax.random.key(0)
 
   def step(state, i, batch):
-    time.sleep(0.004)  # a step long enough for a signal to land inside one
+    time.sleep(0.008)  # a step long enough for a signal to land inside one
     return _step(state, batch["x"], jax.random.fold_in(key, i))
 
   stage = stage_loop.Stage(

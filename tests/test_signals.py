@@ -4,8 +4,10 @@ A tiny stage loop (``signal_stress_stage.py``) runs in a subprocess that is sent
 SIGTERM or SIGINT at a random moment after its handlers are installed (during the
 first step's XLA compilation, inside a step, between steps, during a checkpoint
 write), 20 times each, every run resuming the previous one's directory. Each must
-exit cleanly (status 130, or 0 if it had already finished; never a crash such as
-a segfault), and the finished run must equal an uninterrupted one bit for bit.
+exit cleanly (status 130; one that had already finished may exit 0 or by the
+signal during interpreter shutdown; never a crash such as a segfault), and the
+finished run must equal an uninterrupted one bit for bit. The stage is long enough
+(about 8 s of steps) that the 40 signals all land before it finishes.
 """
 import os
 import random
@@ -41,17 +43,21 @@ def test_random_sigterm_and_sigint_always_resume_identically(tmp_path):
   rng = random.Random(0)
   kills = [signal.SIGTERM] * 20 + [signal.SIGINT] * 20
   rng.shuffle(kills)
-  finished = None
+  finished, interrupted = None, 0
   for i, signum in enumerate(kills):
     proc = _start(directory)
     assert proc.stdout.readline().strip() == "ready"
-    time.sleep(rng.uniform(0.0, 0.6))
+    time.sleep(rng.uniform(0.0, 0.5))
     proc.send_signal(signum)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode in (0, 130), (i, signum, proc.returncode, err[-2000:])
+    done = "final " in out  # finished before the signal (it then lands in the exit)
+    assert proc.returncode == 130 or (done and proc.returncode in (0, -signum)), (
+        i, signum, proc.returncode, err[-2000:])
     assert "Traceback" not in err and "Exception ignored" not in err, (i, err[-2000:])
-    if proc.returncode == 0:
+    interrupted += proc.returncode == 130
+    if done:
       finished = _final(out)
+  assert interrupted >= 35  # nearly every signal stopped a running stage
   proc = _start(directory)
   out, err = proc.communicate(timeout=120)
   assert proc.returncode == 0, err[-2000:]
