@@ -3,6 +3,7 @@
 ::
 
   bissl-jax run [--config=FILE[:ARGS]] [--workdir=DIR] [--config.<field>=VALUE ...]
+                [--reuse=strict] [--branch_from=PARENT_DIR]
   bissl-jax run --help          # every config field with its value and meaning
   bissl-jax visualize ...       # t-SNE and k-NN of exported backbones
   bissl-jax convert ...         # PyTorch weights <-> converted directories
@@ -10,13 +11,15 @@
 ``run`` is the pipeline of ``python -m experiments.main`` (same flags). Errors a user
 can fix (an invalid or unknown config field, a dataset that is not prepared, weights
 that do not load, a diverged run) print one short message and exit with status 2;
-``--debug`` or ``BISSL_JAX_DEBUG=1`` shows the traceback instead. Ctrl-C or SIGTERM
-saves the running stage and exits with status 130.
+``--debug`` or ``BISSL_JAX_DEBUG=1`` shows the traceback instead; a diverged run's
+message offers a ``--branch_from`` command that continues from its last good
+checkpoint with the blamed value changed. Ctrl-C or SIGTERM saves the running stage
+and exits with status 130.
 """
 import contextlib
 import difflib
 import os
-import signal
+import re
 import sys
 from typing import Iterator, List, Optional, Sequence
 
@@ -48,9 +51,18 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _DEBUG = flags.DEFINE_boolean("debug", False,
                               f"Show tracebacks of errors (also: {DEBUG_ENV}=1).")
+_REUSE = flags.DEFINE_enum(
+    "reuse", None, ["recompute", "strict"],
+    "A stage output or checkpoint written with other config values: 'recompute' it and "
+    "everything downstream (default, config.reuse) or 'strict': refuse.")
+_BRANCH_FROM = flags.DEFINE_string(
+    "branch_from", None,
+    "A parent run directory: --workdir (new) becomes its branch, resuming the parent's "
+    "unfinished stage from its last good checkpoint with the changed config values.")
 
 
-_PARSED = {"config": DEFAULT_CONFIG}  # the --config spec of this command, for the banner
+# The --config spec of this command (for the banner) and its arguments (for advice).
+_PARSED = {"config": DEFAULT_CONFIG, "argv": None}
 
 
 class UsageError(ValueError):
@@ -88,8 +100,7 @@ def user_error_message(err: BaseException) -> Optional[str]:
   if isinstance(err, DatasetNotFoundError):
     return f"error: missing data.\n{err}"
   if isinstance(err, NonFiniteError):
-    return (f"error: training diverged.\n{err}\nThe last good checkpoint is kept; rerun "
-            "the same command after changing the field named above to resume from it.")
+    return (f"error: training diverged.\n{err}\n" + branch_advice(err))
   if isinstance(err, (ValueError, FileNotFoundError, FileExistsError, ImportError)) and (
       _raised_in_converter(err)):
     return (f"error: the weights could not be loaded.\n{err}\nCheck the checkpoint path "
@@ -97,6 +108,57 @@ def user_error_message(err: BaseException) -> Optional[str]:
             "evaluate.checkpoint) and the model fields (model.arch, "
             "model.width_multiplier, model.cifar_stem).")
   return None
+
+
+def _suggested_value(field: str, value) -> Optional[str]:
+  if not isinstance(value, (int, float)) or isinstance(value, bool):
+    return None
+  if field.endswith("damping"):
+    return repr(float(value) * 10 if value else 1.0)
+  return f"{float(value) / 10:.3g}"
+
+
+def branch_advice(err, argv: Optional[Sequence[str]] = None, config=None) -> str:
+  """How to continue a diverged run: a branch command with the blamed field changed.
+
+  The command keeps this invocation's arguments, names a new ``--workdir`` and
+  ``--branch_from=<the old one>`` (see :mod:`bissl_jax.pipeline.branch`). Without a
+  blamed field (a corrupt checkpoint, NaN data) there is no value to change.
+  """
+  argv = list(argv if argv is not None else (_PARSED["argv"] or sys.argv))
+  field = getattr(err, "field", None)
+  if field is None:  # an error raised without one: the first field its advice names
+    found = re.search(r"config\.([a-z_]+\.[a-z_]+)", str(err))
+    field = found.group(1) if found and "to blame" not in str(err) else None
+  if field is None:
+    return "No learning rate is to blame: fix the named input, then rerun the same command."
+  if config is None:
+    try:
+      config = _CONFIG.value
+    except Exception:  # pylint: disable=broad-except  (flags not parsed: a library call)
+      config = None
+  value = None
+  if config is not None:
+    from bissl_jax.config_validation import _get  # pylint: disable=g-import-not-at-top
+    try:
+      value = _get(config, field)
+    except (AttributeError, KeyError):
+      value = None
+  new = _suggested_value(field, value) or "<new value>"
+  workdir = next((a.split("=", 1)[1] for a in argv if a.startswith("--workdir=")),
+                 "./workdir")
+  workdir = os.path.abspath(workdir)
+  k = 1
+  while os.path.exists(f"{workdir}-branch{k}"):
+    k += 1
+  keep = [a for a in argv[1:] if not a.startswith(
+      ("--workdir=", "--branch_from=", f"--config.{field}="))]
+  prog = "bissl-jax run" if argv and argv[0].endswith(" run") else (
+      "python -m experiments.main")
+  command = " ".join([prog] + keep + [f"--workdir={workdir}-branch{k}",
+                                      f"--branch_from={workdir}", f"--config.{field}={new}"])
+  return ("The last good checkpoint is kept. To continue from it with a changed value, "
+          f"branch the run (a new run directory that records its parent):\n  {command}")
 
 
 @contextlib.contextmanager
@@ -204,6 +266,10 @@ def help_text(spec: str = DEFAULT_CONFIG) -> str:
       " ARGS e.g. downstream=dtd,runlocal",
       "  --workdir=DIR         checkpoints, logs, results (default ./workdir)",
       f"  --debug               show tracebacks (also {DEBUG_ENV}=1)",
+      "  --reuse=strict        refuse (instead of recompute) a stage output or checkpoint "
+      "written with other config values",
+      "  --branch_from=DIR     start --workdir (new) as a branch of the run in DIR: its "
+      "unfinished stage resumes from DIR's last good checkpoint with the changed values",
       "  --config.<field>=V    override one field below",
       "",
       f"config fields (value in {spec}; [default: X] where base_config() differs):",
@@ -230,6 +296,7 @@ def _parse_run_flags(argv: Sequence[str]) -> List[str]:
       print(help_text(_config_spec(argv)), end="")
       sys.exit(0)
     _PARSED["config"] = _config_spec(argv)
+    _PARSED["argv"] = list(argv)
     check_overrides(argv, load_config(_PARSED["config"]))
     if not any(a == "--config" or a.startswith("--config=") for a in argv):
       argv = [argv[0], f"--config={DEFAULT_CONFIG}"] + list(argv[1:])
@@ -240,13 +307,6 @@ def _parse_run_flags(argv: Sequence[str]) -> List[str]:
 
 
 # --------------------------------------------------------------------------- commands
-
-def _stop_on_sigterm(signum, frame):
-  # Cluster pre-emption sends SIGTERM. Inside a stage the stage loop catches it and
-  # stops after the current step, saving it; between stages this ends the run like
-  # Ctrl-C.
-  raise KeyboardInterrupt(f"signal {signum}")
-
 
 def _run_main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
@@ -259,13 +319,18 @@ def _run_main(argv: Sequence[str]) -> None:
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
   with error_boundary(_DEBUG.value or debug_requested()):
     parallel.initialize_multihost()
-    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    # Cluster pre-emption sends SIGTERM, a user Ctrl-C: both are recorded, never
+    # raised where they land (a swallowed exception would lose them); the running or
+    # next stage stops after its current step and saves it.
+    from bissl_jax.pipeline import stage_loop  # pylint: disable=g-import-not-at-top
+    stage_loop.install_stop_handlers()
     try:
       config = _CONFIG.value
       if config is None:  # flags parsed without our parser (the default file)
         config = load_config(DEFAULT_CONFIG)
         config.lock()
-      run(config, _WORKDIR.value, announce=_PARSED["config"])
+      run(config, _WORKDIR.value, announce=_PARSED["config"], reuse=_REUSE.value,
+          branch_from=_BRANCH_FROM.value)
     except KeyboardInterrupt:
       # The running stage has saved its last step and said so; no traceback.
       print("Stopped. Rerun the same command (same --workdir) to resume.",

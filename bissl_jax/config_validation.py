@@ -15,11 +15,15 @@ registered one is accepted without a change here. The defaults live in
 import contextlib
 import copy
 import difflib
+import math
+import re
 from typing import Any, List, Optional
 
 import jax
 
 STAGES = ("all", "pretext", "head_warmup", "bissl", "finetune", "evaluate")
+REUSE_MODES = ("recompute", "strict")  # what a rerun does with a stale artifact
+_MLP_SPEC = re.compile(r"^[1-9][0-9]*(-[1-9][0-9]*)*$")  # e.g. '256-256-256'
 
 # Which earlier output a single stage needs, and the field that names it.
 STAGE_INPUTS = {
@@ -39,6 +43,13 @@ def _get(config, dotted: str):
   for part in dotted.split("."):
     node = node[part] if isinstance(node, dict) else getattr(node, part)
   return node
+
+
+def _get_or(config: Any, dotted: str, default: Any) -> Any:
+  try:
+    return _get(config, dotted)
+  except (AttributeError, KeyError):
+    return default
 
 
 def config_fields(config, prefix: str = "") -> dict:
@@ -208,8 +219,17 @@ def validate_config(config: Any, *, num_devices: Optional[int] = None) -> Any:
       bad(field, f"must be a multiple of the device count ({n_dev}) so the batch splits "
                  f"evenly; use {max(n_dev, value // n_dev * n_dev)}.")
 
+  # Every number must be finite: NaN passes every comparison below.
+  for name, value in config_fields(config).items():
+    if (isinstance(value, float) and not math.isfinite(value)) or (
+        isinstance(value, (tuple, list)) and any(
+            isinstance(v, float) and not math.isfinite(v) for v in value)):
+      bad(name, "must be a finite number.")
+
   # Stages and seeds.
   choice("stages", STAGES)
+  if _get_or(config, "reuse", "recompute") not in REUSE_MODES:
+    bad("reuse", f"unknown value; choose one of {REUSE_MODES}.")
   positive("seed", allow_zero=True)
   if not missing("seeds"):
     seeds = _get(config, "seeds")
@@ -237,6 +257,14 @@ def validate_config(config: Any, *, num_devices: Optional[int] = None) -> Any:
   choice("model.pool", choices["model.pool"])
   choice("model.posemb", choices["model.posemb"])
   positive("model.width_multiplier", integer=False)
+  for field in ("model.projector", "model.predictor"):
+    try:
+      spec = _get(config, field)
+    except (AttributeError, KeyError):
+      continue
+    if spec is not None and not (isinstance(spec, str) and _MLP_SPEC.match(spec)):
+      bad(field, "must be layer widths joined by '-', e.g. '256-256-256'"
+                 + (" (or None)." if field.endswith("predictor") else "."))
 
   # Pretext pretraining.
   choice("pretext.task", choices["pretext.task"])
@@ -284,6 +312,11 @@ def validate_config(config: Any, *, num_devices: Optional[int] = None) -> Any:
   divisible("bissl.downstream_batch_size")
   positive("bissl.lower_lr", integer=False)
   positive("bissl.lower_weight_decay", integer=False, allow_zero=True)
+  for field in ("pretext.momentum", "head_warmup.momentum"):
+    if not missing(field):
+      momentum = _get(config, field)
+      if not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
+        bad(field, "must lie in [0, 1) (paper: 0.9).")
   for field in ("bissl.lower_momentum", "bissl.upper_momentum"):
     if not missing(field):
       momentum = _get(config, field)

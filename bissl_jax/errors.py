@@ -3,7 +3,18 @@
 Each carries a message that names what went wrong, where, and how to fix it; the
 entry points print the message alone and exit non-zero.
 """
+from typing import Optional
 
 
 class NonFiniteError(FloatingPointError):
-  """A loss, gradient, parameter or implicit-gradient solution became NaN or infinite."""
+  """A loss, gradient, parameter or implicit-gradient solution became NaN or infinite.
+
+  Attributes:
+    field: the dotted config field to change (e.g. ``'bissl.lower_lr'``), or None
+      when no hyperparameter is to blame (a corrupt checkpoint, NaN data); the
+      command line offers a branch of the run with that field changed.
+  """
+
+  def __init__(self, message: str, *, field: Optional[str] = None):
+    super().__init__(message)
+    self.field = field

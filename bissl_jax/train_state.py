@@ -204,7 +204,8 @@ def raise_if_nonfinite(metrics: dict, alternation_index: int) -> None:
           f"{level} level at BiSSL alternation {alternation_index}. Nothing was "
           f"checkpointed for this alternation. Check the input data for NaN/Inf; "
           f"otherwise lower config.bissl.{'lower_lr' if level == 'lower' else 'upper_lr'} "
-          f"or raise config.bissl.damping.")
+          f"or raise config.bissl.damping.",
+          field=f"bissl.{'lower_lr' if level == 'lower' else 'upper_lr'}")
 
 
 def lower_result(state: BilevelState) -> Tuple[PyTree, PyTree]:

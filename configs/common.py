@@ -122,6 +122,7 @@ def base_config() -> config_dict.ConfigDict:
   config.stages = "all"            # or one of pretext, head_warmup, bissl, finetune, evaluate
   config.log_every = 10            # optimizer steps (alternations in BiSSL) between log lines
   config.checkpoint_every = 10     # epochs between checkpoints inside pretraining/fine-tuning
+  config.reuse = "recompute"       # a stale artifact: recompute it (or 'strict': refuse)
 
   config.data = config_dict.ConfigDict()
   config.data.pretext_dataset = "imagenet2012"
@@ -392,6 +393,8 @@ FIELD_HELP = {
               "evaluate",
     "log_every": "optimizer steps (alternations in BiSSL) between log lines",
     "checkpoint_every": "epochs between checkpoints in pretraining, head warm-up, fine-tuning",
+    "reuse": "an existing stage output or checkpoint written with other config values: "
+             "'recompute' it and everything downstream (default) or 'strict': refuse",
     "data.pretext_dataset": "dataset of pretext pretraining and the BiSSL lower level",
     "data.downstream_dataset": "dataset of head warm-up, the BiSSL upper level, fine-tuning, test",
     "data.data_dir": "TFDS data directory (None: $TFDS_DATA_DIR or ~/tensorflow_datasets)",

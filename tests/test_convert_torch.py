@@ -283,6 +283,7 @@ def test_flax_model_variables_export_and_reload():
   rng = np.random.default_rng(0)
   params, stats = jax.tree_util.tree_map(
       lambda s: rng.normal(size=s.shape).astype(np.float32), shapes)
+  stats = jax.tree_util.tree_map(np.abs, stats)  # running variances are never negative
   exported = convert.flax_to_torch(params, stats, arch="resnet18")
   assert not any(k.startswith("fc.") for k in exported)  # downstream head not exported
   net = torch_resnet("resnet18", 8)
@@ -442,3 +443,37 @@ def test_stage_output_exports_to_torch(tmp_path):
                       collections.OrderedDict(**backbone_sd, **head_sd))
   with pytest.raises(ValueError, match="holds arch='resnet18'"):
     convert.load_variables(tmp_path / "output", arch="resnet50")
+
+
+# ------------------------------------------------------------ bad files and values
+
+@pytest.mark.parametrize("content", ["random", "text", "truncated", "empty"])
+def test_a_file_that_is_not_a_pytorch_checkpoint_is_named(tmp_path, content):
+  path = tmp_path / "weights.pth"
+  if content == "random":
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, np.uint8).tobytes())
+  elif content == "text":
+    path.write_text("these are not weights\n" * 20)
+  elif content == "empty":
+    path.write_bytes(b"")
+  else:
+    backbone_sd, _ = _tiny_checkpoint()
+    torch.save(backbone_sd, str(path))
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+  with pytest.raises(ValueError, match="not a PyTorch checkpoint"):
+    convert.torch_to_flax(str(path), arch="resnet18", width_multiplier=0.125)
+
+
+def test_nonfinite_weights_are_refused():
+  backbone_sd, _ = _tiny_checkpoint()
+  backbone_sd["layer2.0.conv1.weight"][0, 0, 0, 0] = float("nan")
+  with pytest.raises(ValueError, match=r"NaN/Inf values in layer2\.0\.conv1\.weight"):
+    convert.torch_to_flax(backbone_sd, arch="resnet18", width_multiplier=0.125)
+
+
+def test_negative_running_variance_is_refused():
+  backbone_sd, _ = _tiny_checkpoint()
+  backbone_sd["bn1.running_var"][3] = -0.5
+  with pytest.raises(ValueError, match=r"negative BatchNorm running variances in bn1"):
+    convert.torch_to_flax(backbone_sd, arch="resnet18", width_multiplier=0.125)

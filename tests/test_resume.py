@@ -117,11 +117,13 @@ def test_resume_with_changed_config_is_refused(setup, uninterrupted, tmp_path):
   ctx, *rest = setup
   ctx.config.unlock()
   ctx.config.bissl.lam = 0.01
+  ctx.config.reuse = "strict"  # the default, 'recompute', would start the stage afresh
   try:
     with pytest.raises(ValueError, match="lam"):
       _run((ctx, *rest), directory)
   finally:
     ctx.config.bissl.lam = 0.001
+    ctx.config.reuse = "recompute"
 
 
 class NanAfter:

@@ -114,6 +114,46 @@ def load_export(directory: str, template: Optional[PyTree] = None) -> Tuple[PyTr
       state=target, meta=ocp.args.JsonRestore()))
   checkpointer.close()
   state = restored["state"]
+  check_finite(state, f"the stage output {directory}")
   if template is not None:
     state = decode(state, template)
   return state, dict(restored["meta"])
+
+
+def load_export_meta(directory: str) -> Tuple[None, dict]:
+  """``(None, meta)`` of a stage output, without reading its arrays."""
+  directory = os.path.abspath(directory)
+  if not is_export(directory):
+    raise FileNotFoundError(f"{directory} is not a stage output of bissl_jax.")
+  checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+  restored = checkpointer.restore(directory, args=ocp.args.Composite(
+      meta=ocp.args.JsonRestore()))
+  checkpointer.close()
+  return None, dict(restored["meta"])
+
+
+def nonfinite_leaves(tree: PyTree, limit: int = 5) -> list:
+  """Paths (``jax.tree_util.keystr``) of up to ``limit`` leaves holding NaN or Inf."""
+  bad = []
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    x = np.asarray(leaf)
+    if np.issubdtype(x.dtype, np.inexact) and not np.isfinite(x).all():
+      bad.append(jax.tree_util.keystr(path))
+      if len(bad) >= limit:
+        break
+  return bad
+
+
+def check_finite(tree: PyTree, what: str) -> None:
+  """Raises NonFiniteError naming ``what`` and its first non-finite leaves, if any.
+
+  Loaded weights are checked at load time, so NaN weights are blamed on the file,
+  not on the learning rate of the stage that would read them.
+  """
+  from bissl_jax.errors import NonFiniteError  # pylint: disable=g-import-not-at-top
+  bad = nonfinite_leaves(jax.device_get(tree))
+  if bad:
+    raise NonFiniteError(
+        f"{what} holds NaN/Inf weights (e.g. {', '.join(bad)}): the checkpoint is corrupt "
+        f"or was saved from a diverged run; no learning rate of this run is to blame. "
+        f"Re-create or re-convert it, or point the config at another checkpoint.")

@@ -97,6 +97,44 @@ def _to_numpy(value, key: str) -> np.ndarray:
   raise ValueError(f"{key}: expected a tensor or array, got {type(value).__name__}")
 
 
+# torch.save writes a zip archive (since 1.6) or, in the legacy format, a pickle.
+_ZIP_MAGIC, _PICKLE_PROTOCOL_OP = b"PK\x03\x04", 0x80
+
+
+def _not_a_checkpoint(path: str, why: str) -> str:
+  return (f"{path}: not a PyTorch checkpoint ({why}). Expected a file written by "
+          "torch.save(model.state_dict(), path); it may be truncated or another format.")
+
+
+def _check_torch_file(path: str) -> None:
+  """Raises ValueError unless ``path`` starts like a file of ``torch.save``."""
+  with open(path, "rb") as f:
+    head = f.read(4)
+  if not head:
+    raise ValueError(_not_a_checkpoint(path, "the file is empty"))
+  if head != _ZIP_MAGIC and head[0] != _PICKLE_PROTOCOL_OP:
+    raise ValueError(_not_a_checkpoint(path, f"it starts with {head!r}, neither a zip "
+                                             "archive nor a pickle"))
+
+
+def check_values(state_dict: Mapping[str, np.ndarray], keys: Sequence[str]) -> None:
+  """Raises ValueError if a tensor of ``keys`` is not finite or a running variance is < 0.
+
+  Converted weights are checked here so that NaN weights are blamed on the file,
+  not on a learning rate of the run that reads them.
+  """
+  bad = [k for k in keys if np.issubdtype(np.asarray(state_dict[k]).dtype, np.floating)
+         and not np.isfinite(state_dict[k]).all()]
+  if bad:
+    raise ValueError(f"the checkpoint holds NaN/Inf values in {_first_keys(bad)}: it is "
+                     "corrupt or was saved from a diverged run; re-export it.")
+  negative = [k for k in keys if k.endswith("running_var") and (state_dict[k] < 0).any()]
+  if negative:
+    raise ValueError(f"the checkpoint has negative BatchNorm running variances in "
+                     f"{_first_keys(negative)}: a variance is never negative, so the file "
+                     "is corrupt; re-export it.")
+
+
 def _load_one(source) -> dict:
   if isinstance(source, Mapping):
     raw = source
@@ -104,6 +142,7 @@ def _load_one(source) -> dict:
     path = os.fspath(source)
     if not os.path.isfile(path):
       raise FileNotFoundError(f"no PyTorch checkpoint at {path!r}")
+    _check_torch_file(path)
     try:
       raw = _import_torch().load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -111,6 +150,10 @@ def _load_one(source) -> dict:
           f"{path}: torch.load(weights_only=True) refused it ({e}). Only plain state "
           "dicts are read, never arbitrary pickles; re-save the weights alone with "
           "torch.save(model.state_dict(), path)") from e
+    except Exception as e:  # pylint: disable=broad-except  (EOFError, RuntimeError, ...)
+      raise ValueError(_not_a_checkpoint(path, f"torch.load failed: {type(e).__name__}: "
+                                               f"{str(e).splitlines()[0] if str(e) else ''}")
+                       ) from e
     if not isinstance(raw, Mapping):
       raise ValueError(f"{path}: expected a state dict, got {type(raw).__name__}")
   # Training checkpoints often wrap the weights as {'state_dict': ..., 'epoch': ...}.
@@ -494,6 +537,7 @@ def torch_to_flax(state_dict_or_path: Union[StateDictSource, Sequence[StateDictS
   layout = checked_layout(state_dict, arch=arch, cifar_stem=cifar_stem,
                           width_multiplier=width_multiplier, projector=projector,
                           predictor=predictor)
+  check_values(state_dict, [e.key for e in layout])
   variables = {"params": {}, "batch_stats": {}}
   for e in layout:
     node = variables[e.collection]

@@ -24,13 +24,16 @@ import os
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from bissl_jax import bilevel
 from bissl_jax import train_state as ts
 from bissl_jax.convert import stage_output
 from bissl_jax.data import BatchStack
+from bissl_jax.errors import NonFiniteError
 from bissl_jax.pipeline import checkpoint
+from bissl_jax.pipeline import provenance
 from bissl_jax.pipeline import stage_loop
 from bissl_jax.pipeline.context import StageContext, check_size
 from bissl_jax.seeds import derive_seed
@@ -58,9 +61,15 @@ def make_setup(ctx: StageContext) -> bilevel.BisslSetup:
                                         downstream=ctx.downstream)
 
 
-def _fingerprint(ctx: StageContext) -> dict:
-  return {f"bissl.{k}": v for k, v in sorted(ctx.config.bissl.items())
-          if k not in _RESUME_FREE_FIELDS}
+def stage_provenance(ctx: StageContext, seed: int, inputs=None) -> provenance.Provenance:
+  """What θ_P depends on: the BiSSL, pretext-task, model and data fields, seed, inputs."""
+  fields = provenance.config_fields(
+      ctx.config, ("bissl", "pretext", "model", "data"),
+      exclude=[f"bissl.{k}" for k in _RESUME_FREE_FIELDS]
+      + [f"pretext.{k}" for k in ("checkpoint", "share_across_seeds", "baseline_epochs")]
+      + ["data.data_dir"])
+  fields["seed"] = int(seed)
+  return provenance.Provenance(fields, dict(inputs or {}))
 
 
 def alternation_batches(pretext_set, downstream_set, lower, upper, *, lower_steps: int,
@@ -116,8 +125,8 @@ def _params_to_check(state: bilevel.BilevelState) -> dict:
 
 def run_bissl(ctx: StageContext, warm: dict, pretext_set, downstream_set, *, seed: int,
               directory: str, name: str,
-              callback: Optional[Callable[[int, bilevel.BilevelState, dict], None]] = None
-              ) -> BisslOutput:
+              callback: Optional[Callable[[int, bilevel.BilevelState, dict], None]] = None,
+              inputs: Optional[dict] = None) -> BisslOutput:
   """Runs, resumes, or loads the finished output of, the BiSSL stage.
 
   Args:
@@ -132,6 +141,7 @@ def run_bissl(ctx: StageContext, warm: dict, pretext_set, downstream_set, *, see
     callback: ``callback(alternations_done, state, host_metrics)`` after every
       alternation (after its checkpoint, if one is due); an exception raised here
       stops the run like a crash would.
+    inputs: ``{name: digest}`` of the warm-up output it starts from (provenance).
 
   Returns:
     A :class:`BisslOutput`.
@@ -140,7 +150,8 @@ def run_bissl(ctx: StageContext, warm: dict, pretext_set, downstream_set, *, see
     NonFiniteError: a non-finite value appeared; that alternation is not saved.
   """
   out_dir = os.path.join(directory, "output")
-  if stage_output.is_export(out_dir):
+  prov = stage_provenance(ctx, seed, inputs)
+  if provenance.reusable(out_dir, prov, mode=ctx.config.get("reuse", "recompute"), name=name):
     variables, _ = stage_output.load_export(out_dir)
     return BisslOutput(variables["params"], variables["batch_stats"], None)
 
@@ -159,6 +170,8 @@ def run_bissl(ctx: StageContext, warm: dict, pretext_set, downstream_set, *, see
   def step(state, t, batches):
     new_state, metrics = alternate(state, batches, jax.random.fold_in(base_key, t))
     metrics = jax.device_get(metrics)
+    if bool(np.asarray(metrics["upper_nonfinite"])):
+      blame_lower_if_it_overflowed(new_state, t, float(cfg.lower_lr))
     ts.raise_if_nonfinite(metrics, t)  # before anything of this alternation is saved
     if not warned and setup.solver != "mfac":
       warned.extend(warn_if_residual_above_one(name, t, metrics))
@@ -173,7 +186,8 @@ def run_bissl(ctx: StageContext, warm: dict, pretext_set, downstream_set, *, see
       logger=ctx.logger, log_every=1,
       checkpoint_dir=os.path.join(directory, "ckpt"),
       checkpoint_every=cfg.checkpoint_every, save_last=True,
-      fingerprint=_fingerprint(ctx), params_to_check=_params_to_check, loss_key=None,
+      fingerprint=prov.fingerprint(), reuse=ctx.config.get("reuse", "recompute"),
+      params_to_check=_params_to_check, loss_key=None,
       show={"lower_loss": "lower_loss", "upper_loss_sum": "upper_loss"}, unit="alt",
       items_per_step=cfg.lower_steps * cfg.pretext_batch_size, callback=callback)
   fresh = bilevel.init_bilevel_state(setup, warm["params"], warm["batch_stats"])
@@ -183,8 +197,32 @@ def run_bissl(ctx: StageContext, warm: dict, pretext_set, downstream_set, *, see
       "stage": "bissl", "seed": seed, "arch": ctx.config.model.arch,
       "task": ctx.config.pretext.task, "alternations": cfg.alternations,
       "downstream_dataset": ctx.config.data.downstream_dataset,
-      "image_size": ctx.image_size})
+      "image_size": ctx.image_size,
+      provenance.RECORD_KEY: provenance.with_lineage(prov, directory).record()})
   return BisslOutput(params, batch_stats, state)
+
+
+@jax.jit
+def _squared_norm(tree) -> jax.Array:
+  return sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree_util.tree_leaves(tree))
+
+
+def blame_lower_if_it_overflowed(state: bilevel.BilevelState, t: int, lower_lr: float) -> None:
+  """Raises the lower level's NonFiniteError if θ_P, though finite, overflows the upper level.
+
+  A far too large lower LR leaves θ_P finite but huge (|θ| ~ 1e29): the lower loss
+  stays finite and only the upper level's regulariser ‖θ_D − θ_P‖² overflows, so
+  the upper level alone would be flagged and blamed.
+  """
+  lower_params, _ = ts.lower_result(state)
+  if bool(np.isfinite(np.asarray(_squared_norm(lower_params)))):
+    return
+  raise NonFiniteError(
+      f"The lower-level parameters (θ_P, φ_P) grew so large at BiSSL alternation {t} that "
+      f"their squared norm overflows (non-finite), which made the upper level's "
+      f"regulariser non-finite. Nothing was checkpointed for this alternation. Lower "
+      f"config.bissl.lower_lr (now {lower_lr:.3g}).",
+      field="bissl.lower_lr")
 
 
 def warn_if_residual_above_one(name: str, t: int, metrics: dict) -> list:

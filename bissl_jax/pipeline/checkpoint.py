@@ -17,16 +17,50 @@ write is complete, so an interrupted save never leaves a checkpoint that looks
 finished. Saves are synchronous, so a checkpoint exists on disk before training
 continues. Run checkpoints are restored into the current topology through their
 template.
-"""
-import os
-from typing import Any, Optional, Tuple
 
+**Integrity.** Each saved step records a SHA-256 checksum of its state's bytes in
+its ``extra`` record (written in the same atomic save). :meth:`RunCheckpointer.
+restore_good` verifies it; a step whose checksum differs, that cannot be read
+(truncated data, a missing ``_METADATA``, garbage JSON) or that fails the caller's
+check (non-finite parameters) is named, moved aside to ``<directory>.corrupt/`` and
+the previous step is tried; at least two steps are kept, so one bad write never
+loses the run.
+"""
+import hashlib
+import os
+import shutil
+import time
+from typing import Any, Callable, Optional, Tuple
+
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from bissl_jax.convert.stage_output import (  # noqa: F401  (the pipeline's output format)
     EXPORT_FORMAT, abstract, decode, encode, export, is_export, load_export)
 
 PyTree = Any
+
+
+def tree_checksum(tree: PyTree) -> Optional[str]:
+  """SHA-256 over every leaf's path, dtype, shape and bytes (None on several hosts).
+
+  Typed PRNG keys are hashed as their key data (:func:`encode`), so a tree and its
+  restored copy hash alike.
+  """
+  if jax.process_count() > 1:
+    return None  # the arrays are not all addressable from one host
+  digest = hashlib.sha256()
+  leaves, _ = jax.tree_util.tree_flatten_with_path(jax.device_get(encode(tree)))
+  for path, leaf in leaves:
+    x = np.ascontiguousarray(np.asarray(leaf))
+    digest.update(f"{jax.tree_util.keystr(path)}|{x.dtype.str}|{x.shape}|".encode())
+    digest.update(x.tobytes())
+  return digest.hexdigest()
+
+
+class CorruptCheckpointError(ValueError):
+  """A saved step does not read back as it was written."""
 
 
 class RunCheckpointer:
@@ -39,8 +73,12 @@ class RunCheckpointer:
 
   def __init__(self, directory: str, *, max_to_keep: int = 2):
     self.directory = os.path.abspath(directory)
+    self._max_to_keep = max(2, int(max_to_keep))  # one bad step never loses the run
+    self._open()
+
+  def _open(self) -> None:
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False,
+        max_to_keep=self._max_to_keep, create=True, enable_async_checkpointing=False,
         cleanup_tmp_directories=True)
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_names=("state", "extra"))
@@ -53,9 +91,14 @@ class RunCheckpointer:
     return list(self._manager.all_steps())
 
   def save(self, step: int, state: PyTree, extra: Optional[dict] = None) -> None:
-    """Saves ``state`` (any pytree of arrays) and a JSON-serialisable ``extra`` as ``step``."""
+    """Saves ``state`` (any pytree of arrays) and a JSON-serialisable ``extra`` as ``step``.
+
+    The state's checksum (:func:`tree_checksum`) is stored with ``extra`` and
+    checked (and removed from it) on restore.
+    """
+    extra = dict(extra or {}, checksum=tree_checksum(state))
     self._manager.save(int(step), args=ocp.args.Composite(
-        state=ocp.args.StandardSave(encode(state)), extra=ocp.args.JsonSave(extra or {})),
+        state=ocp.args.StandardSave(encode(state)), extra=ocp.args.JsonSave(extra)),
         force=True)
     self._manager.wait_until_finished()
 
@@ -69,13 +112,64 @@ class RunCheckpointer:
 
     Returns:
       ``(state, extra)``.
+
+    Raises:
+      FileNotFoundError: there is no step.
+      CorruptCheckpointError: the step's checksum does not match its bytes.
     """
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"No checkpoint in {self.directory}.")
     restored = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract(template)), extra=ocp.args.JsonRestore()))
-    return decode(restored["state"], template), dict(restored["extra"] or {})
+    state, extra = decode(restored["state"], template), dict(restored["extra"] or {})
+    saved = extra.pop("checksum", None)
+    if saved is not None and saved != tree_checksum(state):
+      raise CorruptCheckpointError("its checksum does not match the bytes read back")
+    return state, extra
+
+  def restore_good(self, template: PyTree, *, check: Optional[Callable[[PyTree], None]] = None,
+                   name: str = "checkpoint") -> Optional[Tuple[int, PyTree, dict]]:
+    """The newest step that reads back intact (and passes ``check``), else None.
+
+    A bad step (unreadable, checksum mismatch, or ``check(state)`` raising) is
+    named on stdout and moved to ``<directory>.corrupt/<step>-<time>``, and the
+    previous step is tried.
+
+    Args:
+      template: as for :meth:`restore`.
+      check: ``check(state)`` raises if the restored state must not be resumed
+        (e.g. non-finite parameters).
+      name: label of the messages.
+
+    Returns:
+      ``(step, state, extra)`` or None if no step is good.
+    """
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        state, extra = self.restore(template, step)
+        if check is not None:
+          check(state)
+        return step, state, extra
+      except Exception as err:  # pylint: disable=broad-except  (any unreadable step)
+        first = (str(err).splitlines() or [""])[0]
+        reason = f"{type(err).__name__}: {first[:160]}{'…' if len(first) > 160 else ''}"
+        moved = self._quarantine(step)
+        older = [s for s in self.all_steps() if s < step]
+        print(f"[{name}] checkpoint step {step} in {self.directory} is unusable ({reason}); "
+              f"moved it to {moved}; "
+              + (f"falling back to step {max(older)}." if older else
+                 "no earlier step is left, so the stage starts afresh."), flush=True)
+    return None
+
+  def _quarantine(self, step: int) -> str:
+    """Moves a bad step out of the manager's sight; returns where it went."""
+    target = os.path.join(self.directory + ".corrupt", f"{step}-{int(time.time() * 1000)}")
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    shutil.move(os.path.join(self.directory, str(step)), target)
+    self._manager.close()
+    self._open()  # the manager caches its list of steps
+    return target
 
   def close(self) -> None:
     self._manager.close()

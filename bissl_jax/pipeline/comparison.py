@@ -19,6 +19,7 @@ from bissl_jax import config_validation
 from bissl_jax import convert
 from bissl_jax.convert import stage_output
 from bissl_jax.pipeline import bissl_stage
+from bissl_jax.pipeline import provenance
 from bissl_jax.pipeline import results as results_lib
 from bissl_jax.pipeline import search as search_lib
 from bissl_jax.pipeline import supervised
@@ -48,52 +49,83 @@ def load_pretext_model(ctx: StageContext, path: str, seed: int = 0):
 
 
 def pretext_model(ctx: StageContext, pretext_set, seed: int):
-  """The pretext model of ``seed``: loaded from ``pretext.checkpoint`` or pretrained."""
+  """The pretext model of ``seed``: loaded from ``pretext.checkpoint`` or pretrained.
+
+  Returns:
+    ``((params, batch_stats), digest)``: the model and its provenance digest.
+  """
   if ctx.config.pretext.checkpoint:
-    return load_pretext_model(ctx, ctx.config.pretext.checkpoint, seed)
-  return pretrain(ctx, pretext_set, seed=seed, directory=ctx.path(f"seed{seed}", "pretext"))
+    path = ctx.config.pretext.checkpoint
+    return load_pretext_model(ctx, path, seed), provenance.digest_of(path)
+  directory = ctx.path(f"seed{seed}", "pretext")
+  model = pretrain(ctx, pretext_set, seed=seed, directory=directory)
+  return model, provenance.digest_of(os.path.join(directory, "output"))
+
+
+def _reuse(ctx: StageContext) -> str:
+  return ctx.config.get("reuse", "recompute")
 
 
 def warmed_up_model(ctx: StageContext, pretext_vars, train_set, *, seed: int,
-                    directory: str) -> dict:
-  """Stage 2 with its exported output: the full 3-group model BiSSL starts from."""
+                    directory: str, inputs: Optional[dict] = None) -> dict:
+  """Stage 2 with its exported output: the full 3-group model BiSSL starts from.
+
+  ``inputs`` (``{'pretext': digest}``) enters its provenance.
+  """
   out_dir = os.path.join(directory, "output")
-  if stage_output.is_export(out_dir):
+  name = f"head_warmup/seed{seed}"
+  prov = supervised.stage_provenance(ctx, "head_warmup", inputs=inputs, seed=seed)
+  if provenance.reusable(out_dir, prov, mode=_reuse(ctx), name=name):
     return stage_output.load_export(out_dir)[0]
   params, stats = pretext_vars
   head = supervised.warmup_head(
       ctx, {"params": params["backbone"], "batch_stats": stats["backbone"]}, train_set,
-      seed=seed, name=f"head_warmup/seed{seed}", directory=directory)
+      seed=seed, name=name, directory=directory, prov=prov)
   warm = {"params": dict(params, downstream_head=head), "batch_stats": stats}
   stage_output.export(out_dir, warm, {"stage": "head_warmup", "seed": seed,
-                                      "arch": ctx.config.model.arch})
+                                      "arch": ctx.config.model.arch,
+                                      provenance.RECORD_KEY:
+                                          provenance.with_lineage(prov, directory).record()})
   return warm
 
 
 def finetune_and_evaluate(ctx: StageContext, backbone: dict, splits: dict, *, pipeline: str,
-                          lr: float, weight_decay: float, seed: int, directory: str) -> dict:
+                          lr: float, weight_decay: float, seed: int, directory: str,
+                          inputs: Optional[dict] = None) -> dict:
   """Stages 4 and 5: fine-tune (best validation epoch kept), export, score on test.
 
+  ``inputs`` (``{'backbone': digest}``) enters the provenance; an output or record of
+  other values is recomputed (or refused with ``config.reuse='strict'``).
+
   Returns:
-    The evaluation record: test metrics, validation score and the hyperparameters.
+    The evaluation record: test metrics, validation score, the hyperparameters that
+    produced them and their provenance.
   """
   record_path = os.path.join(directory, "evaluation.json")
   out_dir = os.path.join(directory, "output")
-  record = results_lib.read_json(record_path)
-  if record is not None and stage_output.is_export(out_dir):
-    return record
   name = f"finetune/{pipeline}/seed{seed}"
-  if stage_output.is_export(out_dir):  # fine-tuned, but stopped before the test scores
+  prov = supervised.finetune_provenance(ctx, lr=lr, weight_decay=weight_decay,
+                                        epochs=ctx.config.finetune.epochs, seed=seed,
+                                        inputs=inputs)
+  reuse_output = provenance.reusable(out_dir, prov, mode=_reuse(ctx), name=name,
+                                     also=[record_path])
+  record = results_lib.read_json(record_path)
+  if (reuse_output and record is not None
+      and (record.get(provenance.RECORD_KEY) or {}).get("digest")
+      == provenance.with_lineage(prov, directory).digest):
+    return record
+  if reuse_output:  # fine-tuned, but stopped before the test scores
     variables, meta = stage_output.load_export(out_dir)
     params, stats = variables["params"], variables["batch_stats"]
   else:
     result = supervised.finetune(ctx, backbone, splits, lr=lr, weight_decay=weight_decay,
                                  epochs=ctx.config.finetune.epochs, seed=seed, name=name,
-                                 directory=directory)
+                                 directory=directory, inputs=inputs)
     meta = {"stage": "finetune", "pipeline": pipeline, "seed": seed, "lr": lr,
             "weight_decay": weight_decay, "val_score": result.val_score,
             "val_loss": result.val_loss, "best_epoch": result.best_epoch,
-            "arch": ctx.config.model.arch}
+            "arch": ctx.config.model.arch,
+            provenance.RECORD_KEY: provenance.with_lineage(prov, directory).record()}
     params, stats = result.params, result.batch_stats
     stage_output.export(out_dir, {"params": params, "batch_stats": stats}, meta)
   test = supervised.evaluate(ctx, params, stats, splits["test"])
@@ -105,9 +137,22 @@ def finetune_and_evaluate(ctx: StageContext, backbone: dict, splits: dict, *, pi
 
 
 def search_hyperparams(ctx: StageContext, backbone: dict, splits: dict, *, pipeline: str,
-                       seed: int) -> search_lib.SearchResult:
-  """Random search of the fine-tuning LR / weight decay on validation (resumable)."""
+                       seed: int, inputs: Optional[dict] = None) -> search_lib.SearchResult:
+  """Random search of the fine-tuning LR / weight decay on validation (resumable).
+
+  Its record is resumed only when its provenance (search and fine-tuning fields,
+  the backbone's digest) matches.
+  """
   s = ctx.config.search
+  record_path = ctx.path("search", f"{pipeline}.json")
+  prov_path = ctx.path("search", f"{pipeline}.provenance.json")
+  prov = supervised.stage_provenance(
+      ctx, "finetune", exclude=("lr", "weight_decay", "bissl_lr", "bissl_weight_decay"),
+      inputs=inputs, seed=seed, **{f"search.{k}": v for k, v in s.items()})
+  if os.path.exists(record_path) and not provenance.reusable_record(
+      prov_path, prov, mode=_reuse(ctx), name=f"search/{pipeline}"):
+    provenance.set_aside(ctx.path("search"), [record_path])
+  results_lib.write_json(prov_path, {provenance.RECORD_KEY: prov.record()})
   counter = iter(range(s.num_configs))
 
   def trial(lr, wd):
@@ -120,7 +165,7 @@ def search_hyperparams(ctx: StageContext, backbone: dict, splits: dict, *, pipel
   return search_lib.random_search(
       trial, num_configs=s.num_configs, lr_range=tuple(s.lr_range),
       wd_range=tuple(s.wd_range), seed=derive_seed(ctx.config.seed, "search"),
-      record_path=ctx.path("search", f"{pipeline}.json"))
+      record_path=record_path)
 
 
 def backbone_of(params, stats) -> dict:
@@ -144,42 +189,52 @@ def run_comparison(ctx: StageContext, splits: dict, pretext_set, *,
            "bissl": {"lr": config.finetune.bissl_lr,
                      "weight_decay": config.finetune.bissl_weight_decay}}
   per_seed = {"baseline": {}, "bissl": {}}
+  shown = {}  # the hyperparameters the reported numbers were produced with (their records)
   for i, seed in enumerate(seeds):
     pretext_seed = seeds[0] if config.pretext.share_across_seeds else seed
-    pre_params, pre_stats = pretext_model(ctx, pretext_set, pretext_seed)
-    pretext_backbone = backbone_of(pre_params, pre_stats)
+    (pre_params, pre_stats), pre_digest = pretext_model(ctx, pretext_set, pretext_seed)
+    pretext_backbone, base_digest = backbone_of(pre_params, pre_stats), pre_digest
     if config.pretext.baseline_epochs is not None:
       # The baseline's own, longer pretext run (matches BiSSL's extra pretext steps).
+      base_dir = ctx.path(f"seed{pretext_seed}", "pretext_baseline")
       pretext_backbone = backbone_of(*pretrain(
           ctx, pretext_set, seed=pretext_seed, epochs=config.pretext.baseline_epochs,
-          directory=ctx.path(f"seed{pretext_seed}", "pretext_baseline"),
-          name=f"pretext_baseline/seed{pretext_seed}"))
+          directory=base_dir, name=f"pretext_baseline/seed{pretext_seed}"))
+      base_digest = provenance.digest_of(os.path.join(base_dir, "output"))
 
     # Baseline: pretext backbone → fine-tuning → test.
     if config.search.enabled and i == 0:
-      found = search_hyperparams(ctx, pretext_backbone, splits, pipeline="baseline", seed=seed)
+      found = search_hyperparams(ctx, pretext_backbone, splits, pipeline="baseline", seed=seed,
+                                 inputs={"backbone": base_digest})
       hyper["baseline"] = {"lr": found.lr, "weight_decay": found.weight_decay}
     rec = finetune_and_evaluate(ctx, pretext_backbone, splits, pipeline="baseline",
                                 seed=seed, directory=ctx.path(f"seed{seed}", "baseline",
                                                               "finetune"),
-                                **hyper["baseline"])
+                                inputs={"backbone": base_digest}, **hyper["baseline"])
     per_seed["baseline"][seed] = dict(rec["test"], val=rec["val_score"])
+    shown["baseline"] = _used_hyperparams(rec)
 
     # BiSSL: head warm-up → BiSSL → fine-tuning from θ_P → test.
     bissl_dir = ctx.path(f"seed{seed}", "bissl")
+    warm_dir = os.path.join(bissl_dir, "head_warmup")
     warm = warmed_up_model(ctx, (pre_params, pre_stats), splits["train"], seed=seed,
-                           directory=os.path.join(bissl_dir, "head_warmup"))
+                           directory=warm_dir, inputs={"pretext": pre_digest})
+    warm_digest = provenance.digest_of(os.path.join(warm_dir, "output"))
     out = bissl_stage.run_bissl(ctx, warm, pretext_set, splits["train"], seed=seed,
                                 directory=os.path.join(bissl_dir, "bissl"),
-                                name=f"bissl/seed{seed}", callback=bissl_callback)
+                                name=f"bissl/seed{seed}", callback=bissl_callback,
+                                inputs={"head_warmup": warm_digest})
     theta_p = backbone_of(out.params, out.batch_stats)
+    theta_digest = provenance.digest_of(os.path.join(bissl_dir, "bissl", "output"))
     if config.search.enabled and i == 0:
-      found = search_hyperparams(ctx, theta_p, splits, pipeline="bissl", seed=seed)
+      found = search_hyperparams(ctx, theta_p, splits, pipeline="bissl", seed=seed,
+                                 inputs={"backbone": theta_digest})
       hyper["bissl"] = {"lr": found.lr, "weight_decay": found.weight_decay}
     rec = finetune_and_evaluate(ctx, theta_p, splits, pipeline="bissl", seed=seed,
                                 directory=os.path.join(bissl_dir, "finetune"),
-                                **hyper["bissl"])
+                                inputs={"backbone": theta_digest}, **hyper["bissl"])
     per_seed["bissl"][seed] = dict(rec["test"], val=rec["val_score"])
+    shown["bissl"] = _used_hyperparams(rec)
 
     # BiSSL variants (other solvers, ...): the same warm-up, seed and fine-tuning.
     for variant, vctx in variant_contexts(ctx):
@@ -187,12 +242,15 @@ def run_comparison(ctx: StageContext, splits: dict, pretext_set, *,
       vdir = ctx.path(f"seed{seed}", pipeline)
       out = bissl_stage.run_bissl(vctx, warm, pretext_set, splits["train"], seed=seed,
                                   directory=os.path.join(vdir, "bissl"),
-                                  name=f"{pipeline}/seed{seed}", callback=bissl_callback)
-      rec = finetune_and_evaluate(vctx, backbone_of(out.params, out.batch_stats), splits,
-                                  pipeline=pipeline, seed=seed,
-                                  directory=os.path.join(vdir, "finetune"), **hyper["bissl"])
+                                  name=f"{pipeline}/seed{seed}", callback=bissl_callback,
+                                  inputs={"head_warmup": warm_digest})
+      rec = finetune_and_evaluate(
+          vctx, backbone_of(out.params, out.batch_stats), splits, pipeline=pipeline,
+          seed=seed, directory=os.path.join(vdir, "finetune"), inputs={
+              "backbone": provenance.digest_of(os.path.join(vdir, "bissl", "output"))},
+          **hyper["bissl"])
       per_seed.setdefault(pipeline, {})[seed] = dict(rec["test"], val=rec["val_score"])
-      hyper[pipeline] = hyper["bissl"]
+      shown[pipeline] = _used_hyperparams(rec)
     print(f"[seed {seed}] test {results_lib.metric_names(ctx.multilabel)[0]}: "
           f"baseline {per_seed['baseline'][seed]['score']:.4f}, "
           f"BiSSL {per_seed['bissl'][seed]['score']:.4f}", flush=True)
@@ -202,5 +260,10 @@ def run_comparison(ctx: StageContext, splits: dict, pretext_set, *,
           "arch": config.model.arch, "seeds": seeds,
           "pretext_shared_across_seeds": bool(config.pretext.share_across_seeds
                                               or config.pretext.checkpoint)}
-  return results_lib.build_results(per_seed, multilabel=ctx.multilabel, hyperparams=hyper,
+  return results_lib.build_results(per_seed, multilabel=ctx.multilabel, hyperparams=shown,
                                    info=info)
+
+
+def _used_hyperparams(record: dict) -> dict:
+  """The fine-tuning LR and weight decay an evaluation record was produced with."""
+  return {"lr": float(record["lr"]), "weight_decay": float(record["weight_decay"])}

@@ -31,6 +31,7 @@ from bissl_jax import optim
 from bissl_jax import partition
 from bissl_jax import protocols
 from bissl_jax.convert import stage_output
+from bissl_jax.pipeline import provenance
 from bissl_jax.pipeline import stage_loop
 from bissl_jax.pipeline import context as context_lib
 from bissl_jax.pipeline.context import StageContext, check_size
@@ -88,13 +89,15 @@ def init_pretext_state(ctx: StageContext, tx, seed: int) -> dict:
           "target": target}
 
 
-def _fingerprint(ctx: StageContext, seed: int, epochs: int) -> dict:
-  config = ctx.config
-  out = {f"pretext.{k}": v for k, v in config.pretext.items() if k not in _FREE_PRETEXT_FIELDS}
-  out.update({f"model.{k}": v for k, v in config.model.items()})
-  out.update({"data.pretext_dataset": config.data.pretext_dataset,
-              "data.image_size": config.data.image_size, "epochs": epochs, "seed": seed})
-  return out
+def stage_provenance(ctx: StageContext, seed: int, epochs: int, num_examples: int
+                     ) -> provenance.Provenance:
+  """What determines a pretext output: pretext, model and data fields, epochs, seed."""
+  fields = provenance.config_fields(
+      ctx.config, ("pretext", "model", "data"),
+      exclude=[f"pretext.{k}" for k in _FREE_PRETEXT_FIELDS] + ["data.data_dir"])
+  fields.update({"epochs": int(epochs), "seed": int(seed), "data.pretext_examples":
+                 int(num_examples)})
+  return provenance.Provenance(fields)
 
 
 def pretrain(ctx: StageContext, dataset, *, seed: int, directory: str,
@@ -119,20 +122,23 @@ def pretrain(ctx: StageContext, dataset, *, seed: int, directory: str,
     NonFiniteError: the loss or the parameters became NaN/Inf (nothing of it is saved).
   """
   out_dir = os.path.join(directory, "output")
-  if stage_output.is_export(out_dir):
+  epochs = ctx.config.pretext.epochs if epochs is None else int(epochs)
+  name = name or f"pretext/seed{seed}"
+  prov = stage_provenance(ctx, seed, epochs, len(dataset))
+  if provenance.reusable(out_dir, prov, mode=ctx.config.get("reuse", "recompute"), name=name):
     variables, _ = stage_output.load_export(out_dir)
   else:
     variables = _pretrain(context_lib.pretraining_context(ctx), dataset, seed=seed,
-                          out_dir=out_dir, directory=directory, epochs=epochs, name=name)
+                          out_dir=out_dir, directory=directory, epochs=epochs, name=name,
+                          prov=prov)
   return context_lib.with_fresh_adapters(ctx, variables["params"], variables["batch_stats"],
                                          seed)
 
 
 def _pretrain(ctx: StageContext, dataset, *, seed: int, out_dir: str, directory: str,
-              epochs: Optional[int], name: Optional[str]) -> dict:
+              epochs: int, name: str, prov: provenance.Provenance) -> dict:
   """Stage 1 on ``ctx.model``; exports and returns ``{'params', 'batch_stats'}``."""
   cfg = ctx.config.pretext
-  epochs = cfg.epochs if epochs is None else int(epochs)
   spe = check_size(len(dataset), cfg.batch_size, "pretext.batch_size",
                    f"the pretext set {ctx.config.data.pretext_dataset}")
   template = jax.eval_shape(lambda: _pretext_groups(ctx.model.init(jax.random.key(0),
@@ -147,7 +153,6 @@ def _pretrain(ctx: StageContext, dataset, *, seed: int, out_dir: str, directory:
   def step(state, i, batch):
     return step_fn(state, ctx.shard(batch["image"]), jax.random.fold_in(base_key, i))
 
-  name = name or f"pretext/seed{seed}"
   stage = stage_loop.Stage(
       name=name, total_steps=epochs * spe, step=step,
       data=stage_loop.EpochData(dataset, cfg.batch_size, seed=derive_seed(seed, "pretext_data"),
@@ -155,7 +160,8 @@ def _pretrain(ctx: StageContext, dataset, *, seed: int, out_dir: str, directory:
       logger=ctx.logger, log_every=ctx.config.log_every, steps_per_epoch=spe,
       checkpoint_dir=os.path.join(directory, "ckpt"),
       checkpoint_every=ctx.config.checkpoint_every,
-      fingerprint=_fingerprint(ctx, seed, epochs), place=ctx.replicate,
+      fingerprint=prov.fingerprint(), reuse=ctx.config.get("reuse", "recompute"),
+      place=ctx.replicate,
       params_to_check=lambda s: {"pretext parameters": (
           s["level"].params, "Lower config.pretext.lr (or check the data for NaN/Inf).")},
       loss_fix="Check the data for NaN/Inf, or lower config.pretext.lr.",
@@ -164,7 +170,8 @@ def _pretrain(ctx: StageContext, dataset, *, seed: int, out_dir: str, directory:
   stage_output.export(out_dir, {"params": state.params, "batch_stats": state.batch_stats}, {
       "stage": "pretext", "seed": seed, "task": cfg.task, "arch": ctx.config.model.arch,
       "dataset": ctx.config.data.pretext_dataset, "epochs": epochs,
-      "image_size": ctx.image_size})
+      "image_size": ctx.image_size,
+      provenance.RECORD_KEY: provenance.with_lineage(prov, directory).record()})
   return {"params": state.params, "batch_stats": state.batch_stats}
 
 

@@ -20,6 +20,8 @@ Directory layout (every stage resumes from, or skips to, what is already there):
   workdir/search/{baseline,bissl}.json
   workdir/<stage>/...        (single-stage runs)
 """
+import contextlib
+import copy
 import json
 import os
 import time
@@ -29,12 +31,15 @@ import jax
 
 from bissl_jax.config_validation import validate_config
 from bissl_jax.convert import stage_output
+from bissl_jax.pipeline import branch
 from bissl_jax.pipeline import bissl_stage
 from bissl_jax.pipeline import comparison
+from bissl_jax.pipeline.provenance import digest_of
 from bissl_jax.pipeline import results as results_lib
 from bissl_jax.pipeline import supervised
 from bissl_jax.pipeline.context import StageContext, build_context  # noqa: F401
 from bissl_jax.pipeline.datasets import load_data
+from bissl_jax.pipeline.inputs import check_inputs
 from bissl_jax.pipeline.pretrain import pretrain
 
 
@@ -48,13 +53,15 @@ def run_single_stage(ctx: StageContext, stage: str, splits, pretext_set) -> dict
   if stage == "head_warmup":
     pre = comparison.load_pretext_model(ctx, config.pretext.checkpoint)
     directory = ctx.path("head_warmup")
-    comparison.warmed_up_model(ctx, pre, splits["train"], seed=seed, directory=directory)
+    comparison.warmed_up_model(ctx, pre, splits["train"], seed=seed, directory=directory,
+                               inputs={"pretext": digest_of(config.pretext.checkpoint)})
     return {"stage": stage, "output": os.path.join(directory, "output")}
   if stage == "bissl":
     warm, _ = stage_output.load_export(config.bissl.init_checkpoint)
     directory = ctx.path("bissl")
     bissl_stage.run_bissl(ctx, warm, pretext_set, splits["train"], seed=seed,
-                          directory=directory, name=f"bissl/seed{seed}")
+                          directory=directory, name=f"bissl/seed{seed}",
+                          inputs={"head_warmup": digest_of(config.bissl.init_checkpoint)})
     return {"stage": stage, "output": os.path.join(directory, "output")}
   if stage == "finetune":
     variables, meta = stage_output.load_export(config.finetune.init_checkpoint)
@@ -65,7 +72,7 @@ def run_single_stage(ctx: StageContext, stage: str, splits, pretext_set) -> dict
     record = comparison.finetune_and_evaluate(
         ctx, comparison.backbone_of(variables["params"], variables["batch_stats"]), splits,
         pipeline="bissl" if after_bissl else "baseline", lr=lr, weight_decay=wd, seed=seed,
-        directory=directory)
+        directory=directory, inputs={"backbone": digest_of(config.finetune.init_checkpoint)})
     return dict(record, output=os.path.join(directory, "output"))
   if stage == "evaluate":
     variables, _ = stage_output.load_export(config.evaluate.checkpoint)
@@ -81,6 +88,15 @@ def run_single_stage(ctx: StageContext, stage: str, splits, pretext_set) -> dict
 _NEEDS = {  # stage -> (pretext data, downstream data)
     "all": (True, True), "pretext": (True, False), "head_warmup": (False, True),
     "bissl": (True, True), "finetune": (False, True), "evaluate": (False, True)}
+
+
+def with_reuse(config, reuse: str):
+  """A copy of ``config`` with ``config.reuse = reuse``."""
+  config = copy.deepcopy(config)
+  unlock = getattr(config, "unlocked", None)
+  with (unlock() if unlock is not None else contextlib.nullcontext()):
+    config["reuse"] = reuse
+  return config
 
 
 def _write_config(workdir: str, config) -> None:
@@ -113,7 +129,8 @@ def banner(config, workdir: str, *, source: str, resumed: bool) -> str:
 
 
 def run(config, workdir: str, *, bissl_callback: Optional[Callable] = None,
-        announce: Optional[str] = None) -> dict:
+        announce: Optional[str] = None, reuse: Optional[str] = None,
+        branch_from: Optional[str] = None) -> dict:
   """Runs ``config.stages`` in ``workdir`` (resuming whatever is already there).
 
   Args:
@@ -124,6 +141,13 @@ def run(config, workdir: str, *, bissl_callback: Optional[Callable] = None,
     announce: the config's name (e.g. its file); when given, a start-up banner
       (backend, devices, mesh, config, workdir, fresh or resumed) is printed once the
       config and the data are checked.
+    reuse: overrides ``config.reuse``: ``'recompute'`` (a stage output or checkpoint
+      written with other config values is set aside and recomputed, with everything
+      downstream) or ``'strict'`` (refuse).
+    branch_from: a parent run directory: ``workdir`` (new) becomes its branch
+      (:mod:`bissl_jax.pipeline.branch`): its finished stages are reused where they
+      still match, and an unfinished stage resumes from the parent's last good
+      checkpoint with this config's values.
 
   Returns:
     For ``'all'`` the results record (also written to ``results.json`` and
@@ -136,12 +160,16 @@ def run(config, workdir: str, *, bissl_callback: Optional[Callable] = None,
     KeyboardInterrupt: Ctrl-C/SIGTERM; the running stage saved its last step.
   """
   start = time.time()
+  if reuse is not None:
+    config = with_reuse(config, reuse)
   config = validate_config(config)
   workdir = os.path.abspath(workdir)
   resumed = _has_earlier_run(workdir)
   need_pretext, need_downstream = _NEEDS[config.stages]
   # Before anything is written: a missing dataset leaves no workdir behind.
   splits, pretext_set = load_data(config, need_pretext, need_downstream)
+  if branch_from is not None:
+    resumed = branch.start(branch_from, workdir) or resumed
   os.makedirs(workdir, exist_ok=True)
   _write_config(workdir, config)
   if announce is not None and jax.process_index() == 0:
@@ -149,6 +177,7 @@ def run(config, workdir: str, *, bissl_callback: Optional[Callable] = None,
   ctx = build_context(config, workdir)
   finished = False
   try:
+    check_inputs(ctx)  # every input checkpoint fits the model, before any compute
     if config.stages != "all":
       record = run_single_stage(ctx, config.stages, splits, pretext_set)
       print(json.dumps(record, indent=2, default=str), flush=True)

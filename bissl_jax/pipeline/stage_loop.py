@@ -33,6 +33,8 @@ and the step counter are saved together, and every step's randomness is
 import contextlib
 import dataclasses
 import json
+import os
+import re
 import signal
 import threading
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Protocol, Tuple
@@ -41,6 +43,7 @@ import jax
 import jax.numpy as jnp
 
 from bissl_jax.errors import NonFiniteError
+from bissl_jax.pipeline import branch
 from bissl_jax.pipeline import checkpoint
 from bissl_jax.pipeline import run_log
 
@@ -131,9 +134,13 @@ class Stage:
     save_last: also save after the last step.
     fingerprint: the config values the stage's result depends on (dotted names);
       a checkpoint written with other values is not resumed.
+    reuse: what a checkpoint with another fingerprint gets: ``'strict'`` refuses
+      (ConfigError), ``'recompute'`` sets it aside and starts the stage afresh.
     place: applied to the state before the first step (e.g. replicate on the mesh).
-    params_to_check: ``fn(state) -> {what: (params, fix)}``: trees that must stay
-      finite and the advice when one does not.
+    params_to_check: ``fn(state) -> {what: (params, fix[, field])}``: trees that
+      must stay finite, the advice when one does not and the config field to blame
+      (default: the first ``config.<field>`` the advice names). Also checked on every
+      restored checkpoint, which is never resumed when it fails.
     loss_key: metric that must stay finite on logged steps (None: not checked).
     loss_fix: advice when it does not.
     on_divergence: if given, a non-finite value stops the stage quietly:
@@ -157,6 +164,7 @@ class Stage:
   checkpoint_every: int = 0
   save_last: bool = False
   fingerprint: Optional[Mapping[str, Any]] = None
+  reuse: str = "strict"
   place: Callable[[Any], Any] = lambda state: state
   params_to_check: Optional[Callable[[Any], Mapping[str, Tuple[PyTree, str]]]] = None
   loss_key: Optional[str] = "loss"
@@ -198,33 +206,53 @@ def is_finite(tree: PyTree) -> bool:
   return bool(jax.device_get(_all_finite(tree)))
 
 
+# Signals received and not yet honoured (process-wide): a handler only records them,
+# so no signal can be lost inside a callback that swallows exceptions (JAX's
+# garbage-collection hook) or interrupt XLA's compiler half-way.
+_PENDING_STOP: list = []
+
+
+def _record_signal(signum, frame) -> None:
+  del frame
+  if _PENDING_STOP:
+    raise KeyboardInterrupt(f"{signal.Signals(signum).name} received twice")
+  _PENDING_STOP.append(signum)
+  print(f"\n{signal.Signals(signum).name} received: stopping after the current step and "
+        f"saving it (send it again to stop at once).", flush=True)
+
+
+def install_stop_handlers() -> None:
+  """Makes SIGINT/SIGTERM of the whole process requests that every stage loop honours.
+
+  The first signal is recorded and the running (or next) stage stops after its
+  current step, saving it; a second one raises ``KeyboardInterrupt`` at once. The
+  entry points call this once; :func:`run_stage` installs the same handlers while
+  it runs.
+  """
+  if threading.current_thread() is threading.main_thread():
+    for sig in (signal.SIGINT, signal.SIGTERM):
+      signal.signal(sig, _record_signal)
+
+
 @contextlib.contextmanager
 def deferred_signals(name: str):
   """Turns the first SIGINT/SIGTERM into a request the loop reads between steps.
 
-  Yields a function that returns True once a stop was requested. A signal never
-  interrupts a step half-way (or XLA's compiler, or a checkpoint write); a second
-  signal raises ``KeyboardInterrupt`` at once. Outside the main thread signals
-  cannot be caught, and the function always returns False.
+  Yields a function that returns True once a stop was requested (also one received
+  before this stage started). A signal never interrupts a step half-way (or XLA's
+  compiler, or a checkpoint write); a second signal raises ``KeyboardInterrupt`` at
+  once. Outside the main thread signals cannot be caught, and the function always
+  returns False.
   """
+  del name
   if threading.current_thread() is not threading.main_thread():
     yield lambda: False
     return
-  requested = []
-
-  def handler(signum, frame):
-    del frame
-    if requested:
-      raise KeyboardInterrupt(f"{signal.Signals(signum).name} received twice")
-    requested.append(signum)
-    print(f"\n[{name}] {signal.Signals(signum).name} received: stopping after the current "
-          f"step and saving it (send it again to stop at once).", flush=True)
-
   previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
   for sig in previous:
-    signal.signal(sig, handler)
+    signal.signal(sig, _record_signal)
   try:
-    yield lambda: bool(requested)
+    yield lambda: bool(_PENDING_STOP)
   finally:
     for sig, old in previous.items():
       signal.signal(sig, old)
@@ -234,17 +262,49 @@ def _normalise(record) -> Any:
   return json.loads(json.dumps(record, sort_keys=True, default=str))
 
 
-def _check_fingerprint(stage: Stage, extra: dict, directory: str) -> None:
-  if stage.fingerprint is None:
-    return
+def _fingerprint_changes(fingerprint: Optional[dict], extra: dict) -> list:
+  if fingerprint is None:
+    return []
+  saved = extra.get("config") or {}
+  return sorted(k for k in set(fingerprint) | set(saved)
+                if fingerprint.get(k) != saved.get(k))
+
+
+def _refuse_or_set_aside(stage: Stage, changed: list, directory: str) -> None:
+  """A checkpoint of other config values: refuse (strict) or move it aside (recompute)."""
   from bissl_jax.config_validation import ConfigError  # pylint: disable=g-import-not-at-top
-  wanted, saved = _normalise(dict(stage.fingerprint)), extra.get("config") or {}
-  changed = sorted(k for k in set(wanted) | set(saved) if wanted.get(k) != saved.get(k))
-  if changed:
+  from bissl_jax.pipeline import provenance  # pylint: disable=g-import-not-at-top
+  if stage.reuse != "recompute":
     raise ConfigError(
         f"The checkpoint in {directory} was written with different config fields "
-        f"{changed}; resuming would mix two runs. Restore those values or use a fresh "
-        f"--workdir.")
+        f"{changed}; resuming would mix two runs. Restore those values, use a fresh "
+        f"--workdir, or let the stage start again (config.reuse='recompute').")
+  moved = provenance.set_aside(os.path.dirname(directory), [directory])
+  print(f"[{stage.name}] the checkpoint in {directory} was written with other values of "
+        f"{changed}: starting this stage afresh (the old checkpoint is kept in {moved}).",
+        flush=True)
+
+
+def _check_params(stage: Stage, state, where: str, source: Optional[str] = None) -> None:
+  """Raises NonFiniteError if a tree of ``stage.params_to_check(state)`` is not finite.
+
+  ``source`` (e.g. a loaded checkpoint) replaces the stage's advice: then the
+  learning rates are not to blame.
+  """
+  if stage.params_to_check is None:
+    return
+  for what, (tree, fix, *field) in stage.params_to_check(state).items():
+    if not is_finite(tree):
+      if source is not None:
+        raise NonFiniteError(f"Non-finite {what} {where} of {stage.name}: {source}.")
+      raise NonFiniteError(f"Non-finite {what} {where} of {stage.name}; nothing of it was "
+                           f"saved. {fix}".rstrip(), field=(field or [_field_in(fix)])[0])
+
+
+def _field_in(fix: str) -> Optional[str]:
+  """The first ``config.<field>`` an advice names (the field a branch would change)."""
+  found = re.search(r"config\.([A-Za-z_][\w.]*[A-Za-z0-9_])", fix or "")
+  return found.group(1) if found else None
 
 
 def _arrays_deleted(tree) -> bool:
@@ -270,13 +330,31 @@ def run_stage(stage: Stage, state: PyTree) -> StageResult:
   total, spe, unit = int(stage.total_steps), max(1, int(stage.steps_per_epoch)), stage.unit
   ckpt = checkpoint.RunCheckpointer(stage.checkpoint_dir) if stage.checkpoint_dir else None
   fingerprint = None if stage.fingerprint is None else _normalise(dict(stage.fingerprint))
+  stage_dir = os.path.dirname(os.path.abspath(stage.checkpoint_dir or "."))
+  if fingerprint is not None and branch.lineage(stage_dir) is not None:
+    fingerprint["branch"] = branch.lineage(stage_dir)  # resumed from a parent run's step
   done, last_saved = 0, -1
   progress = None
   completed, diverged = False, None
   try:
+    good = None
     if ckpt is not None and ckpt.latest_step() is not None:
-      restored, extra = ckpt.restore(state)
-      _check_fingerprint(stage, extra, ckpt.directory)
+      # A step that does not read back intact, or holds non-finite parameters, is
+      # set aside and the previous one tried (never resumed into).
+      good = ckpt.restore_good(state, name=stage.name, check=lambda s: _check_params(
+          stage, s, "in the checkpoint", "a corrupt or diverged checkpoint"))
+    changed = [] if good is None else _fingerprint_changes(fingerprint, good[2])
+    adopted = changed and branch.adopt(stage_dir, good[0], changed)
+    if adopted:
+      fingerprint["branch"] = _normalise(adopted)
+      print(f"[{stage.name}] branch: resuming the parent's {unit} {good[0]} "
+            f"({adopted['parent']}) with new values of {changed}.", flush=True)
+    elif changed:
+      ckpt.close()
+      _refuse_or_set_aside(stage, changed, ckpt.directory)
+      ckpt, good = checkpoint.RunCheckpointer(stage.checkpoint_dir), None
+    if good is not None:
+      _, restored, extra = good
       state, done = restored, int(extra["steps"])
       stage.data.restore(extra["data"], done)
       last_saved = done
@@ -299,18 +377,15 @@ def run_stage(stage: Stage, state: PyTree) -> StageResult:
       last_saved = count
 
     def check_params(saved_state, count):
-      if stage.params_to_check is None:
-        return
-      for what, (tree, fix) in stage.params_to_check(saved_state).items():
-        if not is_finite(tree):
-          raise NonFiniteError(
-              f"Non-finite {what} after {unit} {count} of {total} of {stage.name}; nothing "
-              f"of it was saved. {fix}".rstrip())
+      _check_params(stage, saved_state, f"after {unit} {count} of {total}")
 
     progress = run_log.Progress(total, stage.name, initial=done, unit=unit,
                                 items_per_step=stage.items_per_step)
     with deferred_signals(stage.name) as stop_requested:
       try:
+        if stop_requested():  # received between stages (maybe swallowed where raised)
+          _PENDING_STOP.clear()
+          raise StopRequested(f"stop requested before {unit} {committed[0] + 1}")
         while committed[0] < total:
           i, state, _ = committed
           state, metrics = stage.step(state, i, stage.data.batch(i))
@@ -321,7 +396,8 @@ def run_stage(stage: Stage, state: PyTree) -> StageResult:
             if stage.loss_key is not None and not is_finite(metrics[stage.loss_key]):
               raise NonFiniteError(
                   f"Non-finite {stage.loss_key} at {unit} {n} of {total} of {stage.name}; "
-                  f"nothing of it was saved. {stage.loss_fix}".rstrip())
+                  f"nothing of it was saved. {stage.loss_fix}".rstrip(),
+                  field=_field_in(stage.loss_fix))
             if stage.logger is not None:
               stage.logger.write(stage.name, n, metrics)
             postfix = {label: metrics[key] for label, key in stage.show.items()
@@ -341,6 +417,7 @@ def run_stage(stage: Stage, state: PyTree) -> StageResult:
           if stage.callback is not None:
             stage.callback(n, state, metrics)
           if stop_requested():
+            _PENDING_STOP.clear()  # honoured here
             raise StopRequested(f"stop requested after {unit} {n}")
         completed = True
       except NonFiniteError as err:

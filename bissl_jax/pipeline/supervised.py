@@ -42,6 +42,7 @@ from bissl_jax import metrics as metrics_lib
 from bissl_jax import optim
 from bissl_jax import partition
 from bissl_jax import protocols
+from bissl_jax.pipeline import provenance
 from bissl_jax.pipeline import stage_loop
 from bissl_jax.pipeline.context import StageContext, check_size
 from bissl_jax.bilevel import LevelState
@@ -175,20 +176,39 @@ def fresh_head(ctx: StageContext, seed: int) -> PyTree:
       "downstream_head"]
 
 
-def _fingerprint(ctx, section: str, exclude=(), **values) -> dict:
-  """The config values a warm-up or fine-tuning checkpoint depends on."""
-  config = ctx.config
-  out = {f"{section}.{k}": v for k, v in config[section].items()
-         if k not in exclude and k != "init_checkpoint"}
-  out.update({f"model.{k}": v for k, v in config.model.items()})
-  out.update({"data.downstream_dataset": config.data.downstream_dataset,
-              "data.image_size": config.data.image_size})
-  out.update(values)
-  return out
+def stage_provenance(ctx, section: str, exclude=(), inputs=None, **values
+                     ) -> provenance.Provenance:
+  """What a warm-up or fine-tuning result depends on: its section, model, data, inputs.
+
+  Args:
+    ctx: the run context.
+    section: ``'head_warmup'`` or ``'finetune'``.
+    exclude: fields of ``section`` given as ``values`` instead (arguments such as
+      the search's learning rate).
+    inputs: ``{name: digest}`` of the backbone it starts from.
+    **values: further values (``seed``, ``lr``, ...).
+  """
+  fields = provenance.config_fields(
+      ctx.config, (section, "model", "data"),
+      exclude=[f"{section}.{k}" for k in tuple(exclude) + ("init_checkpoint",)]
+      + ["data.data_dir"])
+  fields.update(values)
+  return provenance.Provenance(fields, dict(inputs or {}))
+
+
+def finetune_provenance(ctx, *, lr: float, weight_decay: float, epochs: int, seed: int,
+                        inputs=None) -> provenance.Provenance:
+  """:func:`stage_provenance` of fine-tuning: the LR and weight decay actually used."""
+  # lr/weight_decay are arguments (search trials, Table 3 vs Table 5): record those.
+  return stage_provenance(
+      ctx, "finetune", exclude=("lr", "weight_decay", "bissl_lr", "bissl_weight_decay",
+                                "epochs"), inputs=inputs,
+      lr=float(lr), weight_decay=float(weight_decay), epochs=int(epochs), seed=int(seed))
 
 
 def warmup_head(ctx: StageContext, backbone: dict, train_set, *, seed: int, name: str,
-                directory: Optional[str] = None) -> PyTree:
+                directory: Optional[str] = None,
+                prov: Optional[provenance.Provenance] = None) -> PyTree:
   """Fits the linear head on the frozen backbone (stage 2).
 
   Args:
@@ -199,6 +219,7 @@ def warmup_head(ctx: StageContext, backbone: dict, train_set, *, seed: int, name
     name: label for logs.
     directory: if given, resumable checkpoints go to ``<directory>/ckpt`` every
       ``config.checkpoint_every`` epochs and on interrupt.
+    prov: the stage's provenance (default: config fields and seed, no inputs).
 
   Returns:
     The warmed-up head parameters.
@@ -226,7 +247,8 @@ def warmup_head(ctx: StageContext, backbone: dict, train_set, *, seed: int, name
       logger=ctx.logger, log_every=ctx.config.log_every, steps_per_epoch=spe,
       checkpoint_dir=os.path.join(directory, "ckpt") if directory else None,
       checkpoint_every=ctx.config.checkpoint_every,
-      fingerprint=_fingerprint(ctx, "head_warmup", seed=seed),
+      fingerprint=(prov or stage_provenance(ctx, "head_warmup", seed=seed)).fingerprint(),
+      reuse=ctx.config.get("reuse", "recompute"),
       place=ctx.replicate,
       params_to_check=lambda s: {"head warm-up parameters": (
           s.params, "Lower config.head_warmup.lr.")},
@@ -237,8 +259,8 @@ def warmup_head(ctx: StageContext, backbone: dict, train_set, *, seed: int, name
 
 def finetune(ctx: StageContext, backbone: dict, splits: dict, *, lr: float,
              weight_decay: float, epochs: int, seed: int, name: str,
-             directory: Optional[str] = None, stop_on_nonfinite: bool = False
-             ) -> FinetuneResult:
+             directory: Optional[str] = None, stop_on_nonfinite: bool = False,
+             inputs: Optional[dict] = None) -> FinetuneResult:
   """Fine-tunes backbone + fresh head; keeps the best-validation epoch (stage 4).
 
   Args:
@@ -257,6 +279,7 @@ def finetune(ctx: StageContext, backbone: dict, splits: dict, *, lr: float,
     stop_on_nonfinite: on divergence, stop and return the best epoch so far (its
       score is -inf if no epoch finished) instead of raising; for search trials,
       whose sampled learning rates can be too large.
+    inputs: ``{name: digest}`` of the backbone (part of the checkpoints' fingerprint).
 
   Returns:
     A :class:`FinetuneResult`.
@@ -303,8 +326,8 @@ def finetune(ctx: StageContext, backbone: dict, splits: dict, *, lr: float,
     print(f"[{name}] diverged (lr={lr:.3g}): {err} Keeping epoch "
           f"{state['record']['best_epoch']}.", flush=True)
 
-  fix = (f"Lower the fine-tuning learning rate (lr={lr:.3g}: config.finetune.lr, or "
-         f"config.finetune.bissl_lr after BiSSL).")
+  field = "finetune.bissl_lr" if "bissl" in name else "finetune.lr"  # after BiSSL: its own
+  fix = f"Lower the fine-tuning learning rate (lr={lr:.3g}: config.{field})."
   stage = stage_loop.Stage(
       name=name, total_steps=epochs * spe, step=step,
       data=stage_loop.EpochData(train_set, cfg.batch_size,
@@ -313,12 +336,11 @@ def finetune(ctx: StageContext, backbone: dict, splits: dict, *, lr: float,
       end_of_epoch=end_of_epoch,
       checkpoint_dir=os.path.join(directory, "ckpt") if directory else None,
       checkpoint_every=ctx.config.checkpoint_every,
-      # lr/weight_decay are arguments (search trials, Table 3 vs Table 5): record those.
-      fingerprint=_fingerprint(ctx, "finetune", exclude=(
-          "lr", "weight_decay", "bissl_lr", "bissl_weight_decay", "epochs"),
-          lr=lr, weight_decay=weight_decay, epochs=epochs, seed=seed),
+      fingerprint=finetune_provenance(ctx, lr=lr, weight_decay=weight_decay, epochs=epochs,
+                                      seed=seed, inputs=inputs).fingerprint(),
+      reuse=ctx.config.get("reuse", "recompute"),
       place=lambda s: dict(s, level=ctx.replicate(s["level"])),
-      params_to_check=lambda s: {"fine-tuning parameters": (s["level"].params, fix)},
+      params_to_check=lambda s: {"fine-tuning parameters": (s["level"].params, fix, field)},
       loss_fix=fix, on_divergence=keep_best if stop_on_nonfinite else None,
       show={}, items_per_step=cfg.batch_size)
   state = stage_loop.run_stage(stage, fresh).state
