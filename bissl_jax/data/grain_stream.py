@@ -219,3 +219,6 @@ class StreamedEpochData:
     if self.stream.consumed != steps_done:
       raise ValueError(f'The checkpoint\'s data iterator is at step '
                        f'{self.stream.consumed}, its state at {steps_done}.')
+
+  def close(self) -> None:
+    self.stream.close()
