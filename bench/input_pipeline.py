@@ -74,6 +74,9 @@ def write_tfds(data_dir: str, paths: Sequence[str]):
       for i, path in enumerate(paths):
         yield i, {'image': path, 'label': i % 10}
 
+  # TFDS looks for a builder's code through its module; one in a package (bench.*)
+  # needs importlib_resources, which TFDS does not install. A one-part name skips that.
+  BenchPhotos.__module__ = 'bench_input_pipeline'
   BenchPhotos(data_dir=data_dir, file_format='array_record').download_and_prepare()
   return catalogue.DatasetSpec(name=SPEC_NAME, tfds_name='bench_photos', train_split='train',
                                val_split=None, test_split='train', num_classes=10)

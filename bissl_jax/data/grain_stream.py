@@ -215,6 +215,10 @@ class StreamedEpochData:
     return {'iterators': {'data': self.stream.get_state()}}
 
   def restore(self, position: dict, steps_done: int) -> None:
+    if 'data' not in position.get('iterators', {}):
+      raise ValueError('The checkpoint holds no streamed-data iterator state (it was '
+                       'written by an in-memory run); resume it with the same data '
+                       'or start with a fresh --workdir.')
     self.stream.set_state(position['iterators']['data'])
     if self.stream.consumed != steps_done:
       raise ValueError(f'The checkpoint\'s data iterator is at step '
