@@ -134,10 +134,13 @@ class BatchStream:
           num_workers=self.options.workers,
           per_worker_buffer_size=self.options.buffer))
     self._iterable, self._iterator, self.consumed = iterable, None, 0
+    self._closed = False
 
   @property
   def _it(self):
     if self._iterator is None:  # workers start on the first batch asked for
+      if self._closed:
+        raise ValueError('This stream was closed; open a new one.')
       self._iterator = iter(self._iterable)
     return self._iterator
 
@@ -168,7 +171,7 @@ class BatchStream:
     """Stops the worker processes (also done on garbage collection)."""
     if self._iterator is not None and hasattr(self._iterator, 'close'):
       self._iterator.close()
-    self._iterator = None
+    self._iterator, self._closed = None, True
 
 
 def level_stream(records: ImageRecords, batch_size: int, *, seed: int,
