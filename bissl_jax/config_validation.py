@@ -247,6 +247,7 @@ def validate_config(config: Any, *, num_devices: Optional[int] = None) -> Any:
     if not missing(field) and not _is_known_dataset(_get(config, field)):
       bad(field, f"unknown dataset; choose one of {tuple(catalogue.CATALOGUE)}.")
   positive("data.image_size")
+  positive("data.loader_workers", allow_zero=True)
   if not missing("data.val_fraction"):
     vf = _get(config, "data.val_fraction")
     if not isinstance(vf, (int, float)) or not 0.0 < vf < 1.0:

@@ -132,6 +132,7 @@ def base_config() -> config_dict.ConfigDict:
   config.data.val_fraction = 0.2   # stratified, only where a dataset has no validation split
   config.data.split_seed = 0       # one split for every seed and both pipelines
   config.data.max_train_examples = config_dict.placeholder(int)  # smoke runs: subsample train
+  config.data.loader_workers = 8   # Grain processes decoding streamed (ImageNet) data; 0: in-process
 
   config.model = config_dict.ConfigDict()
   config.model.arch = "resnet50"
@@ -402,6 +403,8 @@ FIELD_HELP = {
     "data.val_fraction": "stratified share of train held out where a set has no validation split",
     "data.split_seed": "seed of that held-out split (one split for every seed and pipeline)",
     "data.max_train_examples": "subsample the training split to this many images (smoke runs)",
+    "data.loader_workers": ("Grain worker processes decoding the streamed pretext set (ImageNet; "
+                            "0: decode in the training process); docs/benchmarks.md has images/s per worker"),
     "model.arch": "backbone architecture",
     "model.width_multiplier": "channel width multiplier of the backbone",
     "model.cifar_stem": "3x3 stem without max-pool (small images)",

@@ -7,12 +7,14 @@ from bench import alternation_cost
 from bench import cg_accuracy
 from bench import common
 from bench import hvp_cost
+from bench import input_pipeline
 from bench import loop_cliff
 from bench import memory
 from bench import solver_cost
 
 # Order matters for speed only: later scripts reuse programs compiled by earlier ones.
-SCRIPTS = [hvp_cost, alternation_cost, memory, cg_accuracy, loop_cliff, solver_cost]
+SCRIPTS = [hvp_cost, alternation_cost, memory, cg_accuracy, loop_cliff, solver_cost,
+           input_pipeline]
 
 
 def test_every_benchmark_runs_tiny_and_returns_finite_positive_tables(tmp_path):

@@ -178,3 +178,24 @@ def test_pretraining_resumes_mid_stage(setup, tmp_path):
     resumed = pretrain.pretrain(ctx, pretext_set, seed=3, directory=str(tmp_path / "b"))
   assert "start: 2/4" in out.getvalue()  # 2 steps per epoch, one epoch already done
   _assert_states_equal(resumed, full)
+
+
+def test_streamed_pretext_set_resumes_to_the_in_memory_state(setup, uninterrupted, tmp_path):
+  """The lower level streamed through Grain (PNG files of the same images), stopped by
+  Ctrl-C after alternation 3 and resumed, ends in the in-memory run's state."""
+  import PIL.Image  # pylint: disable=import-outside-toplevel
+  from bissl_jax.data import image_records  # pylint: disable=import-outside-toplevel
+  ctx, warm, pretext_set, train = setup
+  paths = []
+  for i, image in enumerate(pretext_set.images):
+    paths.append(str(tmp_path / f"{i}.png"))
+    PIL.Image.fromarray(image).save(paths[-1])
+  records = image_records.FolderRecords(paths, pretext_set.labels, pretext_set.num_classes,
+                                        image_size=pretext_set.image_size, name="png")
+  streamed = (ctx, warm, records, train)
+  directory = str(tmp_path / "bissl")
+  with pytest.raises(KeyboardInterrupt):
+    _run(streamed, directory, callback=_stop_after(3, KeyboardInterrupt()))
+  assert os.path.isdir(os.path.join(directory, "ckpt", "3", checkpoint.ITERATORS))
+  out = _run(streamed, directory)
+  _assert_states_equal(out.state, uninterrupted[1].state)

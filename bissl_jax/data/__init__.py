@@ -10,6 +10,10 @@
 - ``availability``: :func:`check_prepared`, every missing dataset of a run in one
   message, checked on the files before TFDS is asked.
 - ``stacks``: :class:`BatchStack`, the resumable per-level batch iterator.
+- ``image_records``: :class:`ImageRecords`, datasets decoded example by example
+  (TFDS ArrayRecord splits, image folders), for the streamed loader.
+- ``grain_stream``: the stacks' batches decoded by Grain worker processes, sharded
+  by process, resumable mid-epoch from Grain's iterator state.
 
 TensorFlow Datasets is imported only when a TFDS dataset is read.
 """
@@ -20,6 +24,8 @@ from bissl_jax.data.catalogue import (CATALOGUE, DatasetNotFoundError,
                                       DatasetSpec, get_spec)
 from bissl_jax.data.digits import load_digits_splits
 from bissl_jax.data.folder import load_fgvc_aircraft
+from bissl_jax.data.image_records import (ImageRecords, LoaderOptions,
+                                          open_records)
 from bissl_jax.data.stacks import BatchStack, StackState
 from bissl_jax.data.tfds_loader import (LazyTfdsDataset, load_pretext_split,
                                         load_splits, load_tfds_split,
@@ -27,8 +33,8 @@ from bissl_jax.data.tfds_loader import (LazyTfdsDataset, load_pretext_split,
 
 __all__ = [
     'ArrayDataset', 'BatchStack', 'CATALOGUE', 'DatasetNotFoundError',
-    'DatasetSpec', 'LazyTfdsDataset', 'check_prepared', 'StackState', 'get_spec',
+    'DatasetSpec', 'ImageRecords', 'LazyTfdsDataset', 'LoaderOptions', 'check_prepared', 'StackState', 'get_spec',
     'load_digits_splits', 'load_fgvc_aircraft', 'load_pretext_split',
-    'load_splits', 'load_tfds_split', 'open_tfds_split', 'resize_image',
+    'load_splits', 'load_tfds_split', 'open_records', 'open_tfds_split', 'resize_image',
     'resize_images', 'stratified_split',
 ]

@@ -19,9 +19,8 @@ import os
 from typing import Optional
 
 import numpy as np
-import PIL.Image
 
-from bissl_jax.data.arrays import ArrayDataset, resize_image
+from bissl_jax.data.arrays import ArrayDataset, decode_image
 from bissl_jax.data.catalogue import DatasetNotFoundError
 
 ARCHIVE_DIR = 'fgvc-aircraft-2013b'
@@ -55,6 +54,44 @@ def _read_lines(path: str) -> list[str]:
     return [line.strip() for line in f if line.strip()]
 
 
+def fgvc_entries(root: str, split: str) -> tuple[list[str], np.ndarray, int]:
+  """The image paths and variant labels of one FGVC-Aircraft split.
+
+  Args:
+    root: the archive folder (holding ``data/``) or the folder containing
+      ``fgvc-aircraft-2013b/``.
+    split: 'train', 'val' (or 'validation'), 'test' or 'trainval'.
+
+  Returns:
+    ``(paths, labels, num_classes)``: one path per line of the split file, int32
+    labels in the order of ``variants.txt``, and the number of variants.
+
+  Raises:
+    DatasetNotFoundError: the folder or one of its files is missing.
+    ValueError: an unknown split or a variant missing from ``variants.txt``.
+  """
+  if split not in _SPLIT_FILES:
+    raise ValueError(f'Unknown FGVC-Aircraft split {split!r}; use one of '
+                     f'{sorted(_SPLIT_FILES)}.')
+  root = find_fgvc_root(root)
+  data = os.path.join(root, 'data')
+  split_file = os.path.join(data, f'images_variant_{_SPLIT_FILES[split]}.txt')
+  if not os.path.isfile(split_file):
+    raise DatasetNotFoundError(
+        f'FGVC-Aircraft split file {split_file} is missing; re-extract '
+        'fgvc-aircraft-2013b.tar.gz.')
+  variants = _read_lines(os.path.join(data, 'variants.txt'))
+  class_index = {v: i for i, v in enumerate(variants)}
+  paths, labels = [], []
+  for image_id, variant in (line.split(' ', 1) for line in _read_lines(split_file)):
+    if variant not in class_index:
+      raise ValueError(f'{split_file}: variant {variant!r} of image '
+                       f'{image_id} is not listed in variants.txt.')
+    paths.append(os.path.join(data, 'images', f'{image_id}.jpg'))
+    labels.append(class_index[variant])
+  return paths, np.asarray(labels, np.int32), len(variants)
+
+
 def load_fgvc_aircraft(root: str, split: str, *, image_size: int,
                        max_examples: Optional[int] = None) -> ArrayDataset:
   """Loads one FGVC-Aircraft split with variant labels.
@@ -76,37 +113,21 @@ def load_fgvc_aircraft(root: str, split: str, *, image_size: int,
     DatasetNotFoundError: the folder or one of its files is missing.
     ValueError: an unknown split or a variant missing from ``variants.txt``.
   """
-  if split not in _SPLIT_FILES:
-    raise ValueError(f'Unknown FGVC-Aircraft split {split!r}; use one of '
-                     f'{sorted(_SPLIT_FILES)}.')
-  root = find_fgvc_root(root)
-  data = os.path.join(root, 'data')
-  split_file = os.path.join(data, f'images_variant_{_SPLIT_FILES[split]}.txt')
-  if not os.path.isfile(split_file):
-    raise DatasetNotFoundError(
-        f'FGVC-Aircraft split file {split_file} is missing; re-extract '
-        'fgvc-aircraft-2013b.tar.gz.')
-  variants = _read_lines(os.path.join(data, 'variants.txt'))
-  class_index = {v: i for i, v in enumerate(variants)}
-  entries = [line.split(' ', 1) for line in _read_lines(split_file)]
+  paths, labels, num_classes = fgvc_entries(root, split)
   if max_examples is not None:
-    entries = entries[:max_examples]
-
-  images = np.empty((len(entries), image_size, image_size, 3), np.uint8)
-  labels = np.empty(len(entries), np.int32)
-  for i, (image_id, variant) in enumerate(entries):
-    if variant not in class_index:
-      raise ValueError(f'{split_file}: variant {variant!r} of image '
-                       f'{image_id} is not listed in variants.txt.')
-    path = os.path.join(data, 'images', f'{image_id}.jpg')
-    if not os.path.isfile(path):
-      raise DatasetNotFoundError(f'FGVC-Aircraft image {path} is missing; '
-                                 're-extract fgvc-aircraft-2013b.tar.gz.')
-    with PIL.Image.open(path) as img:
-      pixels = np.asarray(img.convert('RGB'))
-    if pixels.shape[0] > BANNER_HEIGHT:
-      pixels = pixels[:-BANNER_HEIGHT]
-    images[i] = resize_image(pixels, image_size)
-    labels[i] = class_index[variant]
-  return ArrayDataset(images=images, labels=labels, num_classes=len(variants),
+    paths, labels = paths[:max_examples], labels[:max_examples]
+  images = np.empty((len(paths), image_size, image_size, 3), np.uint8)
+  for i, path in enumerate(paths):
+    images[i] = read_fgvc_image(path, image_size)
+  return ArrayDataset(images=images, labels=labels, num_classes=num_classes,
                       name=f'fgvc_aircraft/{split}')
+
+
+def read_fgvc_image(path: str, image_size: int, *, draft: bool = False
+                    ) -> np.ndarray:
+  """One FGVC-Aircraft image without its banner, resized and centre-cropped
+  (``draft``: see :func:`bissl_jax.data.arrays.decode_image`)."""
+  if not os.path.isfile(path):
+    raise DatasetNotFoundError(f'FGVC-Aircraft image {path} is missing; '
+                               're-extract fgvc-aircraft-2013b.tar.gz.')
+  return decode_image(path, image_size, crop_bottom=BANNER_HEIGHT, draft=draft)

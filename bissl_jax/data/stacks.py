@@ -80,11 +80,42 @@ class BatchStack:
   def _next_epoch(self):
     self._epoch, self._cursor = self._epoch + 1, 0
 
-  def _rows(self, count: int) -> np.ndarray:
-    start = self._cursor * self.batch_size
-    rows = self.permutation(self._epoch)[start:start + count * self.batch_size]
-    self._cursor += count
-    return rows.reshape(count, self.batch_size)
+  def plan(self, num_batches: int) -> np.ndarray:
+    """Advances like :meth:`take` but returns where each batch lies, not its rows.
+
+    The one implementation of the reshuffle rule: :meth:`take` gathers the rows
+    of this plan, and the streamed loaders (``bissl_jax.data.grain_stream``) plan
+    a whole stage ahead with it, so both see the same batches.
+
+    Args:
+      num_batches: number of batches (the stage's step count).
+
+    Returns:
+      int64 (num_batches, 2): the ``(epoch, batch position in that epoch)`` of
+      each batch; its rows are ``rows(epoch, position)``.
+    """
+    if num_batches < 1:
+      raise ValueError(f'num_batches must be positive, got {num_batches}.')
+    if num_batches <= self.batches_per_epoch:
+      if self.batches_per_epoch - self._cursor < num_batches:
+        self._next_epoch()
+      start = self._cursor
+      self._cursor += num_batches
+      return np.stack([np.full(num_batches, self._epoch, np.int64),
+                       np.arange(start, start + num_batches, dtype=np.int64)], 1)
+    # Small set: one batch at a time, a new epoch whenever this one runs out.
+    places = []
+    for _ in range(num_batches):
+      if self._cursor >= self.batches_per_epoch:
+        self._next_epoch()
+      places.append((self._epoch, self._cursor))
+      self._cursor += 1
+    return np.asarray(places, np.int64)
+
+  def rows(self, epoch: int, position: int) -> np.ndarray:
+    """The example indices of batch ``position`` of epoch ``epoch``."""
+    start = int(position) * self.batch_size
+    return self.permutation(int(epoch))[start:start + self.batch_size]
 
   def take(self, num_batches: int) -> np.ndarray:
     """Takes the batches for one stage.
@@ -95,16 +126,4 @@ class BatchStack:
     Returns:
       int64 (num_batches, batch_size) example indices.
     """
-    if num_batches < 1:
-      raise ValueError(f'num_batches must be positive, got {num_batches}.')
-    if num_batches <= self.batches_per_epoch:
-      if self.batches_per_epoch - self._cursor < num_batches:
-        self._next_epoch()
-      return self._rows(num_batches)
-    # Small set: one batch at a time, a new epoch whenever this one runs out.
-    rows = []
-    for _ in range(num_batches):
-      if self._cursor >= self.batches_per_epoch:
-        self._next_epoch()
-      rows.append(self._rows(1))
-    return np.concatenate(rows)
+    return np.stack([self.rows(e, p) for e, p in self.plan(num_batches)])

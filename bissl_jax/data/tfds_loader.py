@@ -140,33 +140,48 @@ def _scan_tfrecord(path: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def open_split_source(spec: DatasetSpec, split: str, *,
-                      data_dir: Optional[str] = None) -> Sequence[Any]:
+                      data_dir: Optional[str] = None,
+                      decoders: Optional[dict] = None) -> Sequence[Any]:
   """A random-access sequence of decoded TFDS examples (dicts of NumPy).
 
   Tries ``builder.as_data_source`` first, so ``tfds.testing.mock_data`` works;
-  only when that fails is the builder asked whether it is prepared.
+  only when that fails is the builder asked whether it is prepared. The error
+  for a split that is not prepared does not chain TFDS's own exception, whose
+  text ("already prepared ... in the TFRECORD format") is wrong in that case.
+
+  Args:
+    spec: the catalogue entry.
+    split: a TFDS split name.
+    data_dir: TFDS data directory (None: TFDS's default).
+    decoders: TFDS decoders per feature (e.g. ``tfds.decode.SkipDecoding()`` to
+      get an image's stored bytes); ArrayRecord sources only.
 
   Raises:
     DatasetNotFoundError: the dataset is not prepared in ``data_dir``.
   """
   builder = _builder(spec, data_dir)
   try:
-    return builder.as_data_source(split=split)
-  except NotImplementedError as e:  # Prepared as tfrecord, or not at all.
+    return builder.as_data_source(split=split, decoders=decoders)
+  except NotImplementedError:  # Prepared as tfrecord, or not at all.
     if not builder.is_prepared():
       raise DatasetNotFoundError(
-          _not_prepared_message(spec, builder, data_dir)) from e
+          _not_prepared_message(spec, builder, data_dir)) from None
+    if decoders:
+      raise ValueError(
+          f'Dataset {spec.name!r} is prepared as TFRecord files, which the '
+          'streamed loader cannot read; prepare it again with '
+          f'`tfds build {spec.tfds_name} --file_format=array_record`.') from None
     return TFRecordSource(builder.info.splits[split].file_instructions,
                           builder.info.features.deserialize_example_np,
                           data_dir=builder.data_dir)
   except Exception as e:  # pylint: disable=broad-except
     if not builder.is_prepared():
       raise DatasetNotFoundError(
-          _not_prepared_message(spec, builder, data_dir)) from e
-    raise
+          _not_prepared_message(spec, builder, data_dir)) from None
+    raise e
 
 
-def _labels_of(spec: DatasetSpec, example: dict) -> tuple[Any, Any]:
+def example_labels(spec: DatasetSpec, example: dict) -> tuple[Any, Any]:
   """(label, difficult) of one example; difficult is None for single-label."""
   if not spec.multilabel:
     return int(example[spec.label_key]), None
@@ -195,7 +210,7 @@ def _dataset_from_examples(spec: DatasetSpec, split: str, examples,
     images[i] = resize_image(np.asarray(example[spec.image_key]), image_size)
     if unlabelled:
       continue
-    label, hard = _labels_of(spec, example)
+    label, hard = example_labels(spec, example)
     labels[i] = label
     if difficult is not None:
       difficult[i] = hard

@@ -3,7 +3,8 @@
 Each alternation takes N_L pretext batches and then one more (the HVP batch of the
 upper stage) from the lower level's stack, and N_U downstream batches from the
 upper level's stack (``bissl_jax.data.BatchStack``: reshuffle only when a stage no
-longer fits in the current epoch), and calls the jitted alternation of
+longer fits in the current epoch; a streamed dataset is decoded by Grain workers in
+the same order, ``bissl_jax.data.grain_stream``), and calls the jitted alternation of
 :mod:`bissl_jax.train_state`. The augmentation key of alternation t is
 ``fold_in(key, t)``, so the run is a pure function of the seed.
 
@@ -20,6 +21,7 @@ non-finite parameters of either level, raise ``NonFiniteError`` naming the level
 Output ``<directory>/output``: θ_P as ``{'params': {'backbone', 'pretext_head'},
 'batch_stats': ...}``.
 """
+import functools
 import os
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -30,7 +32,8 @@ import numpy as np
 from bissl_jax import bilevel
 from bissl_jax import train_state as ts
 from bissl_jax.convert import stage_output
-from bissl_jax.data import BatchStack
+from bissl_jax.data import BatchStack, grain_stream
+from bissl_jax.data.image_records import ImageRecords
 from bissl_jax.errors import NonFiniteError
 from bissl_jax.pipeline import checkpoint
 from bissl_jax.pipeline import provenance
@@ -72,45 +75,88 @@ def stage_provenance(ctx: StageContext, seed: int, inputs=None) -> provenance.Pr
   return provenance.Provenance(fields, dict(inputs or {}))
 
 
-def alternation_batches(pretext_set, downstream_set, lower, upper, *, lower_steps: int,
-                        upper_steps: int) -> bilevel.AlternationBatches:
-  """Host batches of one alternation, drawn from the two stacks."""
-  pretext = pretext_set.batch(lower.take(lower_steps))["image"]
-  hvp = pretext_set.batch(lower.take(1)[0])["image"]  # from the lower level's stream
-  down = downstream_set.batch(upper.take(upper_steps))
-  return bilevel.AlternationBatches(pretext=pretext, hvp=hvp, downstream_images=down["image"],
-                               downstream_labels=down["label"])
+def _new_stack(num_examples: int, batch_size: int, seed: int, state=None) -> BatchStack:
+  return BatchStack(num_examples, batch_size, seed=seed, state=state)
+
+
+class _StackLevel:
+  """An in-memory level: its :class:`BatchStack` and ``dataset.batch``."""
+
+  def __init__(self, dataset, new_stack):
+    self.dataset, self._new = dataset, new_stack
+    self.stack = new_stack()
+
+  def draw(self, count: int) -> dict:
+    return self.dataset.batch(self.stack.take(count))
+
+  def position(self) -> dict:
+    return stage_loop.stack_position(self.stack)
+
+  def restore(self, position: dict) -> None:
+    self.stack = stage_loop.restore_stack(self._new, position)
 
 
 class AlternationData:
-  """Both levels' batch stacks (SPEC §2): the data of one alternation per step."""
+  """Both levels' batch stacks (SPEC §2): the data of one alternation per step.
+
+  A level whose dataset is streamed (``bissl_jax.data.ImageRecords``) is a
+  ``grain_stream.BatchStream`` planned with the same takes (``[N_L, 1] * T`` below,
+  ``[N_U] * T`` above), so it draws the batches the in-memory stack would; its
+  Grain state is saved as the checkpoint's ``iterators`` item.
+  """
 
   def __init__(self, pretext_set, downstream_set, cfg, *, seed: int):
-    self.pretext_set, self.downstream_set, self.cfg = pretext_set, downstream_set, cfg
-    self._new = {
-        "lower": lambda state=None: BatchStack(len(pretext_set), cfg.pretext_batch_size,
-                                               seed=derive_seed(seed, "bissl_lower"),
-                                               state=state),
-        "upper": lambda state=None: BatchStack(len(downstream_set),
-                                               cfg.downstream_batch_size,
-                                               seed=derive_seed(seed, "bissl_upper"),
-                                               state=state)}
-    self.stacks = {level: new() for level, new in self._new.items()}
+    self.cfg = cfg
+    sizes = {"lower": (pretext_set, cfg.pretext_batch_size, "bissl_lower",
+                       [cfg.lower_steps, 1] * cfg.alternations),
+             "upper": (downstream_set, cfg.downstream_batch_size, "bissl_upper",
+                       [cfg.upper_steps] * cfg.alternations)}
+    self.levels = {}
+    for level, (dataset, batch_size, stream, takes) in sizes.items():
+      level_seed = derive_seed(seed, stream)
+      if isinstance(dataset, ImageRecords):
+        # The whole global batch on every process (see stage_loop.epoch_data).
+        self.levels[level] = grain_stream.level_stream(
+            dataset, batch_size, seed=level_seed, takes=takes, process_index=0,
+            process_count=1)
+      else:
+        self.levels[level] = _StackLevel(dataset, functools.partial(
+            _new_stack, len(dataset), batch_size, level_seed))
 
   def batch(self, step: int) -> bilevel.AlternationBatches:
-    del step  # the stacks carry the position
-    return alternation_batches(self.pretext_set, self.downstream_set, self.stacks["lower"],
-                               self.stacks["upper"], lower_steps=self.cfg.lower_steps,
-                               upper_steps=self.cfg.upper_steps)
+    del step  # the levels carry the position
+    lower, upper = self.levels["lower"], self.levels["upper"]
+    pretext = lower.draw(self.cfg.lower_steps)["image"]
+    hvp = lower.draw(1)["image"][0]  # from the lower level's stream
+    down = upper.draw(self.cfg.upper_steps)
+    return bilevel.AlternationBatches(pretext=pretext, hvp=hvp,
+                                      downstream_images=down["image"],
+                                      downstream_labels=down["label"])
 
   def position(self, steps_done: int) -> dict:
     del steps_done
-    return {level: stage_loop.stack_position(s) for level, s in self.stacks.items()}
+    position, iterators = {}, {}
+    for level, source in self.levels.items():
+      if isinstance(source, _StackLevel):
+        position[level] = source.position()
+      else:
+        iterators[level] = source.get_state()
+    if iterators:
+      position[checkpoint.ITERATORS] = iterators
+    return position
 
   def restore(self, position: dict, steps_done: int) -> None:
     del steps_done
-    self.stacks = {level: stage_loop.restore_stack(self._new[level], position[level])
-                   for level in self._new}
+    for level, source in self.levels.items():
+      if isinstance(source, _StackLevel):
+        source.restore(position[level])
+      else:
+        source.set_state(position[checkpoint.ITERATORS][level])
+
+  def close(self) -> None:
+    for source in self.levels.values():
+      if hasattr(source, "close"):
+        source.close()
 
 
 def _params_to_check(state: bilevel.BilevelState) -> dict:

@@ -40,6 +40,9 @@ from bissl_jax.convert.stage_output import (  # noqa: F401  (the pipeline's outp
     EXPORT_FORMAT, abstract, decode, encode, export, is_export, load_export)
 
 PyTree = Any
+# The checkpoint item holding data-iterator states (Grain's, JSON), kept apart from
+# ``extra`` so a loader's state format never mixes with the stage's own record.
+ITERATORS = "iterators"
 
 
 def tree_checksum(tree: PyTree) -> Optional[str]:
@@ -81,7 +84,7 @@ class RunCheckpointer:
         max_to_keep=self._max_to_keep, create=True, enable_async_checkpointing=False,
         cleanup_tmp_directories=True)
     self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                          item_names=("state", "extra"))
+                                          item_names=("state", "extra", ITERATORS))
 
   def latest_step(self) -> Optional[int]:
     """The newest complete step, or None."""
@@ -90,16 +93,19 @@ class RunCheckpointer:
   def all_steps(self):
     return list(self._manager.all_steps())
 
-  def save(self, step: int, state: PyTree, extra: Optional[dict] = None) -> None:
-    """Saves ``state`` (any pytree of arrays) and a JSON-serialisable ``extra`` as ``step``.
+  def save(self, step: int, state: PyTree, extra: Optional[dict] = None,
+           iterators: Optional[dict] = None) -> None:
+    """Saves ``state`` (any pytree of arrays), a JSON ``extra`` and the data
+    ``iterators``' states (JSON, see :meth:`restore_iterators`) as ``step``.
 
     The state's checksum (:func:`tree_checksum`) is stored with ``extra`` and
     checked (and removed from it) on restore.
     """
     extra = dict(extra or {}, checksum=tree_checksum(state))
-    self._manager.save(int(step), args=ocp.args.Composite(
-        state=ocp.args.StandardSave(encode(state)), extra=ocp.args.JsonSave(extra)),
-        force=True)
+    self._manager.save(int(step), args=ocp.args.Composite(**{
+        "state": ocp.args.StandardSave(encode(state)),
+        "extra": ocp.args.JsonSave(extra),
+        ITERATORS: ocp.args.JsonSave(iterators or {})}), force=True)
     self._manager.wait_until_finished()
 
   def restore(self, template: PyTree, step: Optional[int] = None) -> Tuple[PyTree, dict]:
@@ -170,6 +176,15 @@ class RunCheckpointer:
     self._manager.close()
     self._open()  # the manager caches its list of steps
     return target
+
+  def restore_iterators(self, step: Optional[int] = None) -> dict:
+    """The data-iterator states saved with ``step`` (default: latest); ``{}`` if none."""
+    step = self.latest_step() if step is None else step
+    if step is None or not os.path.isdir(os.path.join(self.directory, str(step), ITERATORS)):
+      return {}  # none saved (or a checkpoint from before iterator states were kept)
+    restored = self._manager.restore(step, args=ocp.args.Composite(**{
+        ITERATORS: ocp.args.JsonRestore()}))
+    return dict(restored[ITERATORS] or {})
 
   def close(self) -> None:
     self._manager.close()

@@ -17,7 +17,9 @@ def load_data(config, need_pretext: bool, need_downstream: bool):
 
   Returns:
     ``(splits, pretext_set)``: ``{'train', 'validation', 'test'}`` datasets (or None)
-    and the pretext dataset (or None).
+    and the pretext dataset (or None). Everything is held in memory except ImageNet,
+    which is a streamed ``bissl_jax.data.ImageRecords`` (``data.loader_workers``
+    Grain processes decode it; the stages see the same batches either way).
   """
   d = config.data
   wanted = ([("pretext", d.pretext_dataset)] if need_pretext else []) + (
@@ -38,9 +40,11 @@ def load_data(config, need_pretext: bool, need_downstream: bool):
     if same:
       pretext_set = splits["train"]
     elif pretext_spec.name == "imagenet2012":
-      # Too large for host memory: decode each batch on demand.
-      pretext_set = data_lib.open_tfds_split(pretext_spec, pretext_spec.pretext_split,
-                                             data_dir=d.data_dir, image_size=d.image_size)
+      # Too large for host memory: streamed, decoded by Grain worker processes.
+      pretext_set = data_lib.open_records(
+          pretext_spec, pretext_spec.pretext_split, data_dir=d.data_dir,
+          image_size=d.image_size,
+          options=data_lib.LoaderOptions(workers=d.get("loader_workers", 0)))
     else:
       pretext_set = data_lib.load_pretext_split(d.pretext_dataset, data_dir=d.data_dir,
                                                 image_size=d.image_size)

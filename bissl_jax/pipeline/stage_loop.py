@@ -102,6 +102,22 @@ class EpochData:
       self._rows = self.stack.take(self.steps_per_epoch)
 
 
+def epoch_data(dataset, batch_size: int, *, seed: int, steps_per_epoch: int,
+               total_steps: int):
+  """The data of an epoch-based stage: :class:`EpochData` for an in-memory dataset,
+  ``grain_stream.StreamedEpochData`` (the same batches, decoded by Grain's worker
+  processes, resumable from Grain's iterator state) for streamed
+  ``bissl_jax.data.ImageRecords``."""
+  from bissl_jax.data import grain_stream, image_records  # pylint: disable=g-import-not-at-top
+  if isinstance(dataset, image_records.ImageRecords):
+    # Every process decodes the whole global batch: the stages place host batches
+    # with jax.device_put, which needs the same global batch on every process.
+    return grain_stream.StreamedEpochData(
+        dataset, batch_size, seed=seed, steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps, process_index=0, process_count=1)
+  return EpochData(dataset, batch_size, seed=seed, steps_per_epoch=steps_per_epoch)
+
+
 def stack_position(stack) -> dict:
   """A :class:`bissl_jax.data.BatchStack`'s position as JSON ``{'epoch', 'cursor'}``."""
   return {"epoch": int(stack.state.epoch), "cursor": int(stack.state.cursor)}
@@ -354,9 +370,11 @@ def run_stage(stage: Stage, state: PyTree) -> StageResult:
       _refuse_or_set_aside(stage, changed, ckpt.directory)
       ckpt, good = checkpoint.RunCheckpointer(stage.checkpoint_dir), None
     if good is not None:
-      _, restored, extra = good
+      good_step, restored, extra = good
       state, done = restored, int(extra["steps"])
-      stage.data.restore(extra["data"], done)
+      # The iterators of the step that read back intact (maybe an earlier fallback).
+      stage.data.restore(_join_iterators(extra["data"], ckpt.restore_iterators(good_step)),
+                         done)
       last_saved = done
       print(f"[{stage.name}] resuming at {unit} {done} of {total} from {ckpt.directory}",
             flush=True)
@@ -373,7 +391,8 @@ def run_stage(stage: Stage, state: PyTree) -> StageResult:
 
     def save(count, saved_state, position):
       nonlocal last_saved
-      ckpt.save(count, saved_state, record(count, position))
+      position, iterators = _split_iterators(position)
+      ckpt.save(count, saved_state, record(count, position), iterators=iterators)
       last_saved = count
 
     def check_params(saved_state, count):
@@ -433,7 +452,20 @@ def run_stage(stage: Stage, state: PyTree) -> StageResult:
       progress.close(completed=completed)
     if ckpt is not None:
       ckpt.close()
+    if hasattr(stage.data, "close"):  # streamed data: stop its worker processes
+      stage.data.close()
   return StageResult(committed[1], committed[0], resumed_from, diverged)
+
+
+# Streamed data (``bissl_jax.data.grain_stream``) puts its iterators' states under this
+# key of its position; they are saved as the checkpoint's own item.
+def _split_iterators(position: dict) -> Tuple[dict, Optional[dict]]:
+  position = dict(position)
+  return position, position.pop(checkpoint.ITERATORS, None)
+
+
+def _join_iterators(position: dict, iterators: dict) -> dict:
+  return {**position, checkpoint.ITERATORS: iterators} if iterators else position
 
 
 def _save_on_interrupt(stage: Stage, ckpt, committed, last_saved: int, save, check_params):

@@ -242,8 +242,8 @@ def warmup_head(ctx: StageContext, backbone: dict, train_set, *, seed: int, name
 
   stage = stage_loop.Stage(
       name=name, total_steps=cfg.epochs * spe, step=step,
-      data=stage_loop.EpochData(train_set, cfg.batch_size, seed=derive_seed(seed, "warmup_data"),
-                                steps_per_epoch=spe),
+      data=stage_loop.epoch_data(train_set, cfg.batch_size, seed=derive_seed(seed, "warmup_data"),
+                                 steps_per_epoch=spe, total_steps=cfg.epochs * spe),
       logger=ctx.logger, log_every=ctx.config.log_every, steps_per_epoch=spe,
       checkpoint_dir=os.path.join(directory, "ckpt") if directory else None,
       checkpoint_every=ctx.config.checkpoint_every,
@@ -330,8 +330,8 @@ def finetune(ctx: StageContext, backbone: dict, splits: dict, *, lr: float,
   fix = f"Lower the fine-tuning learning rate (lr={lr:.3g}: config.{field})."
   stage = stage_loop.Stage(
       name=name, total_steps=epochs * spe, step=step,
-      data=stage_loop.EpochData(train_set, cfg.batch_size,
-                                seed=derive_seed(seed, "finetune_data"), steps_per_epoch=spe),
+      data=stage_loop.epoch_data(train_set, cfg.batch_size, seed=derive_seed(seed, "finetune_data"),
+                                 steps_per_epoch=spe, total_steps=epochs * spe),
       logger=ctx.logger, log_every=ctx.config.log_every, steps_per_epoch=spe,
       end_of_epoch=end_of_epoch,
       checkpoint_dir=os.path.join(directory, "ckpt") if directory else None,
