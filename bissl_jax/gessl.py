@@ -29,6 +29,7 @@ import optax
 from bissl_jax import augment
 from bissl_jax import loops
 from bissl_jax import optim
+from bissl_jax import protocols
 
 PyTree = Any
 
@@ -36,6 +37,7 @@ SECOND_LEVEL_LOSSES = ("kl", "cross_entropy", "mse", "wasserstein")
 INNER_PARAMS = ("all", "pretext_head", "task_classifier")
 HEAD_INITS = ("lecun_normal", "zeros")
 TASK_BATCHING = ("vmap", "loop")
+BASE_TASKS = ("simclr", "byol")  # the pretext tasks GeSSL wraps (views, projector)
 HEAD_KEY = "task_classifier"
 
 
@@ -184,7 +186,7 @@ def unrolled_second_level(inner_loss: Callable[[PyTree], jax.Array],
 # ----------------------------------------------------------------------------- the task
 
 def _inner_mask(params: PyTree, which: str) -> PyTree:
-  """Python-bool tree over ``{'backbone', 'pretext_head'}``: the leaves the inner steps adapt."""
+  """Python-bool tree over ``{'backbone', 'pretext_head'}``: the leaves ``which`` names."""
   const = lambda tree, value: jax.tree_util.tree_map(lambda _: value, tree)
   if which == "all":
     return const(params, True)
@@ -193,6 +195,23 @@ def _inner_mask(params: PyTree, which: str) -> PyTree:
             "pretext_head": const(params["pretext_head"], True)}
   head = {k: const(v, k == HEAD_KEY) for k, v in params["pretext_head"].items()}
   return {"backbone": const(params["backbone"], False), "pretext_head": head}
+
+
+def model_trainable(model: Any, params: PyTree) -> PyTree:
+  """``model.trainable`` over ``{'backbone', 'pretext_head'}``; the task classifier trains.
+
+  The mask is taken on the model's own tree (without the classifier, which the
+  model does not know), so a model's ``trainable`` need not accept extra leaves.
+  """
+  head = params["pretext_head"]
+  own = {"backbone": params["backbone"],
+         "pretext_head": {k: v for k, v in head.items() if k != HEAD_KEY}}
+  mask = dict(protocols.trainable_mask(model, own))
+  mask["pretext_head"] = dict(mask["pretext_head"])
+  if HEAD_KEY in head:
+    mask["pretext_head"][HEAD_KEY] = jax.tree_util.tree_map(lambda _: True, head[HEAD_KEY])
+  return {"backbone": mask["backbone"],
+          "pretext_head": {k: mask["pretext_head"][k] for k in head}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -301,6 +320,11 @@ class GeSSL:
     out["pretext_head"] = new_head
     return out
 
+  def trainable(self, params: PyTree) -> PyTree:
+    """The stage's trainable mask: ``model.trainable`` on the model's leaves, the task
+    classifier trains (:func:`model_trainable`)."""
+    return model_trainable(self.model, params)
+
   def prepare(self, rng: jax.Array, images: jax.Array) -> dict:
     """``{'views': (A, N, S, S, 3)}``: A augmented views of every image (N = n·B)."""
     if images.shape[0] != self.batch_size:
@@ -309,6 +333,17 @@ class GeSSL:
                        f"got {images.shape[0]}. Set the pretext batch size to match.")
     size = self.image_size or getattr(self.base, "image_size", None) or images.shape[1]
     return {"views": multi_views(rng, images, num_views=int(self.num_views), size=size)}
+
+  def inner_mask(self, params: PyTree) -> PyTree:
+    """Python bools over ``{'backbone', 'pretext_head'}``: the leaves the inner steps adapt.
+
+    The leaves ``inner_params`` names that ``model.trainable`` also marks trainable:
+    a frozen leaf (e.g. a LoRA base weight) is never adapted, and the stage's
+    optimizer (:func:`bissl_jax.partition.level_optimizer`) gives it no outer update.
+    """
+    which = _inner_mask(params, self.inner_params)
+    trainable = model_trainable(self.model, params)
+    return jax.tree_util.tree_map(lambda w, t: bool(w) and bool(t), which, trainable)
 
   # --- the network f_θ = c ∘ h ∘ g ---------------------------------------------------
 
@@ -341,9 +376,8 @@ class GeSSL:
 
     value, (_, target), diag = unrolled_second_level(
         inner, divergence, params, steps=int(self.K), extra_steps=int(self.lam) - 1,
-        inner_lr=self.inner_lr, first_order=self.first_order,
-        mask=_inner_mask(params, self.inner_params), unroll=self.unroll, target=target,
-        has_aux=True)
+        inner_lr=self.inner_lr, first_order=self.first_order, mask=self.inner_mask(params),
+        unroll=self.unroll, target=target, has_aux=True)
     # The same forward as the first inner step's, which XLA merges with it.
     diag["inner_ce_before"] = sg(inner(params))
     return value, diag, target
@@ -408,19 +442,22 @@ def gessl_optimizer(learning_rate=0.05, *, momentum: float = 0.9,
 
 
 def default_config():
-  """The ``config.gessl`` block with the paper's defaults (an ``ml_collections.ConfigDict``)."""
+  """The ``config.gessl`` block with the paper's defaults (an ``ml_collections.ConfigDict``).
+
+  The outer optimizer is not part of it: the pretext stage's ``config.pretext``
+  (``optimizer='sgd'``, ``lr`` = β, ``momentum``, ``weight_decay``) sets it.
+  """
   import ml_collections  # pylint: disable=import-outside-toplevel
   return ml_collections.ConfigDict(dict(
       K=1, lam=10, n_tasks=8, classes_per_task=16, num_views=2, inner_lr=0.1,
-      outer_lr=0.05, momentum=0.9, weight_decay=1e-4, second_level_loss="kl",
-      first_order=False, inner_params="all", ssl_weight=1.0, gessl_weight=1.0,
-      head_init="lecun_normal", task_batching="vmap"))
+      second_level_loss="kl", first_order=False, inner_params="all", ssl_weight=1.0,
+      gessl_weight=1.0, head_init="lecun_normal", task_batching="vmap"))
 
 
 def from_config(base: Any, cfg, *, image_size: Optional[int] = None) -> GeSSL:
   """A :class:`GeSSL` around ``base`` from a ``config.gessl`` block (see :func:`default_config`).
 
-  ``outer_lr``, ``momentum`` and ``weight_decay`` belong to :func:`gessl_optimizer`.
+  Other keys of the block (the pipeline's ``enabled``) are ignored.
   """
   fields = ("K", "lam", "n_tasks", "classes_per_task", "num_views", "inner_lr",
             "second_level_loss", "first_order", "inner_params", "ssl_weight",
