@@ -327,3 +327,47 @@ def test_cost_benchmark_runs_tiny(tmp_path):
   assert all(v > 0 and np.isfinite(v) for v in cost.numeric_cells() + mem.numeric_cells())
   assert mem.rows[1][2] > 1.0  # the outer step holds more than a plain step
   assert not doc.exists()
+
+
+# ----------------------------------------------------------------------------- Model.trainable
+
+@dataclasses.dataclass(frozen=True)
+class FrozenBiasModel(TinyModel):
+  """TinyModel whose ``trainable`` freezes the backbone bias (as LoRA freezes its base)."""
+
+  def trainable(self, params):
+    mask = jax.tree_util.tree_map(lambda _: True, params)
+    mask["backbone"]["b"] = False
+    return mask
+
+
+def test_inner_steps_do_not_adapt_frozen_leaves():
+  model = FrozenBiasModel(in_dim=12)
+  task = gessl.GeSSL(base=pretext.SimCLR(model=model), classes_per_task=3, n_tasks=2,
+                     lam=3, inner_lr=0.5)
+  k1, k2, k3 = jax.random.split(jax.random.PRNGKey(9), 3)
+  params, stats = model.init(k1)
+  params = task.init_head(k2, params)
+  lower = {"backbone": params["backbone"], "pretext_head": params["pretext_head"]}
+  inputs = {"views": jax.random.normal(k3, (2, 6, 2, 2, 3))}
+  mask = task.inner_mask(lower)
+  assert mask["backbone"] == {"w": True, "b": False}
+  assert all(jax.tree_util.tree_leaves(mask["pretext_head"]))
+  # The targets θ̃ (K + λ−1 = 3 inner steps from θ) keep the frozen bias exactly and
+  # move every trainable leaf.
+  _, _, targets = task.second_level(lower, stats, inputs)
+  for l in range(task.n_tasks):
+    np.testing.assert_array_equal(targets["backbone"]["b"][l], lower["backbone"]["b"])
+    assert float(jnp.max(jnp.abs(targets["backbone"]["w"][l] - lower["backbone"]["w"]))) > 1e-4
+    assert float(jnp.max(jnp.abs(targets["pretext_head"]["task_classifier"]["kernel"][l]
+                                 - lower["pretext_head"]["task_classifier"]["kernel"]))) > 1e-4
+  # inner_params narrows the adapted set further, and the task's trainable mask (the
+  # one the pretext stage's optimizer uses) is the model's, with the classifier True.
+  narrow = dataclasses.replace(task, inner_params="task_classifier").inner_mask(lower)
+  assert not any(jax.tree_util.tree_leaves(narrow["backbone"]))
+  assert task.trainable(lower)["backbone"] == {"w": True, "b": False}
+  assert all(jax.tree_util.tree_leaves(task.trainable(lower)["pretext_head"]))
+  # The unrestricted model adapts the bias: the check above can fail.
+  free = dataclasses.replace(task, base=pretext.SimCLR(model=TinyModel(in_dim=12)))
+  _, _, free_targets = free.second_level(lower, stats, inputs)
+  assert float(jnp.max(jnp.abs(free_targets["backbone"]["b"][0] - lower["backbone"]["b"]))) > 1e-5
