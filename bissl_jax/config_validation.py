@@ -289,6 +289,7 @@ def validate_config(config: Any, *, num_devices: Optional[int] = None) -> Any:
     positive("gessl.inner_lr", integer=False)
     positive("gessl.ssl_weight", integer=False, allow_zero=True)
     positive("gessl.gessl_weight", integer=False, allow_zero=True)
+    positive("gessl.fd_radius", integer=False, allow_zero=True)
     if not missing("gessl.first_order") and not isinstance(_get(config, "gessl.first_order"),
                                                             bool):
       bad("gessl.first_order", "must be True or False.")

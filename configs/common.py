@@ -483,6 +483,8 @@ FIELD_HELP = {
     "gessl.gessl_weight": "GeSSL: weight of the second-level loss",
     "gessl.head_init": "GeSSL: initialiser of the task classifier (lecun_normal, zeros)",
     "gessl.task_batching": "GeSSL: vmap the tasks or loop over them (plain convolutions)",
+    "gessl.fd_radius": "GeSSL: > 0 takes the outer gradient's inner Hessian-vector products by "
+                       "finite differences of this radius (AID-FD); 0: exact",
     "head_warmup.epochs": "epochs of linear-head training on the frozen backbone",
     "head_warmup.lr": "constant SGD learning rate of the head warm-up (paper Table 4)",
     "head_warmup.weight_decay": "weight decay of the head warm-up (Table 4)",

@@ -16,8 +16,9 @@ Digits 5–9 are held out for few-shot evaluation.
 Model: ResNet-18 with a CIFAR stem at width 1/8, projector 64-64-64, SimCLR τ = 0.5
 (BatchNorm over both views jointly). Pretraining, identical for both methods, through
 the pipeline's pretext stage: 10 epochs, batch 64, SGD with momentum 0.9 and weight
-decay 1e-4 (GeSSL's Appendix C; ``pretext.optimizer='sgd'``), cosine LR from 0.1, no
-warm-up. GeSSL: n = 4 tasks of B = 16 images, A = 2 views, K = 1, λ = 10, α = 0.1, KL
+decay 1e-4 (GeSSL's Appendix C; ``pretext.optimizer='sgd'``), cosine LR from 0.05, no
+warm-up (at 0.1, SimCLR + GeSSL diverged on seed 0: its second-level loss grew from
+1.4 to inf within 50 steps). GeSSL: n = 4 tasks of B = 16 images, A = 2 views, K = 1, λ = 10, α = 0.1, KL
 second level, second order, loss = SimCLR + GeSSL (see docs/gessl.md). The inner
 steps adapt the pretext head only (projector + task classifier; the outer gradient
 still reaches the backbone through the features): adapting all parameters as in the
@@ -62,7 +63,7 @@ def get_config(arg: str = ""):
   config.pretext.epochs = 10
   config.pretext.batch_size = 64
   config.pretext.optimizer = "sgd"
-  config.pretext.lr = 0.1
+  config.pretext.lr = 0.05
   config.pretext.momentum = 0.9
   config.pretext.weight_decay = 1e-4
   config.pretext.warmup_epochs = 0

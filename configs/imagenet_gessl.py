@@ -13,7 +13,8 @@ Run (TFDS ``imagenet2012`` prepared under data_dir; see docs/datasets.md)::
 Settings the paper gives: ResNet-50 (§6.2), 200 pretraining epochs for Table 2
 (Table 8 also 100, 400 and 1000: ``epochs=<n>``), 224 px crops with SimCLR's
 augmentations and 5 views per image (Appendix C), tasks of B = 16 images, n = 8 tasks
-per outer update (G.5), K = 1 and λ = 10 (§6.2, §6.3), KL second level, SGD with
+per outer update (G.5), K = 1 and λ = 10 (§6.2, §6.3), KL second level, the outer
+gradient by AID-FD (G.4; ``gessl.fd_radius = 0.01``, DARTS's value), SGD with
 momentum 0.9 and weight decay 1e-4 (Appendix C). Evaluation in the paper: the linear
 probe of §6.2 (frozen features, SGD momentum 0.9, batch 128, 500 epochs, LR 5e-2 →
 5e-6; ``config.probe``) and semi-supervised fine-tuning on 1% and 10% label subsets
@@ -60,7 +61,8 @@ def get_config(arg: str = ""):
   config.pretext.weight_decay = 1e-4
   config.gessl.enabled = True
   config.gessl.update(dict(K=1, lam=10, n_tasks=8, classes_per_task=16, num_views=5,
-                           second_level_loss="kl", first_order=False, inner_params="all"))
+                           second_level_loss="kl", first_order=False, inner_params="all",
+                           fd_radius=0.01))
   common.add_gessl_evaluation(config, probe_epochs=500)
   if "runlocal" in args:
     common.apply_runlocal(config, pretext_epochs=0)

@@ -17,7 +17,9 @@ Run (TFDS ``stl10`` prepared under data_dir; see docs/datasets.md)::
 Settings the paper gives: ResNet-18 feature extractor (§6.2); tasks of B = 16 images
 (Appendix C, G.5), n = 8 tasks per outer update (G.5), every image augmented 5 times
 with SimCLR's augmentations (Appendix C: A = 5 views), K = 1 first-level step and
-λ = 10 (§6.2, G.4), the KL divergence in the second level (Eq. 7), SGD with momentum
+λ = 10 (§6.2, G.4), the KL divergence in the second level (Eq. 7), the outer gradient
+by AID-FD (G.4: DARTS's finite-difference Hessian-vector products, ``gessl.fd_radius``;
+the paper gives no ε, 0.01 is DARTS's), SGD with momentum
 0.9 and weight decay 1e-4 (Appendix C: ``pretext.optimizer='sgd'``); the linear probe
 of §6.2 (frozen features, SGD momentum 0.9, batch 128, 500 epochs, LR 5e-2 → 5e-6).
 
@@ -65,7 +67,8 @@ def get_config(arg: str = ""):
   config.pretext.weight_decay = 1e-4
   config.gessl.enabled = True
   config.gessl.update(dict(K=1, lam=10, n_tasks=8, classes_per_task=16, num_views=5,
-                           second_level_loss="kl", first_order=False, inner_params="all"))
+                           second_level_loss="kl", first_order=False, inner_params="all",
+                           fd_radius=0.01))
   common.add_gessl_evaluation(config, probe_epochs=500)
   if "runlocal" in args:
     common.apply_runlocal(config, pretext_epochs=0)

@@ -148,6 +148,7 @@ def test_gessl_configs_build_validate_and_wrap_the_task(module, arg):
                                                                else 2, "kl", False)
     if arg != "runlocal":
       assert (g.n_tasks, g.classes_per_task, g.num_views, g.inner_params) == (8, 16, 5, "all")
+      assert g.fd_radius == 0.01  # AID-FD (G.4)
       assert config.probe.epochs == 500
   if arg == "runlocal":  # the one runlocal shrink, GeSSL's part included
     again = common.apply_runlocal(config.copy_and_resolve_references(),
@@ -158,6 +159,7 @@ def test_gessl_configs_build_validate_and_wrap_the_task(module, arg):
   model = context_lib.build_model(resolved, 10)
   task = context_lib.build_pretext_task(resolved, model)
   assert isinstance(task, gessl.GeSSL) and task.batch_size == resolved.pretext.batch_size
+  assert (task.num_views, task.fd_radius) == (g.num_views, g.fd_radius)
   assert type(task.base).__name__.lower() == resolved.pretext.task
 
 

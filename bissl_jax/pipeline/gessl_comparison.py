@@ -36,6 +36,7 @@ from typing import Any, Dict, Tuple
 from bissl_jax import fewshot
 from bissl_jax import metrics
 from bissl_jax.config_validation import ConfigError, validate_config
+from bissl_jax.errors import NonFiniteError
 from bissl_jax.pipeline import context as context_lib
 from bissl_jax.pipeline import datasets
 from bissl_jax.pipeline.pretrain import pretrain
@@ -109,18 +110,26 @@ def run(cfg, workdir: str) -> Dict[str, Any]:
     ctx = context_lib.build_context(method_config(cfg, method), os.path.join(workdir, method))
     start = time.perf_counter()
     for seed in cfg.seeds:
-      params, stats = pretrain(ctx, images, seed=seed,
-                               directory=ctx.path(f"pretext_seed{seed}"),
-                               name=f"{method}/pretext/seed{seed}")
+      try:
+        params, stats = pretrain(ctx, images, seed=seed,
+                                 directory=ctx.path(f"pretext_seed{seed}"),
+                                 name=f"{method}/pretext/seed{seed}")
+      except NonFiniteError as err:  # a result too: the row says how many seeds finished
+        per_seed[method][int(seed)] = {"diverged": str(err)}
+        print(f"{method} seed {seed}: diverged ({err})", flush=True)
+        continue
       scores = evaluate(ctx.config, ctx.model, params, stats, splits, held_out, seed=seed)
       per_seed[method][int(seed)] = scores
       print(f"{method} seed {seed}: " + ", ".join(f"{k}={v:.4f}" for k, v in scores.items()),
             flush=True)
     timing[method] = time.perf_counter() - start
-  keys = [k for k in per_seed[names[0]][int(cfg.seeds[0])] if not k.endswith("ci95")]
-  summary = {m: {k: metrics.summarize([s[k] for s in per_seed[m].values()]) for k in keys}
-             for m in names}
+  finished = {m: [s for s in per_seed[m].values() if "diverged" not in s] for m in names}
+  keys = next([k for k in s[0] if not k.endswith("ci95")] for s in finished.values() if s)
+  summary = {m: {k: (metrics.summarize([s[k] for s in finished[m]]) if finished[m]
+                     else {"mean": float("nan"), "std": float("nan"), "n": 0})
+                 for k in keys} for m in names}
   results = {"summary": summary, "per_seed": per_seed, "seconds": timing,
+             "seeds": [int(s) for s in cfg.seeds],
              "train_classes": [int(c) for c in train_classes],
              "held_out_classes": [int(c) for c in held_out],
              "pretext_images": len(images)}
@@ -140,8 +149,10 @@ def to_markdown(results: Dict[str, Any]) -> str:
   for method, stats in summary.items():
     cells = [f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f}" for s in stats.values()]
     n = next(iter(stats.values()))["n"]
+    total = len(results.get("seeds", ())) or n
+    seeds = f"{n}" if n == total else f"{n} of {total} (the others diverged)"
     lines.append(f"| {method} | " + " | ".join(cells)
-                 + f" | {n} | {results['seconds'][method]:.0f} |")
+                 + f" | {seeds} | {results['seconds'][method]:.0f} |")
   return "\n".join(lines)
 
 
