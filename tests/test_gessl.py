@@ -355,7 +355,7 @@ def test_inner_steps_do_not_adapt_frozen_leaves():
   assert all(jax.tree_util.tree_leaves(mask["pretext_head"]))
   # The targets θ̃ (K + λ−1 = 3 inner steps from θ) keep the frozen bias exactly and
   # move every trainable leaf.
-  _, _, targets = task.second_level(lower, stats, inputs)
+  _, _, targets = jax.jit(task.second_level)(lower, stats, inputs)
   for l in range(task.n_tasks):
     np.testing.assert_array_equal(targets["backbone"]["b"][l], lower["backbone"]["b"])
     assert float(jnp.max(jnp.abs(targets["backbone"]["w"][l] - lower["backbone"]["w"]))) > 1e-4
@@ -369,7 +369,7 @@ def test_inner_steps_do_not_adapt_frozen_leaves():
   assert all(jax.tree_util.tree_leaves(task.trainable(lower)["pretext_head"]))
   # The unrestricted model adapts the bias: the check above can fail.
   free = dataclasses.replace(task, base=pretext.SimCLR(model=TinyModel(in_dim=12)))
-  _, _, free_targets = free.second_level(lower, stats, inputs)
+  _, _, free_targets = jax.jit(free.second_level)(lower, stats, inputs)
   assert float(jnp.max(jnp.abs(free_targets["backbone"]["b"][0] - lower["backbone"]["b"]))) > 1e-5
 
 
