@@ -387,11 +387,12 @@ def test_finite_difference_hvps_match_the_exact_gradient():
     theta = {"x": jnp.asarray(rng.standard_normal(d))}
     inner = lambda p: 0.5 * p["x"] @ jnp.asarray(a) @ p["x"] - jnp.asarray(b) @ p["x"]
     outer = lambda t, q: 0.5 * jnp.sum(jnp.square(q["x"] - t["x"]))
-    fn = lambda p, r: gessl.unrolled_second_level(inner, outer, p, steps=steps, extra_steps=4,
-                                                  inner_lr=alpha, fd_radius=r)[0]
-    exact = jax.grad(lambda p: fn(p, 0.0))(theta)["x"]
-    fd = jax.jit(jax.grad(lambda p: fn(p, 1e-2)))(theta)["x"]
-    np.testing.assert_allclose(fd, exact, rtol=1e-9, atol=1e-12)
+    fn = lambda p, r, u: gessl.unrolled_second_level(
+        inner, outer, p, steps=steps, extra_steps=4, inner_lr=alpha, fd_radius=r, unroll=u)[0]
+    exact = jax.grad(lambda p: fn(p, 0.0, True))(theta)["x"]
+    for unroll in (True, False):  # Python loop and lax.fori_loop
+      fd = jax.jit(jax.grad(lambda p, u=unroll: fn(p, 1e-2, u)))(theta)["x"]
+      np.testing.assert_allclose(fd, exact, rtol=1e-9, atol=1e-12)
     # On the tiny network (non-quadratic, vmapped tasks) it is close to the exact
     # gradient, much closer than first order is.
     task, params, stats, inputs = _setup(rng=4, dtype=jnp.float64, K=1, lam=2, inner_lr=0.5)
