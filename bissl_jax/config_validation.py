@@ -98,6 +98,14 @@ def check_field_names(config: Any, names, *, hint: str = "") -> None:
     raise ConfigError("\n".join(problems) + (f"\n{hint}" if hint else ""))
 
 
+def _absent(config, dotted: str) -> bool:
+  try:
+    _get(config, dotted)
+    return False
+  except (AttributeError, KeyError):
+    return True
+
+
 def _is_known_dataset(name) -> bool:
   from bissl_jax.data import catalogue
   try:
@@ -110,9 +118,15 @@ def _is_known_dataset(name) -> bool:
 def _choices():
   """The registries' names: solver, Hessian mode, architecture, pretext task, λ schedule."""
   # pylint: disable=g-import-not-at-top  (imported on use: the registries pull in JAX models)
-  from bissl_jax import bilevel, lam_variants, models, pretext, solvers
+  from bissl_jax import bilevel, gessl, lam_variants, models, optim, pretext, solvers
   from bissl_jax import mfac, vit, vit_model
-  return {"bissl.solver": tuple(sorted(solvers.SOLVERS)) + ("mfac",),  # mfac: stored gradients, no operator
+  return {"pretext.optimizer": optim.PRETEXT_OPTIMIZERS,
+          "gessl.second_level_loss": gessl.SECOND_LEVEL_LOSSES,
+          "gessl.inner_params": gessl.INNER_PARAMS,
+          "gessl.head_init": gessl.HEAD_INITS,
+          "gessl.task_batching": gessl.TASK_BATCHING,
+          "gessl.pretext_task": gessl.BASE_TASKS,
+          "bissl.solver": tuple(sorted(solvers.SOLVERS)) + ("mfac",),  # mfac: stored gradients, no operator
           "bissl.stage_driver": tuple(bilevel.STAGE_DRIVERS),
           "bissl.lower_optimizer_name": tuple(bilevel.LOWER_OPTIMIZERS),
           "bissl.hessian_mode": tuple(bilevel.HESSIAN_MODES),
@@ -286,6 +300,41 @@ def validate_config(config: Any, *, num_devices: Optional[int] = None) -> Any:
   positive("pretext.weight_decay", integer=False, allow_zero=True)
   positive("pretext.batch_size")
   divisible("pretext.batch_size")
+  if not _absent(config, "pretext.optimizer"):  # configs from before the field: LARS
+    choice("pretext.optimizer", choices["pretext.optimizer"])
+
+  # GeSSL around the pretext task (docs/gessl.md).
+  if not _absent(config, "gessl.enabled") and _get(config, "gessl.enabled"):
+    if not missing("pretext.task") and _get(config, "pretext.task") not in choices[
+        "gessl.pretext_task"]:
+      bad("pretext.task", f"GeSSL (config.gessl.enabled) wraps one of "
+                          f"{choices['gessl.pretext_task']}; set config.pretext.task to one.")
+    for field in ("gessl.K", "gessl.lam", "gessl.n_tasks"):
+      positive(field)
+    for field, least in (("gessl.classes_per_task", 2), ("gessl.num_views", 2)):
+      positive(field)
+      if isinstance(_get(config, field), int) and 0 < _get(config, field) < least:
+        bad(field, f"must be >= {least}.")
+    positive("gessl.inner_lr", integer=False)
+    positive("gessl.ssl_weight", integer=False, allow_zero=True)
+    positive("gessl.gessl_weight", integer=False, allow_zero=True)
+    positive("gessl.fd_radius", integer=False, allow_zero=True)
+    if not missing("gessl.first_order") and not isinstance(_get(config, "gessl.first_order"),
+                                                            bool):
+      bad("gessl.first_order", "must be True or False.")
+    for field in ("gessl.second_level_loss", "gessl.inner_params", "gessl.head_init",
+                  "gessl.task_batching"):
+      choice(field, choices[field])
+    n_tasks, classes = _get(config, "gessl.n_tasks"), _get(config, "gessl.classes_per_task")
+    if isinstance(n_tasks, int) and isinstance(classes, int):
+      batch_fields = ["pretext.batch_size"]
+      if _get(config, "stages") in ("all", "bissl"):  # BiSSL's lower level prepares GeSSL too
+        batch_fields.append("bissl.pretext_batch_size")
+      for field in batch_fields:
+        if _get(config, field) != n_tasks * classes:
+          bad(field, f"GeSSL splits each batch into gessl.n_tasks x gessl.classes_per_task "
+                     f"= {n_tasks} x {classes} = {n_tasks * classes} images; set it to "
+                     f"{n_tasks * classes} or change those two.")
 
   # Head warm-up.
   positive("head_warmup.epochs")

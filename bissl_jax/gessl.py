@@ -24,11 +24,14 @@ from typing import Any, Callable, Optional, Tuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from bissl_jax import augment
 from bissl_jax import loops
 from bissl_jax import optim
+from bissl_jax import protocols
+from bissl_jax import tree_math
 
 PyTree = Any
 
@@ -36,6 +39,7 @@ SECOND_LEVEL_LOSSES = ("kl", "cross_entropy", "mse", "wasserstein")
 INNER_PARAMS = ("all", "pretext_head", "task_classifier")
 HEAD_INITS = ("lecun_normal", "zeros")
 TASK_BATCHING = ("vmap", "loop")
+BASE_TASKS = ("simclr", "byol")  # the pretext tasks GeSSL wraps (views, projector)
 HEAD_KEY = "task_classifier"
 
 
@@ -127,11 +131,64 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 # ----------------------------------------------------------------------------- the bilevel core
 
+def _apply_step(params: PyTree, grads: PyTree, mask: PyTree, lr) -> PyTree:
+  return jax.tree_util.tree_map(lambda p, g, m: p - lr * g if m else p, params, grads, mask)
+
+
 def _sgd_step(inner_loss: Callable, params: PyTree, mask: PyTree, lr, stop: bool) -> PyTree:
   grads = jax.grad(inner_loss)(params)
   if stop:  # first order: drops the inner Hessian from d θ^K / d θ
     grads = jax.lax.stop_gradient(grads)
-  return jax.tree_util.tree_map(lambda p, g, m: p - lr * g if m else p, params, grads, mask)
+  return _apply_step(params, grads, mask, lr)
+
+
+def _zero_cotangent(x):
+  x = jnp.asarray(x) if not isinstance(x, jax.Array) else x
+  if jnp.issubdtype(x.dtype, jnp.inexact):
+    return jnp.zeros_like(x)
+  return np.zeros(x.shape, dtype=jax.dtypes.float0)
+
+
+def _fd_sgd_step(inner_loss: Callable, params: PyTree, mask: PyTree, lr, radius: float
+                 ) -> PyTree:
+  """The SGD step of :func:`_sgd_step` whose reverse pass takes the Hessian-vector
+  product by a central finite difference of gradients (AID-FD, paper G.4).
+
+  The step is p ↦ p − α m⊙∇ℓ(p); its VJP is v ↦ v − α H (m⊙v), and H u is taken as
+  (∇ℓ(p + εu) − ∇ℓ(p − εu)) / 2ε with ε = radius / ‖u‖ (the DARTS rule). Values the
+  loss closes over (data, statistics) get no gradient through this step.
+  """
+  # The loss with every value it closes over (including integer labels, which
+  # jax.closure_convert would leave captured) as an explicit argument, so that the
+  # custom VJP below is valid under vmap and jit.
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  closed = jax.make_jaxpr(lambda *xs: inner_loss(treedef.unflatten(xs)))(*leaves)
+  loss_fn = lambda p, *c: jax.core.eval_jaxpr(closed.jaxpr, c,
+                                              *jax.tree_util.tree_leaves(p))[0]
+  consts = tuple(closed.consts)
+  grad_fn = jax.grad(loss_fn)
+
+  @jax.custom_vjp
+  def step(p, consts):
+    return _apply_step(p, grad_fn(p, *consts), mask, lr)
+
+  def fwd(p, consts):
+    return step(p, consts), (p, consts)
+
+  def bwd(res, v):
+    p, consts = res
+    u = jax.tree_util.tree_map(lambda x, m: x if m else jnp.zeros_like(x), v, mask)
+    norm = tree_math.tree_norm(u)
+    eps = jnp.where(norm > 0, radius / jnp.where(norm > 0, norm, 1.0), 0.0)
+    plus = grad_fn(tree_math.tree_axpy(eps, u, p), *consts)
+    minus = grad_fn(tree_math.tree_axpy(-eps, u, p), *consts)
+    scale = jnp.where(eps > 0, 0.5 / jnp.where(eps > 0, eps, 1.0), 0.0)
+    hu = tree_math.tree_scale(tree_math.tree_sub(plus, minus), scale)
+    hu = jax.tree_util.tree_map(lambda h, m: h if m else jnp.zeros_like(h), hu, mask)
+    return tree_math.tree_axpy(-lr, hu, v), tuple(_zero_cotangent(c) for c in consts)
+
+  step.defvjp(fwd, bwd)
+  return step(params, consts)
 
 
 def unrolled_second_level(inner_loss: Callable[[PyTree], jax.Array],
@@ -139,7 +196,7 @@ def unrolled_second_level(inner_loss: Callable[[PyTree], jax.Array],
                           params: PyTree, *, steps: int, extra_steps: int, inner_lr,
                           first_order: bool = False, mask: Optional[PyTree] = None,
                           unroll: Optional[bool] = None, target: Optional[PyTree] = None,
-                          has_aux: bool = False):
+                          has_aux: bool = False, fd_radius: float = 0.0):
   """GeSSL's second-level objective for one task, as a differentiable function of θ.
 
   θᴷ = K SGD steps of ``inner_loss`` from θ (lr α); θ̃ = ``stop_gradient`` of
@@ -163,14 +220,21 @@ def unrolled_second_level(inner_loss: Callable[[PyTree], jax.Array],
       what the gradient holds fixed, so finite differences of the value at a fixed
       ``target`` check the gradient.
     has_aux: ``divergence`` returns ``(value, aux)``.
+    fd_radius: > 0 takes the reverse pass's Hessian-vector products by central
+      finite differences of gradients of this radius (AID-FD, see
+      :func:`_fd_sgd_step`) instead of exactly; 0: exact (ITD-RMAD). Ignored with
+      ``first_order``.
 
   Returns:
     ``(value, (θᴷ, θ̃))``, or ``(value, (θᴷ, θ̃), aux)`` with ``has_aux``.
   """
   if mask is None:
     mask = jax.tree_util.tree_map(lambda _: True, params)
-  adapted = loops.fori(lambda _, p: _sgd_step(inner_loss, p, mask, inner_lr, first_order),
-                       params, int(steps), unroll=unroll)
+  if fd_radius and not first_order:
+    body = lambda _, p: _fd_sgd_step(inner_loss, p, mask, inner_lr, float(fd_radius))
+  else:
+    body = lambda _, p: _sgd_step(inner_loss, p, mask, inner_lr, first_order)
+  adapted = loops.fori(body, params, int(steps), unroll=unroll)
   if target is None:
     target = loops.fori(lambda _, p: _sgd_step(inner_loss, p, mask, inner_lr, True),
                         jax.lax.stop_gradient(adapted), int(extra_steps), unroll=unroll)
@@ -184,7 +248,7 @@ def unrolled_second_level(inner_loss: Callable[[PyTree], jax.Array],
 # ----------------------------------------------------------------------------- the task
 
 def _inner_mask(params: PyTree, which: str) -> PyTree:
-  """Python-bool tree over ``{'backbone', 'pretext_head'}``: the leaves the inner steps adapt."""
+  """Python-bool tree over ``{'backbone', 'pretext_head'}``: the leaves ``which`` names."""
   const = lambda tree, value: jax.tree_util.tree_map(lambda _: value, tree)
   if which == "all":
     return const(params, True)
@@ -193,6 +257,23 @@ def _inner_mask(params: PyTree, which: str) -> PyTree:
             "pretext_head": const(params["pretext_head"], True)}
   head = {k: const(v, k == HEAD_KEY) for k, v in params["pretext_head"].items()}
   return {"backbone": const(params["backbone"], False), "pretext_head": head}
+
+
+def model_trainable(model: Any, params: PyTree) -> PyTree:
+  """``model.trainable`` over ``{'backbone', 'pretext_head'}``; the task classifier trains.
+
+  The mask is taken on the model's own tree (without the classifier, which the
+  model does not know), so a model's ``trainable`` need not accept extra leaves.
+  """
+  head = params["pretext_head"]
+  own = {"backbone": params["backbone"],
+         "pretext_head": {k: v for k, v in head.items() if k != HEAD_KEY}}
+  mask = dict(protocols.trainable_mask(model, own))
+  mask["pretext_head"] = dict(mask["pretext_head"])
+  if HEAD_KEY in head:
+    mask["pretext_head"][HEAD_KEY] = jax.tree_util.tree_map(lambda _: True, head[HEAD_KEY])
+  return {"backbone": mask["backbone"],
+          "pretext_head": {k: mask["pretext_head"][k] for k in head}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,6 +291,8 @@ class GeSSL:
     inner_lr: α of the inner SGD steps (not given in the paper).
     second_level_loss: one of :data:`SECOND_LEVEL_LOSSES` ('kl' in the paper).
     first_order: stop-gradient on the inner gradients (no inner Hessian term).
+    fd_radius: > 0: the inner Hessian-vector products of the outer gradient by
+      central finite differences of this radius (AID-FD, G.4); 0: exact.
     inner_params: which parameters the inner steps adapt: 'all' (Eq. 6: the whole
       f_θ), 'pretext_head' (projector + classifier) or 'task_classifier'.
     ssl_weight: weight of the base SSL loss (0 gives GeSSL's objective alone).
@@ -238,6 +321,7 @@ class GeSSL:
   image_size: Optional[int] = None
   unroll: Optional[bool] = None
   task_batching: str = "vmap"
+  fd_radius: float = 0.0
 
   def __post_init__(self):
     checks = [
@@ -254,6 +338,7 @@ class GeSSL:
         (self.head_init in HEAD_INITS, f"head_init={self.head_init!r}; valid: {HEAD_INITS}"),
         (self.task_batching in TASK_BATCHING,
          f"task_batching={self.task_batching!r}; valid: {TASK_BATCHING}"),
+        (float(self.fd_radius) >= 0, f"fd_radius={self.fd_radius} must be >= 0 (0: exact)"),
     ]
     bad = [msg for ok, msg in checks if not ok]
     if bad:
@@ -301,6 +386,11 @@ class GeSSL:
     out["pretext_head"] = new_head
     return out
 
+  def trainable(self, params: PyTree) -> PyTree:
+    """The stage's trainable mask: ``model.trainable`` on the model's leaves, the task
+    classifier trains (:func:`model_trainable`)."""
+    return model_trainable(self.model, params)
+
   def prepare(self, rng: jax.Array, images: jax.Array) -> dict:
     """``{'views': (A, N, S, S, 3)}``: A augmented views of every image (N = n·B)."""
     if images.shape[0] != self.batch_size:
@@ -309,6 +399,17 @@ class GeSSL:
                        f"got {images.shape[0]}. Set the pretext batch size to match.")
     size = self.image_size or getattr(self.base, "image_size", None) or images.shape[1]
     return {"views": multi_views(rng, images, num_views=int(self.num_views), size=size)}
+
+  def inner_mask(self, params: PyTree) -> PyTree:
+    """Python bools over ``{'backbone', 'pretext_head'}``: the leaves the inner steps adapt.
+
+    The leaves ``inner_params`` names that ``model.trainable`` also marks trainable:
+    a frozen leaf (e.g. a LoRA base weight) is never adapted, and the stage's
+    optimizer (:func:`bissl_jax.partition.level_optimizer`) gives it no outer update.
+    """
+    which = _inner_mask(params, self.inner_params)
+    trainable = model_trainable(self.model, params)
+    return jax.tree_util.tree_map(lambda w, t: bool(w) and bool(t), which, trainable)
 
   # --- the network f_θ = c ∘ h ∘ g ---------------------------------------------------
 
@@ -341,9 +442,8 @@ class GeSSL:
 
     value, (_, target), diag = unrolled_second_level(
         inner, divergence, params, steps=int(self.K), extra_steps=int(self.lam) - 1,
-        inner_lr=self.inner_lr, first_order=self.first_order,
-        mask=_inner_mask(params, self.inner_params), unroll=self.unroll, target=target,
-        has_aux=True)
+        inner_lr=self.inner_lr, first_order=self.first_order, mask=self.inner_mask(params),
+        unroll=self.unroll, target=target, has_aux=True, fd_radius=self.fd_radius)
     # The same forward as the first inner step's, which XLA merges with it.
     diag["inner_ce_before"] = sg(inner(params))
     return value, diag, target
@@ -408,24 +508,27 @@ def gessl_optimizer(learning_rate=0.05, *, momentum: float = 0.9,
 
 
 def default_config():
-  """The ``config.gessl`` block with the paper's defaults (an ``ml_collections.ConfigDict``)."""
+  """The ``config.gessl`` block with the paper's defaults (an ``ml_collections.ConfigDict``).
+
+  The outer optimizer is not part of it: the pretext stage's ``config.pretext``
+  (``optimizer='sgd'``, ``lr`` = β, ``momentum``, ``weight_decay``) sets it.
+  """
   import ml_collections  # pylint: disable=import-outside-toplevel
   return ml_collections.ConfigDict(dict(
       K=1, lam=10, n_tasks=8, classes_per_task=16, num_views=2, inner_lr=0.1,
-      outer_lr=0.05, momentum=0.9, weight_decay=1e-4, second_level_loss="kl",
-      first_order=False, inner_params="all", ssl_weight=1.0, gessl_weight=1.0,
-      head_init="lecun_normal", task_batching="vmap"))
+      second_level_loss="kl", first_order=False, inner_params="all", ssl_weight=1.0,
+      gessl_weight=1.0, head_init="lecun_normal", task_batching="vmap", fd_radius=0.0))
 
 
 def from_config(base: Any, cfg, *, image_size: Optional[int] = None) -> GeSSL:
   """A :class:`GeSSL` around ``base`` from a ``config.gessl`` block (see :func:`default_config`).
 
-  ``outer_lr``, ``momentum`` and ``weight_decay`` belong to :func:`gessl_optimizer`.
+  Other keys of the block (the pipeline's ``enabled``) are ignored.
   """
   fields = ("K", "lam", "n_tasks", "classes_per_task", "num_views", "inner_lr",
             "second_level_loss", "first_order", "inner_params", "ssl_weight",
             "gessl_weight", "head_init")
-  optional = ("task_batching",)
+  optional = ("task_batching", "fd_radius")
   missing = [f for f in fields if f not in cfg]
   if missing:
     raise ValueError(f"config.gessl lacks {missing}; start from gessl.default_config().")
@@ -433,7 +536,8 @@ def from_config(base: Any, cfg, *, image_size: Optional[int] = None) -> GeSSL:
   kwargs.update({f: cfg[f] for f in optional if f in cfg})
   for f in ("K", "lam", "n_tasks", "classes_per_task", "num_views"):
     kwargs[f] = int(kwargs[f])
-  for f in ("inner_lr", "ssl_weight", "gessl_weight"):
-    kwargs[f] = float(kwargs[f])
+  for f in ("inner_lr", "ssl_weight", "gessl_weight", "fd_radius"):
+    if f in kwargs:
+      kwargs[f] = float(kwargs[f])
   kwargs["first_order"] = bool(kwargs["first_order"])
   return GeSSL(base=base, image_size=image_size, **kwargs)

@@ -65,6 +65,27 @@ def sgd(learning_rate: ScalarOrSchedule, *, momentum: float = 0.9,
                      optax.sgd(learning_rate, momentum=momentum))
 
 
+PRETEXT_OPTIMIZERS = ("lars", "sgd")
+
+
+def pretext_transform(name: str, learning_rate: ScalarOrSchedule, *, momentum: float,
+                      weight_decay: float) -> optax.GradientTransformation:
+  """The pretext stage's optimizer by name (``config.pretext.optimizer``).
+
+  Args:
+    name: 'lars' (:func:`lars`, BiSSL's SimCLR/BYOL pretraining) or 'sgd'
+      (:func:`sgd`, coupled weight decay on every leaf: GeSSL's Appendix C).
+    learning_rate: a float or an optax schedule.
+    momentum: heavy-ball momentum.
+    weight_decay: L2 coefficient.
+  """
+  if name == "lars":
+    return lars(learning_rate, weight_decay=weight_decay, momentum=momentum)
+  if name == "sgd":
+    return sgd(learning_rate, momentum=momentum, weight_decay=weight_decay)
+  raise ValueError(f"Unknown pretext optimizer {name!r}; valid choices: {PRETEXT_OPTIMIZERS}.")
+
+
 def with_clipping(tx: optax.GradientTransformation,
                   max_norm: float = GRAD_CLIP_NORM) -> optax.GradientTransformation:
   """Clips the global norm of the whole gradient tree before ``tx``."""

@@ -171,6 +171,7 @@ def base_config() -> config_dict.ConfigDict:
   config.pretext.lr = 4.8          # peak LR (not scaled by batch size)
   config.pretext.weight_decay = 1e-6
   config.pretext.momentum = 0.9
+  config.pretext.optimizer = "lars"   # or 'sgd' (coupled weight decay: GeSSL, Appendix C)
   config.pretext.warmup_epochs = 10
   config.pretext.checkpoint = config_dict.placeholder(str)   # skip pretraining, load this
   config.pretext.share_across_seeds = False   # True: one pretext run serves every seed
@@ -178,6 +179,12 @@ def base_config() -> config_dict.ConfigDict:
   # gets its own pretext run of that many epochs (the paper's STL10 study gives the
   # baseline 100 extra epochs to match BiSSL's extra pretext steps).
   config.pretext.baseline_epochs = config_dict.placeholder(int)
+
+  # GeSSL (docs/gessl.md): enabled wraps the pretext task (SimCLR or BYOL) in GeSSL's
+  # bilevel objective; the other fields are gessl.default_config(), the paper's defaults.
+  from bissl_jax import gessl  # pylint: disable=g-import-not-at-top
+  config.gessl = gessl.default_config()
+  config.gessl.enabled = False
 
   config.head_warmup = config_dict.ConfigDict()
   config.head_warmup.epochs = 20
@@ -367,6 +374,35 @@ def apply_runlocal(config: config_dict.ConfigDict, *,
   config.search.num_configs = 2
   config.search.epochs = 1
   config.bissl_variants = config_dict.ConfigDict()  # the paper's BiSSL row only
+  # GeSSL (if enabled): 2 tasks of 16 images fill the batch of 32; λ = 2 (one target step).
+  config.gessl.n_tasks = 2
+  config.gessl.classes_per_task = 16
+  config.gessl.lam = 2
+  return config
+
+
+def add_gessl_evaluation(config: config_dict.ConfigDict, *,
+                         probe_epochs: int = 500) -> config_dict.ConfigDict:
+  """Adds the evaluation blocks of the GeSSL comparison (``bissl_jax.pipeline.gessl_comparison``).
+
+  ``config.probe``: the linear probe of GeSSL's §6.2 (frozen features, SGD momentum
+  0.9, batch 128, LR 5e-2 decaying to 5e-6, 500 epochs). ``config.fewshot``: 5-way
+  1- and 5-shot episodes on held-out classes, 15 queries per class, 600 episodes,
+  nearest prototype (the paper names no classifier, query count or episode count;
+  docs/gessl.md). Only the comparison reads these blocks.
+
+  Args:
+    config: a config from :func:`base_config`; changed in place.
+    probe_epochs: linear-probe epochs.
+
+  Returns:
+    ``config``.
+  """
+  config.probe = config_dict.ConfigDict(dict(epochs=int(probe_epochs), batch_size=128,
+                                             lr=5e-2, final_lr=5e-6))
+  config.fewshot = config_dict.ConfigDict(dict(held_out_classes=5, n_way=5, shots=(1, 5),
+                                               n_query=15, episodes=600,
+                                               classifier="prototype"))
   return config
 
 
@@ -430,15 +466,34 @@ FIELD_HELP = {
     "pretext.bn_grouping": "BatchNorm over the two views: per_view (the reference's) or joint (one 2B batch)",
     "pretext.epochs": "pretext pretraining epochs",
     "pretext.batch_size": "pretext pretraining batch size",
-    "pretext.lr": "peak LARS learning rate of pretraining (not scaled by batch size)",
-    "pretext.weight_decay": "LARS weight decay of pretraining (matrices only)",
-    "pretext.momentum": "LARS momentum of pretraining",
+    "pretext.lr": "peak learning rate of pretraining (not scaled by batch size; GeSSL's β)",
+    "pretext.weight_decay": "weight decay of pretraining (LARS: matrices only; SGD: every leaf)",
+    "pretext.momentum": "momentum of the pretraining optimizer",
+    "pretext.optimizer": "pretraining optimizer: 'lars' (BiSSL) or 'sgd' (coupled weight decay, "
+                         "GeSSL)",
     "pretext.warmup_epochs": "linear LR warm-up epochs before the cosine decay",
     "pretext.checkpoint": "skip pretraining and load these weights (stage output, .pth, "
                           "converted directory)",
     "pretext.share_across_seeds": "True: one pretext run serves every seed",
     "pretext.baseline_epochs": "None: the baseline fine-tunes BiSSL's pretext model; an int: "
                                "its own pretext run of that many epochs",
+    "gessl.enabled": "wrap the pretext task (simclr, byol) in GeSSL's bilevel objective",
+    "gessl.K": "GeSSL: differentiated first-level SGD steps per task (paper: 1)",
+    "gessl.lam": "GeSSL's λ: the self-motivated target takes λ-1 more steps (paper: 10)",
+    "gessl.n_tasks": "GeSSL: tasks per outer step; pretext.batch_size = n_tasks*classes_per_task",
+    "gessl.classes_per_task": "GeSSL: images (pseudo-classes) per task, B (paper: 16 or 32)",
+    "gessl.num_views": "GeSSL: augmented views per image, A (paper: 2; Appendix C: 5)",
+    "gessl.inner_lr": "GeSSL: α, learning rate of the inner SGD steps",
+    "gessl.second_level_loss": "GeSSL: divergence of the second level (kl, cross_entropy, mse, "
+                               "wasserstein)",
+    "gessl.first_order": "GeSSL: drop the inner Hessian from the outer gradient",
+    "gessl.inner_params": "GeSSL: what the inner steps adapt (all, pretext_head, task_classifier)",
+    "gessl.ssl_weight": "GeSSL: weight of the base SSL loss (0: GeSSL's objective alone)",
+    "gessl.gessl_weight": "GeSSL: weight of the second-level loss",
+    "gessl.head_init": "GeSSL: initialiser of the task classifier (lecun_normal, zeros)",
+    "gessl.task_batching": "GeSSL: vmap the tasks or loop over them (plain convolutions)",
+    "gessl.fd_radius": "GeSSL: > 0 takes the outer gradient's inner Hessian-vector products by "
+                       "finite differences of this radius (AID-FD); 0: exact",
     "head_warmup.epochs": "epochs of linear-head training on the frozen backbone",
     "head_warmup.lr": "constant SGD learning rate of the head warm-up (paper Table 4)",
     "head_warmup.weight_decay": "weight decay of the head warm-up (Table 4)",

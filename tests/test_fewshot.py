@@ -116,7 +116,14 @@ def test_gessl_comparison_runlocal_writes_results(tmp_path):
   from bissl_jax.pipeline import gessl_comparison  # pylint: disable=import-outside-toplevel
   cfg = gessl_comparison.load_config("configs/digits_gessl.py", "runlocal")
   results = gessl_comparison.run(cfg, str(tmp_path))
-  assert set(results["summary"]) == set(gessl_comparison.METHODS)
+  assert set(results["summary"]) == {"simclr", "simclr+gessl"} == set(
+      gessl_comparison.methods(cfg))
+  # Pretraining ran in the pipeline's pretext stage: exports and metric logs per method.
+  for method in results["summary"]:
+    assert (tmp_path / method / "pretext_seed0" / "output").is_dir()
+    assert any((tmp_path / method).glob("metrics*"))
+  # Only the training classes' images were pretrained on.
+  assert 32 <= results["pretext_images"] < 96
   assert not set(results["train_classes"]) & set(results["held_out_classes"])
   for stats in results["summary"].values():
     assert set(stats) == {"linear_probe", "5way_1shot", "5way_5shot"}

@@ -327,3 +327,81 @@ def test_cost_benchmark_runs_tiny(tmp_path):
   assert all(v > 0 and np.isfinite(v) for v in cost.numeric_cells() + mem.numeric_cells())
   assert mem.rows[1][2] > 1.0  # the outer step holds more than a plain step
   assert not doc.exists()
+
+
+# ----------------------------------------------------------------------------- Model.trainable
+
+@dataclasses.dataclass(frozen=True)
+class FrozenBiasModel(TinyModel):
+  """TinyModel whose ``trainable`` freezes the backbone bias (as LoRA freezes its base)."""
+
+  def trainable(self, params):
+    mask = jax.tree_util.tree_map(lambda _: True, params)
+    mask["backbone"]["b"] = False
+    return mask
+
+
+def test_inner_steps_do_not_adapt_frozen_leaves():
+  model = FrozenBiasModel(in_dim=12)
+  task = gessl.GeSSL(base=pretext.SimCLR(model=model), classes_per_task=3, n_tasks=2,
+                     lam=3, inner_lr=0.5)
+  k1, k2, k3 = jax.random.split(jax.random.PRNGKey(9), 3)
+  params, stats = model.init(k1)
+  params = task.init_head(k2, params)
+  lower = {"backbone": params["backbone"], "pretext_head": params["pretext_head"]}
+  inputs = {"views": jax.random.normal(k3, (2, 6, 2, 2, 3))}
+  mask = task.inner_mask(lower)
+  assert mask["backbone"] == {"w": True, "b": False}
+  assert all(jax.tree_util.tree_leaves(mask["pretext_head"]))
+  # The targets θ̃ (K + λ−1 = 3 inner steps from θ) keep the frozen bias exactly and
+  # move every trainable leaf.
+  _, _, targets = jax.jit(task.second_level)(lower, stats, inputs)
+  for l in range(task.n_tasks):
+    np.testing.assert_array_equal(targets["backbone"]["b"][l], lower["backbone"]["b"])
+    assert float(jnp.max(jnp.abs(targets["backbone"]["w"][l] - lower["backbone"]["w"]))) > 1e-4
+    assert float(jnp.max(jnp.abs(targets["pretext_head"]["task_classifier"]["kernel"][l]
+                                 - lower["pretext_head"]["task_classifier"]["kernel"]))) > 1e-4
+  # inner_params narrows the adapted set further, and the task's trainable mask (the
+  # one the pretext stage's optimizer uses) is the model's, with the classifier True.
+  narrow = dataclasses.replace(task, inner_params="task_classifier").inner_mask(lower)
+  assert not any(jax.tree_util.tree_leaves(narrow["backbone"]))
+  assert task.trainable(lower)["backbone"] == {"w": True, "b": False}
+  assert all(jax.tree_util.tree_leaves(task.trainable(lower)["pretext_head"]))
+  # The unrestricted model adapts the bias: the check above can fail.
+  free = dataclasses.replace(task, base=pretext.SimCLR(model=TinyModel(in_dim=12)))
+  _, _, free_targets = jax.jit(free.second_level)(lower, stats, inputs)
+  assert float(jnp.max(jnp.abs(free_targets["backbone"]["b"][0] - lower["backbone"]["b"]))) > 1e-5
+
+
+# ----------------------------------------------------------------------------- AID-FD
+
+def test_finite_difference_hvps_match_the_exact_gradient():
+  with jax.enable_x64(True):
+    # On a quadratic inner loss the central difference of the (linear) gradient is
+    # exact, so AID-FD equals the closed-form second-order gradient.
+    rng = np.random.default_rng(5)
+    d, steps, alpha = 4, 3, 0.1
+    m = rng.standard_normal((d, d))
+    a = m @ m.T + np.eye(d)
+    b = rng.standard_normal(d)
+    theta = {"x": jnp.asarray(rng.standard_normal(d))}
+    inner = lambda p: 0.5 * p["x"] @ jnp.asarray(a) @ p["x"] - jnp.asarray(b) @ p["x"]
+    outer = lambda t, q: 0.5 * jnp.sum(jnp.square(q["x"] - t["x"]))
+    fn = lambda p, r, u: gessl.unrolled_second_level(
+        inner, outer, p, steps=steps, extra_steps=4, inner_lr=alpha, fd_radius=r, unroll=u)[0]
+    exact = jax.grad(lambda p: fn(p, 0.0, True))(theta)["x"]
+    for unroll in (True, False):  # Python loop and lax.fori_loop
+      fd = jax.jit(jax.grad(lambda p, u=unroll: fn(p, 1e-2, u)))(theta)["x"]
+      np.testing.assert_allclose(fd, exact, rtol=1e-9, atol=1e-12)
+    # On the tiny network (non-quadratic, vmapped tasks) it is close to the exact
+    # gradient, much closer than first order is.
+    task, params, stats, inputs = _setup(rng=4, dtype=jnp.float64, K=1, lam=2, inner_lr=0.5)
+    grad = lambda t: jax.jit(jax.grad(lambda p: t.second_level(p, stats, inputs)[0]))(params)
+    flat = lambda g: np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(g)])
+    ref = flat(grad(task))
+    approx = flat(grad(dataclasses.replace(task, fd_radius=1e-4)))
+    first = flat(grad(dataclasses.replace(task, first_order=True)))
+    err = np.linalg.norm(approx - ref) / np.linalg.norm(ref)
+    assert err < 1e-6 and np.linalg.norm(first - ref) / np.linalg.norm(ref) > 1e3 * err
+  with pytest.raises(ValueError, match="fd_radius"):
+    gessl.GeSSL(base=None, classes_per_task=4, fd_radius=-1.0)

@@ -135,14 +135,25 @@ def build_model(config, num_classes: int, *, lora: bool = True):
                             projector=m.projector, predictor=predictor)
 
 
+def uses_gessl(config) -> bool:
+  """``config.gessl.enabled``: the pretext task is wrapped in GeSSL (docs/gessl.md)."""
+  block = config.get("gessl") if hasattr(config, "get") else None
+  return bool(block is not None and block.get("enabled", False))
+
+
 def build_pretext_task(config, model):
-  """The pretext task of ``config.pretext`` for ``model``."""
+  """The pretext task of ``config.pretext`` for ``model``, wrapped in GeSSL if
+  ``config.gessl.enabled`` ("SimCLR + GeSSL", "BYOL + GeSSL")."""
   p = config.pretext
   kwargs = {"simclr": {"temperature": p.temperature, "bn_grouping": p.bn_grouping},
             "byol": {"ema_decay": p.ema_decay, "bn_grouping": p.bn_grouping},
             "mae": {"mask_ratio": p.mask_ratio, "norm_pix_loss": p.norm_pix_loss}}[p.task]
-  return pretext_lib.make_pretext_task(p.task, model, image_size=config.data.image_size,
+  task = pretext_lib.make_pretext_task(p.task, model, image_size=config.data.image_size,
                                        **kwargs)
+  if uses_gessl(config):
+    from bissl_jax import gessl  # pylint: disable=g-import-not-at-top
+    task = gessl.from_config(task, config.gessl, image_size=config.data.image_size)
+  return task
 
 
 def pretraining_context(ctx: "StageContext") -> "StageContext":

@@ -45,20 +45,23 @@ _FREE_PRETEXT_FIELDS = ("checkpoint", "share_across_seeds", "baseline_epochs", "
 
 def pretext_optimizer(cfg, steps_per_epoch: int, epochs: int, params: Optional[PyTree] = None,
                       trainable: Optional[PyTree] = None) -> optax.GradientTransformation:
-  """LARS on a warm-up + cosine schedule from ``config.pretext`` over ``epochs``.
+  """``config.pretext.optimizer`` on a warm-up + cosine schedule over ``epochs``.
 
-  With ``params`` (the ``{'backbone', 'pretext_head'}`` tree) it is one LARS per group
-  through :func:`bissl_jax.partition.level_optimizer`, so leaves that ``trainable``
-  marks False (a ViT's fixed sin-cos position tables) get no update, no weight decay
-  and no state.
+  'lars' (the default) or 'sgd' (GeSSL, Appendix C), from
+  :func:`bissl_jax.optim.pretext_transform`. With ``params`` (the ``{'backbone',
+  'pretext_head'}`` tree) it is one transform per group through
+  :func:`bissl_jax.partition.level_optimizer`, so leaves that ``trainable`` marks
+  False (a ViT's fixed sin-cos position tables, a LoRA base) get no update, no weight
+  decay and no state.
   """
   schedule = optim.warmup_cosine_schedule(
       cfg.lr, warmup_steps=cfg.warmup_epochs * steps_per_epoch,
       total_steps=epochs * steps_per_epoch)
-  lars = optim.lars(schedule, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+  tx = optim.pretext_transform(cfg.optimizer, schedule, weight_decay=cfg.weight_decay,
+                               momentum=cfg.momentum)
   if params is None:
-    return lars
-  return partition.level_optimizer({g: lars for g in params}, params, trainable)
+    return tx
+  return partition.level_optimizer({g: tx for g in params}, params, trainable)
 
 
 def _train_step(task, tx, state: dict, images, rng) -> Tuple[dict, dict]:
@@ -80,10 +83,27 @@ def _pretext_groups(params):
   return {"backbone": params["backbone"], "pretext_head": params["pretext_head"]}
 
 
+def _with_task_leaves(task, params, seed: int):
+  """``params`` plus the leaves the task adds (optional ``task.init_head``: GeSSL's
+  task classifier), initialised from their own seed, so the model's leaves are the
+  same with or without them."""
+  init_head = getattr(task, "init_head", None)
+  if init_head is None:
+    return params
+  return init_head(jax.random.key(derive_seed(seed, "pretext_task_head")), params)
+
+
+def _trainable(model, task, params):
+  # The task's own trainable mask where it has one (GeSSL: the model's mask on the
+  # model's leaves, True on the task classifier).
+  fn = getattr(task, "trainable", None)
+  return fn(params) if fn is not None else protocols.trainable_mask(model, params)
+
+
 def init_pretext_state(ctx: StageContext, tx, seed: int) -> dict:
   """A fresh model (random init from ``seed``), optimizer state and BYOL target."""
   params, batch_stats = ctx.init_variables(jax.random.key(derive_seed(seed, "pretext_init")))
-  params = _pretext_groups(params)
+  params = _with_task_leaves(ctx.task, _pretext_groups(params), seed)
   target = ctx.task.init_target(params, batch_stats) if ctx.task.has_target else None
   return {"level": LevelState(params, batch_stats, tx.init(params), jnp.zeros((), jnp.int32)),
           "target": target}
@@ -91,9 +111,12 @@ def init_pretext_state(ctx: StageContext, tx, seed: int) -> dict:
 
 def stage_provenance(ctx: StageContext, seed: int, epochs: int, num_examples: int
                      ) -> provenance.Provenance:
-  """What determines a pretext output: pretext, model and data fields, epochs, seed."""
+  """What determines a pretext output: pretext, model and data fields (and GeSSL's,
+  when it is on), epochs, seed."""
+  groups = ("pretext", "model", "data") + (
+      ("gessl",) if context_lib.uses_gessl(ctx.config) else ())
   fields = provenance.config_fields(
-      ctx.config, ("pretext", "model", "data"),
+      ctx.config, groups,
       exclude=[f"pretext.{k}" for k in _FREE_PRETEXT_FIELDS] + ["data.data_dir"])
   fields.update({"epochs": int(epochs), "seed": int(seed), "data.pretext_examples":
                  int(num_examples)})
@@ -141,11 +164,12 @@ def _pretrain(ctx: StageContext, dataset, *, seed: int, out_dir: str, directory:
   cfg = ctx.config.pretext
   spe = check_size(len(dataset), cfg.batch_size, "pretext.batch_size",
                    f"the pretext set {ctx.config.data.pretext_dataset}")
-  template = jax.eval_shape(lambda: _pretext_groups(ctx.model.init(jax.random.key(0),
-                                                                    ctx.image_size)[0]))
+  template = jax.eval_shape(lambda: _with_task_leaves(ctx.task, _pretext_groups(
+      ctx.model.init(jax.random.key(0), ctx.image_size)[0]), 0))
   tx = pretext_optimizer(cfg, spe, epochs, template,
-                         protocols.trainable_mask(ctx.model, template))
-  schedule_key = (cfg.lr, cfg.weight_decay, cfg.momentum, cfg.warmup_epochs, epochs, spe)
+                         _trainable(ctx.model, ctx.task, template))
+  schedule_key = (cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum, cfg.warmup_epochs,
+                  epochs, spe)
   step_fn = ctx.cached(("pretext_step", schedule_key), lambda: jax.jit(
       functools.partial(_train_step, ctx.task, tx), donate_argnums=0))
   base_key = jax.random.key(derive_seed(seed, "pretext_aug"))
@@ -168,7 +192,8 @@ def _pretrain(ctx: StageContext, dataset, *, seed: int, out_dir: str, directory:
       items_per_step=cfg.batch_size)
   state = stage_loop.run_stage(stage, init_pretext_state(ctx, tx, seed)).state["level"]
   stage_output.export(out_dir, {"params": state.params, "batch_stats": state.batch_stats}, {
-      "stage": "pretext", "seed": seed, "task": cfg.task, "arch": ctx.config.model.arch,
+      "stage": "pretext", "seed": seed, "task": cfg.task,
+      "gessl": context_lib.uses_gessl(ctx.config), "arch": ctx.config.model.arch,
       "dataset": ctx.config.data.pretext_dataset, "epochs": epochs,
       "image_size": ctx.image_size,
       provenance.RECORD_KEY: provenance.with_lineage(prov, directory).record()})
