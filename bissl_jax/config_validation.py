@@ -88,7 +88,9 @@ def check_field_names(config: Any, names, *, hint: str = "") -> None:
 
 
 def _is_known_dataset(name) -> bool:
-  from bissl_jax.data import catalogue
+  from bissl_jax.data import catalogue, text_sets
+  if text_sets.is_text_dataset(name):
+    return True
   try:
     catalogue.get_spec(str(name))  # catalogue names, TFDS names and aliases
   except ValueError:
@@ -99,19 +101,27 @@ def _is_known_dataset(name) -> bool:
 def _choices():
   """The registries' names: solver, Hessian mode, architecture, pretext task, λ schedule."""
   # pylint: disable=g-import-not-at-top  (imported on use: the registries pull in JAX models)
-  from bissl_jax import bilevel, lam_variants, models, pretext, solvers
+  from bissl_jax import bilevel, gpt, lam_variants, models, optim, pretext, solvers
   from bissl_jax import mfac, vit, vit_model
+  from bissl_jax.data import glue
   return {"bissl.solver": tuple(sorted(solvers.SOLVERS)) + ("mfac",),  # mfac: stored gradients, no operator
           "bissl.stage_driver": tuple(bilevel.STAGE_DRIVERS),
           "bissl.lower_optimizer_name": tuple(bilevel.LOWER_OPTIMIZERS),
+          "bissl.upper_optimizer_name": tuple(bilevel.UPPER_OPTIMIZERS),
+          "pretext.optimizer": tuple(optim.OPTIMIZERS),
+          "head_warmup.optimizer": tuple(optim.OPTIMIZERS),
+          "finetune.optimizer": tuple(optim.OPTIMIZERS),
+          "data.glue_source": tuple(glue.SOURCES),
           "bissl.hessian_mode": tuple(bilevel.HESSIAN_MODES),
           "bissl.mfac_blocks": tuple(mfac.BLOCK_RULES),
           "bissl.mfac_dtype": tuple(mfac.STORAGE_DTYPES),
-          # ResNets (models.ARCHITECTURES) and the named ViTs (vit_model.ARCHITECTURES).
-          "model.arch": tuple(sorted(models.ARCHITECTURES)) + vit_model.ARCHITECTURES,
+          # ResNets (models.ARCHITECTURES), the named ViTs (vit_model.ARCHITECTURES)
+          # and the GPTs (gpt.CONFIGS, text).
+          "model.arch": (tuple(sorted(models.ARCHITECTURES)) + vit_model.ARCHITECTURES
+                         + tuple(sorted(gpt.CONFIGS))),
           "model.pool": vit_model.POOLS,
           "model.posemb": vit.POSEMBS,
-          "pretext.task": tuple(sorted(pretext.TASKS)),
+          "pretext.task": tuple(sorted(pretext.TASKS)) + ("next_token",),  # next_token: GPT
           "pretext.bn_grouping": tuple(pretext.BN_GROUPINGS),
           "bissl.lam_schedule": tuple(lam_variants.SCHEDULES)}
 
@@ -223,9 +233,15 @@ def validate_config(config: Any, *, num_devices: Optional[int] = None) -> Any:
 
   # Data and model.
   from bissl_jax.data import catalogue
+  from bissl_jax.data import text_sets
   for field in ("data.pretext_dataset", "data.downstream_dataset"):
     if not missing(field) and not _is_known_dataset(_get(config, field)):
-      bad(field, f"unknown dataset; choose one of {tuple(catalogue.CATALOGUE)}.")
+      bad(field, f"unknown dataset; choose one of {tuple(catalogue.CATALOGUE)} (images) "
+                 f"or {text_sets.TEXT_DATASETS} (text).")
+  positive("data.context")
+  positive("data.vocab_size")
+  positive("data.max_chars")
+  choice("data.glue_source", choices["data.glue_source"])
   positive("data.image_size")
   if not missing("data.val_fraction"):
     vf = _get(config, "data.val_fraction")
@@ -237,9 +253,15 @@ def validate_config(config: Any, *, num_devices: Optional[int] = None) -> Any:
   choice("model.pool", choices["model.pool"])
   choice("model.posemb", choices["model.posemb"])
   positive("model.width_multiplier", integer=False)
+  positive("model.lm_weight", integer=False, allow_zero=True)
+  if not missing("model.dropout"):
+    rate = _get(config, "model.dropout")
+    if not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
+      bad("model.dropout", "must lie in [0, 1) (GPT: 0.1).")
 
   # Pretext pretraining.
   choice("pretext.task", choices["pretext.task"])
+  choice("pretext.optimizer", choices["pretext.optimizer"])
   choice("pretext.bn_grouping", choices["pretext.bn_grouping"])
   positive("pretext.temperature", integer=False)
   if not missing("pretext.ema_decay"):
@@ -258,8 +280,9 @@ def validate_config(config: Any, *, num_devices: Optional[int] = None) -> Any:
   positive("pretext.batch_size")
   divisible("pretext.batch_size")
 
-  # Head warm-up.
-  positive("head_warmup.epochs")
+  # Head warm-up (a fraction of an epoch is allowed: GLUE's 10% / 50%).
+  positive("head_warmup.epochs", integer=False)
+  choice("head_warmup.optimizer", choices["head_warmup.optimizer"])
   positive("head_warmup.lr", integer=False)
   positive("head_warmup.weight_decay", integer=False, allow_zero=True)
   positive("head_warmup.batch_size")
@@ -299,6 +322,7 @@ def validate_config(config: Any, *, num_devices: Optional[int] = None) -> Any:
   choice("bissl.hessian_mode", choices["bissl.hessian_mode"])
   choice("bissl.stage_driver", choices["bissl.stage_driver"])
   choice("bissl.lower_optimizer_name", choices["bissl.lower_optimizer_name"])
+  choice("bissl.upper_optimizer_name", choices["bissl.upper_optimizer_name"])
   choice("bissl.mfac_blocks", choices["bissl.mfac_blocks"])
   choice("bissl.mfac_dtype", choices["bissl.mfac_dtype"])
   if not missing("bissl.mfac_history") and _get(config, "bissl.mfac_history") is not None:
@@ -313,6 +337,11 @@ def validate_config(config: Any, *, num_devices: Optional[int] = None) -> Any:
 
   # Fine-tuning, evaluation, random search.
   positive("finetune.epochs")
+  choice("finetune.optimizer", choices["finetune.optimizer"])
+  if not missing("finetune.warmup_fraction"):
+    frac = _get(config, "finetune.warmup_fraction")
+    if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0.0 <= frac < 1.0:
+      bad("finetune.warmup_fraction", "must lie in [0, 1) (GPT: 0.002; paper: 0).")
   positive("finetune.batch_size")
   divisible("finetune.batch_size")
   for field in ("finetune.lr", "finetune.bissl_lr"):

@@ -20,7 +20,7 @@ Formatting (:func:`format_examples`) runs on the host, once, when a dataset is
 built; sequences longer than the context are dropped there.
 """
 import dataclasses
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, ClassVar, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -114,6 +114,7 @@ class TextTask:
   regression: bool = False
   lm_weight: float = 0.5
   dropout: float = 0.1
+  input_key: ClassVar[str] = "tokens"   # the batch entry prepare reads (protocols.input_key)
 
   def __post_init__(self):
     _check_kind(self.kind)

@@ -27,6 +27,7 @@ import jax
 import numpy as np
 
 from bissl_jax import bilevel
+from bissl_jax import protocols
 from bissl_jax import train_state as ts
 from bissl_jax.convert import stage_output
 from bissl_jax.data import BatchStack
@@ -64,20 +65,28 @@ def _fingerprint(ctx: StageContext) -> dict:
 
 
 def alternation_batches(pretext_set, downstream_set, lower, upper, *, lower_steps: int,
-                        upper_steps: int) -> bilevel.AlternationBatches:
-  """Host batches of one alternation, drawn from the two stacks."""
-  pretext = pretext_set.batch(lower.take(lower_steps))["image"]
-  hvp = pretext_set.batch(lower.take(1)[0])["image"]  # from the lower level's stream
+                        upper_steps: int, pretext_key: str = "image",
+                        downstream_key: str = "image") -> bilevel.AlternationBatches:
+  """Host batches of one alternation, drawn from the two stacks.
+
+  ``pretext_key`` / ``downstream_key``: the batch entries the two tasks read
+  (``protocols.input_key``: 'image', or 'tokens' for text).
+  """
+  pretext = pretext_set.batch(lower.take(lower_steps))[pretext_key]
+  hvp = pretext_set.batch(lower.take(1)[0])[pretext_key]  # from the lower level's stream
   down = downstream_set.batch(upper.take(upper_steps))
-  return bilevel.AlternationBatches(pretext=pretext, hvp=hvp, downstream_images=down["image"],
-                               downstream_labels=down["label"])
+  return bilevel.AlternationBatches(pretext=pretext, hvp=hvp,
+                                    downstream_images=down[downstream_key],
+                                    downstream_labels=down["label"])
 
 
 class AlternationData:
   """Both levels' batch stacks (SPEC §2): the data of one alternation per step."""
 
-  def __init__(self, pretext_set, downstream_set, cfg, *, seed: int):
+  def __init__(self, pretext_set, downstream_set, cfg, *, seed: int,
+               keys: tuple = ("image", "image")):
     self.pretext_set, self.downstream_set, self.cfg = pretext_set, downstream_set, cfg
+    self.keys = keys  # the batch entries of the pretext and downstream tasks
     self._new = {
         "lower": lambda state=None: BatchStack(len(pretext_set), cfg.pretext_batch_size,
                                                seed=derive_seed(seed, "bissl_lower"),
@@ -92,7 +101,8 @@ class AlternationData:
     del step  # the stacks carry the position
     return alternation_batches(self.pretext_set, self.downstream_set, self.stacks["lower"],
                                self.stacks["upper"], lower_steps=self.cfg.lower_steps,
-                               upper_steps=self.cfg.upper_steps)
+                               upper_steps=self.cfg.upper_steps, pretext_key=self.keys[0],
+                               downstream_key=self.keys[1])
 
   def position(self, steps_done: int) -> dict:
     del steps_done
@@ -166,7 +176,9 @@ def run_bissl(ctx: StageContext, warm: dict, pretext_set, downstream_set, *, see
 
   stage = stage_loop.Stage(
       name=name, total_steps=cfg.alternations, step=step,
-      data=AlternationData(pretext_set, downstream_set, cfg, seed=seed),
+      data=AlternationData(pretext_set, downstream_set, cfg, seed=seed,
+                           keys=(protocols.input_key(ctx.task),
+                                 protocols.input_key(ctx.downstream))),
       # Every alternation is logged: they are few (T ≤ 500), and the curves need them.
       logger=ctx.logger, log_every=1,
       checkpoint_dir=os.path.join(directory, "ckpt"),

@@ -44,9 +44,9 @@ _FREE_PRETEXT_FIELDS = ("checkpoint", "share_across_seeds", "baseline_epochs", "
 
 def pretext_optimizer(cfg, steps_per_epoch: int, epochs: int, params: Optional[PyTree] = None,
                       trainable: Optional[PyTree] = None) -> optax.GradientTransformation:
-  """LARS on a warm-up + cosine schedule from ``config.pretext`` over ``epochs``.
+  """``pretext.optimizer`` (LARS; Adam for GPT) on a warm-up + cosine schedule over ``epochs``.
 
-  With ``params`` (the ``{'backbone', 'pretext_head'}`` tree) it is one LARS per group
+  With ``params`` (the ``{'backbone', 'pretext_head'}`` tree) it is one optimizer per group
   through :func:`bissl_jax.partition.level_optimizer`, so leaves that ``trainable``
   marks False (a ViT's fixed sin-cos position tables) get no update, no weight decay
   and no state.
@@ -54,10 +54,11 @@ def pretext_optimizer(cfg, steps_per_epoch: int, epochs: int, params: Optional[P
   schedule = optim.warmup_cosine_schedule(
       cfg.lr, warmup_steps=cfg.warmup_epochs * steps_per_epoch,
       total_steps=epochs * steps_per_epoch)
-  lars = optim.lars(schedule, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+  tx = optim.by_name(cfg.optimizer, schedule, weight_decay=cfg.weight_decay,
+                     momentum=cfg.momentum)
   if params is None:
-    return lars
-  return partition.level_optimizer({g: lars for g in params}, params, trainable)
+    return tx
+  return partition.level_optimizer({g: tx for g in params}, params, trainable)
 
 
 def _train_step(task, tx, state: dict, images, rng) -> Tuple[dict, dict]:
@@ -139,13 +140,15 @@ def _pretrain(ctx: StageContext, dataset, *, seed: int, out_dir: str, directory:
                                                                     ctx.image_size)[0]))
   tx = pretext_optimizer(cfg, spe, epochs, template,
                          protocols.trainable_mask(ctx.model, template))
-  schedule_key = (cfg.lr, cfg.weight_decay, cfg.momentum, cfg.warmup_epochs, epochs, spe)
+  schedule_key = (cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum,
+                  cfg.warmup_epochs, epochs, spe)
   step_fn = ctx.cached(("pretext_step", schedule_key), lambda: jax.jit(
       functools.partial(_train_step, ctx.task, tx), donate_argnums=0))
   base_key = jax.random.key(derive_seed(seed, "pretext_aug"))
+  key = protocols.input_key(ctx.task)  # 'image', or 'tokens' for text
 
   def step(state, i, batch):
-    return step_fn(state, ctx.shard(batch["image"]), jax.random.fold_in(base_key, i))
+    return step_fn(state, ctx.shard(batch[key]), jax.random.fold_in(base_key, i))
 
   name = name or f"pretext/seed{seed}"
   stage = stage_loop.Stage(
