@@ -362,6 +362,14 @@ def validate_config(config: Any, *, num_devices: Optional[int] = None) -> Any:
       if (not isinstance(rng, (tuple, list)) or len(rng) != 2
           or not all(isinstance(x, (int, float)) and x > 0 for x in rng) or rng[0] > rng[1]):
         bad(field, "must be (low, high) with 0 < low <= high (sampled log-uniformly).")
+    for field in ("search.lr_grid", "search.wd_grid"):
+      grid = () if missing(field) else _get(config, field)
+      if (not isinstance(grid, (tuple, list))
+          or not all(isinstance(x, (int, float)) and x > 0 for x in grid)):
+        bad(field, "must be a tuple of positive numbers (empty: random sampling).")
+    if not missing("search.lr_grid") and not missing("search.wd_grid") and (
+        bool(_get(config, "search.lr_grid")) != bool(_get(config, "search.wd_grid"))):
+      bad("search.lr_grid", "a grid search needs both search.lr_grid and search.wd_grid.")
 
   # Single stages read an earlier stage's output from a checkpoint path.
   if not missing("stages"):

@@ -86,7 +86,7 @@ def format_examples(kind: str, special_ids: dict, first: Sequence[Sequence[int]]
   width = length or max([len(q) for r in rows for q in r], default=1)
   if width > context:
     raise ValueError(f"length {width} exceeds the context {context}.")
-  out = np.full((len(rows), len(rows[0]) if rows else 1, width), PAD, np.int32)
+  out = np.full((len(rows), 2 if kind == "similarity" else 1, width), PAD, np.int32)
   for i, seqs in enumerate(rows):
     for j, q in enumerate(seqs):
       if len(q) > width:

@@ -268,6 +268,9 @@ def base_config() -> config_dict.ConfigDict:
   config.search.lr_range = (1e-4, 1.0)
   config.search.wd_range = (1e-5, 1e-2)
   config.search.epochs = 400
+  # Both non-empty: try every pair of these lists instead of sampling (thesis §7.1.2).
+  config.search.lr_grid = ()
+  config.search.wd_grid = ()
   return config
 
 
@@ -531,4 +534,7 @@ FIELD_HELP = {
     "search.lr_range": "log-uniform learning-rate range of the search",
     "search.wd_range": "log-uniform weight-decay range of the search",
     "search.epochs": "fine-tuning epochs of each search trial",
+    "search.lr_grid": "learning rates of a grid search (with search.wd_grid; empty: sample "
+                      "search.num_configs pairs)",
+    "search.wd_grid": "weight decays of a grid search (with search.lr_grid)",
 }

@@ -134,6 +134,12 @@ def load_downstream(name: str, data_cfg, special_ids: Dict[str, int]) -> Dict[st
   tok = tokenizer(data_cfg)
   raw = glue.load_glue(spec.glue_task, source=data_cfg.glue_source,
                        data_dir=data_cfg.data_dir)
-  return {split: glue.encode_glue(spec.glue_task, examples, tok, special_ids,
-                                  context=context, length=context)
-          for split, examples in raw.items()}
+  out = {split: glue.encode_glue(spec.glue_task, examples, tok, special_ids,
+                                 context=context, length=context)
+         for split, examples in raw.items()}
+  for split, dataset in out.items():
+    if not len(dataset):
+      raise ValueError(f"Every example of {name} {split} ({len(raw[split])}) is longer "
+                       f"than config.data.context={context} tokens once formatted; raise "
+                       f"config.data.context (the original GPT: 512).")
+  return out

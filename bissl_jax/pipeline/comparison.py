@@ -130,7 +130,10 @@ def search_hyperparams(ctx: StageContext, backbone: dict, splits: dict, *, pipel
                        seed: int) -> search_lib.SearchResult:
   """Random search of the fine-tuning LR / weight decay on validation (resumable)."""
   s = ctx.config.search
-  counter = iter(range(s.num_configs))
+  # A grid (search.lr_grid × search.wd_grid, the thesis's GPT search) or log-uniform samples.
+  pairs = (search_lib.grid_configs(s.lr_grid, s.wd_grid) if s.lr_grid and s.wd_grid
+           else None)
+  counter = iter(range(len(pairs) if pairs else s.num_configs))
 
   def trial(lr, wd):
     i = next(counter, -1)
@@ -142,7 +145,7 @@ def search_hyperparams(ctx: StageContext, backbone: dict, splits: dict, *, pipel
   return search_lib.random_search(
       trial, num_configs=s.num_configs, lr_range=tuple(s.lr_range),
       wd_range=tuple(s.wd_range), seed=derive_seed(ctx.config.seed, "search"),
-      record_path=ctx.path("search", f"{pipeline}.json"))
+      record_path=ctx.path("search", f"{pipeline}.json"), pairs=pairs)
 
 
 def backbone_of(params, stats) -> dict:
