@@ -11,6 +11,7 @@ import os
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax
+import jax.numpy as jnp
 
 from bissl_jax import downstream as downstream_lib
 from bissl_jax import gpt
@@ -195,8 +196,6 @@ def text_scorer(spec: text_sets.TextTaskSpec, task) -> Callable[[Any, Any], dict
 
   The loss is the task loss alone (cross-entropy or MSE), without the auxiliary LM term.
   """
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-
   def score(outputs, labels) -> dict:
     if spec.glue_task is not None:
       out = text_metrics.glue_scores(spec.glue_task, outputs, labels)
