@@ -26,7 +26,8 @@ from bissl_jax import protocols
 PyTree = Any
 
 STAGE_DRIVERS = ("auto", "fused", "per_step")
-LOWER_OPTIMIZERS = ("lars", "adamw")
+LOWER_OPTIMIZERS = optim.OPTIMIZERS
+UPPER_OPTIMIZERS = optim.OPTIMIZERS
 WARM_STARTABLE = ("cg", "minres", "jax_cg", "neumann")
 TOLERANCE_SOLVERS = ("cg", "minres", "jax_cg")
 # How the upper stage forms H: the two operator modes of bissl_jax.implicit, or the
@@ -56,6 +57,7 @@ class BisslSetup:
   lower_weight_decay: float
   lower_momentum: float
   trust_coefficient: float
+  upper_optimizer_name: str
   upper_lr: float
   upper_weight_decay: float
   upper_momentum: float
@@ -157,23 +159,25 @@ class BisslSetup:
     """
     schedule = optim.lower_lr_schedule(self.lower_lr, lower_steps=self.lower_steps,
                                        alternations=self.alternations)
-    if self.lower_optimizer_name == "adamw":
-      tx_lower = optim.adamw(schedule, weight_decay=self.lower_weight_decay)
-    else:
-      tx_lower = optim.lars(schedule, weight_decay=self.lower_weight_decay,
-                            momentum=self.lower_momentum,
-                            trust_coefficient=self.trust_coefficient)
+    tx_lower = optim.by_name(self.lower_optimizer_name, schedule,
+                             weight_decay=self.lower_weight_decay,
+                             momentum=self.lower_momentum,
+                             trust_coefficient=self.trust_coefficient)
     tx = partition.level_optimizer({g: tx_lower for g in params}, params,
                                    self.lower_trainable(params))
     return optim.with_clipping(tx, self.grad_clip)
 
   def upper_optimizer(self, params: PyTree) -> optax.GradientTransformation:
-    """Clip over the trainable (θ_D, φ_D[, ρ]) jointly, then SGD with coupled weight decay."""
+    """Clip over the trainable (θ_D, φ_D[, ρ]) jointly, then SGD with coupled weight decay.
+
+    (``upper_optimizer_name='adam'``: Adam, as the language configs' upper level.)
+    """
     schedule = optim.upper_lr_schedule(self.upper_lr, upper_steps=self.upper_steps,
                                        alternations=self.alternations)
-    sgd = optim.sgd(schedule, momentum=self.upper_momentum,
-                    weight_decay=self.upper_weight_decay)
-    tx = partition.level_optimizer({g: sgd for g in params}, params,
+    tx_upper = optim.by_name(self.upper_optimizer_name, schedule,
+                             weight_decay=self.upper_weight_decay,
+                             momentum=self.upper_momentum)
+    tx = partition.level_optimizer({g: tx_upper for g in params}, params,
                                    self.upper_trainable(params))
     return optim.with_clipping(tx, self.grad_clip)
 

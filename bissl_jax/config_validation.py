@@ -107,7 +107,9 @@ def _absent(config, dotted: str) -> bool:
 
 
 def _is_known_dataset(name) -> bool:
-  from bissl_jax.data import catalogue
+  from bissl_jax.data import catalogue, text_sets
+  if text_sets.is_text_dataset(name):
+    return True
   try:
     catalogue.get_spec(str(name))  # catalogue names, TFDS names and aliases
   except ValueError:
@@ -118,10 +120,10 @@ def _is_known_dataset(name) -> bool:
 def _choices():
   """The registries' names: solver, Hessian mode, architecture, pretext task, λ schedule."""
   # pylint: disable=g-import-not-at-top  (imported on use: the registries pull in JAX models)
-  from bissl_jax import bilevel, gessl, lam_variants, models, optim, pretext, solvers
+  from bissl_jax import bilevel, gessl, gpt, lam_variants, models, optim, pretext, solvers
   from bissl_jax import mfac, vit, vit_model
-  return {"pretext.optimizer": optim.PRETEXT_OPTIMIZERS,
-          "gessl.second_level_loss": gessl.SECOND_LEVEL_LOSSES,
+  from bissl_jax.data import glue
+  return {"gessl.second_level_loss": gessl.SECOND_LEVEL_LOSSES,
           "gessl.inner_params": gessl.INNER_PARAMS,
           "gessl.head_init": gessl.HEAD_INITS,
           "gessl.task_batching": gessl.TASK_BATCHING,
@@ -129,14 +131,21 @@ def _choices():
           "bissl.solver": tuple(sorted(solvers.SOLVERS)) + ("mfac",),  # mfac: stored gradients, no operator
           "bissl.stage_driver": tuple(bilevel.STAGE_DRIVERS),
           "bissl.lower_optimizer_name": tuple(bilevel.LOWER_OPTIMIZERS),
+          "bissl.upper_optimizer_name": tuple(bilevel.UPPER_OPTIMIZERS),
+          "pretext.optimizer": tuple(optim.OPTIMIZERS),
+          "head_warmup.optimizer": tuple(optim.OPTIMIZERS),
+          "finetune.optimizer": tuple(optim.OPTIMIZERS),
+          "data.glue_source": tuple(glue.SOURCES),
           "bissl.hessian_mode": tuple(bilevel.HESSIAN_MODES),
           "bissl.mfac_blocks": tuple(mfac.BLOCK_RULES),
           "bissl.mfac_dtype": tuple(mfac.STORAGE_DTYPES),
-          # ResNets (models.ARCHITECTURES) and the named ViTs (vit_model.ARCHITECTURES).
-          "model.arch": tuple(sorted(models.ARCHITECTURES)) + vit_model.ARCHITECTURES,
+          # ResNets (models.ARCHITECTURES), the named ViTs (vit_model.ARCHITECTURES)
+          # and the GPTs (gpt.CONFIGS, text).
+          "model.arch": (tuple(sorted(models.ARCHITECTURES)) + vit_model.ARCHITECTURES
+                         + tuple(sorted(gpt.CONFIGS))),
           "model.pool": vit_model.POOLS,
           "model.posemb": vit.POSEMBS,
-          "pretext.task": tuple(sorted(pretext.TASKS)),
+          "pretext.task": tuple(sorted(pretext.TASKS)) + ("next_token",),  # next_token: GPT
           "pretext.bn_grouping": tuple(pretext.BN_GROUPINGS),
           "bissl.lam_schedule": tuple(lam_variants.SCHEDULES)}
 
@@ -257,9 +266,15 @@ def validate_config(config: Any, *, num_devices: Optional[int] = None) -> Any:
 
   # Data and model.
   from bissl_jax.data import catalogue
+  from bissl_jax.data import text_sets
   for field in ("data.pretext_dataset", "data.downstream_dataset"):
     if not missing(field) and not _is_known_dataset(_get(config, field)):
-      bad(field, f"unknown dataset; choose one of {tuple(catalogue.CATALOGUE)}.")
+      bad(field, f"unknown dataset; choose one of {tuple(catalogue.CATALOGUE)} (images) "
+                 f"or {text_sets.TEXT_DATASETS} (text).")
+  positive("data.context")
+  positive("data.vocab_size")
+  positive("data.max_chars")
+  choice("data.glue_source", choices["data.glue_source"])
   positive("data.image_size")
   positive("data.loader_workers", allow_zero=True)
   if not missing("data.val_fraction"):
@@ -280,9 +295,15 @@ def validate_config(config: Any, *, num_devices: Optional[int] = None) -> Any:
     if spec is not None and not (isinstance(spec, str) and _MLP_SPEC.match(spec)):
       bad(field, "must be layer widths joined by '-', e.g. '256-256-256'"
                  + (" (or None)." if field.endswith("predictor") else "."))
+  positive("model.lm_weight", integer=False, allow_zero=True)
+  if not missing("model.dropout"):
+    rate = _get(config, "model.dropout")
+    if not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
+      bad("model.dropout", "must lie in [0, 1) (GPT: 0.1).")
 
   # Pretext pretraining.
   choice("pretext.task", choices["pretext.task"])
+  choice("pretext.optimizer", choices["pretext.optimizer"])
   choice("pretext.bn_grouping", choices["pretext.bn_grouping"])
   positive("pretext.temperature", integer=False)
   if not missing("pretext.ema_decay"):
@@ -300,8 +321,6 @@ def validate_config(config: Any, *, num_devices: Optional[int] = None) -> Any:
   positive("pretext.weight_decay", integer=False, allow_zero=True)
   positive("pretext.batch_size")
   divisible("pretext.batch_size")
-  if not _absent(config, "pretext.optimizer"):  # configs from before the field: LARS
-    choice("pretext.optimizer", choices["pretext.optimizer"])
 
   # GeSSL around the pretext task (docs/gessl.md).
   if not _absent(config, "gessl.enabled") and _get(config, "gessl.enabled"):
@@ -336,8 +355,9 @@ def validate_config(config: Any, *, num_devices: Optional[int] = None) -> Any:
                      f"= {n_tasks} x {classes} = {n_tasks * classes} images; set it to "
                      f"{n_tasks * classes} or change those two.")
 
-  # Head warm-up.
-  positive("head_warmup.epochs")
+  # Head warm-up (a fraction of an epoch is allowed: GLUE's 10% / 50%).
+  positive("head_warmup.epochs", integer=False)
+  choice("head_warmup.optimizer", choices["head_warmup.optimizer"])
   positive("head_warmup.lr", integer=False)
   positive("head_warmup.weight_decay", integer=False, allow_zero=True)
   positive("head_warmup.batch_size")
@@ -382,6 +402,7 @@ def validate_config(config: Any, *, num_devices: Optional[int] = None) -> Any:
   choice("bissl.hessian_mode", choices["bissl.hessian_mode"])
   choice("bissl.stage_driver", choices["bissl.stage_driver"])
   choice("bissl.lower_optimizer_name", choices["bissl.lower_optimizer_name"])
+  choice("bissl.upper_optimizer_name", choices["bissl.upper_optimizer_name"])
   choice("bissl.mfac_blocks", choices["bissl.mfac_blocks"])
   choice("bissl.mfac_dtype", choices["bissl.mfac_dtype"])
   if not missing("bissl.mfac_history") and _get(config, "bissl.mfac_history") is not None:
@@ -397,6 +418,11 @@ def validate_config(config: Any, *, num_devices: Optional[int] = None) -> Any:
 
   # Fine-tuning, evaluation, random search.
   positive("finetune.epochs")
+  choice("finetune.optimizer", choices["finetune.optimizer"])
+  if not missing("finetune.warmup_fraction"):
+    frac = _get(config, "finetune.warmup_fraction")
+    if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0.0 <= frac < 1.0:
+      bad("finetune.warmup_fraction", "must lie in [0, 1) (GPT: 0.002; paper: 0).")
   positive("finetune.batch_size")
   divisible("finetune.batch_size")
   for field in ("finetune.lr", "finetune.bissl_lr"):
@@ -417,6 +443,14 @@ def validate_config(config: Any, *, num_devices: Optional[int] = None) -> Any:
       if (not isinstance(rng, (tuple, list)) or len(rng) != 2
           or not all(isinstance(x, (int, float)) and x > 0 for x in rng) or rng[0] > rng[1]):
         bad(field, "must be (low, high) with 0 < low <= high (sampled log-uniformly).")
+    for field in ("search.lr_grid", "search.wd_grid"):
+      grid = () if missing(field) else _get(config, field)
+      if (not isinstance(grid, (tuple, list))
+          or not all(isinstance(x, (int, float)) and x > 0 for x in grid)):
+        bad(field, "must be a tuple of positive numbers (empty: random sampling).")
+    if not missing("search.lr_grid") and not missing("search.wd_grid") and (
+        bool(_get(config, "search.lr_grid")) != bool(_get(config, "search.wd_grid"))):
+      bad("search.lr_grid", "a grid search needs both search.lr_grid and search.wd_grid.")
 
   # Single stages read an earlier stage's output from a checkpoint path.
   if not missing("stages"):

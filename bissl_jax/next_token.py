@@ -54,6 +54,7 @@ class NextToken:
   """
   model: GPT
   has_target: ClassVar[bool] = False
+  input_key: ClassVar[str] = "tokens"   # the batch entry prepare reads (protocols.input_key)
 
   def prepare(self, rng, batch) -> jax.Array:
     """The token array ``(B, T)`` of a batch (an array or ``{'tokens': ...}``); no randomness."""

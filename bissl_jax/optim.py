@@ -3,7 +3,9 @@
 Both levels clip the global gradient norm to 10 before their optimizer. The lower
 level uses LARS as in Bardes et al. (2022); the upper level and fine-tuning use SGD
 with momentum and *coupled* weight decay (PyTorch semantics: the decay is added to
-the gradient before momentum).
+the gradient before momentum). Language configs (thesis ch. 7) use Adam with
+decoupled weight decay on every level instead; :func:`by_name` builds any of them
+from a config's optimizer name.
 """
 from typing import Callable, Union
 
@@ -44,9 +46,46 @@ def lars(learning_rate: ScalarOrSchedule, *, weight_decay: float = 1e-6,
 
 def adamw(learning_rate: ScalarOrSchedule, *, weight_decay: float = 0.0,
           b1: float = 0.9, b2: float = 0.95) -> optax.GradientTransformation:
-  """AdamW as BiSSLight's lower level uses it (β = (0.9, 0.95)); no decay on 1-D leaves."""
+  """AdamW with decoupled weight decay on matrices only (no decay on 1-D leaves).
+
+  The 1-D leaves are the biases and normalisation scales/offsets, which GPT
+  (thesis §7.1.2) and BiSSLight exclude from weight decay; kernels and embedding
+  tables (2-D) are decayed. The default β = (0.9, 0.95) is BiSSLight's.
+  """
   return optax.adamw(learning_rate, b1=b1, b2=b2, weight_decay=weight_decay,
                      mask=_is_matrix)
+
+
+# The optimizer names a config may give (``pretext.optimizer``, ``head_warmup.optimizer``,
+# ``bissl.lower_optimizer_name``, ``bissl.upper_optimizer_name``, ``finetune.optimizer``).
+OPTIMIZERS = ("lars", "sgd", "adamw", "adam")
+
+
+def by_name(name: str, learning_rate: ScalarOrSchedule, *, weight_decay: float,
+            momentum: float = 0.9, trust_coefficient: float = 1e-3
+            ) -> optax.GradientTransformation:
+  """The optimizer of :data:`OPTIMIZERS` called ``name``.
+
+  * ``'lars'``: :func:`lars` (the paper's pretext and lower level);
+  * ``'sgd'``: :func:`sgd`, coupled weight decay (the paper's upper level and
+    fine-tuning);
+  * ``'adamw'``: :func:`adamw` with β = (0.9, 0.95) (BiSSLight's lower level);
+  * ``'adam'``: :func:`adamw` with Adam's β = (0.9, 0.999), as the original GPT is
+    pretrained and fine-tuned (thesis §7.1.2): decoupled weight decay on kernels
+    and embeddings, none on biases and LayerNorm parameters.
+
+  ``momentum`` is used by LARS and SGD, ``trust_coefficient`` by LARS only.
+  """
+  if name == "lars":
+    return lars(learning_rate, weight_decay=weight_decay, momentum=momentum,
+                trust_coefficient=trust_coefficient)
+  if name == "sgd":
+    return sgd(learning_rate, momentum=momentum, weight_decay=weight_decay)
+  if name == "adamw":
+    return adamw(learning_rate, weight_decay=weight_decay)
+  if name == "adam":
+    return adamw(learning_rate, weight_decay=weight_decay, b1=0.9, b2=0.999)
+  raise ValueError(f"Unknown optimizer {name!r}; choose one of {OPTIMIZERS}.")
 
 
 def sgd(learning_rate: ScalarOrSchedule, *, momentum: float = 0.9,
@@ -63,27 +102,6 @@ def sgd(learning_rate: ScalarOrSchedule, *, momentum: float = 0.9,
   """
   return optax.chain(optax.add_decayed_weights(weight_decay),
                      optax.sgd(learning_rate, momentum=momentum))
-
-
-PRETEXT_OPTIMIZERS = ("lars", "sgd")
-
-
-def pretext_transform(name: str, learning_rate: ScalarOrSchedule, *, momentum: float,
-                      weight_decay: float) -> optax.GradientTransformation:
-  """The pretext stage's optimizer by name (``config.pretext.optimizer``).
-
-  Args:
-    name: 'lars' (:func:`lars`, BiSSL's SimCLR/BYOL pretraining) or 'sgd'
-      (:func:`sgd`, coupled weight decay on every leaf: GeSSL's Appendix C).
-    learning_rate: a float or an optax schedule.
-    momentum: heavy-ball momentum.
-    weight_decay: L2 coefficient.
-  """
-  if name == "lars":
-    return lars(learning_rate, weight_decay=weight_decay, momentum=momentum)
-  if name == "sgd":
-    return sgd(learning_rate, momentum=momentum, weight_decay=weight_decay)
-  raise ValueError(f"Unknown pretext optimizer {name!r}; valid choices: {PRETEXT_OPTIMIZERS}.")
 
 
 def with_clipping(tx: optax.GradientTransformation,

@@ -15,6 +15,11 @@ Which leaves *train* is data, not code: :meth:`Model.trainable` returns a boolea
 tree over the parameters. The optimizers of both levels, the proximal term, the
 implicit gradient and the M-FAC blocks act on the trainable leaves only, so frozen
 base weights with LoRA adapters need no branch anywhere.
+
+Batches are dicts of host arrays (``{'image', 'label'}``, or ``{'tokens', 'label'}``
+for text). A task reads the entry named by its optional ``input_key`` attribute
+(:func:`input_key`; ``'image'`` when it has none), so the pipeline hands every task
+its own input without knowing the domain.
 """
 from typing import Any, Protocol, Tuple, runtime_checkable
 
@@ -86,6 +91,11 @@ class DownstreamTask(Protocol):
   def logits(self, backbone_params: PyTree, head_params: PyTree, backbone_stats: PyTree,
              inputs) -> jax.Array:
     """Evaluation-mode outputs, scored by :mod:`bissl_jax.metrics`."""
+
+
+def input_key(task: Any) -> str:
+  """The batch entry ``task.prepare`` reads: ``task.input_key``, or ``'image'``."""
+  return getattr(task, "input_key", "image")
 
 
 def trainable_mask(model: Any, params: PyTree) -> PyTree:

@@ -20,7 +20,7 @@ Formatting (:func:`format_examples`) runs on the host, once, when a dataset is
 built; sequences longer than the context are dropped there.
 """
 import dataclasses
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, ClassVar, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -86,7 +86,7 @@ def format_examples(kind: str, special_ids: dict, first: Sequence[Sequence[int]]
   width = length or max([len(q) for r in rows for q in r], default=1)
   if width > context:
     raise ValueError(f"length {width} exceeds the context {context}.")
-  out = np.full((len(rows), len(rows[0]) if rows else 1, width), PAD, np.int32)
+  out = np.full((len(rows), 2 if kind == "similarity" else 1, width), PAD, np.int32)
   for i, seqs in enumerate(rows):
     for j, q in enumerate(seqs):
       if len(q) > width:
@@ -114,6 +114,7 @@ class TextTask:
   regression: bool = False
   lm_weight: float = 0.5
   dropout: float = 0.1
+  input_key: ClassVar[str] = "tokens"   # the batch entry prepare reads (protocols.input_key)
 
   def __post_init__(self):
     _check_kind(self.kind)

@@ -133,6 +133,14 @@ def base_config() -> config_dict.ConfigDict:
   config.data.split_seed = 0       # one split for every seed and both pipelines
   config.data.max_train_examples = config_dict.placeholder(int)  # smoke runs: subsample train
   config.data.loader_workers = 8   # Grain processes decoding streamed (ImageNet) data; 0: in-process
+  # Text (model.arch a GPT, docs/language.md): token length k of every sequence (the
+  # model's context), the BPE learnt on the offline corpus when no tokenizer files
+  # are given, the corpus cap, the tokenizer files and the GLUE source.
+  config.data.context = 64
+  config.data.vocab_size = 1024
+  config.data.max_chars = 300_000
+  config.data.tokenizer_dir = config_dict.placeholder(str)  # vocab.json + merges.txt
+  config.data.glue_source = "auto"          # 'auto', 'tfds', 'hf' or 'jsonl'
 
   config.model = config_dict.ConfigDict()
   config.model.arch = "resnet50"
@@ -156,6 +164,8 @@ def base_config() -> config_dict.ConfigDict:
   config.model.drop_path = 0.0             # encoder stochastic depth (MAE's lower level only)
   config.model.remat = False               # jax.checkpoint per transformer block
   config.model.dtype = "float32"           # compute dtype ('bfloat16' on accelerators)
+  config.model.lm_weight = 0.5             # GPT: ν of the auxiliary LM loss (thesis §7.1.2)
+  config.model.dropout = 0.1               # GPT: dropout before the output layer
 
   config.pretext = config_dict.ConfigDict()
   config.pretext.task = "simclr"
@@ -168,10 +178,11 @@ def base_config() -> config_dict.ConfigDict:
   config.pretext.norm_pix_loss = True      # MAE: per-patch normalised pixel targets
   config.pretext.epochs = 500
   config.pretext.batch_size = 1024
+  # One of bissl_jax.optim.OPTIMIZERS: 'lars' (paper), 'sgd' (GeSSL, Appendix C), 'adam' (GPT).
+  config.pretext.optimizer = "lars"
   config.pretext.lr = 4.8          # peak LR (not scaled by batch size)
   config.pretext.weight_decay = 1e-6
   config.pretext.momentum = 0.9
-  config.pretext.optimizer = "lars"   # or 'sgd' (coupled weight decay: GeSSL, Appendix C)
   config.pretext.warmup_epochs = 10
   config.pretext.checkpoint = config_dict.placeholder(str)   # skip pretraining, load this
   config.pretext.share_across_seeds = False   # True: one pretext run serves every seed
@@ -187,7 +198,8 @@ def base_config() -> config_dict.ConfigDict:
   config.gessl.enabled = False
 
   config.head_warmup = config_dict.ConfigDict()
-  config.head_warmup.epochs = 20
+  config.head_warmup.epochs = 20.0   # a float: may be a fraction (GLUE: 0.1 or 0.5 of an epoch)
+  config.head_warmup.optimizer = "sgd"
   config.head_warmup.lr = 0.05     # Table 4 (flowers); see apply_paper_hyperparams
   config.head_warmup.weight_decay = 0.0005
   config.head_warmup.momentum = 0.9
@@ -207,6 +219,7 @@ def base_config() -> config_dict.ConfigDict:
   config.bissl.lower_weight_decay = 1e-6
   config.bissl.lower_momentum = 0.9       # LARS
   config.bissl.trust_coefficient = 1e-3   # LARS η
+  config.bissl.upper_optimizer_name = "sgd"    # 'sgd' (the paper) or 'adam' (GPT)
   config.bissl.upper_momentum = 0.9       # SGD
   config.bissl.grad_clip = 10.0           # global-norm clip of each level's gradient
   config.bissl.upper_lr = config_dict.placeholder(float)            # None: head_warmup.lr
@@ -248,6 +261,8 @@ def base_config() -> config_dict.ConfigDict:
   config.finetune = config_dict.ConfigDict()
   config.finetune.epochs = 400
   config.finetune.batch_size = 256
+  config.finetune.optimizer = "sgd"
+  config.finetune.warmup_fraction = 0.0     # linear LR warm-up share of the steps (GPT: 0.002)
   config.finetune.momentum = 0.9
   config.finetune.lr = 0.2178               # Table 3 (flowers, SimCLR)
   config.finetune.weight_decay = 0.00046
@@ -265,6 +280,9 @@ def base_config() -> config_dict.ConfigDict:
   config.search.lr_range = (1e-4, 1.0)
   config.search.wd_range = (1e-5, 1e-2)
   config.search.epochs = 400
+  # Both non-empty: try every pair of these lists instead of sampling (thesis §7.1.2).
+  config.search.lr_grid = ()
+  config.search.wd_grid = ()
   return config
 
 
@@ -325,7 +343,9 @@ def apply_runlocal(config: config_dict.ConfigDict, *,
   """The smoke-test shrink of every config (big_vision's ``runlocal``): seconds of compute.
 
   An 8 px ResNet-18 at 1/16 width with a 16-16-16 projector (a ViT config: the
-  test ViT ``vit_test_patch4`` with a 16-wide decoder and rank-2 LoRA), 64 training images,
+  test ViT ``vit_test_patch4`` with a 16-wide decoder and rank-2 LoRA; a GPT config:
+  ``gpt_micro`` on 32-token sequences of a 256-token BPE learnt on 20,000 characters
+  of the offline corpus), 64 training examples,
   batch 32 everywhere, two seeds (the smallest count with a sample std), a step or
   two per stage and checkpoints as often as possible, so that every code path of the
   comparison runs. Its numbers mean nothing.
@@ -353,6 +373,14 @@ def apply_runlocal(config: config_dict.ConfigDict, *,
     config.model.lora_rank = 2 if config.model.lora_rank else 0
     config.model.remat = False
     config.model.dtype = "float32"
+  elif str(config.model.arch).startswith("gpt"):
+    config.model.arch = "gpt_micro"
+    config.model.remat = False
+    config.model.dtype = "float32"
+    config.data.context = 32
+    config.data.max_chars = 20_000
+    if not config.data.tokenizer_dir:
+      config.data.vocab_size = 256
   else:
     config.model.arch = "resnet18"
     config.model.width_multiplier = 0.0625
@@ -438,10 +466,18 @@ FIELD_HELP = {
     "data.image_size": "side of the square training images in pixels",
     "data.val_fraction": "stratified share of train held out where a set has no validation split",
     "data.split_seed": "seed of that held-out split (one split for every seed and pipeline)",
-    "data.max_train_examples": "subsample the training split to this many images (smoke runs)",
+    "data.max_train_examples": "subsample the training split to this many examples (smoke runs)",
     "data.loader_workers": ("Grain worker processes decoding the streamed pretext set (ImageNet; "
                             "0: decode in the training process); docs/benchmarks.md has images/s per worker"),
-    "model.arch": "backbone architecture",
+    "data.context": "text: token length k of every sequence (the GPT's context); longer "
+                    "downstream inputs are dropped",
+    "data.vocab_size": "text: size of the BPE learnt on the offline corpus (without "
+                       "data.tokenizer_dir)",
+    "data.max_chars": "text: cap on the offline stdlib corpus in characters",
+    "data.tokenizer_dir": "text: folder with vocab.json + merges.txt (the original GPT BPE); "
+                          "None: a BPE learnt on the offline corpus",
+    "data.glue_source": "GLUE: 'auto', 'tfds', 'hf' or 'jsonl' files under data.data_dir",
+    "model.arch": "backbone architecture (a ResNet, a ViT, or a GPT: text, docs/language.md)",
     "model.width_multiplier": "channel width multiplier of the backbone",
     "model.cifar_stem": "3x3 stem without max-pool (small images)",
     "model.projector": "projector MLP widths, e.g. 256-256-256",
@@ -456,8 +492,10 @@ FIELD_HELP = {
     "model.decoder_depth": "MAE decoder blocks",
     "model.decoder_heads": "MAE decoder attention heads",
     "model.drop_path": "ViT: stochastic depth rate of the encoder",
-    "model.remat": "ViT: jax.checkpoint per transformer block",
-    "model.dtype": "ViT: compute dtype ('float32', 'bfloat16')",
+    "model.remat": "ViT/GPT: jax.checkpoint per transformer block",
+    "model.dtype": "ViT/GPT: compute dtype ('float32', 'bfloat16')",
+    "model.lm_weight": "GPT: weight ν of the auxiliary language-modelling loss downstream",
+    "model.dropout": "GPT: dropout rate before the downstream output layer",
     "pretext.mask_ratio": "MAE: fraction of patches masked per sample",
     "pretext.norm_pix_loss": "MAE: per-patch normalised pixel targets",
     "pretext.task": "pretext task",
@@ -466,12 +504,13 @@ FIELD_HELP = {
     "pretext.bn_grouping": "BatchNorm over the two views: per_view (the reference's) or joint (one 2B batch)",
     "pretext.epochs": "pretext pretraining epochs",
     "pretext.batch_size": "pretext pretraining batch size",
+    "pretext.optimizer": "optimizer of pretraining: 'lars' (paper), 'sgd' (coupled weight "
+                         "decay on every leaf: GeSSL), 'adam' (GPT: β2 0.999) or 'adamw' (β2 0.95)",
     "pretext.lr": "peak learning rate of pretraining (not scaled by batch size; GeSSL's β)",
-    "pretext.weight_decay": "weight decay of pretraining (LARS: matrices only; SGD: every leaf)",
-    "pretext.momentum": "momentum of the pretraining optimizer",
-    "pretext.optimizer": "pretraining optimizer: 'lars' (BiSSL) or 'sgd' (coupled weight decay, "
-                         "GeSSL)",
-    "pretext.warmup_epochs": "linear LR warm-up epochs before the cosine decay",
+    "pretext.weight_decay": "weight decay of pretraining (LARS/Adam: matrices only; SGD: every leaf)",
+    "pretext.momentum": "LARS/SGD momentum of pretraining",
+    "pretext.warmup_epochs": "linear LR warm-up epochs before the cosine decay (may be a "
+                             "fraction)",
     "pretext.checkpoint": "skip pretraining and load these weights (stage output, .pth, "
                           "converted directory)",
     "pretext.share_across_seeds": "True: one pretext run serves every seed",
@@ -494,10 +533,11 @@ FIELD_HELP = {
     "gessl.task_batching": "GeSSL: vmap the tasks or loop over them (plain convolutions)",
     "gessl.fd_radius": "GeSSL: > 0 takes the outer gradient's inner Hessian-vector products by "
                        "finite differences of this radius (AID-FD); 0: exact",
-    "head_warmup.epochs": "epochs of linear-head training on the frozen backbone",
-    "head_warmup.lr": "constant SGD learning rate of the head warm-up (paper Table 4)",
+    "head_warmup.epochs": "epochs of head training on the frozen backbone (may be a fraction)",
+    "head_warmup.optimizer": "optimizer of the head warm-up: 'sgd' (paper) or 'adam' (GPT)",
+    "head_warmup.lr": "constant learning rate of the head warm-up (paper Table 4)",
     "head_warmup.weight_decay": "weight decay of the head warm-up (Table 4)",
-    "head_warmup.momentum": "SGD momentum of the head warm-up",
+    "head_warmup.momentum": "SGD momentum of the head warm-up (sgd only)",
     "head_warmup.batch_size": "batch size of the head warm-up",
     "bissl.lam": "λ, weight of the proximal term tying the two backbones (>= 0)",
     "bissl.damping": "δ, damping added to the lower-level Hessian in the implicit gradient",
@@ -507,14 +547,16 @@ FIELD_HELP = {
     "bissl.lower_steps": "N_L, lower-level (pretext) steps per alternation",
     "bissl.upper_steps": "N_U, upper-level (downstream) steps per alternation",
     "bissl.alternations": "T, alternations of the BiSSL stage",
-    "bissl.lower_optimizer_name": "lower-level optimizer: 'lars' (paper) or 'adamw' (BiSSLight; needed for LoRA)",
-    "bissl.lower_lr": "LARS learning rate of the lower level",
-    "bissl.lower_weight_decay": "LARS weight decay of the lower level",
+    "bissl.lower_optimizer_name": "lower-level optimizer: 'lars' (paper), 'adamw' (BiSSLight; "
+                                  "needed for LoRA), 'adam' (GPT) or 'sgd'",
+    "bissl.lower_lr": "peak learning rate of the lower level",
+    "bissl.lower_weight_decay": "weight decay of the lower level",
     "bissl.lower_momentum": "LARS momentum of the lower level",
     "bissl.trust_coefficient": "LARS trust coefficient η",
+    "bissl.upper_optimizer_name": "upper-level optimizer: 'sgd' (paper) or 'adam' (GPT)",
     "bissl.upper_momentum": "SGD momentum of the upper level",
     "bissl.grad_clip": "global-norm clip of each level's gradient",
-    "bissl.upper_lr": "SGD learning rate of the upper level (None: head_warmup.lr)",
+    "bissl.upper_lr": "learning rate of the upper level (None: head_warmup.lr)",
     "bissl.upper_weight_decay": "upper-level weight decay (None: head_warmup.weight_decay)",
     "bissl.pretext_batch_size": "lower-level batch size",
     "bissl.downstream_batch_size": "upper-level batch size",
@@ -540,7 +582,10 @@ FIELD_HELP = {
     "bissl_variants": "extra BiSSL rows: {name: {bissl field: value}}, same seeds and budget",
     "finetune.epochs": "fine-tuning epochs (best validation epoch kept)",
     "finetune.batch_size": "fine-tuning batch size",
-    "finetune.momentum": "SGD momentum of fine-tuning",
+    "finetune.optimizer": "optimizer of fine-tuning: 'sgd' (paper) or 'adam' (GPT)",
+    "finetune.warmup_fraction": "share of the fine-tuning steps with a linear LR warm-up "
+                                "from 0 before the cosine (GPT: 0.002)",
+    "finetune.momentum": "SGD momentum of fine-tuning (sgd only)",
     "finetune.lr": "baseline fine-tuning learning rate (paper Table 3)",
     "finetune.weight_decay": "baseline fine-tuning weight decay (Table 3)",
     "finetune.bissl_lr": "fine-tuning learning rate after BiSSL (Table 5)",
@@ -553,4 +598,7 @@ FIELD_HELP = {
     "search.lr_range": "log-uniform learning-rate range of the search",
     "search.wd_range": "log-uniform weight-decay range of the search",
     "search.epochs": "fine-tuning epochs of each search trial",
+    "search.lr_grid": "learning rates of a grid search (with search.wd_grid; empty: sample "
+                      "search.num_configs pairs)",
+    "search.wd_grid": "weight decays of a grid search (with search.lr_grid)",
 }

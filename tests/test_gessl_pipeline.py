@@ -107,28 +107,29 @@ def test_pretext_stage_trains_gessl_with_its_head_and_mask(tmp_path):
   again, _ = pretrain_lib.pretrain(ctx, _images(), seed=0, directory=directory)
   np.testing.assert_array_equal(again["pretext_head"]["task_classifier"]["kernel"],
                                 head["kernel"])
-  # The GeSSL fields are part of the checkpoint fingerprint; without GeSSL they are not.
-  assert "gessl.lam" in pretrain_lib._fingerprint(ctx, 0, 2)  # pylint: disable=protected-access
+  # The GeSSL fields are part of the output's provenance; without GeSSL they are not.
+  assert "gessl.lam" in pretrain_lib.stage_provenance(ctx, 0, 2, 64).fields
   plain = _context(tmp_path / "plain", gessl_on=False)
   assert isinstance(plain.task, pretext.SimCLR)
-  assert not any(k.startswith("gessl.") for k in pretrain_lib._fingerprint(plain, 0, 2))  # pylint: disable=protected-access
+  assert not any(k.startswith("gessl.")
+                 for k in pretrain_lib.stage_provenance(plain, 0, 2, 64).fields)
 
 
 def test_pretext_optimizer_by_name():
   p = {"w": jnp.array([1.0, -2.0]), "m": jnp.ones((2, 2))}
   g = {"w": jnp.array([0.5, 0.25]), "m": jnp.full((2, 2), 0.1)}
-  sgd = optim.pretext_transform("sgd", 0.1, momentum=0.9, weight_decay=1e-4)
+  sgd = optim.by_name("sgd", 0.1, momentum=0.9, weight_decay=1e-4)
   u, _ = sgd.update(g, sgd.init(p), p)
   for k in p:  # coupled decay on every leaf, vectors included (PyTorch SGD)
     np.testing.assert_allclose(u[k], -0.1 * (g[k] + 1e-4 * p[k]), rtol=1e-6)
-  lars = optim.pretext_transform("lars", 0.1, momentum=0.9, weight_decay=1e-4)
+  lars = optim.by_name("lars", 0.1, momentum=0.9, weight_decay=1e-4)
   ref = optim.lars(0.1, weight_decay=1e-4, momentum=0.9)
   a, _ = lars.update(g, lars.init(p), p)
   b, _ = ref.update(g, ref.init(p), p)
   for k in p:
     np.testing.assert_array_equal(a[k], b[k])
   with pytest.raises(ValueError, match="lars"):
-    optim.pretext_transform("adam", 0.1, momentum=0.9, weight_decay=0.0)
+    optim.by_name("nadam", 0.1, momentum=0.9, weight_decay=0.0)
 
 
 @pytest.mark.parametrize("module,arg", [

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bissl_jax import bilevel
+from bissl_jax import protocols
 from bissl_jax import train_state as ts
 from bissl_jax.convert import stage_output
 from bissl_jax.data import BatchStack, grain_stream
@@ -105,8 +106,10 @@ class AlternationData:
   Grain state is saved as the checkpoint's ``iterators`` item.
   """
 
-  def __init__(self, pretext_set, downstream_set, cfg, *, seed: int):
+  def __init__(self, pretext_set, downstream_set, cfg, *, seed: int,
+               keys: tuple = ("image", "image")):
     self.cfg = cfg
+    self.keys = keys  # the batch entries the pretext and downstream tasks read
     sizes = {"lower": (pretext_set, cfg.pretext_batch_size, "bissl_lower",
                        [cfg.lower_steps, 1] * cfg.alternations),
              "upper": (downstream_set, cfg.downstream_batch_size, "bissl_upper",
@@ -126,11 +129,12 @@ class AlternationData:
   def batch(self, step: int) -> bilevel.AlternationBatches:
     del step  # the levels carry the position
     lower, upper = self.levels["lower"], self.levels["upper"]
-    pretext = lower.draw(self.cfg.lower_steps)["image"]
-    hvp = lower.draw(1)["image"][0]  # from the lower level's stream
+    pretext_key, downstream_key = self.keys
+    pretext = lower.draw(self.cfg.lower_steps)[pretext_key]
+    hvp = lower.draw(1)[pretext_key][0]  # from the lower level's stream
     down = upper.draw(self.cfg.upper_steps)
     return bilevel.AlternationBatches(pretext=pretext, hvp=hvp,
-                                      downstream_images=down["image"],
+                                      downstream_images=down[downstream_key],
                                       downstream_labels=down["label"])
 
   def position(self, steps_done: int) -> dict:
@@ -227,7 +231,9 @@ def run_bissl(ctx: StageContext, warm: dict, pretext_set, downstream_set, *, see
 
   stage = stage_loop.Stage(
       name=name, total_steps=cfg.alternations, step=step,
-      data=AlternationData(pretext_set, downstream_set, cfg, seed=seed),
+      data=AlternationData(pretext_set, downstream_set, cfg, seed=seed,
+                           keys=(protocols.input_key(ctx.task),
+                                 protocols.input_key(ctx.downstream))),
       # Every alternation is logged: they are few (T ≤ 500), and the curves need them.
       logger=ctx.logger, log_every=1,
       checkpoint_dir=os.path.join(directory, "ckpt"),

@@ -40,12 +40,34 @@ def load_pretext_model(ctx: StageContext, path: str, seed: int = 0):
   """
   if context_lib.is_vit(ctx.config):
     return load_vit_pretext_model(ctx, path, seed)
+  if context_lib.is_text(ctx.config):
+    return load_gpt_pretext_model(ctx, path)
   m = ctx.config.model
   fresh_params, fresh_stats = ctx.init_variables(jax.random.key(0))
   return convert.load_pretext_model(
       path, arch=m.arch, cifar_stem=m.cifar_stem, width_multiplier=m.width_multiplier,
       fresh_params=fresh_params, fresh_stats=fresh_stats,
       head_specs={"projector": m.projector, "predictor": m.predictor})
+
+
+def load_gpt_pretext_model(ctx: StageContext, path: str):
+  """A GPT's pretext weights from a stage output or a Hugging Face ``openai-gpt`` file.
+
+  The file (``.bin``/``.pth``/``.safetensors``) goes through
+  :func:`bissl_jax.convert.gpt.load_hf_gpt`, which checks every key and shape.
+  """
+  from bissl_jax.convert import gpt as convert_gpt  # pylint: disable=g-import-not-at-top
+  if stage_output.is_export(path):
+    variables, _ = stage_output.load_export(path)
+    params, stats = variables["params"], variables["batch_stats"]
+  elif os.path.isfile(path):
+    params, stats = convert_gpt.load_hf_gpt(path, ctx.model)
+  else:
+    raise FileNotFoundError(
+        f"config.pretext.checkpoint={path!r} is neither a stage output directory nor a "
+        f"Hugging Face openai-gpt weights file (pytorch_model.bin or model.safetensors).")
+  groups = ("backbone", "pretext_head")
+  return {g: params[g] for g in groups}, {g: stats.get(g, {}) for g in groups}
 
 
 def pretext_model(ctx: StageContext, pretext_set, seed: int):
@@ -153,7 +175,10 @@ def search_hyperparams(ctx: StageContext, backbone: dict, splits: dict, *, pipel
       prov_path, prov, mode=_reuse(ctx), name=f"search/{pipeline}"):
     provenance.set_aside(ctx.path("search"), [record_path])
   results_lib.write_json(prov_path, {provenance.RECORD_KEY: prov.record()})
-  counter = iter(range(s.num_configs))
+  # A grid (search.lr_grid × search.wd_grid, the thesis's GPT search) or log-uniform samples.
+  pairs = (search_lib.grid_configs(s.lr_grid, s.wd_grid) if s.lr_grid and s.wd_grid
+           else None)
+  counter = iter(range(len(pairs) if pairs else s.num_configs))
 
   def trial(lr, wd):
     i = next(counter, -1)
@@ -165,7 +190,7 @@ def search_hyperparams(ctx: StageContext, backbone: dict, splits: dict, *, pipel
   return search_lib.random_search(
       trial, num_configs=s.num_configs, lr_range=tuple(s.lr_range),
       wd_range=tuple(s.wd_range), seed=derive_seed(ctx.config.seed, "search"),
-      record_path=record_path)
+      record_path=record_path, pairs=pairs)
 
 
 def backbone_of(params, stats) -> dict:
@@ -251,7 +276,7 @@ def run_comparison(ctx: StageContext, splits: dict, pretext_set, *,
           **hyper["bissl"])
       per_seed.setdefault(pipeline, {})[seed] = dict(rec["test"], val=rec["val_score"])
       shown[pipeline] = _used_hyperparams(rec)
-    print(f"[seed {seed}] test {results_lib.metric_names(ctx.multilabel)[0]}: "
+    print(f"[seed {seed}] test {reported_metrics(ctx)[0]}: "
           f"baseline {per_seed['baseline'][seed]['score']:.4f}, "
           f"BiSSL {per_seed['bissl'][seed]['score']:.4f}", flush=True)
 
@@ -260,10 +285,18 @@ def run_comparison(ctx: StageContext, splits: dict, pretext_set, *,
           "arch": config.model.arch, "seeds": seeds,
           "pretext_shared_across_seeds": bool(config.pretext.share_across_seeds
                                               or config.pretext.checkpoint)}
+  if context_lib.is_text(config):  # the offline corpus changes between Python versions
+    from bissl_jax.data import text_sets  # pylint: disable=g-import-not-at-top
+    info["corpus_fingerprint"] = text_sets.corpus_fingerprint(config.data)
   return results_lib.build_results(per_seed, multilabel=ctx.multilabel, hyperparams=shown,
-                                   info=info)
+                                   info=info, names=ctx.metric_names)
 
 
 def _used_hyperparams(record: dict) -> dict:
   """The fine-tuning LR and weight decay an evaluation record was produced with."""
   return {"lr": float(record["lr"]), "weight_decay": float(record["weight_decay"])}
+
+
+def reported_metrics(ctx: StageContext) -> tuple:
+  """The test metrics of the results table, headline first."""
+  return ctx.metric_names or results_lib.metric_names(ctx.multilabel)

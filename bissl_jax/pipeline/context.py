@@ -8,17 +8,24 @@ same process, reuse the same compiled executables.
 """
 import dataclasses
 import os
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax
+import jax.numpy as jnp
 
 from bissl_jax import downstream as downstream_lib
+from bissl_jax import gpt
+from bissl_jax import metrics as metrics_lib
 from bissl_jax import models
 from bissl_jax import parallel
 from bissl_jax import pretext as pretext_lib
+from bissl_jax import text_metrics
+from bissl_jax import text_tasks
 from bissl_jax import vit_model
 from bissl_jax.config_validation import ConfigError, resolve_config
 from bissl_jax.convert import mae as convert_mae
+from bissl_jax.data import text_sets
+from bissl_jax.next_token import NextToken
 from bissl_jax.pipeline import run_log
 from bissl_jax.seeds import derive_seed
 
@@ -42,6 +49,11 @@ class StageContext:
     image_size: input side in pixels.
     multilabel: the downstream task is multi-label (mAP, sigmoid loss).
     num_classes: downstream classes.
+    metric_names: the reported test metrics, headline first (None: the image
+      metrics of ``results.metric_names``).
+    scorer: ``scorer(outputs, labels) -> {metric: value, 'score', 'loss'}`` on a
+      whole split (None: ``bissl_jax.metrics.classification_metrics``); text tasks
+      score with the GLUE metrics.
   """
   config: Any
   workdir: str
@@ -53,6 +65,8 @@ class StageContext:
   image_size: int
   multilabel: bool
   num_classes: int
+  metric_names: Optional[Tuple[str, ...]] = None
+  scorer: Optional[Callable[[Any, Any], dict]] = None
 
   def cached(self, key, build: Callable[[], Any]):
     """A process-wide cached ``build()`` for ``key`` and this context's static parts.
@@ -82,6 +96,11 @@ class StageContext:
     return fn(key)
 
 
+def is_text(config) -> bool:
+  """``config.model.arch`` names a GPT (``bissl_jax.gpt.CONFIGS``): a language run."""
+  return config.model.arch in gpt.CONFIGS
+
+
 def is_vit(config) -> bool:
   """``config.model.arch`` names a ViT (``bissl_jax.vit_model.ARCHITECTURES``)."""
   return config.model.arch in vit_model.ARCHITECTURES
@@ -92,8 +111,18 @@ def uses_lora(config) -> bool:
   return is_vit(config) and int(config.model.get("lora_rank", 0) or 0) > 0
 
 
-def _check_model_and_task(config) -> None:
+def check_model_and_task(config) -> None:
   vit, task = is_vit(config), config.pretext.task
+  if is_text(config) != (task == "next_token"):
+    raise ConfigError(f"config.pretext.task={task!r} with config.model.arch="
+                      f"{config.model.arch!r}: a GPT ({sorted(gpt.CONFIGS)}) is pretrained "
+                      f"with 'next_token', and 'next_token' needs a GPT.")
+  if is_text(config):
+    for field in ("pretext_dataset", "downstream_dataset"):
+      if not text_sets.is_text_dataset(config.data[field]):
+        raise ConfigError(f"config.data.{field}={config.data[field]!r}: a GPT reads text; "
+                          f"choose one of {text_sets.TEXT_DATASETS}.")
+    return
   if vit and task != "mae":
     raise ConfigError(f"config.pretext.task={task!r}: a ViT (config.model.arch="
                       f"{config.model.arch!r}) is pretrained with 'mae' only; set "
@@ -120,8 +149,10 @@ def build_model(config, num_classes: int, *, lora: bool = True):
     lora: False builds a ViT without its adapters (every backbone leaf trains): the
       model of pretext pretraining (:func:`pretraining_context`).
   """
-  _check_model_and_task(config)
+  check_model_and_task(config)
   m = config.model
+  if is_text(config):
+    return build_text_model(config)
   if is_vit(config):
     return vit_model.build_vit_model(
         m.arch, num_classes=num_classes, decoder="mae", decoder_width=m.decoder_width,
@@ -141,10 +172,54 @@ def uses_gessl(config) -> bool:
   return bool(block is not None and block.get("enabled", False))
 
 
+def build_text_model(config) -> gpt.GPT:
+  """The GPT of ``config.model.arch`` sized to the tokenizer and ``data.context``.
+
+  The special-token rows and the output width follow the downstream task
+  (``bissl_jax.data.text_sets.task_spec``).
+  """
+  spec = text_sets.task_spec(config.data.downstream_dataset)
+  vocab = text_sets.tokenizer(config.data).vocab_size
+  sizes = gpt.gpt_config(config.model.arch, vocab_size=vocab,
+                         context=int(config.data.context))
+  return gpt.GPT(sizes, num_special=text_tasks.NUM_SPECIAL[spec.kind],
+                 num_outputs=spec.num_classes, dtype=config.model.dtype,
+                 remat=bool(config.model.remat))
+
+
+def build_downstream_task(config, model, image_size: int, multilabel: bool):
+  """The downstream task: ``text_tasks.TextTask`` for a GPT, else image classification."""
+  if is_text(config):
+    spec = text_sets.task_spec(config.data.downstream_dataset)
+    return text_tasks.TextTask(model, spec.kind, regression=spec.regression,
+                               lm_weight=float(config.model.lm_weight),
+                               dropout=float(config.model.dropout))
+  return downstream_lib.Classification(model, image_size, multilabel)
+
+
+def text_scorer(spec: text_sets.TextTaskSpec, task) -> Callable[[Any, Any], dict]:
+  """Scores a whole split's outputs: the task's metrics, 'score' (the headline) and 'loss'.
+
+  The loss is the task loss alone (cross-entropy or MSE), without the auxiliary LM term.
+  """
+  def score(outputs, labels) -> dict:
+    if spec.glue_task is not None:
+      out = text_metrics.glue_scores(spec.glue_task, outputs, labels)
+    else:
+      out = {"accuracy": metrics_lib.top_k_accuracy(outputs, labels, 1)}
+    out["score"] = float(out[spec.metric])
+    out["loss"] = float(task.task_loss(jnp.asarray(outputs, jnp.float32), jnp.asarray(labels)))
+    return out
+
+  return score
+
+
 def build_pretext_task(config, model):
   """The pretext task of ``config.pretext`` for ``model``, wrapped in GeSSL if
   ``config.gessl.enabled`` ("SimCLR + GeSSL", "BYOL + GeSSL")."""
   p = config.pretext
+  if p.task == "next_token":
+    return NextToken(model)
   kwargs = {"simclr": {"temperature": p.temperature, "bn_grouping": p.bn_grouping},
             "byol": {"ema_decay": p.ema_decay, "bn_grouping": p.bn_grouping},
             "mae": {"mask_ratio": p.mask_ratio, "norm_pix_loss": p.norm_pix_loss}}[p.task]
@@ -167,7 +242,7 @@ def pretraining_context(ctx: "StageContext") -> "StageContext":
   model = build_model(ctx.config, ctx.num_classes, lora=False)
   return dataclasses.replace(
       ctx, model=model, task=build_pretext_task(ctx.config, model),
-      downstream=downstream_lib.Classification(model, ctx.image_size, ctx.multilabel))
+      downstream=build_downstream_task(ctx.config, model, ctx.image_size, ctx.multilabel))
 
 
 def with_fresh_adapters(ctx: "StageContext", params, batch_stats, seed: int):
@@ -198,21 +273,28 @@ def build_context(config, workdir: str) -> StageContext:
   """
   from bissl_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   config = resolve_config(config)
-  spec = data_lib.get_spec(config.data.downstream_dataset)
-  model = build_model(config, spec.num_classes)
   image_size = int(config.data.image_size)
+  if is_text(config):
+    spec = text_sets.task_spec(config.data.downstream_dataset)
+    num_classes, multilabel = spec.num_classes, False
+    metric_names = spec.metrics
+  else:
+    spec = data_lib.get_spec(config.data.downstream_dataset)
+    num_classes, multilabel, metric_names = spec.num_classes, bool(spec.multilabel), None
+  model = build_model(config, num_classes)
+  downstream = build_downstream_task(config, model, image_size, multilabel)
   return StageContext(
       config=config, workdir=workdir, model=model, task=build_pretext_task(config, model),
-      downstream=downstream_lib.Classification(model, image_size, bool(spec.multilabel)),
-      mesh=parallel.make_mesh(), logger=run_log.MetricLogger(workdir),
-      image_size=image_size, multilabel=bool(spec.multilabel),
-      num_classes=spec.num_classes)
+      downstream=downstream, mesh=parallel.make_mesh(), logger=run_log.MetricLogger(workdir),
+      image_size=image_size, multilabel=multilabel, num_classes=num_classes,
+      metric_names=metric_names,
+      scorer=text_scorer(spec, downstream) if is_text(config) else None)
 
 
 def check_size(num_examples: int, batch_size: int, field: str, what: str) -> int:
   """Steps per epoch (remainder dropped); raises if the set is smaller than a batch."""
   if num_examples < batch_size:
     raise ValueError(
-        f"config.{field}={batch_size} exceeds the {num_examples} images of {what}: "
+        f"config.{field}={batch_size} exceeds the {num_examples} examples of {what}: "
         f"set config.{field} to at most {num_examples}.")
   return num_examples // batch_size

@@ -2,6 +2,7 @@
 import numpy as np
 
 from bissl_jax import data as data_lib
+from bissl_jax.data import text_sets
 
 
 def load_data(config, need_pretext: bool, need_downstream: bool):
@@ -22,6 +23,9 @@ def load_data(config, need_pretext: bool, need_downstream: bool):
     Grain processes decode it; the stages see the same batches either way).
   """
   d = config.data
+  if text_sets.is_text_dataset(d.downstream_dataset) or text_sets.is_text_dataset(
+      d.pretext_dataset):
+    return load_text_data(config, need_pretext, need_downstream)
   wanted = ([("pretext", d.pretext_dataset)] if need_pretext else []) + (
       [("downstream", d.downstream_dataset)] if need_downstream else [])
   data_lib.check_prepared(wanted, d.data_dir)  # every missing set named, before TFDS
@@ -33,9 +37,7 @@ def load_data(config, need_pretext: bool, need_downstream: bool):
     splits = data_lib.load_splits(d.downstream_dataset, data_dir=d.data_dir,
                                   image_size=d.image_size, val_fraction=d.val_fraction,
                                   seed=d.split_seed)
-    if d.max_train_examples and d.max_train_examples < len(splits["train"]):
-      keep = np.random.default_rng(d.split_seed).permutation(len(splits["train"]))
-      splits["train"] = splits["train"].subset(np.sort(keep[:d.max_train_examples]))
+    _subsample_train(splits, d)
   if need_pretext:
     if same:
       pretext_set = splits["train"]
@@ -48,4 +50,31 @@ def load_data(config, need_pretext: bool, need_downstream: bool):
     else:
       pretext_set = data_lib.load_pretext_split(d.pretext_dataset, data_dir=d.data_dir,
                                                 image_size=d.image_size)
+  return splits, pretext_set
+
+
+def _subsample_train(splits: dict, d) -> None:
+  """``data.max_train_examples``: a fixed (``data.split_seed``) subset of train, in order."""
+  if d.max_train_examples and d.max_train_examples < len(splits["train"]):
+    keep = np.random.default_rng(d.split_seed).permutation(len(splits["train"]))
+    splits["train"] = splits["train"].subset(np.sort(keep[:d.max_train_examples]))
+
+
+def load_text_data(config, need_pretext: bool, need_downstream: bool):
+  """The text counterpart of :func:`load_data`: ``TokenDataset`` splits and pretext chunks.
+
+  Batches are ``{'tokens', 'label'}``; the downstream inputs are formatted with the
+  special tokens of the run's GPT (:func:`bissl_jax.pipeline.context.build_text_model`).
+  A missing GLUE task raises ``DatasetNotFoundError`` here, before any compute.
+  """
+  from bissl_jax.pipeline import context as context_lib  # pylint: disable=g-import-not-at-top
+  d = config.data
+  context_lib.check_model_and_task(config)
+  splits = pretext_set = None
+  if need_downstream:
+    model = context_lib.build_text_model(config)
+    splits = text_sets.load_downstream(d.downstream_dataset, d, model.special_ids)
+    _subsample_train(splits, d)
+  if need_pretext:
+    pretext_set = text_sets.load_pretext(d.pretext_dataset, d)
   return splits, pretext_set

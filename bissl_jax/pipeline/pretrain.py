@@ -47,8 +47,8 @@ def pretext_optimizer(cfg, steps_per_epoch: int, epochs: int, params: Optional[P
                       trainable: Optional[PyTree] = None) -> optax.GradientTransformation:
   """``config.pretext.optimizer`` on a warm-up + cosine schedule over ``epochs``.
 
-  'lars' (the default) or 'sgd' (GeSSL, Appendix C), from
-  :func:`bissl_jax.optim.pretext_transform`. With ``params`` (the ``{'backbone',
+  'lars' (the default), 'sgd' (GeSSL, Appendix C) or Adam (GPT), from
+  :func:`bissl_jax.optim.by_name`. With ``params`` (the ``{'backbone',
   'pretext_head'}`` tree) it is one transform per group through
   :func:`bissl_jax.partition.level_optimizer`, so leaves that ``trainable`` marks
   False (a ViT's fixed sin-cos position tables, a LoRA base) get no update, no weight
@@ -57,8 +57,8 @@ def pretext_optimizer(cfg, steps_per_epoch: int, epochs: int, params: Optional[P
   schedule = optim.warmup_cosine_schedule(
       cfg.lr, warmup_steps=cfg.warmup_epochs * steps_per_epoch,
       total_steps=epochs * steps_per_epoch)
-  tx = optim.pretext_transform(cfg.optimizer, schedule, weight_decay=cfg.weight_decay,
-                               momentum=cfg.momentum)
+  tx = optim.by_name(cfg.optimizer, schedule, weight_decay=cfg.weight_decay,
+                     momentum=cfg.momentum)
   if params is None:
     return tx
   return partition.level_optimizer({g: tx for g in params}, params, trainable)
@@ -173,9 +173,10 @@ def _pretrain(ctx: StageContext, dataset, *, seed: int, out_dir: str, directory:
   step_fn = ctx.cached(("pretext_step", schedule_key), lambda: jax.jit(
       functools.partial(_train_step, ctx.task, tx), donate_argnums=0))
   base_key = jax.random.key(derive_seed(seed, "pretext_aug"))
+  key = protocols.input_key(ctx.task)  # 'image', or 'tokens' for text
 
   def step(state, i, batch):
-    return step_fn(state, ctx.shard(batch["image"]), jax.random.fold_in(base_key, i))
+    return step_fn(state, ctx.shard(batch[key]), jax.random.fold_in(base_key, i))
 
   stage = stage_loop.Stage(
       name=name, total_steps=epochs * spe, step=step,

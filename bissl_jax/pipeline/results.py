@@ -39,7 +39,7 @@ def metric_names(multilabel: bool) -> tuple:
 
 def build_results(per_seed: Mapping[str, Mapping[int, Mapping[str, float]]], *,
                   multilabel: bool, hyperparams: Mapping[str, Mapping[str, float]],
-                  info: Mapping[str, object]) -> dict:
+                  info: Mapping[str, object], names: Optional[tuple] = None) -> dict:
   """Assembles the results record.
 
   Args:
@@ -47,13 +47,16 @@ def build_results(per_seed: Mapping[str, Mapping[int, Mapping[str, float]]], *,
     multilabel: selects the metrics (mAP vs top-1/top-5).
     hyperparams: ``{pipeline: {'lr': ..., 'weight_decay': ...}}`` used to fine-tune.
     info: extra top-level fields (datasets, seeds, wall time, ...).
+    names: the metrics to report, headline first (None: :func:`metric_names`; text
+      runs give the GLUE metric, e.g. ``('matthews', 'accuracy')``).
 
   Returns:
     The JSON-serialisable record.
   """
   rows_all = [m for seeds in per_seed.values() for m in seeds.values()]
   # top-5 is undefined with fewer than 5 classes (bissl_jax.metrics leaves it out).
-  names = tuple(n for n in metric_names(multilabel) if all(n in m for m in rows_all))
+  names = tuple(n for n in (names or metric_names(multilabel))
+                if all(n in m for m in rows_all))
   out = dict(info)
   out["metric"] = names[0]
   out["metrics"] = list(names)
@@ -80,7 +83,9 @@ def to_markdown(results: Mapping[str, object]) -> str:
   """A Markdown table in the layout of the paper's Table 1 (percentages)."""
   pipelines: Dict[str, dict] = results["pipelines"]
   names = tuple(results.get("metrics", metric_names(results["metric"] == "map")))
-  titles = {"top1": "Test top-1 (%)", "top5": "Test top-5 (%)", "map": "Test 11-pt mAP (%)"}
+  titles = {"top1": "Test top-1 (%)", "top5": "Test top-5 (%)", "map": "Test 11-pt mAP (%)",
+            "accuracy": "Test accuracy (%)", "f1": "Test F1 (%)",
+            "matthews": "Test Matthews corr. (×100)", "pearson": "Test Pearson (×100)"}
   lines = []
   if "downstream_dataset" in results:
     lines.append(f"Downstream: **{results['downstream_dataset']}**, pretext: "

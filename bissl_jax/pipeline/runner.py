@@ -116,6 +116,8 @@ def banner(config, workdir: str, *, source: str, resumed: bool) -> str:
   devices = jax.devices()
   mesh = parallel.make_mesh()
   kinds = sorted({d.device_kind for d in devices})
+  text = config.data.downstream_dataset in _text_datasets()
+  size = f"{config.data.context} tokens" if text else f"{config.data.image_size} px"
   state = ("resumed: finished stages are loaded, an unfinished one continues from its "
            "checkpoint" if resumed else "fresh")
   return "\n".join([
@@ -124,8 +126,13 @@ def banner(config, workdir: str, *, source: str, resumed: bool) -> str:
       + " x ".join(f"{name}={size}" for name, size in mesh.shape.items()),
       f"  config   {source} (stages={config.stages}, downstream "
       f"{config.data.downstream_dataset}, pretext {config.data.pretext_dataset}, "
-      f"{config.data.image_size} px, seeds {tuple(config.seeds)})",
+      f"{size}, seeds {tuple(config.seeds)})",
       f"  workdir  {workdir} ({state})"])
+
+
+def _text_datasets():
+  from bissl_jax.data import text_sets  # pylint: disable=g-import-not-at-top
+  return text_sets.TEXT_DATASETS
 
 
 def run(config, workdir: str, *, bissl_callback: Optional[Callable] = None,

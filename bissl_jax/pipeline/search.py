@@ -6,8 +6,11 @@ the pair with the best validation score; the chosen pair is then retrained with
 several seeds and reported on test. Here the choice is automatic: the highest
 best-epoch validation score, ties broken by the lower validation loss (the paper
 sometimes overrode the top pair by hand to trade a little accuracy for a lower
-loss; that judgement is not automated).
+loss; that judgement is not automated). The thesis's GPT experiments (§7.1.2) use a
+fixed grid instead (8 learning rates × 4 weight decays): :func:`grid_configs`, given
+to :func:`random_search` as ``pairs``.
 """
+import itertools
 import json
 import math
 import os
@@ -52,6 +55,12 @@ def sample_configs(num_configs: int, *, lr_range: Tuple[float, float],
   return [(float(math.exp(a)), float(math.exp(b))) for a, b in zip(log_lr, log_wd)]
 
 
+def grid_configs(lrs: Sequence[float], weight_decays: Sequence[float]
+                 ) -> List[Tuple[float, float]]:
+  """Every (lr, weight decay) pair of the two lists, learning rate outermost."""
+  return [(float(lr), float(wd)) for lr, wd in itertools.product(lrs, weight_decays)]
+
+
 def select(trials: Sequence[Trial]) -> Trial:
   """The trial with the highest validation score; ties go to the lower validation loss.
 
@@ -67,7 +76,8 @@ def select(trials: Sequence[Trial]) -> Trial:
 def random_search(evaluate: Callable[[float, float], Tuple[float, float]], *,
                   num_configs: int, lr_range: Tuple[float, float],
                   wd_range: Tuple[float, float], seed: int,
-                  record_path: Optional[str] = None) -> SearchResult:
+                  record_path: Optional[str] = None,
+                  pairs: Optional[Sequence[Tuple[float, float]]] = None) -> SearchResult:
   """Runs ``evaluate(lr, wd) -> (val_score, val_loss)`` on sampled pairs and picks one.
 
   With ``record_path`` every finished trial is appended to a JSON file, and a rerun
@@ -81,11 +91,14 @@ def random_search(evaluate: Callable[[float, float], Tuple[float, float]], *,
     wd_range: weight-decay range, sampled log-uniformly.
     seed: sampling seed.
     record_path: optional JSON file of finished trials.
+    pairs: the (lr, wd) pairs to try, e.g. :func:`grid_configs`; None samples
+      ``num_configs`` from the ranges.
 
   Returns:
     The :class:`SearchResult`.
   """
-  pairs = sample_configs(num_configs, lr_range=lr_range, wd_range=wd_range, seed=seed)
+  if pairs is None:
+    pairs = sample_configs(num_configs, lr_range=lr_range, wd_range=wd_range, seed=seed)
   done = load_trials(record_path) if record_path else []
   trials: List[Trial] = []
   for i, (lr, wd) in enumerate(pairs):

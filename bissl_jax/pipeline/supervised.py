@@ -21,7 +21,12 @@ bit. Without a mask every leaf trains, as before.
 
 Inputs, losses and logits come from the run's downstream task (``ctx.downstream``,
 a :class:`bissl_jax.protocols.DownstreamTask`), the same one BiSSL's upper level
-differentiates. The loops are :func:`bissl_jax.pipeline.stage_loop.run_stage`.
+differentiates; each reads the batch entry its ``input_key`` names (images, or
+tokens for a GPT's :class:`bissl_jax.text_tasks.TextTask`), and a text run scores
+with ``ctx.scorer`` (the GLUE metrics). The optimizer is ``head_warmup.optimizer`` /
+``finetune.optimizer`` (SGD as above, or Adam for GPT with a linear warm-up over
+``finetune.warmup_fraction`` of the steps). The loops are
+:func:`bissl_jax.pipeline.stage_loop.run_stage`.
 
 The learning rate and weight decay enter the compiled step as arguments
 (``optax.inject_hyperparams``), so the random search's trials, both pipelines and
@@ -60,19 +65,21 @@ class FinetuneResult(NamedTuple):
   best_epoch: int
 
 
-def sgd_with_hyperparams(momentum: float, params: Optional[PyTree] = None,
-                         trainable: Optional[PyTree] = None) -> optax.GradientTransformation:
-  """SGD + coupled weight decay whose LR and weight decay are set at every step.
+def optimizer_with_hyperparams(name: str, momentum: float, params: Optional[PyTree] = None,
+                               trainable: Optional[PyTree] = None
+                               ) -> optax.GradientTransformation:
+  """The optimizer ``name`` (``optim.by_name``) whose LR and weight decay are set at every step.
 
-  With ``params`` (a tree of top-level groups), one SGD per group through
-  :func:`bissl_jax.partition.level_optimizer`: leaves ``trainable`` marks False get
-  no update, no decay and no state.
+  'sgd' (the paper): SGD + coupled weight decay; 'adam' (GPT): Adam with decoupled
+  weight decay off biases and norms. With ``params`` (a tree of top-level groups),
+  one optimizer per group through :func:`bissl_jax.partition.level_optimizer`:
+  leaves ``trainable`` marks False get no update, no decay and no state.
   """
   def make(learning_rate, weight_decay):
-    sgd = optim.sgd(learning_rate, weight_decay=weight_decay, momentum=momentum)
+    tx = optim.by_name(name, learning_rate, weight_decay=weight_decay, momentum=momentum)
     if params is None:
-      return sgd
-    return partition.level_optimizer({g: sgd for g in params}, params, trainable)
+      return tx
+    return partition.level_optimizer({g: tx for g in params}, params, trainable)
 
   return optax.inject_hyperparams(make)(learning_rate=0.0, weight_decay=0.0)
 
@@ -124,10 +131,10 @@ def _head_step(task, tx, mask, state: LevelState, backbone, images, labels, rng,
   return state, {"loss": loss}
 
 
-def level_optimizer(ctx: StageContext, momentum: float, params: PyTree):
+def level_optimizer(ctx: StageContext, name: str, momentum: float, params: PyTree):
   """``(tx, trainable mask)`` of a warm-up or fine-tuning tree under ``ctx.model``."""
   mask = protocols.trainable_mask(ctx.model, params)
-  return sgd_with_hyperparams(momentum, params, mask), mask
+  return optimizer_with_hyperparams(name, momentum, params, mask), mask
 
 
 def _eval_logits(task, params, batch_stats, images):
@@ -145,11 +152,12 @@ def predict(ctx: StageContext, params: PyTree, batch_stats: PyTree, dataset) -> 
       functools.partial(_eval_logits, ctx.downstream)))
   bs = ctx.config.evaluate.batch_size
   params, batch_stats = ctx.replicate((params, batch_stats))
+  key = protocols.input_key(ctx.downstream)
   out = []
   for start in range(0, len(dataset), bs):
     idx = np.arange(start, min(start + bs, len(dataset)))
     padded = np.concatenate([idx, np.zeros(bs - len(idx), idx.dtype)])
-    logits = fn(params, batch_stats, ctx.shard(dataset.batch(padded)["image"]))
+    logits = fn(params, batch_stats, ctx.shard(dataset.batch(padded)[key]))
     out.append(np.asarray(jax.device_get(logits))[:len(idx)])
   return np.concatenate(out).astype(np.float64)
 
@@ -159,9 +167,12 @@ def evaluate(ctx: StageContext, params: PyTree, batch_stats: PyTree, dataset) ->
 
   Returns:
     ``{'top1', 'top5', 'score', 'loss'}``, or ``{'map', 'score', 'loss'}`` for
-    multi-label sets; 'score' is the model-selection metric.
+    multi-label sets, or what ``ctx.scorer`` gives (text: the GLUE metric and
+    accuracy); 'score' is the model-selection metric.
   """
   logits = predict(ctx, params, batch_stats, dataset)
+  if ctx.scorer is not None:
+    return ctx.scorer(logits, dataset.labels)
   out = metrics_lib.classification_metrics(
       logits, dataset.labels, multilabel=ctx.multilabel,
       ignore=getattr(dataset, "difficult", None))
@@ -228,22 +239,25 @@ def warmup_head(ctx: StageContext, backbone: dict, train_set, *, seed: int, name
   spe = check_size(len(train_set), cfg.batch_size, "head_warmup.batch_size",
                    "the downstream training split")
   head = {"downstream_head": fresh_head(ctx, seed)}
-  tx, mask = level_optimizer(ctx, cfg.momentum, head)
-  step_fn = ctx.cached(("head_step", cfg.momentum), lambda: jax.jit(functools.partial(
-      _head_step, ctx.downstream, tx, mask)))
+  tx, mask = level_optimizer(ctx, cfg.optimizer, cfg.momentum, head)
+  step_fn = ctx.cached(("head_step", cfg.optimizer, cfg.momentum), lambda: jax.jit(
+      functools.partial(_head_step, ctx.downstream, tx, mask)))
   frozen = ctx.replicate(backbone)
   base_key = jax.random.key(derive_seed(seed, "warmup_aug"))
   lr, wd = jnp.float32(cfg.lr), jnp.float32(cfg.weight_decay)  # constant LR (paper)
+  key = protocols.input_key(ctx.downstream)
 
   def step(state, i, batch):
     batch = ctx.shard(batch)
-    return step_fn(state, frozen, batch["image"], batch["label"],
+    return step_fn(state, frozen, batch[key], batch["label"],
                    jax.random.fold_in(base_key, i), lr, wd)
 
   stage = stage_loop.Stage(
-      name=name, total_steps=cfg.epochs * spe, step=step,
+      # A fraction of an epoch is allowed (the thesis's GLUE warm-up: 10% or 50%).
+      name=name, total_steps=max(1, int(round(cfg.epochs * spe))), step=step,
       data=stage_loop.epoch_data(train_set, cfg.batch_size, seed=derive_seed(seed, "warmup_data"),
-                                 steps_per_epoch=spe, total_steps=cfg.epochs * spe),
+                                 steps_per_epoch=spe,
+                                 total_steps=max(1, int(round(cfg.epochs * spe)))),
       logger=ctx.logger, log_every=ctx.config.log_every, steps_per_epoch=spe,
       checkpoint_dir=os.path.join(directory, "ckpt") if directory else None,
       checkpoint_every=ctx.config.checkpoint_every,
@@ -292,22 +306,27 @@ def finetune(ctx: StageContext, backbone: dict, splits: dict, *, lr: float,
   spe = check_size(len(train_set), cfg.batch_size, "finetune.batch_size",
                    "the downstream training split")
   params = {"backbone": backbone["params"], "downstream_head": fresh_head(ctx, seed)}
-  tx, mask = level_optimizer(ctx, cfg.momentum, params)
-  step_fn = ctx.cached(("finetune_step", cfg.momentum), lambda: jax.jit(functools.partial(
-      _finetune_step, ctx.downstream, tx, mask)))
+  tx, mask = level_optimizer(ctx, cfg.optimizer, cfg.momentum, params)
+  step_fn = ctx.cached(("finetune_step", cfg.optimizer, cfg.momentum), lambda: jax.jit(
+      functools.partial(_finetune_step, ctx.downstream, tx, mask)))
   fresh = {
       "level": LevelState(params, backbone["batch_stats"], tx.init(params),
                           jnp.zeros((), jnp.int32)),
       "best": {"params": params, "batch_stats": backbone["batch_stats"]},
       "record": {"best_score": -math.inf, "best_loss": math.inf, "best_epoch": -1}}
-  # Cosine from lr to 0 over all steps, evaluated on the host (one executable for any lr).
-  schedule = optim.cosine_schedule(1.0, total_steps=epochs * spe, final_ratio=0.0)
+  # Cosine from lr to 0 over all steps (after a linear warm-up over
+  # finetune.warmup_fraction of them, GPT's), evaluated on the host (one executable
+  # for any lr).
+  schedule = optim.warmup_cosine_schedule(
+      1.0, warmup_steps=int(round(cfg.warmup_fraction * epochs * spe)),
+      total_steps=epochs * spe, final_ratio=0.0)
   base_key = jax.random.key(derive_seed(seed, "finetune_aug"))
   wd = jnp.float32(weight_decay)
+  key = protocols.input_key(ctx.downstream)
 
   def step(state, i, batch):
     batch = ctx.shard(batch)
-    level, metrics = step_fn(state["level"], batch["image"], batch["label"],
+    level, metrics = step_fn(state["level"], batch[key], batch["label"],
                              jax.random.fold_in(base_key, i),
                              jnp.float32(lr * float(schedule(i))), wd)
     return dict(state, level=level), metrics
