@@ -11,9 +11,9 @@ h being the marginal cost of one Hessian-vector product and d that of one downst
 gradient (both measured here, in seconds, then expressed in plain steps). The floor
 leaves out the operator build (one pretext gradient per stage), the product that
 the residual diagnostic spends on the steps that check it (every
-``config.bissl.residual_every``-th), and the optimizers. Target: ≤ 1.1× the floor.
-A second layerwise_cg stage checks the residual on every step, which is what each
-step paid before ``residual_every`` existed.
+``config.bissl.residual_every``-th; every step by default), and the optimizers.
+Target: ≤ 1.1× the floor. A second layerwise_cg stage checks the residual on every
+4th step only (``residual_every=4``), to measure what that saves.
 
 Two drivers run the upper stage:
 
@@ -194,7 +194,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[common.Table]:
   base = common.make_setup(problem, solver="layerwise_cg", cg_iters=cg_iters,
                            lower_steps=n_lower, upper_steps=n_upper)
   variants = {"layerwise_cg": base,
-              "layerwise_cg, residual every step": dataclasses.replace(base, residual_every=1)}
+              "layerwise_cg, residual every 4th step": dataclasses.replace(base, residual_every=4)}
   checks = sum(bool(upper_level.residual_due(base, i)) for i in range(n_upper))
   if not tiny:  # --tiny is the smoke test, whose limit is compile time
     variants["cg, cold start"] = dataclasses.replace(base, solver="cg", warm_start=False)
@@ -319,9 +319,9 @@ def main(argv: Optional[Sequence[str]] = None) -> List[common.Table]:
       [f"lower stage: {n_lower} lower steps", med("lower stage"), steps("lower stage")],
       [f"upper stage ({n_upper} steps, {cg_iters} iterations, layerwise_cg, pieces driver)",
        med("stage: layerwise_cg"), steps("stage: layerwise_cg")],
-      [f"the same with the residual checked on every step (default: {checks} of {n_upper})",
-       med("stage: layerwise_cg, residual every step"),
-       steps("stage: layerwise_cg, residual every step")],
+      ["the same with the residual checked on every 4th step only (residual_every=4)",
+       med("stage: layerwise_cg, residual every 4th step"),
+       steps("stage: layerwise_cg, residual every 4th step")],
   ]
   if library_stage is not None:
     alternation_rows.append([f"upper stage, library driver (compile "

@@ -243,9 +243,10 @@ def base_config() -> config_dict.ConfigDict:
   # Off by default (the paper has no guard): replace a solution whose relative
   # residual ‖Ax − v‖/‖v‖ exceeds 1 by v itself (first order), and count it.
   config.bissl.residual_guard = False
-  # The relative residual ‖Ax − v‖/‖v‖ costs one more product per solve: recompute it
-  # on every k-th upper step only (1: every step, 0: never; the guard forces 1).
-  config.bissl.residual_every = 4
+  # The relative residual ‖Ax − v‖/‖v‖ costs one more product per solve: k > 1
+  # recomputes it on every k-th upper step only (1: every step, 0: never; the guard
+  # forces 1). 1 keeps every recorded result's compiled program, and so its rounding.
+  config.bissl.residual_every = 1
   # solver='mfac' (BiSSLight): m stored pretext gradients (None: N_L), block rule
   # ('per_leaf', 'per_layer' or 'global') and storage dtype ('float32', 'bfloat16').
   config.bissl.mfac_history = config_dict.placeholder(int)

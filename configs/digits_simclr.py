@@ -81,7 +81,6 @@ def get_config(arg: str = ""):
   config.bissl.lower_steps = 4
   config.bissl.upper_steps = 2
   config.bissl.cg_iters = 3
-  config.bissl.residual_every = 2   # the last upper step of every alternation
   config.bissl.lower_lr = 0.5
   config.bissl.pretext_batch_size = 64
   config.bissl.downstream_batch_size = 64
