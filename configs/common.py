@@ -131,6 +131,9 @@ def base_config() -> config_dict.ConfigDict:
   config.data.val_fraction = 0.2   # stratified, only where a dataset has no validation split
   config.data.split_seed = 0       # one split for every seed and both pipelines
   config.data.max_train_examples = config_dict.placeholder(int)  # smoke runs: subsample train
+  # Few-label studies: labelled downstream training images per class (None: all),
+  # drawn with config.seed; the pretext set keeps every training image.
+  config.data.labels_per_class = config_dict.placeholder(int)
 
   config.model = config_dict.ConfigDict()
   config.model.arch = "resnet50"
@@ -396,6 +399,8 @@ FIELD_HELP = {
     "data.val_fraction": "stratified share of train held out where a set has no validation split",
     "data.split_seed": "seed of that held-out split (one split for every seed and pipeline)",
     "data.max_train_examples": "subsample the training split to this many images (smoke runs)",
+    "data.labels_per_class": "keep this many labelled downstream training images per class "
+                             "(None: all; drawn with seed); pretext data keeps all",
     "model.arch": "backbone architecture",
     "model.width_multiplier": "channel width multiplier of the backbone",
     "model.cifar_stem": "3x3 stem without max-pool (small images)",
