@@ -14,9 +14,10 @@ seed (a ``stages='pretext'`` run). Layout::
 
 A killed study picks up where it stopped: a cell with ``cell.json`` is never run
 again, and an unfinished one resumes inside its stages (the pipeline's checkpoints).
-The sensitivity cells run the same cells on ``D`` simulated CPU devices (a
-subprocess with ``--xla_force_host_platform_device_count``): the same computation
-with another summation order, so their drift is the float-rounding noise floor.
+The sensitivity cells run the same cells on ``D`` simulated CPU devices (a second
+process, beside the grid, with ``--xla_force_host_platform_device_count``): the
+same computation with another summation order, so their drift is the
+float-rounding noise floor.
 The report (tables, plot) is :mod:`bissl_jax.pipeline.study_report`.
 """
 import copy
@@ -233,16 +234,22 @@ def run_cells(config, cells: Sequence[Cell], workdir: str, *,
   return records
 
 
-def run_sensitivity_subprocess(argv: Sequence[str], devices: int) -> None:
-  """Reruns this study command with ``--part=sensitivity`` on ``devices`` CPU devices."""
+def start_sensitivity_subprocess(argv: Sequence[str], devices: int,
+                                 log_path: str) -> subprocess.Popen:
+  """Starts this study command with ``--part=sensitivity`` on ``devices`` CPU devices.
+
+  It runs beside the main grid (a second process, on the pretext models already
+  there) and writes its progress to ``log_path``.
+  """
   env = dict(os.environ)
   env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
                       f" --xla_force_host_platform_device_count={devices}").strip()
   env["JAX_PLATFORMS"] = "cpu"
   args = [a for a in argv if not a.startswith("--part")] + ["--part=sensitivity"]
-  subprocess.run([sys.executable, "-m", "experiments.study"] + args, env=env, check=True,
-                 cwd=os.path.dirname(os.path.dirname(os.path.dirname(
-                     os.path.abspath(__file__)))))
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  log = open(log_path, "a")  # pylint: disable=consider-using-with  (the child owns it)
+  return subprocess.Popen([sys.executable, "-m", "experiments.study"] + list(args), env=env,
+                          cwd=root, stdout=log, stderr=subprocess.STDOUT)
 
 
 def run_study(config, workdir: str, *, results_path: Optional[str] = None,
@@ -287,15 +294,24 @@ def run_study(config, workdir: str, *, results_path: Optional[str] = None,
   if jax.device_count() != 1:
     raise RuntimeError(f"The study's main grid runs on 1 device; this process has "
                        f"{jax.device_count()}. Unset XLA_FLAGS' device count.")
-  for k, variants in enumerate(variant_passes(config.study)):
-    run_cells(config, grid(config.study), workdir, variants=variants, on_cell=report,
-              bissl_callback=bissl_callback)
-    pending = [c for c in sensitivity_cells(config.study)
-               if not os.path.exists(os.path.join(workdir, c.name, CELL_RECORD))]
-    if k == 0 and part == "all" and pending:
-      # Right after the main comparison: the noise floor it is read against.
-      run_sensitivity_subprocess(argv, pending[0].devices)
-      report()
+  pending = [c for c in sensitivity_cells(config.study)
+             if not os.path.exists(os.path.join(workdir, c.name, CELL_RECORD))]
+  worker = None
+  if part == "all" and pending:
+    # Every pretext model first, so the sensitivity worker can start at once beside
+    # the grid (it reads them; it never pretrains).
+    for seed in sorted({c.seed for c in grid(config.study) + pending}):
+      pretrain_seed(config, workdir, seed)
+    worker = start_sensitivity_subprocess(argv, pending[0].devices,
+                                          os.path.join(workdir, "sensitivity.log"))
+  try:
+    for variants in variant_passes(config.study):
+      run_cells(config, grid(config.study), workdir, variants=variants, on_cell=report,
+                bissl_callback=bissl_callback)
+  finally:
+    if worker is not None and worker.wait() != 0:
+      print(f"The sensitivity cells stopped (exit status {worker.returncode}); see "
+            f"{os.path.join(workdir, 'sensitivity.log')}. Rerun to resume them.", flush=True)
   report()
   records = collect(workdir)
   results_lib.write_json(os.path.join(workdir, "study.json"),
