@@ -7,12 +7,14 @@ Run (no download, no GPU; resumable: rerun the same command to continue)::
 
 Grid: labelled downstream training images per class L ∈ {5, 10, 25, all (115)} ×
 seeds 0–4; in every cell Only FT, BiSSL+FT with the paper's layer-wise CG, and
-BiSSL+FT with global CG, MINRES, first order (no Hessian) and BiSSLight's M-FAC
-(``pipeline.bissl_variants``). ``jax_cg`` (the same CG recurrence as ``cg``) and
-``neumann`` (a second fixed truncated map) are left out to fit the machine's time.
-Every seed pretrains one SimCLR model that all its cells and methods share.
-Sensitivity: L=10 for every seed, rerun on 8 simulated CPU devices (Only FT and
-BiSSL+FT), the noise floor of float rounding.
+BiSSL+FT with first order (no Hessian), MINRES, BiSSLight's M-FAC and global CG
+(``pipeline.bissl_variants``), added one per pass over the whole grid in that order
+(``study.variant_passes``), so a study stopped early keeps complete passes.
+``jax_cg`` (the same CG recurrence as ``cg``) and ``neumann`` (a second fixed
+truncated map) are left out to fit the machine's time. Every seed pretrains one
+SimCLR model that all its cells and methods share. Sensitivity: L=10, seeds 0–2,
+Only FT and BiSSL+FT rerun on 8 simulated CPU devices in a second process beside
+the grid: the noise floor of float rounding.
 
 The pipeline of a cell is the offline default (``configs/digits_simclr.py``) with
 these changes: downstream batch 32 everywhere (5 labels per class are 50 images),

@@ -173,12 +173,15 @@ def to_markdown(records: Sequence[Mapping], *, config=None, plot_name: Optional[
       ""]
   if config is not None:
     p = config.pipeline
+    full = max((int(r["train_examples"]) for r in records
+                if int(r["labels_per_class"]) == ALL), default="all")
     variants = ", ".join(f"`{k}` ({', '.join(f'{a}={b}' for a, b in v.items())})"
                          for k, v in p.bissl_variants.items())
     lines += [
         "**Setup.** Downstream and pretext data: scikit-learn's digits at "
-        f"{p.data.image_size} px (1,150 train / 288 validation / 359 test). Every seed "
-        f"pretrains one SimCLR model ({p.pretext.epochs} epochs on all 1,150 training "
+        f"{p.data.image_size} px ({full} training images; validation and test are "
+        "the fixed stratified splits of `data.split_seed`). Every seed "
+        f"pretrains one SimCLR model ({p.pretext.epochs} epochs on all {full} training "
         "images, no labels; BatchNorm "
         f"`{p.pretext.bn_grouping}`), which every cell and method of that seed starts "
         "from. A cell keeps *L* labelled training images per class (drawn with the seed; "
@@ -198,10 +201,12 @@ def to_markdown(records: Sequence[Mapping], *, config=None, plot_name: Optional[
   lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for labels in labels_sorted:
     row = [_labels_name(labels)]
+    most = max(s["n"] for s in acc[labels].values())
     for p in pipelines:
       s = acc[labels].get(p)
-      row.append(f"{_pct(s['mean'])} ± {_pct(s['std'])}" if s else "")
-    row.append(str(max(s["n"] for s in acc[labels].values())))
+      fewer = f" (n={s['n']})" if s and s["n"] < most else ""
+      row.append(f"{_pct(s['mean'])} ± {_pct(s['std'])}{fewer}" if s else "")
+    row.append(str(most))
     lines.append("| " + " | ".join(row) + " |")
   lines += ["", "## Paired difference vs. Only FT (percentage points)", "",
             "Paired by seed (the same pretext model, labelled subset, head initialisation "
