@@ -177,3 +177,22 @@ def test_pipeline_reruns_give_identical_results_json(tmp_path):
   assert _without_times(a) | {"plots": None} == _without_times(b) | {"plots": None}
   with open(tmp_path / "a" / "results.json") as fa, open(tmp_path / "b" / "results.json") as fb:
     assert _without_times(json.load(fa)) == _without_times(json.load(fb))
+
+
+def test_labels_per_class_subsets_the_downstream_split_only():
+  from bissl_jax.config_validation import ConfigError, validate_config
+  from bissl_jax.pipeline import load_data
+  config = digits_simclr.get_config("runlocal")
+  config.data.max_train_examples = None
+  config.data.labels_per_class = 3
+  config.seed = 1
+  splits, pretext_set = load_data(config, need_pretext=True, need_downstream=True)
+  assert np.bincount(splits["train"].labels).tolist() == [3] * 10
+  assert len(pretext_set) == 1150                 # every training image, unlabelled
+  full, _ = load_data(digits_simclr.get_config(""), need_pretext=False, need_downstream=True)
+  keep = labels_per_class_subset(full["train"].labels, 3, seed=1)
+  np.testing.assert_array_equal(splits["train"].labels, full["train"].labels[keep])
+  assert len(splits["test"]) == len(full["test"])
+  config.data.labels_per_class = 0
+  with pytest.raises(ConfigError, match="labels_per_class"):
+    validate_config(config)
