@@ -268,13 +268,31 @@ def to_markdown(records: Sequence[Mapping], *, config=None, plot_name: Optional[
                    f"{_fmt(s['residual_p90'])} | {_fmt(s['residual_max'])} | "
                    f"{_fmt(100 * s['share_above_1'], 2)}% | {_fmt(s['ratio_median'])} | "
                    f"{_fmt(s['min_curvature'])} | {_fmt(s['theta_distance'])} |")
-    lines.append("")
+    lines += ["", "For every operator solver (layer-wise CG, CG, MINRES, first order) the "
+              "residual is against the damped Hessian system of the paper. M-FAC solves "
+              "another system (the empirical Fisher of its stored pretext gradients) "
+              "exactly, so its residual, against that system, is ~0 by construction and "
+              "says nothing about the Hessian; first order returns v itself, so its "
+              "residual is ‖A·v − v‖/‖v‖, how far the Hessian term moves the solution.",
+              ""]
   if plot_name:
     lines += [f"![Test accuracy against labels per class]({plot_name})", "",
               "Test top-1 against labelled images per class (log scale; 'all' is the "
               "whole training split), mean over seeds with a ±1 std band.", ""]
   lines += ["## What this says", ""] + summary_lines(
       labels_sorted, paired, names, drift, devices) + [""]
+  lines += [
+      "## Reproducing it", "",
+      "Rerunning the command resumes: a finished cell (`cell.json`) is loaded, an "
+      "unfinished one continues from its stage checkpoints. On one machine and backend "
+      "the same config and seed give the same bits, across reruns and across "
+      "kill-and-resume: `tests/test_study.py` stops a study in the middle of a BiSSL "
+      "stage, resumes it, and compares every cell with an uninterrupted study in a "
+      "fresh directory (equal to the last bit), and runs the tiny pipeline twice "
+      "(equal `results.json`). What is pinned for that is listed in "
+      "`bissl_jax/determinism.py`. Another CPU model, a GPU or another device count "
+      "rounds differently; the noise-floor table above measures how much that moves "
+      "the results.", ""]
   return "\n".join(lines)
 
 
