@@ -18,8 +18,8 @@ the grid: the noise floor of float rounding.
 
 The pipeline of a cell is the offline default (``configs/digits_simclr.py``) with
 these changes: downstream batch 32 everywhere (5 labels per class are 50 images),
-head warm-up and fine-tuning for a number of steps rather than epochs (epochs
-scaled to the labelled set), the BiSSL variants above.
+head warm-up and fine-tuning for at least 35 and 105 steps and at least the default's
+5 and 10 epochs (few labels make one-step epochs), the BiSSL variants above.
 
 Cost and result: see docs/results.md (written by this command).
 
@@ -54,8 +54,9 @@ def get_config(arg: str = ""):
   # Passes over the grid: first Only FT and BiSSL+FT for every cell, then the
   # variants, cheapest first (a study stopped early keeps whole passes).
   config.study.variant_passes = ((), ("first_order",), ("minres",), ("mfac",), ("cg",))
-  config.study.head_warmup_steps = 35    # 1 epoch of the full split at batch 32
-  config.study.finetune_steps = 105      # 3 epochs of the full split at batch 32
+  # At least this many steps and at least the pipeline's epochs (5 and 10 here).
+  config.study.head_warmup_steps = 35
+  config.study.finetune_steps = 105
   config.study.sensitivity = config_dict.ConfigDict()
   config.study.sensitivity.devices = 8   # 0 or 1: no sensitivity cells
   config.study.sensitivity.labels_per_class = 10

@@ -61,8 +61,9 @@ def test_labels_per_class_subset_is_balanced_nested_and_seeded():
 
 def test_epochs_for_gives_at_least_the_steps():
   assert study.epochs_for(175, 50, 32, default=10) == 175     # 1 step per epoch
-  assert study.epochs_for(175, 1150, 32, default=10) == 5     # 35 steps per epoch
-  assert study.epochs_for(None, 1150, 32, default=10) == 10
+  assert study.epochs_for(175, 250, 32, default=10) == 25     # 7 steps per epoch
+  assert study.epochs_for(175, 1150, 32, default=10) == 10    # never fewer than the default
+  assert study.epochs_for(None, 1150, 32, default=3) == 3
   with pytest.raises(ValueError, match="fewer than the batch"):
     study.epochs_for(10, 20, 32, default=1)
 

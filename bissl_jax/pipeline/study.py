@@ -74,7 +74,12 @@ def pretext_output(workdir: str, seed: int) -> str:
 
 def epochs_for(steps: Optional[int], num_examples: int, batch_size: int,
                default: int) -> int:
-  """Epochs that give at least ``steps`` optimizer steps (``default`` when steps is None)."""
+  """At least ``default`` epochs and at least ``steps`` optimizer steps (None: ``default``).
+
+  Few labels make short epochs: 50 images at batch 32 are one step. The step floor
+  gives every cell a comparable number of updates; the epoch floor keeps the whole
+  split's cell as long as the pipeline config's own run.
+  """
   if steps is None:
     return int(default)
   per_epoch = num_examples // batch_size
@@ -82,7 +87,7 @@ def epochs_for(steps: Optional[int], num_examples: int, batch_size: int,
     raise ValueError(f"{num_examples} labelled training images are fewer than the batch "
                      f"size {batch_size}: lower the downstream batch sizes of the study "
                      f"config or raise its smallest labels_per_class.")
-  return max(1, math.ceil(int(steps) / per_epoch))
+  return max(int(default), math.ceil(int(steps) / per_epoch))
 
 
 def train_size(train_labels, labels_per_class: int, seed: int) -> int:
