@@ -223,8 +223,10 @@ def to_markdown(records: Sequence[Mapping], *, config=None, plot_name: Optional[
     row = [title]
     for p in others:
       d = table.get(p)
-      row.append(f"{100 * d['mean']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}] "
-                 f"{d['wins']}/{d['n']} {verdict(d)}" if d else "")
+      interval = (f"[{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"
+                  if d and np.isfinite(d["low"]) else "[n/a]")
+      row.append(f"{100 * d['mean']:+.1f} {interval} {d['wins']}/{d['n']} {verdict(d)}"
+                 if d else "")
     return "| " + " | ".join(row) + " |"
 
   for labels in labels_sorted:
