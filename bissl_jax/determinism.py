@@ -13,6 +13,12 @@ when:
 * every host loop sums in a fixed order (the pipeline's metrics and data stacks do:
   NumPy over arrays in index order, one permutation per epoch from the seed).
 
+Checked on the 2-core AMD EPYC development CPU (2026-12-01): two fresh processes of
+``python -m experiments.main --config=configs/digits_simclr.py:runlocal
+--config.seeds='(0,)'`` wrote equal ``results.json`` and equal ``metrics.jsonl``
+records (every logged loss, gradient norm and solver residual, timestamps aside);
+tests/test_study.py checks the same within one process, with a kill-and-resume.
+
 What is *not* the same across machines or backends: the summation order of XLA's
 kernels (another CPU model, a GPU, another device count). docs/results.md measures
 how far that rounding moves a run.
