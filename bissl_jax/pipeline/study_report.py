@@ -283,7 +283,19 @@ def to_markdown(records: Sequence[Mapping], *, config=None, plot_name: Optional[
               "Test top-1 against labelled images per class (log scale; 'all' is the "
               "whole training split), mean over seeds with a ±1 std band.", ""]
   lines += ["## What this says", ""] + summary_lines(
-      labels_sorted, paired, names, drift, devices) + [""]
+      labels_sorted, paired, names, drift, devices)
+  if config is not None:
+    seeds = len(config.study.seeds)
+    short = sorted({names[p] for t in acc.values() for p, st in t.items() if st["n"] < seeds})
+    missing = sorted(set(config.pipeline.bissl_variants) - {
+        p[len("bissl_"):] for p in names if p.startswith("bissl_")})
+    if short:
+      lines.append(f"- Stopped before every cell had all {seeds} seeds: "
+                   f"{', '.join(short)} (their n is given above).")
+    if missing:
+      lines.append(f"- Configured but not run (the study was stopped first): "
+                   f"{', '.join(missing)}.")
+  lines.append("")
   lines += [
       "## Reproducing it", "",
       "Rerunning the command resumes: a finished cell (`cell.json`) is loaded, an "
@@ -308,6 +320,13 @@ def summary_lines(labels_sorted, paired, names, drift, devices) -> List[str]:
       words.setdefault(verdict(d), []).append(f"{names[p]} ({100 * d['mean']:+.1f})")
     parts = "; ".join(f"{v}: {', '.join(ps)}" for v, ps in sorted(words.items()))
     out.append(f"- {_labels_name(labels)} labels per class — {parts}.")
+  tested = [d for labels in labels_sorted for d in paired[labels].values()
+            if verdict(d) != "too few seeds"]
+  if tested:
+    excluding = sum(verdict(d) in ("better", "worse") for d in tested)
+    out.append(f"- {excluding} of the {len(tested)} intervals above exclude 0. Each is a "
+               f"95% interval, so with no real difference anywhere about "
+               f"{0.05 * len(tested):.1f} of {len(tested)} would exclude 0 by chance alone.")
   floor = [d["max_abs"] for t in drift.values() for d in t.values()]
   if floor:
     out.append(f"- Float rounding alone ({devices} devices instead of 1) moves a single "
