@@ -284,6 +284,13 @@ def to_markdown(records: Sequence[Mapping], *, config=None, plot_name: Optional[
               "whole training split), mean over seeds with a ±1 std band.", ""]
   lines += ["## What this says", ""] + summary_lines(
       labels_sorted, paired, names, drift, devices)
+  if solver:
+    shares = ", ".join(f"{names[p]} {100 * solver[p]['share_above_1']:.0f}% (median "
+                       f"{_fmt(solver[p]['residual_median'])})"
+                       for p in pipelines if p in solver and "mfac" not in p
+                       and "first_order" not in p)
+    lines.append(f"- Share of alternations whose solve ends with a relative residual above "
+                 f"1 (v_IG further from the solution than 0): {shares}.")
   if config is not None:
     seeds = len(config.study.seeds)
     short = sorted({names[p] for t in acc.values() for p, st in t.items() if st["n"] < seeds})
