@@ -18,6 +18,7 @@ INSTALL_REQUIRES = [
     "tqdm>=4.66",          # progress bars
     "tensorboardX>=2.6",   # TensorBoard logs without TensorFlow
     "matplotlib>=3.8",
+    "scipy>=1.10",         # t quantiles of the study's confidence intervals
 ]
 
 setup(

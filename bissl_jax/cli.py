@@ -312,11 +312,13 @@ def _run_main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   # Imported after flag parsing so --help stays fast.
+  from bissl_jax import determinism  # pylint: disable=g-import-not-at-top
   from bissl_jax import parallel  # pylint: disable=g-import-not-at-top
   from bissl_jax.pipeline import run  # pylint: disable=g-import-not-at-top
 
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+  determinism.pin()  # before the backend starts (bissl_jax/determinism.py)
   with error_boundary(_DEBUG.value or debug_requested()):
     parallel.initialize_multihost()
     # Cluster pre-emption sends SIGTERM, a user Ctrl-C: both are recorded, never

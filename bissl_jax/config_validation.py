@@ -283,6 +283,8 @@ def validate_config(config: Any, *, num_devices: Optional[int] = None) -> Any:
       bad("data.val_fraction", "must lie strictly between 0 and 1 (paper: 0.2).")
   if not missing("data.max_train_examples") and _get(config, "data.max_train_examples") is not None:
     positive("data.max_train_examples")
+  if not missing("data.labels_per_class") and _get(config, "data.labels_per_class") is not None:
+    positive("data.labels_per_class")
   choice("model.arch", choices["model.arch"])
   choice("model.pool", choices["model.pool"])
   choice("model.posemb", choices["model.posemb"])

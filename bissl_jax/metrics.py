@@ -153,3 +153,31 @@ def summarize(values: Sequence[float]) -> dict[str, float]:
     raise ValueError('summarize needs at least one value.')
   std = float(np.std(values, ddof=1)) if values.size > 1 else 0.0
   return {'mean': float(values.mean()), 'std': std, 'n': int(values.size)}
+
+
+def paired_difference(treated: Sequence[float], control: Sequence[float], *,
+                      confidence: float = 0.95) -> dict[str, float]:
+  """Mean of ``treated − control`` over paired runs, with its t confidence interval.
+
+  Pairs are matched by position (one seed each). The interval is
+  ``mean ± t_{n−1}((1+confidence)/2) · sd / sqrt(n)`` (sd with ddof=1); with one
+  pair it is (nan, nan).
+
+  Returns:
+    ``{'mean', 'std', 'n', 'low', 'high', 'wins'}``; ``wins`` counts the pairs with
+    ``treated > control``.
+  """
+  from scipy import stats  # pylint: disable=import-outside-toplevel  (only the study needs it)
+  treated = np.asarray(treated, np.float64).reshape(-1)
+  control = np.asarray(control, np.float64).reshape(-1)
+  if treated.shape != control.shape or not treated.size:
+    raise ValueError(f'paired_difference needs two equally long, non-empty lists; got '
+                     f'{treated.size} and {control.size} values.')
+  diff = treated - control
+  out = summarize(diff)
+  n = out['n']
+  half = (float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * out['std'] / math.sqrt(n)
+          if n > 1 else float('nan'))
+  out.update(low=out['mean'] - half, high=out['mean'] + half,
+             wins=int(np.sum(diff > 0)))
+  return out

@@ -246,3 +246,50 @@ def plot_run(workdir: str, out_dir: Optional[str] = None) -> List[str]:
                                      ylabel="validation score (top-1 or mAP)")
     paths += [written] if written else []
   return paths
+
+
+# ----------------------------------------------------------------------------- study
+
+def plot_band_lines(series: Mapping[str, Sequence[Tuple[float, float, float]]], out_path: str,
+                    *, xlabel: str, ylabel: str, title: str,
+                    ticks: Optional[Mapping[float, str]] = None,
+                    log_x: bool = False) -> Optional[str]:
+  """One line per name through ``(x, mean, std)`` points, with a ±std band.
+
+  Args:
+    series: ``{name: [(x, mean, std), ...]}`` (points sorted by x); empty ones skipped.
+    out_path: PNG path.
+    xlabel: x-axis label.
+    ylabel: y-axis label.
+    title: figure title.
+    ticks: optional ``{x: label}`` tick labels (e.g. 'all' for the whole split).
+    log_x: logarithmic x axis.
+
+  Returns:
+    ``out_path``, or None when no series has a point.
+  """
+  fig, axes = new_figure(figsize=(6.5, 4.5))
+  ax = axes[0, 0]
+  drawn = 0
+  for name, points in series.items():
+    if not points:
+      continue
+    x, mean, std = (np.asarray(v, np.float64) for v in zip(*points))
+    (line,) = ax.plot(x, mean, marker="o", markersize=3, label=name)
+    ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.15)
+    drawn += 1
+  if not drawn:
+    return None
+  if log_x:
+    ax.set_xscale("log")
+  if ticks:
+    ax.set_xticks(sorted(ticks))
+    ax.set_xticklabels([ticks[k] for k in sorted(ticks)])
+    ax.minorticks_off()
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize="small")
+  fig.tight_layout()
+  return save_figure(fig, out_path)

@@ -141,6 +141,9 @@ def base_config() -> config_dict.ConfigDict:
   config.data.max_chars = 300_000
   config.data.tokenizer_dir = config_dict.placeholder(str)  # vocab.json + merges.txt
   config.data.glue_source = "auto"          # 'auto', 'tfds', 'hf' or 'jsonl'
+  # Few-label studies: labelled downstream training images per class (None: all),
+  # drawn with config.seed; the pretext set keeps every training image.
+  config.data.labels_per_class = config_dict.placeholder(int)
 
   config.model = config_dict.ConfigDict()
   config.model.arch = "resnet50"
@@ -468,6 +471,8 @@ FIELD_HELP = {
     "data.val_fraction": "stratified share of train held out where a set has no validation split",
     "data.split_seed": "seed of that held-out split (one split for every seed and pipeline)",
     "data.max_train_examples": "subsample the training split to this many examples (smoke runs)",
+    "data.labels_per_class": "keep this many labelled downstream training images per class "
+                             "(None: all; drawn with seed); pretext data keeps all",
     "data.loader_workers": ("Grain worker processes decoding the streamed pretext set (ImageNet; "
                             "0: decode in the training process); docs/benchmarks.md has images/s per worker"),
     "data.context": "text: token length k of every sequence (the GPT's context); longer "

@@ -169,11 +169,11 @@ def test_gessl_validation_names_the_fields():
   config.pretext.batch_size = 64
   config.gessl.num_views = 1
   config.gessl.second_level_loss = "l2"
-  config.pretext.optimizer = "adam"
+  config.pretext.optimizer = "nadam"
   with pytest.raises(ConfigError) as err:
     validate_config(config, num_devices=1)
   for text in ("config.pretext.batch_size=64", "config.gessl.num_views=1",
-               "config.gessl.second_level_loss='l2'", "config.pretext.optimizer='adam'"):
+               "config.gessl.second_level_loss='l2'", "config.pretext.optimizer='nadam'"):
     assert text in str(err.value)
   mae = stl10_gessl.get_config()
   mae.pretext.task = "mae"

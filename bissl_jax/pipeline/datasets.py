@@ -3,6 +3,7 @@ import numpy as np
 
 from bissl_jax import data as data_lib
 from bissl_jax.data import text_sets
+from bissl_jax.seeds import derive_seed
 
 
 def load_data(config, need_pretext: bool, need_downstream: bool):
@@ -14,7 +15,9 @@ def load_data(config, need_pretext: bool, need_downstream: bool):
   When pretext and downstream data are the same set (the digits default), the
   pretext data is the downstream *training* split, never validation or test.
   ``data.max_train_examples`` subsamples the training split (fixed by
-  ``data.split_seed``).
+  ``data.split_seed``). ``data.labels_per_class`` then keeps that many labelled
+  images per class in the downstream training split (:func:`labels_per_class_subset`,
+  drawn with ``config.seed``); the pretext set keeps every training image.
 
   Returns:
     ``(splits, pretext_set)``: ``{'train', 'validation', 'test'}`` datasets (or None)
@@ -40,7 +43,7 @@ def load_data(config, need_pretext: bool, need_downstream: bool):
     _subsample_train(splits, d)
   if need_pretext:
     if same:
-      pretext_set = splits["train"]
+      pretext_set = splits["train"]  # unlabelled: every training image, whatever is labelled
     elif pretext_spec.name == "imagenet2012":
       # Too large for host memory: streamed, decoded by Grain worker processes.
       pretext_set = data_lib.open_records(
@@ -50,6 +53,10 @@ def load_data(config, need_pretext: bool, need_downstream: bool):
     else:
       pretext_set = data_lib.load_pretext_split(d.pretext_dataset, data_dir=d.data_dir,
                                                 image_size=d.image_size)
+  if splits is not None and d.get("labels_per_class"):
+    keep = labels_per_class_subset(splits["train"].labels, int(d.labels_per_class),
+                                   seed=int(config.seed))
+    splits["train"] = splits["train"].subset(keep)
   return splits, pretext_set
 
 
@@ -78,3 +85,20 @@ def load_text_data(config, need_pretext: bool, need_downstream: bool):
   if need_pretext:
     pretext_set = text_sets.load_pretext(d.pretext_dataset, d)
   return splits, pretext_set
+
+
+def labels_per_class_subset(labels, per_class: int, *, seed: int) -> np.ndarray:
+  """Sorted indices of ``per_class`` examples of every class (all of a smaller class).
+
+  The examples of each class are ranked by one permutation of ``seed``, so the subsets
+  of one seed are nested (the 5 per class are among the 10 per class).
+  """
+  labels = np.asarray(labels)
+  if labels.ndim != 1:
+    raise ValueError("data.labels_per_class needs single-label data (class indices); "
+                     "unset it for a multi-label set.")
+  if per_class < 1:
+    raise ValueError(f"data.labels_per_class={per_class}: must be >= 1 (None: all labels).")
+  order = np.random.default_rng(derive_seed(seed, "labels_per_class")).permutation(len(labels))
+  keep = [order[labels[order] == c][:per_class] for c in np.unique(labels)]
+  return np.sort(np.concatenate(keep))
