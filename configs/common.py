@@ -438,6 +438,32 @@ def add_gessl_evaluation(config: config_dict.ConfigDict, *,
   return config
 
 
+def apply_gessl_paper_settings(config: config_dict.ConfigDict, *,
+                               runlocal: bool) -> config_dict.ConfigDict:
+  """GeSSL's ResNet pretraining of Appendix C / G.4, shared by the STL-10 and ImageNet configs.
+
+  SGD (momentum 0.9, weight decay 1e-4, LR 0.05) on n = 8 tasks of B = 16 images with
+  A = 5 views, K = 1, λ = 10, the KL second level, all parameters adapted, AID-FD with
+  radius 0.01; the evaluation blocks of :func:`add_gessl_evaluation`. ``runlocal``
+  shrinks it to a smoke run.
+  """
+  config.pretext.batch_size = 128          # n_tasks · classes_per_task
+  config.pretext.optimizer = "sgd"
+  config.pretext.lr = 0.05
+  config.pretext.momentum = 0.9
+  config.pretext.weight_decay = 1e-4
+  config.gessl.enabled = True
+  config.gessl.update(dict(K=1, lam=10, n_tasks=8, classes_per_task=16, num_views=5,
+                           second_level_loss="kl", first_order=False, inner_params="all",
+                           fd_radius=0.01))
+  add_gessl_evaluation(config, probe_epochs=500)
+  if runlocal:
+    apply_runlocal(config, pretext_epochs=0)
+    config.probe.epochs = 2
+    config.fewshot.episodes = 5
+  return config
+
+
 def canonical_dataset(name: str) -> str:
   """The catalogue name of a dataset given by catalogue name, TFDS name or alias."""
   from bissl_jax.data.catalogue import get_spec

@@ -54,18 +54,5 @@ def get_config(arg: str = ""):
   config.model.arch = "resnet50"
   config.pretext.task = args.get("task", "simclr")
   config.pretext.epochs = int(args.get("epochs", 200))
-  config.pretext.batch_size = 128          # n_tasks · classes_per_task
-  config.pretext.optimizer = "sgd"
-  config.pretext.lr = 0.05
-  config.pretext.momentum = 0.9
-  config.pretext.weight_decay = 1e-4
-  config.gessl.enabled = True
-  config.gessl.update(dict(K=1, lam=10, n_tasks=8, classes_per_task=16, num_views=5,
-                           second_level_loss="kl", first_order=False, inner_params="all",
-                           fd_radius=0.01))
-  common.add_gessl_evaluation(config, probe_epochs=500)
-  if "runlocal" in args:
-    common.apply_runlocal(config, pretext_epochs=0)
-    config.probe.epochs = 2
-    config.fewshot.episodes = 5
+  common.apply_gessl_paper_settings(config, runlocal="runlocal" in args)
   return config
