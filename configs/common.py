@@ -464,6 +464,36 @@ def apply_gessl_paper_settings(config: config_dict.ConfigDict, *,
   return config
 
 
+def apply_gpt_recipe(config: config_dict.ConfigDict, *, batch_size: int
+                     ) -> config_dict.ConfigDict:
+  """What the thesis fixes for BiSSL on GPT (§7.1), shared by the language configs.
+
+  Next-token pretext; L_task + 0.5·L_GPT with dropout 0.1; Adam (β = (0.9, 0.999))
+  with weight decay 0.01 on kernels and embeddings in every stage and at both levels;
+  λ = 0.1, δ = 10 and layer-wise CG; one ``batch_size`` everywhere. Learning rates,
+  lengths and the solver's iterations stay with each config.
+  """
+  config.model.lm_weight = 0.5
+  config.model.dropout = 0.1
+  config.pretext.task = "next_token"
+  config.bissl.lam = 0.1
+  config.bissl.damping = 10.0
+  config.bissl.solver = "layerwise_cg"
+  for block, optimizer in (("pretext", "optimizer"), ("head_warmup", "optimizer"),
+                           ("finetune", "optimizer"), ("bissl", "lower_optimizer_name"),
+                           ("bissl", "upper_optimizer_name")):
+    config[block][optimizer] = "adam"
+  for block, decay in (("pretext", "weight_decay"), ("head_warmup", "weight_decay"),
+                       ("bissl", "lower_weight_decay"), ("finetune", "weight_decay"),
+                       ("finetune", "bissl_weight_decay")):
+    config[block][decay] = 0.01
+  for block, field in (("pretext", "batch_size"), ("head_warmup", "batch_size"),
+                       ("bissl", "pretext_batch_size"), ("bissl", "downstream_batch_size"),
+                       ("finetune", "batch_size")):
+    config[block][field] = int(batch_size)
+  return config
+
+
 def canonical_dataset(name: str) -> str:
   """The catalogue name of a dataset given by catalogue name, TFDS name or alias."""
   from bissl_jax.data.catalogue import get_spec

@@ -98,45 +98,25 @@ def get_config(arg: str = ""):
   config.data.max_chars = 10_000_000   # the whole corpus
 
   config.model.arch = "gpt"
-  config.model.lm_weight = 0.5
-  config.model.dropout = 0.1
+  common.apply_gpt_recipe(config, batch_size=64)
 
-  config.pretext.task = "next_token"
-  config.pretext.optimizer = "adam"     # the original pretraining (not rerun here)
   config.pretext.lr = 2.5e-4
-  config.pretext.weight_decay = 0.01
-  config.pretext.batch_size = 64
   config.pretext.epochs = 100
 
-  config.head_warmup.optimizer = "adam"
   config.head_warmup.epochs = HEAD_WARMUP_EPOCHS[task]
-  config.head_warmup.batch_size = 64
   config.head_warmup.lr = 6.25e-5
-  config.head_warmup.weight_decay = 0.01
 
-  config.bissl.lam = 0.1
-  config.bissl.damping = 10.0
-  config.bissl.solver = "layerwise_cg"
   config.bissl.cg_iters = 5
   config.bissl.alternations = 200
   config.bissl.lower_steps = 20
   config.bissl.upper_steps = 4
-  config.bissl.lower_optimizer_name = "adam"
   config.bissl.lower_lr = 5e-6
-  config.bissl.lower_weight_decay = 0.01
-  config.bissl.upper_optimizer_name = "adam"
-  config.bissl.pretext_batch_size = 64
-  config.bissl.downstream_batch_size = 64
   config.bissl.checkpoint_every = 10
 
-  config.finetune.optimizer = "adam"
   config.finetune.epochs = 3
-  config.finetune.batch_size = 64
   config.finetune.warmup_fraction = 0.002
   config.finetune.lr = 6.25e-5
-  config.finetune.weight_decay = 0.01
   config.finetune.bissl_lr = 6.25e-5
-  config.finetune.bissl_weight_decay = 0.01
 
   config.evaluate.batch_size = 64
   config.search.lr_grid = LR_GRID

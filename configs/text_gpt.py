@@ -74,47 +74,27 @@ def get_config(arg: str = ""):
   config.data.max_chars = 300_000
 
   config.model.arch = "gpt_tiny"
-  config.model.lm_weight = 0.5
-  config.model.dropout = 0.1
+  common.apply_gpt_recipe(config, batch_size=32)
 
-  config.pretext.task = "next_token"
-  config.pretext.optimizer = "adam"
   config.pretext.epochs = 6
-  config.pretext.batch_size = 32
   config.pretext.lr = 2.5e-3
-  config.pretext.weight_decay = 0.01
   config.pretext.warmup_epochs = 1
   config.pretext.share_across_seeds = True   # one pretrained GPT for every seed (thesis)
 
-  config.head_warmup.optimizer = "adam"
   config.head_warmup.epochs = 2.0
-  config.head_warmup.batch_size = 32
   config.head_warmup.lr = 1e-3
-  config.head_warmup.weight_decay = 0.01
 
-  config.bissl.lam = 0.1
-  config.bissl.damping = 10.0
-  config.bissl.solver = "layerwise_cg"
   config.bissl.cg_iters = 3
   config.bissl.alternations = 10
   config.bissl.lower_steps = 10
   config.bissl.upper_steps = 4
-  config.bissl.lower_optimizer_name = "adam"
   config.bissl.lower_lr = 2.5e-4
-  config.bissl.lower_weight_decay = 0.01
-  config.bissl.upper_optimizer_name = "adam"
-  config.bissl.pretext_batch_size = 32
-  config.bissl.downstream_batch_size = 32
   config.bissl.checkpoint_every = 8
 
-  config.finetune.optimizer = "adam"
   config.finetune.epochs = 6
-  config.finetune.batch_size = 32
   config.finetune.warmup_fraction = 0.02
   config.finetune.lr = 1e-3
-  config.finetune.weight_decay = 0.01
   config.finetune.bissl_lr = 1e-3
-  config.finetune.bissl_weight_decay = 0.01
 
   config.evaluate.batch_size = 128
   config.search.lr_range = (1e-4, 1e-2)
