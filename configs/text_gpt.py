@@ -36,10 +36,9 @@ Protocol: the full comparison with 3 seeds; the seeds differ in the head
 initialisation, data order, dropout and BiSSL's batches, and both pipelines of a
 seed share them. Results: ``<workdir>/results.md``.
 
-Cost (the command above, 2026-12-01, Python 3.11.7, the shared 2-core AMD EPYC
-development CPU at a load average of 13-18 from other jobs): 616 s wall time, 187 s
-of CPU time for the run's process; on an idle machine expect well under the 10
-minutes.
+Cost (the command above, 2026-12-01, Python 3.11.7, the 2-core AMD EPYC
+development CPU with another run beside it, load average 3.5): 131 s wall time
+(616 s at a load average of 13-18).
 
 Result (3 seeds, test accuracy; corpus sha256 78c06ba3…)::
 
