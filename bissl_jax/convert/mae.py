@@ -34,7 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bissl_jax.convert.torch import LayoutEntry, load_state_dict, strip_prefix, _import_torch
+from bissl_jax.convert.torch import LayoutEntry, check_torch_file, load_state_dict, strip_prefix
+from bissl_jax.convert.torch import _import_torch
 from bissl_jax.convert.torch import _to_flax_layout, _to_torch_layout
 
 PyTree = Any
@@ -44,8 +45,6 @@ OFFICIAL_FILES = {
     "mae_pretrain_vit_large_full.pth": "vit_large_patch16",
     "mae_pretrain_vit_huge_full.pth": "vit_huge_patch14",
 }
-_ZIP_MAGIC = b"PK\x03\x04"
-_PICKLE_PROTO = 0x80
 _LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "bias": "bias"}
 _INDEXED = re.compile(r"((?:decoder_)?blocks)_(\d+)")
 
@@ -66,12 +65,7 @@ def read_checkpoint(source: Union[Mapping[str, Any], str, os.PathLike]
     path = os.fspath(source)
     if not os.path.isfile(path):
       raise FileNotFoundError(f"no MAE checkpoint at {path!r}")
-    with open(path, "rb") as f:
-      head = f.read(4)
-    if not (head.startswith(_ZIP_MAGIC) or (head and head[0] == _PICKLE_PROTO)):
-      raise ValueError(f"{path} is not a PyTorch checkpoint (neither a torch.save zip "
-                       "archive nor a pickle); pass the .pth file of an official MAE "
-                       "release, e.g. mae_pretrain_vit_base_full.pth")
+    check_torch_file(path)  # e.g. mae_pretrain_vit_base_full.pth of the official release
     torch = _import_torch()
     try:
       raw = torch.load(path, map_location="cpu", weights_only=True)

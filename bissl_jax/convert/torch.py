@@ -106,7 +106,7 @@ def _not_a_checkpoint(path: str, why: str) -> str:
           "torch.save(model.state_dict(), path); it may be truncated or another format.")
 
 
-def _check_torch_file(path: str) -> None:
+def check_torch_file(path: str) -> None:
   """Raises ValueError unless ``path`` starts like a file of ``torch.save``."""
   with open(path, "rb") as f:
     head = f.read(4)
@@ -142,7 +142,7 @@ def _load_one(source) -> dict:
     path = os.fspath(source)
     if not os.path.isfile(path):
       raise FileNotFoundError(f"no PyTorch checkpoint at {path!r}")
-    _check_torch_file(path)
+    check_torch_file(path)
     try:
       raw = _import_torch().load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
