@@ -399,8 +399,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[common.Table]:
     stage_checks = sum(bool(upper_level.residual_due(setup, i)) for i in range(n_upper))
     warm_rows.append([name, f"{cg_iters + extra} (+1 on {stage_checks} of {n_upper})",
                       med(f"stage: {name}"), steps(f"stage: {name}"),
-                      float(np.mean(residuals)) if residuals.size else float("nan"),
-                      float(residuals[-1]) if residuals.size else float("nan")])
+                      float(np.mean(residuals)) if residuals.size else "–",
+                      float(residuals[-1]) if residuals.size else "–"])
   warm_table = common.Table(
       title="Upper stage: warm-started vs cold 'cg' and the paper's 'layerwise_cg'",
       columns=["Solver", "products per step", "stage seconds", "plain steps",
@@ -409,7 +409,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[common.Table]:
       notes=["A warm start costs one extra product (A·x₀) per step at a fixed iteration "
              "count; it pays only if it allows fewer iterations (see cg_accuracy).",
              "Residuals here are at the initial (untrained) state, over the checked "
-             "steps (NaN: none checked); cg_accuracy measures them at a pretrained point."])
+             "steps (–: none checked); cg_accuracy measures them at a pretrained point."])
 
   return common.finish("alternation_cost", [alternation_table, breakdown, warm_table], args)
 
