@@ -7,7 +7,6 @@ status 2 (``bissl_jax.cli.error_boundary``); Ctrl-C or SIGTERM stops after savin
 the running stage, and rerunning the same command resumes.
 """
 import os
-import signal
 import sys
 from typing import Sequence
 
@@ -39,7 +38,9 @@ def main(argv: Sequence[str]) -> None:
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   with cli.error_boundary(cli._DEBUG.value or cli.debug_requested()):  # pylint: disable=protected-access
-    signal.signal(signal.SIGTERM, cli._stop_on_sigterm)  # pylint: disable=protected-access
+    # SIGTERM/Ctrl-C are recorded; the running (or next) stage stops after its step.
+    from bissl_jax.pipeline import stage_loop  # pylint: disable=g-import-not-at-top
+    stage_loop.install_stop_handlers()
     try:
       config = cli._CONFIG.value or cli.load_config(DEFAULT_CONFIG)  # pylint: disable=protected-access
       study.run_study(config, flags.FLAGS.workdir, results_path=_RESULTS.value,

@@ -197,3 +197,20 @@ def test_labels_per_class_subsets_the_downstream_split_only():
   config.data.labels_per_class = 0
   with pytest.raises(ConfigError, match="labels_per_class"):
     validate_config(config)
+
+
+def test_study_command_line_runs_its_report_part(tmp_path):
+  # The entry point itself (flags, signal handlers, error boundary), on an empty study:
+  # it must write the report page and exit 0, without a traceback.
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = tmp_path / "results.md"
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.study", "--part=report",
+       f"--workdir={tmp_path / 'study'}", f"--results={out}"],
+      cwd=root, capture_output=True, text=True, timeout=300,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
+  assert out.exists()

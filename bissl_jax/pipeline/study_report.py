@@ -137,6 +137,14 @@ def _fmt(x: float, digits: int = 3) -> str:
   return "n/a" if not np.isfinite(x) else f"{x:.{digits}g}"
 
 
+def _percent(share: float) -> str:
+  """A share as a percentage with two significant digits, never in exponent form."""
+  if not np.isfinite(share):
+    return "n/a"
+  value = 100 * share
+  return f"{value:.0f}%" if value >= 10 else f"{value:.2g}%"
+
+
 def _machine() -> str:
   model = platform.processor() or platform.machine()
   try:
@@ -187,9 +195,9 @@ def to_markdown(records: Sequence[Mapping], *, config=None, plot_name: Optional[
         "from. A cell keeps *L* labelled training images per class (drawn with the seed; "
         "the subsets of one seed are nested); validation (best fine-tuning epoch) and "
         f"test are the full splits. ResNet-18 at width {p.model.width_multiplier}. Head "
-        f"warm-up ≥ {config.study.head_warmup_steps} steps and ≥ {p.head_warmup.epochs} "
+        f"warm-up ≥ {config.study.head_warmup_steps} steps and ≥ {p.head_warmup.epochs:g} "
         f"epochs, fine-tuning ≥ {config.study.finetune_steps} steps and ≥ "
-        f"{p.finetune.epochs} epochs (few labels make one-step epochs), batch "
+        f"{p.finetune.epochs:g} epochs (few labels make one-step epochs), batch "
         f"{p.finetune.batch_size}, LR {p.finetune.lr}, weight decay "
         f"{p.finetune.weight_decay} for every method. BiSSL: T={p.bissl.alternations} "
         f"alternations of N_L={p.bissl.lower_steps} lower and N_U={p.bissl.upper_steps} "
@@ -269,7 +277,7 @@ def to_markdown(records: Sequence[Mapping], *, config=None, plot_name: Optional[
       s = solver[p]
       lines.append(f"| {names[p]} | {s['alternations']} | {_fmt(s['residual_median'])} | "
                    f"{_fmt(s['residual_p90'])} | {_fmt(s['residual_max'])} | "
-                   f"{_fmt(100 * s['share_above_1'], 2)}% | {_fmt(s['ratio_median'])} | "
+                   f"{_percent(s['share_above_1'])} | {_fmt(s['ratio_median'])} | "
                    f"{_fmt(s['min_curvature'])} | {_fmt(s['theta_distance'])} |")
     lines += ["", "For every operator solver (layer-wise CG, CG, MINRES, first order) the "
               "residual is against the damped Hessian system of the paper. M-FAC solves "
