@@ -175,14 +175,12 @@ def reusable(out_dir: str, wanted: Provenance, *, mode: str, name: str,
   changed = differences(wanted.record(), meta.get(RECORD_KEY))
   if not changed:
     return True
-  message = stale_message(name, f"the output in {out_dir}", changed)
-  if mode == "strict":
-    raise ConfigError(f"{message}; --reuse=strict refuses to reuse or replace it. Restore "
-                      f"those values, use a fresh --workdir, or drop --reuse=strict to "
-                      f"recompute this stage and everything after it.")
-  moved = set_aside(stage_dir, [out_dir, os.path.join(stage_dir, "ckpt")] + list(also))
-  print(f"{message}: recomputing this stage and everything downstream of it (the old "
-        f"output is kept in {moved}).", flush=True)
+  _refuse_or_set_aside(
+      stale_message(name, f"the output in {out_dir}", changed), mode,
+      fixes="those values, use a fresh --workdir, or drop --reuse=strict to recompute "
+            "this stage and everything after it",
+      directory=stage_dir, paths=[out_dir, os.path.join(stage_dir, "ckpt")] + list(also),
+      then="recomputing this stage and everything downstream of it (the old output is kept")
   return False
 
 
@@ -198,10 +196,18 @@ def reusable_record(path: str, wanted: Provenance, *, mode: str, name: str) -> b
   changed = differences(wanted.record(), record.get(RECORD_KEY))
   if not changed:
     return True
-  message = stale_message(name, f"the record {path}", changed)
+  _refuse_or_set_aside(
+      stale_message(name, f"the record {path}", changed), mode,
+      fixes="those values or use a fresh --workdir", directory=os.path.dirname(
+          os.path.abspath(path)), paths=[path], then="recomputing it (the old one is kept")
+  return False
+
+
+def _refuse_or_set_aside(message: str, mode: str, *, fixes: str, directory: str,
+                         paths: list, then: str) -> None:
+  """A stale artifact: ``ConfigError`` under ``--reuse=strict``, else moved aside, said."""
   if mode == "strict":
     raise ConfigError(f"{message}; --reuse=strict refuses to reuse or replace it. Restore "
-                      f"those values or use a fresh --workdir.")
-  moved = set_aside(os.path.dirname(os.path.abspath(path)), [path])
-  print(f"{message}: recomputing it (the old one is kept in {moved}).", flush=True)
-  return False
+                      f"{fixes}.")
+  moved = set_aside(directory, paths)
+  print(f"{message}: {then} in {moved}).", flush=True)
