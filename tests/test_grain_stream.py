@@ -4,8 +4,10 @@ The streamed batches must be the in-memory stacks' batches (same order, same
 pixels), split into disjoint and complete per-process shards, fixed by the
 seed, and resumable mid-epoch through the stage loop's checkpoint.
 """
+import functools
 import json
 import os
+import types
 
 import jax
 import jax.numpy as jnp
@@ -345,8 +347,8 @@ def test_prefetched_bissl_levels_resume_on_the_batches_consumed(records, in_memo
   cfg = ml_collections.ConfigDict(dict(lower_steps=2, upper_steps=3, alternations=5,
                                        pretext_batch_size=4, downstream_batch_size=2))
   downstream = in_memory.subset(np.arange(5))
-  place = lambda b: type(b)(*(parallel.shard_batch(x, mesh, 0 if f == 'hvp' else 1)
-                              for f, x in zip(b._fields, b)))
+  ctx = types.SimpleNamespace(shard=lambda tree, axis=0: parallel.shard_batch(tree, mesh, axis))
+  place = functools.partial(bissl_stage.place_batches, ctx)  # what run_bissl prefetches with
   new = lambda: prefetch.PrefetchedData(
       bissl_stage.AlternationData(records, downstream, cfg, seed=0), place, size=2,
       total_steps=5)
@@ -355,6 +357,8 @@ def test_prefetched_bissl_levels_resume_on_the_batches_consumed(records, in_memo
   data = new()
   got = [data.batch(t) for t in range(2)]
   assert isinstance(got[0].pretext, jax.Array)  # placed on the devices
+  assert got[0].pretext.sharding == parallel.batch_sharding(mesh, 1)
+  assert got[0].hvp.sharding == parallel.batch_sharding(mesh, 0)
   position = json.loads(json.dumps(data.position(2)))
   with pytest.raises(ValueError, match='consumed up to step 2'):
     data.position(4)

@@ -71,7 +71,7 @@ def stage_provenance(ctx: StageContext, seed: int, inputs=None) -> provenance.Pr
       ctx.config, ("bissl", "pretext", "model", "data"),
       exclude=[f"bissl.{k}" for k in _RESUME_FREE_FIELDS]
       + [f"pretext.{k}" for k in ("checkpoint", "share_across_seeds", "baseline_epochs")]
-      + ["data.data_dir"])
+      + list(provenance.FEED_FIELDS))
   fields["seed"] = int(seed)
   return provenance.Provenance(fields, dict(inputs or {}))
 

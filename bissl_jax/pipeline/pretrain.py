@@ -117,7 +117,7 @@ def stage_provenance(ctx: StageContext, seed: int, epochs: int, num_examples: in
       ("gessl",) if context_lib.uses_gessl(ctx.config) else ())
   fields = provenance.config_fields(
       ctx.config, groups,
-      exclude=[f"pretext.{k}" for k in _FREE_PRETEXT_FIELDS] + ["data.data_dir"])
+      exclude=[f"pretext.{k}" for k in _FREE_PRETEXT_FIELDS] + list(provenance.FEED_FIELDS))
   fields.update({"epochs": int(epochs), "seed": int(seed), "data.pretext_examples":
                  int(num_examples)})
   return provenance.Provenance(fields)

@@ -206,7 +206,7 @@ def stage_provenance(ctx, section: str, exclude=(), inputs=None, **values
   fields = provenance.config_fields(
       ctx.config, (section, "model", "data"),
       exclude=[f"{section}.{k}" for k in tuple(exclude) + ("init_checkpoint",)]
-      + ["data.data_dir"])
+      + list(provenance.FEED_FIELDS))
   fields.update(values)
   return provenance.Provenance(fields, dict(inputs or {}))
 
