@@ -15,8 +15,8 @@ device (``bissl_jax.augment``).
 **Processes.** Each of ``process_count`` processes (``jax.process_index()``,
 ``jax.process_count()`` by default) decodes only its rows
 ``[p·B/P, (p+1)·B/P)`` of each global batch of ``B``: the shards are disjoint
-and together the whole batch. Assemble the global array with
-``jax.make_array_from_process_local_data``.
+and together the whole batch (:func:`bissl_jax.data.stacks.process_shard`).
+``bissl_jax.parallel.shard_batch`` assembles the global array.
 
 **Resume.** :meth:`BatchStream.get_state` is Grain's iterator state (JSON);
 the stage loop keeps it as its own item of the orbax checkpoint

@@ -6,7 +6,10 @@ upper level's stack (``bissl_jax.data.BatchStack``: reshuffle only when a stage 
 longer fits in the current epoch; a streamed dataset is decoded by Grain workers in
 the same order, ``bissl_jax.data.grain_stream``), and calls the jitted alternation of
 :mod:`bissl_jax.train_state`. The augmentation key of alternation t is
-``fold_in(key, t)``, so the run is a pure function of the seed.
+``fold_in(key, t)``, so the run is a pure function of the seed. Each process draws
+only its rows of every batch (:func:`place_batches` assembles the global arrays);
+when a level is streamed, ``config.data.device_prefetch`` alternations' batches are
+placed ahead (``bissl_jax.data.prefetch``).
 
 The loop is :func:`bissl_jax.pipeline.stage_loop.run_stage` with one alternation
 per step. Checkpoints (``<directory>/ckpt``, every ``bissl.checkpoint_every``
