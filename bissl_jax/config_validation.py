@@ -277,6 +277,7 @@ def validate_config(config: Any, *, num_devices: Optional[int] = None) -> Any:
   choice("data.glue_source", choices["data.glue_source"])
   positive("data.image_size")
   positive("data.loader_workers", allow_zero=True)
+  positive("data.device_prefetch", allow_zero=True)
   if not missing("data.val_fraction"):
     vf = _get(config, "data.val_fraction")
     if not isinstance(vf, (int, float)) or not 0.0 < vf < 1.0:

@@ -6,6 +6,9 @@ Step functions are written for the *global* batch. Placing the batch with a
 and Hessian-vector products all see the whole global batch (the PyTorch reference
 averaged per-GPU HVPs and lost the cross-device curvature). ``jax.pmap`` is in
 maintenance in current JAX; this module uses the mesh form instead.
+
+With several processes (multi-host), each process loads only its rows of every
+global batch and :func:`shard_batch` assembles the global array from them.
 """
 from typing import Any, Optional, Sequence
 
@@ -17,8 +20,15 @@ DATA_AXIS = "data"
 
 
 def make_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
-  """A 1-D mesh named ``'data'`` over ``devices`` (default: every device)."""
+  """A 1-D mesh named ``'data'`` over ``devices`` (default: every device).
+
+  With several processes the devices are put in process order, so process ``p``
+  of ``P`` holds rows ``[p·B/P, (p+1)·B/P)`` of a batch of ``B``, the rows its data
+  loader reads (``bissl_jax.data.process_shard``).
+  """
   devices = jax.devices() if devices is None else list(devices)
+  if len({d.process_index for d in devices}) > 1:
+    devices = sorted(devices, key=lambda d: d.process_index)  # stable: local order kept
   return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
@@ -33,13 +43,64 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def shard_batch(tree: Any, mesh: Mesh, batch_axis: int = 0) -> Any:
-  """Places every leaf of ``tree`` with its ``batch_axis`` split over the devices.
+def _mesh_processes(mesh: Mesh) -> list:
+  return sorted({d.process_index for d in mesh.devices.flat})
 
-  Use ``batch_axis=1`` for stacks of batches shaped ``(steps, batch, ...)``.
+
+def shard_batch(tree: Any, mesh: Mesh, batch_axis: int = 0) -> Any:
+  """The global batch, split over the devices, from every process's own rows.
+
+  Each leaf of ``tree`` holds this process's rows of the batch along
+  ``batch_axis`` (all of them with one process); the global array has
+  ``process_count`` times as many (``jax.make_array_from_process_local_data``).
+  Leaves already placed with this sharding (prefetched batches) are kept as
+  they are. Use ``batch_axis=1`` for stacks of batches shaped ``(steps, batch, ...)``.
   """
   sharding = batch_sharding(mesh, batch_axis)
-  return jax.device_put(tree, sharding)
+  processes = _mesh_processes(mesh)
+  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  todo = [i for i, x in enumerate(leaves)
+          if not (isinstance(x, jax.Array) and x.sharding == sharding)]
+  local = [np.asarray(leaves[i]) if not isinstance(leaves[i], jax.Array) else leaves[i]
+           for i in todo]
+  shapes = [_global_shape(x.shape, batch_axis, len(processes)) for x in local]
+  if len(processes) > 1:
+    for shape in shapes[:1]:
+      _check_process_rows(sharding, shape, batch_axis, processes)
+  if todo:
+    for i, x in zip(todo, jax.make_array_from_process_local_data(sharding, local, shapes)):
+      leaves[i] = x
+  return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _global_shape(shape: tuple, batch_axis: int, processes: int) -> tuple:
+  if len(shape) <= batch_axis:
+    raise ValueError(f"A batch leaf of shape {shape} has no axis {batch_axis} to split "
+                     f"over the devices.")
+  return shape[:batch_axis] + (shape[batch_axis] * processes,) + shape[batch_axis + 1:]
+
+
+def _check_process_rows(sharding: NamedSharding, shape: tuple, batch_axis: int,
+                        processes: list) -> None:
+  """The rows this process's devices hold must be the rows its loader read."""
+  rows = shape[batch_axis] // len(processes)
+  first = processes.index(jax.process_index()) * rows
+  held = sorted({(index[batch_axis].start or 0, index[batch_axis].stop or shape[batch_axis])
+                 for index in sharding.addressable_devices_indices_map(shape).values()})
+  if held[0][0] != first or held[-1][1] != first + rows:
+    raise ValueError(
+        f"Process {jax.process_index()}'s devices hold rows [{held[0][0]}, {held[-1][1]}) of "
+        f"the batch, but its loader reads rows [{first}, {first + rows}) "
+        f"(bissl_jax.data.process_shard): build the mesh with parallel.make_mesh(), which "
+        f"orders the devices by process.")
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+  """The whole of a (possibly multi-process) array as NumPy on every process."""
+  if x.is_fully_addressable:
+    return np.asarray(jax.device_get(x))
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:

@@ -133,6 +133,7 @@ def base_config() -> config_dict.ConfigDict:
   config.data.split_seed = 0       # one split for every seed and both pipelines
   config.data.max_train_examples = config_dict.placeholder(int)  # smoke runs: subsample train
   config.data.loader_workers = 8   # Grain processes decoding streamed (ImageNet) data; 0: in-process
+  config.data.device_prefetch = 2  # streamed batches copied to the devices ahead of their step
   # Text (model.arch a GPT, docs/language.md): token length k of every sequence (the
   # model's context), the BPE learnt on the offline corpus when no tokenizer files
   # are given, the corpus cap, the tokenizer files and the GLUE source.
@@ -531,6 +532,9 @@ FIELD_HELP = {
                              "(None: all; drawn with seed); pretext data keeps all",
     "data.loader_workers": ("Grain worker processes decoding the streamed pretext set (ImageNet; "
                             "0: decode in the training process); docs/benchmarks.md has images/s per worker"),
+    "data.device_prefetch": ("streamed (Grain) batches copied to the devices ahead of the step "
+                             "that uses them (0: none); a resume still starts on the first "
+                             "batch not trained on"),
     "data.context": "text: token length k of every sequence (the GPT's context); longer "
                     "downstream inputs are dropped",
     "data.vocab_size": "text: size of the BPE learnt on the offline corpus (without "

@@ -4,9 +4,12 @@ The streamed batches must be the in-memory stacks' batches (same order, same
 pixels), split into disjoint and complete per-process shards, fixed by the
 seed, and resumable mid-epoch through the stage loop's checkpoint.
 """
+import functools
 import json
 import os
+import types
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -154,9 +157,17 @@ def test_two_worker_processes_give_the_same_batches_and_resume(folder_records):
   np.testing.assert_array_equal(np.concatenate([head, tail]), reference)
 
 
-def _run_epoch_stage(records, directory, seen, stop_at=None):
+def _run_epoch_stage(records, directory, seen, stop_at=None, data=None):
+  """A 10-step stage over ``records``; ``data(*args, **kwargs) -> (data, hook)`` wraps
+  ``epoch_data``'s arguments (``hook(i)`` runs before step ``i``)."""
+  args, kwargs = (records, 4), dict(seed=3, steps_per_epoch=4, total_steps=10)
+  data, hook = (data or (lambda *a, **k: (stage_loop.epoch_data(*a, **k), None)))(
+      *args, **kwargs)
+
   def step(state, i, batch):
-    seen.append((i, _ids(batch).tolist()))
+    if hook is not None:
+      hook(i)
+    seen.append((i, np.asarray(_ids(batch)).tolist()))
     return {'n': state['n'] + 1}, {'loss': jnp.float32(0.0)}
 
   def callback(n, state, metrics):
@@ -165,8 +176,7 @@ def _run_epoch_stage(records, directory, seen, stop_at=None):
       raise KeyboardInterrupt
   stage = stage_loop.Stage(
       name='stream', total_steps=10, steps_per_epoch=4, step=step,
-      data=stage_loop.epoch_data(records, 4, seed=3, steps_per_epoch=4, total_steps=10),
-      checkpoint_dir=directory, checkpoint_every=1, callback=callback)
+      data=data, checkpoint_dir=directory, checkpoint_every=1, callback=callback)
   return stage_loop.run_stage(stage, {'n': jnp.int32(0)})
 
 
@@ -253,3 +263,108 @@ def test_missing_datasets_are_all_named_before_any_read(tmp_path, capfd):
                                image_size=8)
   assert err.value.__cause__ is None and err.value.__suppress_context__
   assert 'already prepared' not in str(err.value) + capfd.readouterr().err
+
+
+def _two_process_batches(make, steps, resume_at):
+  """Batches of ``make(process_index, process_count)`` for steps 0..steps-1, the ones
+  from ``resume_at`` on read by a fresh object restored from the position there."""
+  def run(p, count):
+    data = make(p, count)
+    got = [data.batch(i) for i in range(resume_at)]
+    position = json.loads(json.dumps(data.position(resume_at), default=int))
+    resumed = make(p, count)
+    resumed.restore(position, resume_at)
+    return got + [resumed.batch(i) for i in range(resume_at, steps)]
+  return run(0, 1), [run(p, 2) for p in (0, 1)]
+
+
+def _concat(parts, axis):
+  return {k: np.concatenate([p[k] for p in parts], axis) for k in parts[0]}
+
+
+def test_each_process_reads_its_rows_of_every_stage_batch(records, in_memory):
+  # Stage loop data, streamed and in memory: 4 steps per epoch, resumed mid-epoch 2.
+  for dataset in (records, in_memory):
+    whole, parts = _two_process_batches(
+        lambda p, n, d=dataset: stage_loop.epoch_data(
+            d, 4, seed=3, steps_per_epoch=4, total_steps=10, process_index=p,
+            process_count=n), steps=10, resume_at=6)
+    for step, (w, a, b) in enumerate(zip(whole, *parts)):
+      assert a['image'].shape == (2, 4, 4, 3)
+      joined = _concat([a, b], 0)
+      for key in w:
+        np.testing.assert_array_equal(joined[key], w[key], err_msg=f'step {step}')
+      assert not set(_ids(a).tolist()) & set(_ids(b).tolist())
+  # BiSSL's two level stacks (streamed lower, in-memory upper), resumed at alternation 2.
+  cfg = ml_collections.ConfigDict(dict(lower_steps=2, upper_steps=3, alternations=5,
+                                       pretext_batch_size=4, downstream_batch_size=2))
+  downstream = in_memory.subset(np.arange(5))
+  whole, parts = _two_process_batches(
+      lambda p, n: bissl_stage.AlternationData(records, downstream, cfg, seed=0,
+                                               process_index=p, process_count=n),
+      steps=5, resume_at=2)
+  for w, a, b in zip(whole, *parts):
+    assert a.pretext.shape == (2, 2, 4, 4, 3) and a.downstream_labels.shape == (3, 1)
+    for field in w._fields:  # the stacks split on axis 1, the HVP batch on axis 0
+      axis = 0 if field == 'hvp' else 1
+      np.testing.assert_array_equal(
+          np.concatenate([getattr(a, field), getattr(b, field)], axis), getattr(w, field))
+    assert not set(_ids({'image': a.pretext}).ravel()) & set(_ids({'image': b.pretext}).ravel())
+
+
+def test_prefetched_stage_resumes_on_the_batches_consumed(records, tmp_path):
+  from bissl_jax import parallel  # pylint: disable=g-import-not-at-top
+  mesh = parallel.make_mesh()
+  ahead = []
+
+  def prefetched(*args, **kwargs):
+    data = stage_loop.epoch_data(*args, **kwargs, device_prefetch=2,
+                                 place=lambda b: parallel.shard_batch(b, mesh))
+    step = lambda i: ahead.append(data.data.stream.consumed - i)
+    return data, step
+
+  uninterrupted = []
+  _run_epoch_stage(records, str(tmp_path / 'a'), uninterrupted)  # no prefetch
+  first, second = [], []
+  with pytest.raises(KeyboardInterrupt):
+    _run_epoch_stage(records, str(tmp_path / 'b'), first, stop_at=6, data=prefetched)
+  # Batches 6 and 7 were copied ahead at the interrupt; the checkpoint holds the state
+  # after the 6 consumed.
+  saved = checkpoint.RunCheckpointer(str(tmp_path / 'b'))
+  try:
+    assert saved.restore_iterators(6)['data']['consumed'] == 6
+  finally:
+    saved.close()
+  _run_epoch_stage(records, str(tmp_path / 'b'), second, data=prefetched)
+  assert first + second == uninterrupted
+  assert ahead[:3] == [3, 3, 3] and ahead[-1] == 1  # two batches ahead, none past the end
+
+
+def test_prefetched_bissl_levels_resume_on_the_batches_consumed(records, in_memory):
+  from bissl_jax import parallel  # pylint: disable=g-import-not-at-top
+  from bissl_jax.data import prefetch  # pylint: disable=g-import-not-at-top
+  mesh = parallel.make_mesh()
+  cfg = ml_collections.ConfigDict(dict(lower_steps=2, upper_steps=3, alternations=5,
+                                       pretext_batch_size=4, downstream_batch_size=2))
+  downstream = in_memory.subset(np.arange(5))
+  ctx = types.SimpleNamespace(shard=lambda tree, axis=0: parallel.shard_batch(tree, mesh, axis))
+  place = functools.partial(bissl_stage.place_batches, ctx)  # what run_bissl prefetches with
+  new = lambda: prefetch.PrefetchedData(
+      bissl_stage.AlternationData(records, downstream, cfg, seed=0), place, size=2,
+      total_steps=5)
+  reference = bissl_stage.AlternationData(records, downstream, cfg, seed=0)
+  want = [reference.batch(t) for t in range(5)]
+  data = new()
+  got = [data.batch(t) for t in range(2)]
+  assert isinstance(got[0].pretext, jax.Array)  # placed on the devices
+  assert got[0].pretext.sharding == parallel.batch_sharding(mesh, 1)
+  assert got[0].hvp.sharding == parallel.batch_sharding(mesh, 0)
+  position = json.loads(json.dumps(data.position(2)))
+  with pytest.raises(ValueError, match='consumed up to step 2'):
+    data.position(4)
+  resumed = new()
+  resumed.restore(position, 2)
+  got += [resumed.batch(t) for t in range(2, 5)]
+  for g, w in zip(got, want):
+    for field in g._fields:
+      np.testing.assert_array_equal(np.asarray(getattr(g, field)), getattr(w, field))

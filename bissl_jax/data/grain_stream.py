@@ -15,8 +15,8 @@ device (``bissl_jax.augment``).
 **Processes.** Each of ``process_count`` processes (``jax.process_index()``,
 ``jax.process_count()`` by default) decodes only its rows
 ``[p·B/P, (p+1)·B/P)`` of each global batch of ``B``: the shards are disjoint
-and together the whole batch. Assemble the global array with
-``jax.make_array_from_process_local_data``.
+and together the whole batch (:func:`bissl_jax.data.stacks.process_shard`).
+``bissl_jax.parallel.shard_batch`` assembles the global array.
 
 **Resume.** :meth:`BatchStream.get_state` is Grain's iterator state (JSON);
 the stage loop keeps it as its own item of the orbax checkpoint
@@ -28,7 +28,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from bissl_jax.data.image_records import ImageRecords, LoaderOptions
-from bissl_jax.data.stacks import BatchStack
+from bissl_jax.data.stacks import BatchStack, process_shard
 
 
 def plan_takes(stack: BatchStack, takes: Sequence[int]) -> np.ndarray:
@@ -38,20 +38,6 @@ def plan_takes(stack: BatchStack, takes: Sequence[int]) -> np.ndarray:
   :meth:`BatchStack.plan`'s).
   """
   return np.concatenate([stack.plan(int(n)) for n in takes])
-
-
-def process_shard(batch_size: int, process_index: Optional[int] = None,
-                  process_count: Optional[int] = None) -> tuple[int, int]:
-  """``(first row, rows)`` of this process's part of a global batch."""
-  if process_index is None or process_count is None:
-    import jax  # pylint: disable=import-outside-toplevel
-    process_index, process_count = jax.process_index(), jax.process_count()
-  if batch_size % process_count:
-    raise ValueError(f'Global batch {batch_size} does not split over '
-                     f'{process_count} processes; use a multiple of '
-                     f'{process_count}.')
-  rows = batch_size // process_count
-  return process_index * rows, rows
 
 
 class _PlannedRows(Sequence):

@@ -127,3 +127,23 @@ class BatchStack:
       int64 (num_batches, batch_size) example indices.
     """
     return np.stack([self.rows(e, p) for e, p in self.plan(num_batches)])
+
+
+def process_shard(batch_size: int, process_index: Optional[int] = None,
+                  process_count: Optional[int] = None) -> tuple[int, int]:
+  """``(first row, rows)`` of this process's part of a global batch.
+
+  Process ``p`` of ``P`` reads rows ``[p·B/P, (p+1)·B/P)`` of every global batch
+  of ``B`` (the rows its devices hold on a mesh from
+  ``bissl_jax.parallel.make_mesh``); the default is JAX's
+  ``jax.process_index()`` and ``jax.process_count()``.
+  """
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=import-outside-toplevel
+    process_index, process_count = jax.process_index(), jax.process_count()
+  if batch_size % process_count:
+    raise ValueError(f'Global batch {batch_size} does not split over '
+                     f'{process_count} processes; use a multiple of '
+                     f'{process_count}.')
+  rows = batch_size // process_count
+  return process_index * rows, rows

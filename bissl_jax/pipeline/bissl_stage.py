@@ -6,7 +6,10 @@ upper level's stack (``bissl_jax.data.BatchStack``: reshuffle only when a stage 
 longer fits in the current epoch; a streamed dataset is decoded by Grain workers in
 the same order, ``bissl_jax.data.grain_stream``), and calls the jitted alternation of
 :mod:`bissl_jax.train_state`. The augmentation key of alternation t is
-``fold_in(key, t)``, so the run is a pure function of the seed.
+``fold_in(key, t)``, so the run is a pure function of the seed. Each process draws
+only its rows of every batch (:func:`place_batches` assembles the global arrays);
+when a level is streamed, ``config.data.device_prefetch`` alternations' batches are
+placed ahead (``bissl_jax.data.prefetch``).
 
 The loop is :func:`bissl_jax.pipeline.stage_loop.run_stage` with one alternation
 per step. Checkpoints (``<directory>/ckpt``, every ``bissl.checkpoint_every``
@@ -33,7 +36,7 @@ from bissl_jax import bilevel
 from bissl_jax import protocols
 from bissl_jax import train_state as ts
 from bissl_jax.convert import stage_output
-from bissl_jax.data import BatchStack, grain_stream
+from bissl_jax.data import BatchStack, grain_stream, prefetch, process_shard
 from bissl_jax.data.image_records import ImageRecords
 from bissl_jax.errors import NonFiniteError
 from bissl_jax.pipeline import checkpoint
@@ -71,7 +74,7 @@ def stage_provenance(ctx: StageContext, seed: int, inputs=None) -> provenance.Pr
       ctx.config, ("bissl", "pretext", "model", "data"),
       exclude=[f"bissl.{k}" for k in _RESUME_FREE_FIELDS]
       + [f"pretext.{k}" for k in ("checkpoint", "share_across_seeds", "baseline_epochs")]
-      + ["data.data_dir"])
+      + list(provenance.FEED_FIELDS))
   fields["seed"] = int(seed)
   return provenance.Provenance(fields, dict(inputs or {}))
 
@@ -81,14 +84,15 @@ def _new_stack(num_examples: int, batch_size: int, seed: int, state=None) -> Bat
 
 
 class _StackLevel:
-  """An in-memory level: its :class:`BatchStack` and ``dataset.batch``."""
+  """An in-memory level: its :class:`BatchStack` and ``dataset.batch`` of this
+  process's rows (``local``, a slice of every global batch)."""
 
-  def __init__(self, dataset, new_stack):
-    self.dataset, self._new = dataset, new_stack
+  def __init__(self, dataset, new_stack, local: slice):
+    self.dataset, self._new, self.local = dataset, new_stack, local
     self.stack = new_stack()
 
   def draw(self, count: int) -> dict:
-    return self.dataset.batch(self.stack.take(count))
+    return self.dataset.batch(self.stack.take(count)[:, self.local])
 
   def position(self) -> dict:
     return stage_loop.stack_position(self.stack)
@@ -103,11 +107,21 @@ class AlternationData:
   A level whose dataset is streamed (``bissl_jax.data.ImageRecords``) is a
   ``grain_stream.BatchStream`` planned with the same takes (``[N_L, 1] * T`` below,
   ``[N_U] * T`` above), so it draws the batches the in-memory stack would; its
-  Grain state is saved as the checkpoint's ``iterators`` item.
+  Grain state is saved as the checkpoint's ``iterators`` item. Each process draws
+  only its rows of every global batch (``bissl_jax.data.process_shard``;
+  :func:`place_batches` assembles the global arrays).
+
+  Args:
+    pretext_set, downstream_set: the lower and upper level's datasets.
+    cfg: ``config.bissl``.
+    seed: seed of the stacks.
+    keys: the batch entries the pretext and downstream tasks read.
+    process_index, process_count: this process's shard (default: JAX's).
   """
 
   def __init__(self, pretext_set, downstream_set, cfg, *, seed: int,
-               keys: tuple = ("image", "image")):
+               keys: tuple = ("image", "image"), process_index: Optional[int] = None,
+               process_count: Optional[int] = None):
     self.cfg = cfg
     self.keys = keys  # the batch entries the pretext and downstream tasks read
     sizes = {"lower": (pretext_set, cfg.pretext_batch_size, "bissl_lower",
@@ -118,13 +132,18 @@ class AlternationData:
     for level, (dataset, batch_size, stream, takes) in sizes.items():
       level_seed = derive_seed(seed, stream)
       if isinstance(dataset, ImageRecords):
-        # The whole global batch on every process (see stage_loop.epoch_data).
         self.levels[level] = grain_stream.level_stream(
-            dataset, batch_size, seed=level_seed, takes=takes, process_index=0,
-            process_count=1)
+            dataset, batch_size, seed=level_seed, takes=takes,
+            process_index=process_index, process_count=process_count)
       else:
+        first, rows = process_shard(batch_size, process_index, process_count)
         self.levels[level] = _StackLevel(dataset, functools.partial(
-            _new_stack, len(dataset), batch_size, level_seed))
+            _new_stack, len(dataset), batch_size, level_seed), slice(first, first + rows))
+
+  @property
+  def streamed(self) -> bool:
+    """Whether a level is decoded by Grain (then its batches are worth prefetching)."""
+    return any(not isinstance(s, _StackLevel) for s in self.levels.values())
 
   def batch(self, step: int) -> bilevel.AlternationBatches:
     del step  # the levels carry the position
@@ -161,6 +180,19 @@ class AlternationData:
     for source in self.levels.values():
       if hasattr(source, "close"):
         source.close()
+
+
+def place_batches(ctx: StageContext, batches: bilevel.AlternationBatches
+                  ) -> bilevel.AlternationBatches:
+  """This process's rows of an alternation's batches as global arrays on ``ctx.mesh``.
+
+  The stacks ``(steps, rows, ...)`` are split along axis 1, the HVP batch along
+  axis 0 (the shardings ``train_state.make_alternation_fn`` compiles for).
+  """
+  return bilevel.AlternationBatches(
+      pretext=ctx.shard(batches.pretext, 1), hvp=ctx.shard(batches.hvp, 0),
+      downstream_images=ctx.shard(batches.downstream_images, 1),
+      downstream_labels=ctx.shard(batches.downstream_labels, 1))
 
 
 def _params_to_check(state: bilevel.BilevelState) -> dict:
@@ -218,7 +250,8 @@ def run_bissl(ctx: StageContext, warm: dict, pretext_set, downstream_set, *, see
   warned = []
 
   def step(state, t, batches):
-    new_state, metrics = alternate(state, batches, jax.random.fold_in(base_key, t))
+    new_state, metrics = alternate(state, place_batches(ctx, batches),
+                                   jax.random.fold_in(base_key, t))
     metrics = jax.device_get(metrics)
     if bool(np.asarray(metrics["upper_nonfinite"])):
       blame_lower_if_it_overflowed(new_state, t, float(cfg.lower_lr))
@@ -229,11 +262,16 @@ def run_bissl(ctx: StageContext, warm: dict, pretext_set, downstream_set, *, see
     return new_state, {k: v for k, v in metrics.items()
                        if not k.endswith("nonfinite") and k not in unchecked}
 
+  data = AlternationData(pretext_set, downstream_set, cfg, seed=seed,
+                         keys=(protocols.input_key(ctx.task),
+                               protocols.input_key(ctx.downstream)))
+  device_prefetch = ctx.device_feed()["device_prefetch"]
+  if data.streamed and device_prefetch:  # a level decoded by Grain: copy batches ahead
+    data = prefetch.PrefetchedData(data, functools.partial(place_batches, ctx),
+                                   size=device_prefetch, total_steps=cfg.alternations)
   stage = stage_loop.Stage(
       name=name, total_steps=cfg.alternations, step=step,
-      data=AlternationData(pretext_set, downstream_set, cfg, seed=seed,
-                           keys=(protocols.input_key(ctx.task),
-                                 protocols.input_key(ctx.downstream))),
+      data=data,
       # Every alternation is logged: they are few (T ≤ 500), and the curves need them.
       logger=ctx.logger, log_every=1,
       checkpoint_dir=os.path.join(directory, "ckpt"),

@@ -83,11 +83,18 @@ class StageContext:
     return os.path.join(self.workdir, *parts)
 
   def shard(self, tree, batch_axis: int = 0):
-    """Places a host batch on the mesh, split along ``batch_axis``."""
+    """This process's rows of a batch as a global array on the mesh, split along
+    ``batch_axis`` (``parallel.shard_batch``)."""
     return parallel.shard_batch(tree, self.mesh, batch_axis)
 
   def replicate(self, tree):
     return parallel.replicate(tree, self.mesh)
+
+  def device_feed(self) -> dict:
+    """``{'place', 'device_prefetch'}`` for ``stage_loop.epoch_data``: streamed batches
+    are placed with :meth:`shard`, ``config.data.device_prefetch`` of them ahead."""
+    return {"place": self.shard,
+            "device_prefetch": int(self.config.data.get("device_prefetch", 0))}
 
   def init_variables(self, key):
     """``model.init`` under jit (compiled once per run): ``(params, batch_stats)``."""

@@ -117,7 +117,7 @@ def stage_provenance(ctx: StageContext, seed: int, epochs: int, num_examples: in
       ("gessl",) if context_lib.uses_gessl(ctx.config) else ())
   fields = provenance.config_fields(
       ctx.config, groups,
-      exclude=[f"pretext.{k}" for k in _FREE_PRETEXT_FIELDS] + ["data.data_dir"])
+      exclude=[f"pretext.{k}" for k in _FREE_PRETEXT_FIELDS] + list(provenance.FEED_FIELDS))
   fields.update({"epochs": int(epochs), "seed": int(seed), "data.pretext_examples":
                  int(num_examples)})
   return provenance.Provenance(fields)
@@ -181,7 +181,8 @@ def _pretrain(ctx: StageContext, dataset, *, seed: int, out_dir: str, directory:
   stage = stage_loop.Stage(
       name=name, total_steps=epochs * spe, step=step,
       data=stage_loop.epoch_data(dataset, cfg.batch_size, seed=derive_seed(seed, "pretext_data"),
-                                 steps_per_epoch=spe, total_steps=epochs * spe),
+                                 steps_per_epoch=spe, total_steps=epochs * spe,
+                                 **ctx.device_feed()),
       logger=ctx.logger, log_every=ctx.config.log_every, steps_per_epoch=spe,
       checkpoint_dir=os.path.join(directory, "ckpt"),
       checkpoint_every=ctx.config.checkpoint_every,

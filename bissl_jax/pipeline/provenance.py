@@ -28,6 +28,9 @@ from bissl_jax.config_validation import config_fields as flatten
 from bissl_jax.convert import stage_output
 
 RECORD_KEY = "provenance"  # where an export's meta (or a JSON record) keeps it
+# Data fields no result depends on: where the files are and how batches are fed (the
+# batches are the same for any worker count or prefetch depth).
+FEED_FIELDS = ("data.data_dir", "data.loader_workers", "data.device_prefetch")
 
 
 def normalise(value: Any) -> Any:

@@ -66,17 +66,25 @@ class StageData(Protocol):
 class EpochData:
   """Batches of one dataset, a fresh permutation per epoch, the remainder dropped.
 
+  Each process reads only its rows of every global batch
+  (:func:`bissl_jax.data.process_shard`); ``parallel.shard_batch`` assembles the
+  global array. With one process that is the whole batch.
+
   Args:
     dataset: anything with ``__len__`` and ``batch(indices) -> dict``.
-    batch_size: examples per step.
+    batch_size: examples per step (global, over all processes).
     seed: seed of the permutations.
     steps_per_epoch: batches per epoch (at most ``len(dataset) // batch_size``).
+    process_index, process_count: this process's shard (default: JAX's).
   """
 
-  def __init__(self, dataset, batch_size: int, *, seed: int, steps_per_epoch: int):
-    from bissl_jax.data import BatchStack  # pylint: disable=g-import-not-at-top
+  def __init__(self, dataset, batch_size: int, *, seed: int, steps_per_epoch: int,
+               process_index: Optional[int] = None, process_count: Optional[int] = None):
+    from bissl_jax.data import BatchStack, process_shard  # pylint: disable=g-import-not-at-top
     self._new_stack = lambda state=None: BatchStack(len(dataset), batch_size, seed=seed,
                                                     state=state)
+    first, rows = process_shard(batch_size, process_index, process_count)
+    self._local = slice(first, first + rows)
     self.dataset, self.steps_per_epoch = dataset, int(steps_per_epoch)
     self.stack = self._new_stack()
     self._epoch_start, self._rows = stack_position(self.stack), None
@@ -86,7 +94,7 @@ class EpochData:
     if i == 0 or self._rows is None:
       self._epoch_start = stack_position(self.stack)
       self._rows = self.stack.take(self.steps_per_epoch)
-    return self.dataset.batch(self._rows[i])
+    return self.dataset.batch(self._rows[i][self._local])
 
   def position(self, steps_done: int) -> dict:
     # Mid-epoch, the current epoch's rows are re-drawn from its start position.
@@ -103,19 +111,35 @@ class EpochData:
 
 
 def epoch_data(dataset, batch_size: int, *, seed: int, steps_per_epoch: int,
-               total_steps: int):
-  """The data of an epoch-based stage: :class:`EpochData` for an in-memory dataset,
-  ``grain_stream.StreamedEpochData`` (the same batches, decoded by Grain's worker
-  processes, resumable from Grain's iterator state) for streamed
-  ``bissl_jax.data.ImageRecords``."""
-  from bissl_jax.data import grain_stream, image_records  # pylint: disable=g-import-not-at-top
-  if isinstance(dataset, image_records.ImageRecords):
-    # Every process decodes the whole global batch: the stages place host batches
-    # with jax.device_put, which needs the same global batch on every process.
-    return grain_stream.StreamedEpochData(
-        dataset, batch_size, seed=seed, steps_per_epoch=steps_per_epoch,
-        total_steps=total_steps, process_index=0, process_count=1)
-  return EpochData(dataset, batch_size, seed=seed, steps_per_epoch=steps_per_epoch)
+               total_steps: int, place: Optional[Callable[[Any], Any]] = None,
+               device_prefetch: int = 0, process_index: Optional[int] = None,
+               process_count: Optional[int] = None):
+  """The data of an epoch-based stage.
+
+  :class:`EpochData` for an in-memory dataset; ``grain_stream.StreamedEpochData``
+  (the same batches, decoded by Grain's worker processes, resumable from Grain's
+  iterator state) for streamed ``bissl_jax.data.ImageRecords``. Either way each
+  process reads only its rows of the global batch.
+
+  Args:
+    dataset: the dataset.
+    batch_size, seed, steps_per_epoch, total_steps: as :class:`EpochData`.
+    place: puts a host batch on the devices (``StageContext.shard``); with
+      ``device_prefetch > 0`` a streamed dataset's next ``device_prefetch``
+      batches are placed ahead (``bissl_jax.data.prefetch.PrefetchedData``).
+    device_prefetch: batches placed ahead (``config.data.device_prefetch``).
+    process_index, process_count: this process's shard (default: JAX's).
+  """
+  from bissl_jax.data import grain_stream, image_records, prefetch  # pylint: disable=g-import-not-at-top
+  shard = dict(process_index=process_index, process_count=process_count)
+  if not isinstance(dataset, image_records.ImageRecords):
+    return EpochData(dataset, batch_size, seed=seed, steps_per_epoch=steps_per_epoch, **shard)
+  data = grain_stream.StreamedEpochData(
+      dataset, batch_size, seed=seed, steps_per_epoch=steps_per_epoch,
+      total_steps=total_steps, **shard)
+  if place is None or not device_prefetch:
+    return data
+  return prefetch.PrefetchedData(data, place, size=device_prefetch, total_steps=total_steps)
 
 
 def stack_position(stack) -> dict:

@@ -45,12 +45,14 @@ import optax
 from bissl_jax import downstream as downstream_lib
 from bissl_jax import metrics as metrics_lib
 from bissl_jax import optim
+from bissl_jax import parallel
 from bissl_jax import partition
 from bissl_jax import protocols
 from bissl_jax.pipeline import provenance
 from bissl_jax.pipeline import stage_loop
 from bissl_jax.pipeline.context import StageContext, check_size
 from bissl_jax.bilevel import LevelState
+from bissl_jax.data import process_shard
 from bissl_jax.seeds import derive_seed
 
 PyTree = Any
@@ -146,19 +148,21 @@ def predict(ctx: StageContext, params: PyTree, batch_stats: PyTree, dataset) -> 
   """Logits ``(N, C)`` of the whole ``dataset`` in evaluation mode.
 
   The last batch is padded to the fixed evaluation batch size (one compiled shape)
-  and the padding dropped.
+  and the padding dropped. Each process feeds its rows of every batch
+  (``bissl_jax.data.process_shard``) and receives all the logits.
   """
   fn = ctx.cached(("eval_logits",), lambda: jax.jit(
       functools.partial(_eval_logits, ctx.downstream)))
   bs = ctx.config.evaluate.batch_size
   params, batch_stats = ctx.replicate((params, batch_stats))
   key = protocols.input_key(ctx.downstream)
+  first, rows = process_shard(bs)
   out = []
   for start in range(0, len(dataset), bs):
     idx = np.arange(start, min(start + bs, len(dataset)))
-    padded = np.concatenate([idx, np.zeros(bs - len(idx), idx.dtype)])
+    padded = np.concatenate([idx, np.zeros(bs - len(idx), idx.dtype)])[first:first + rows]
     logits = fn(params, batch_stats, ctx.shard(dataset.batch(padded)[key]))
-    out.append(np.asarray(jax.device_get(logits))[:len(idx)])
+    out.append(parallel.to_host(logits)[:len(idx)])
   return np.concatenate(out).astype(np.float64)
 
 
@@ -202,7 +206,7 @@ def stage_provenance(ctx, section: str, exclude=(), inputs=None, **values
   fields = provenance.config_fields(
       ctx.config, (section, "model", "data"),
       exclude=[f"{section}.{k}" for k in tuple(exclude) + ("init_checkpoint",)]
-      + ["data.data_dir"])
+      + list(provenance.FEED_FIELDS))
   fields.update(values)
   return provenance.Provenance(fields, dict(inputs or {}))
 
@@ -257,7 +261,8 @@ def warmup_head(ctx: StageContext, backbone: dict, train_set, *, seed: int, name
       name=name, total_steps=max(1, int(round(cfg.epochs * spe))), step=step,
       data=stage_loop.epoch_data(train_set, cfg.batch_size, seed=derive_seed(seed, "warmup_data"),
                                  steps_per_epoch=spe,
-                                 total_steps=max(1, int(round(cfg.epochs * spe)))),
+                                 total_steps=max(1, int(round(cfg.epochs * spe))),
+                                 **ctx.device_feed()),
       logger=ctx.logger, log_every=ctx.config.log_every, steps_per_epoch=spe,
       checkpoint_dir=os.path.join(directory, "ckpt") if directory else None,
       checkpoint_every=ctx.config.checkpoint_every,
@@ -350,7 +355,8 @@ def finetune(ctx: StageContext, backbone: dict, splits: dict, *, lr: float,
   stage = stage_loop.Stage(
       name=name, total_steps=epochs * spe, step=step,
       data=stage_loop.epoch_data(train_set, cfg.batch_size, seed=derive_seed(seed, "finetune_data"),
-                                 steps_per_epoch=spe, total_steps=epochs * spe),
+                                 steps_per_epoch=spe, total_steps=epochs * spe,
+                                 **ctx.device_feed()),
       logger=ctx.logger, log_every=ctx.config.log_every, steps_per_epoch=spe,
       end_of_epoch=end_of_epoch,
       checkpoint_dir=os.path.join(directory, "ckpt") if directory else None,
