@@ -14,6 +14,7 @@ from bissl_jax import protocols
 from bissl_jax.config_validation import ConfigError, validate_config
 from bissl_jax.convert import stage_output
 from bissl_jax.pipeline import datasets as datasets_lib
+from bissl_jax.pipeline import runner
 from bissl_jax.pipeline import search as search_lib
 from bissl_jax.pipeline.context import build_context
 from configs import glue_gpt, text_gpt
@@ -146,33 +147,11 @@ def _check_run(workdir, results, metric):
   assert pre["params"]["pretext_head"] == {}  # next_token: the pretext head is empty
 
 
-def _run_in_fresh_process(config_expr: str, workdir: str, setup: str = "") -> dict:
-  """``runner.run`` of ``config_expr`` in a new Python process; its results.json.
-
-  The whole-pipeline GPT runs compile many programs; inside a pytest process that
-  has compiled hundreds of others, XLA:CPU's compiler has crashed (SIGSEGV/SIGABRT)
-  on the BiSSL step, and alone it never has. A fresh process tests the pipeline, not
-  the test process's history.
-  """
-  import subprocess  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  code = "\n".join([
-      "import jax", "jax.config.update('jax_disable_most_optimizations', True)",
-      "from configs import glue_gpt, text_gpt", "from bissl_jax.pipeline import runner",
-      f"config = {config_expr}", setup, f"runner.run(config, {workdir!r})"])
-  proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True,
-                        text=True, timeout=900, env=dict(os.environ, JAX_PLATFORMS="cpu"))
-  assert proc.returncode == 0, proc.stdout[-1500:] + proc.stderr[-3000:]
-  with open(os.path.join(workdir, "results.json")) as f:
-    return json.load(f)
-
-
 @pytest.mark.slow
 def test_text_gpt_runlocal_runs_end_to_end(tmp_path):
   workdir = str(tmp_path / "run")
   config = text_gpt.get_config("runlocal")
-  results = _run_in_fresh_process('text_gpt.get_config("runlocal")', workdir)
+  results = runner.run(config, workdir)
   _check_run(workdir, results, "accuracy")
   assert "corpus_fingerprint" in results
   # The reported accuracy is the one of the exported fine-tuned model, recomputed here
@@ -199,9 +178,7 @@ def test_glue_gpt_runlocal_runs_stsb_end_to_end(tmp_path):
   config.data.data_dir = str(tmp_path)
   config.search.enabled = True   # the thesis's grid (shrunk to 2 × 1 pairs)
   workdir = str(tmp_path / "run")
-  results = _run_in_fresh_process(
-      'glue_gpt.get_config("stsb,runlocal")', workdir,
-      setup=f"config.data.data_dir = {str(tmp_path)!r}; config.search.enabled = True")
+  results = runner.run(config, workdir)
   _check_run(workdir, results, "pearson")
   with open(os.path.join(workdir, "search", "baseline.json")) as f:
     trials = json.load(f)["trials"]
