@@ -49,6 +49,7 @@ class Option(NamedTuple):
   donate: bool = False
   torch: bool = False
   torch_threads: int = 0
+  float64: bool = False
 
 
 OPTIONS = [
@@ -67,6 +68,12 @@ OPTIONS = [
            "--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY_SLINKY"),
     Option("YNN fusions dot,eltwise,reduce",
            "--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce"),
+    # By default jaxlib 0.10.2 already runs convolutions and dots as YNNPACK fusions;
+    # naming the types overwrites that list (convolutions go back to XLA's own
+    # kernels), a '+' prefix adds to it.
+    Option("YNN fusions dot only", "--xla_cpu_experimental_ynn_fusion_type=dot"),
+    Option("YNN fusions +eltwise,+reduce",
+           "--xla_cpu_experimental_ynn_fusion_type=+eltwise,+reduce"),
     Option("fast math", "--xla_cpu_enable_fast_math=true"),
     Option("single-threaded Eigen", "--xla_cpu_multi_thread_eigen=false"),
     Option("concurrency-optimized scheduler",
@@ -77,6 +84,9 @@ OPTIONS = [
     Option("jax_disable_most_optimizations", jax_config={"jax_disable_most_optimizations": True}),
     Option("one core (taskset -c 0)", one_core=True),
     Option("donated θ (SGD step)", donate=True),
+    # Not a speed option: the same gradient in float64, to tell a less accurate
+    # float32 gradient from a differently rounded one.
+    Option("float64 (accuracy reference)", jax_config={"jax_enable_x64": True}, float64=True),
     Option("PyTorch", torch=True),
     Option("PyTorch, 1 thread", torch=True, torch_threads=1),
 ]
@@ -128,11 +138,20 @@ def _jax_worker(spec: dict) -> None:
   from bench import compare_reference  # pylint: disable=import-outside-toplevel
   size = common.Size(**spec["size"])
   problem = compare_reference.build_problem(size, spec["cifar_stem"], spec["seed"])
+  if spec.get("float64"):  # the backbone computes in its own dtype (float32 by default)
+    from bissl_jax import pretext as pretext_lib  # pylint: disable=import-outside-toplevel
+    model = dataclasses.replace(problem.model,
+                                backbone=problem.model.backbone.clone(dtype=jnp.float64))
+    task = pretext_lib.make_pretext_task("simclr", model, image_size=size.image_size)
+    problem = problem._replace(model=model, task=task)
   data = np.load(spec["batch"])
   views = (jnp.asarray(data["v1"]), jnp.asarray(data["v2"]))
   loss = common.pretext_loss_of_backbone(problem.task)
   theta, head, stats = (problem.params["backbone"], problem.params["pretext_head"],
                         problem.batch_stats)
+  if spec.get("float64"):
+    theta, head, stats, views = jax.tree_util.tree_map(
+        lambda a: jnp.asarray(a, jnp.float64), (theta, head, stats, views))
   grad = jax.jit(jax.grad(loss))
 
   def sgd(theta, head, stats, views):
@@ -291,7 +310,7 @@ def worker_main(kind: str, spec: dict) -> None:
 def start(option: Option, spec: dict, resident: bool = False) -> worker_protocol.Worker:
   kind = "torch" if option.torch else "jax"
   spec = dict(spec, donate=option.donate, jax_config=option.jax_config,
-              torch_threads=option.torch_threads, resident=resident)
+              torch_threads=option.torch_threads, resident=resident, float64=option.float64)
   command = [sys.executable, "-m", "bench.cpu_conv", "--worker", kind, "--spec",
              json.dumps(spec)]
   if option.one_core:
@@ -385,12 +404,14 @@ def tables(blocks, grads, failed, infos, options, size, cifar_stem, args) -> Lis
     for key, values in block.items():
       if key[0] in ("default", "PyTorch"):
         pooled.setdefault(key, []).extend(values)
+  exact = next((grads[o.name] for o in options if o.float64 and o.name in grads), None)
   rows = []
   for option in options:
     name = option.name
     flags = option.xla_flags or ("taskset -c 0" if option.one_core else "–")
     if name in failed:
-      rows.append([name, flags, "failed: " + failed[name], "–", "–", "–", "–"])
+      rows.append([name, flags, "failed: " + failed[name], "–", "–", "–", "–"]
+                  + (["–"] if exact is not None else []))
       continue
     block = blocks.get(name) or next(iter(blocks.values()))
     if name in ("default", "PyTorch"):
@@ -405,7 +426,10 @@ def tables(blocks, grads, failed, infos, options, size, cifar_stem, args) -> Lis
       same, rel = "–", "–"
     else:
       same, rel = numerics(grads[name], grads["default"])
-    rows.append([name, flags, common.median(own), vs_default, vs_torch, same, rel])
+    row = [name, flags, common.median(own), vs_default, vs_torch, same, rel]
+    if exact is not None:
+      row.append(numerics(grads[name], exact)[1] if not option.torch else "–")
+    rows.append(row)
   torch_info = infos.get("PyTorch", {})
   notes = [
       f"{args.repeats} interleaved rounds (after one warm-up round) of each option with the "
@@ -414,7 +438,10 @@ def tables(blocks, grads, failed, infos, options, size, cifar_stem, args) -> Lis
       f"PyTorch (torch {torch_info.get('torch')}, {torch_info.get('threads')} threads); the "
       "default and PyTorch rows pool all rounds.",
       f"Numerics: each gradient against the default's; 'max rel Δ' is max|Δ| / max|g| (fp32 "
-      f"tolerance {FP32_TOLERANCE:g}).",
+      f"tolerance {FP32_TOLERANCE:g})."
+      + (" 'error vs float64' is the same measure against the float64 gradient (same "
+         "parameters and views, cast up): a float32 option no less accurate than the "
+         "default has an error no larger than the default's." if exact is not None else ""),
   ]
   donated = blocks.get("donated θ (SGD step)")
   if donated:
@@ -425,7 +452,7 @@ def tables(blocks, grads, failed, infos, options, size, cifar_stem, args) -> Lis
   out = [common.Table(
       title=f"Pretext gradient under each CPU option — {common.describe(size)}, {stem}",
       columns=["option", "flags", "gradient s", "vs default", "vs PyTorch", "bit-identical",
-               "max rel Δ"],
+               "max rel Δ"] + (["error vs float64"] if exact is not None else []),
       rows=rows, notes=notes, signed_rows=tuple(o.name for o in options))]
   torch_layer = pooled.get(("PyTorch", "conv layer NHWC"))
   layer_rows = []
