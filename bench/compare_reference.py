@@ -46,7 +46,7 @@ GRADIENT_TARGET = 1.0      # reference gradient / bissl_jax gradient (no slower)
 
 SKIP_MESSAGE = ("compare_reference: no reference checkout given; skipped. Pass --reference "
                 "PATH (a checkout of NIPS25-16372/NIPS25_16372_BiSSL) and --reference-python "
-                "(an interpreter with torch, torchvision and timm).")
+                "(an interpreter with torch, torchvision, timm and typed-argument-parser).")
 
 
 def add_arguments(parser) -> None:

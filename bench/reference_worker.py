@@ -13,15 +13,16 @@ through the reference's own classes and functions:
 * ``SimCLR`` and ``DSClassifier`` (``source/models``) with the ResNet-18 of ``timm``,
   the LARS of ``source/optimizers.py``, the input processors of ``runs/bissl``.
 
-Two things are set up here, not by the reference: the CIFAR stem (a 3×3/1 first
+Three things are set up here, not by the reference: the CIFAR stem (a 3×3/1 first
 convolution and no max-pool, as bissl_jax's ``cifar_stem=True``; the reference only
-builds ImageNet stems), and the models are wrapped as its single-process DDP wrapper
-exposes them (``.module``, ``.backbone``, ``.head``) without starting a process group.
-The checkout's ``source/models/downstream.py`` imports a name
-(``DetectionBackbones``) that its ``source/types.py`` lacks; it is defined before the
-import (only the detection models use it). ``wandb`` is imported by the trainer for logging only; with logging off it is never
+builds ImageNet stems); the models are wrapped as its DDP wrapper exposes them
+(``.module``, ``.backbone``, ``.head``) without starting a process group; and the name
+``DetectionBackbones``, which the checkout's ``source/models/downstream.py`` imports
+from its ``source/types.py`` where it is not defined (only detection models use it).
+``wandb`` is imported by the trainer for logging only; with logging off it is never
 called, and a stub module stands in when it is not installed. The batches (already
-augmented and normalised, NHWC float32) come from the bench in an ``.npz`` file.
+augmented and normalised, NHWC float32) come from the bench in an ``.npz`` file;
+the upper optimizer is SGD with momentum, the lower one the reference's LARS.
 
 Standard library, numpy and torch only at import; the rest after ``--reference``.
 """
