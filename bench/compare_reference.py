@@ -37,6 +37,7 @@ from bench import common
 from bench import worker_protocol
 from bissl_jax import augment
 from bissl_jax import bilevel
+from bissl_jax import cpu_defaults
 from bissl_jax import models
 from bissl_jax import pretext as pretext_lib
 
@@ -66,6 +67,9 @@ def add_arguments(parser) -> None:
   parser.add_argument("--cifar-stem", choices=["auto", "on", "off"], default="auto",
                       help="3×3/1 stem without max-pool (auto: on at 32 px or less).")
   parser.add_argument("--no-mfac", action="store_true", help="leave out the mfac alternation.")
+  parser.add_argument("--fast-cpu-convolutions", action="store_true",
+                      help="bissl_jax with the opt-in XLA:CPU flag of bissl_jax.cpu_defaults "
+                           "(faster, not bit-identical; docs/benchmarks.md §9).")
 
 
 def compare_size(args) -> common.Size:
@@ -169,6 +173,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[common.Table]:
   if not args.reference:
     print(SKIP_MESSAGE)
     return []
+  if args.fast_cpu_convolutions:
+    print(f"bissl_jax XLA flag: {cpu_defaults.enable_fast_cpu_convolutions()}", flush=True)
   if not os.path.isdir(os.path.join(args.reference, "source", "bissl")):
     raise SystemExit(f"compare_reference: {args.reference!r} is not a checkout of the "
                      "reference BiSSL (no source/bissl in it); pass the repository's root.")
