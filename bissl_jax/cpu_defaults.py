@@ -12,6 +12,11 @@ move), nothing here is applied unless asked for:
     from bissl_jax import cpu_defaults
     cpu_defaults.enable_fast_cpu_convolutions()   # first thing, before any JAX work
 
+**Known failure:** with this flag, XLA:CPU 0.10.2 cannot run the ``mfac`` solver's
+upper step (``INTERNAL: ... Instruction with unsupported layout in YNN fusion:
+f32[60,20,20]{1,2,0}``, the per-leaf 20×20 Gram matrices of ResNet-18's 60 leaves);
+do not combine it with ``solver='mfac'``.
+
 It adds the flag to ``XLA_FLAGS`` only when that is still effective and wanted: the
 backend has not started (XLA reads the variable once), the run is not pinned to a
 non-CPU platform, and the user's ``XLA_FLAGS`` does not set the option already.
