@@ -21,22 +21,13 @@ from bissl_jax.pipeline import pretrain as pretrain_lib
 from bissl_jax.pipeline import run_log
 from bissl_jax.seeds import derive_seed
 from configs import common, digits_gessl, imagenet_gessl, stl10_gessl
+from tests.test_gessl import FrozenBiasModel
 
 
 @dataclasses.dataclass(frozen=True)
-class _Projector:
-  features: tuple
-
-
-@dataclasses.dataclass(frozen=True)
-class StubModel:
-  """A pipeline-shaped model (``init(rng, image_size)``) whose backbone bias is frozen."""
-  feat_dim: int = 5
-  proj_dim: int = 4
-
-  @property
-  def projector(self):
-    return _Projector((self.proj_dim,))
+class StubModel(FrozenBiasModel):
+  """FrozenBiasModel with the pipeline's ``init(rng, image_size)``."""
+  in_dim: int = 0  # unused: init takes the input size from image_size
 
   def init(self, rng, image_size):
     k1, k2, k3 = jax.random.split(rng, 3)
@@ -47,19 +38,6 @@ class StubModel:
                   "w": jax.random.normal(k3, (self.feat_dim, self.proj_dim)) * 0.5}},
               "downstream_head": {}}
     return params, {"backbone": {}, "pretext_head": {"projector": {}}}
-
-  def features(self, bb, stats, x, *, train):
-    del train
-    return jnp.tanh(x.reshape(x.shape[0], -1) @ bb["w"] + bb["b"]), stats
-
-  def project(self, pp, ps, h, *, train):
-    del train
-    return h @ pp["w"], ps
-
-  def trainable(self, params):
-    mask = jax.tree_util.tree_map(lambda _: True, params)
-    mask["backbone"]["b"] = False
-    return mask
 
 
 def _context(tmp_path, *, gessl_on=True):
