@@ -308,6 +308,18 @@ def _parse_run_flags(argv: Sequence[str]) -> List[str]:
 
 # --------------------------------------------------------------------------- commands
 
+def apply_cpu_kernels(config) -> None:
+  """Sets ``config.model.cpu_kernels``'s XLA flag; call before the backend starts."""
+  from bissl_jax import cpu_defaults  # pylint: disable=g-import-not-at-top
+  from bissl_jax.config_validation import ConfigError  # pylint: disable=g-import-not-at-top
+  kernels = config.model.get("cpu_kernels", "default")
+  if kernels not in cpu_defaults.KERNELS:
+    raise ConfigError(f"model.cpu_kernels={kernels!r} is not one of {cpu_defaults.KERNELS}; "
+                      "use 'fast' (XLA's own convolutions, YNNPACK fusions) or 'default' "
+                      "(jaxlib's choice).")
+  cpu_defaults.apply(kernels)
+
+
 def _run_main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -319,7 +331,12 @@ def _run_main(argv: Sequence[str]) -> None:
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
   determinism.pin()  # before the backend starts (bissl_jax/determinism.py)
+  config = _CONFIG.value
+  if config is None:  # flags parsed without our parser (the default file)
+    config = load_config(DEFAULT_CONFIG)
+    config.lock()
   with error_boundary(_DEBUG.value or debug_requested()):
+    apply_cpu_kernels(config)
     parallel.initialize_multihost()
     # Cluster pre-emption sends SIGTERM, a user Ctrl-C: both are recorded, never
     # raised where they land (a swallowed exception would lose them); the running or
@@ -327,10 +344,6 @@ def _run_main(argv: Sequence[str]) -> None:
     from bissl_jax.pipeline import stage_loop  # pylint: disable=g-import-not-at-top
     stage_loop.install_stop_handlers()
     try:
-      config = _CONFIG.value
-      if config is None:  # flags parsed without our parser (the default file)
-        config = load_config(DEFAULT_CONFIG)
-        config.lock()
       run(config, _WORKDIR.value, announce=_PARSED["config"], reuse=_REUSE.value,
           branch_from=_BRANCH_FROM.value)
     except KeyboardInterrupt:

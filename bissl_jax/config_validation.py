@@ -121,7 +121,7 @@ def _choices():
   """The registries' names: solver, Hessian mode, architecture, pretext task, λ schedule."""
   # pylint: disable=g-import-not-at-top  (imported on use: the registries pull in JAX models)
   from bissl_jax import bilevel, gessl, gpt, lam_variants, models, optim, pretext, solvers
-  from bissl_jax import mfac, vit, vit_model
+  from bissl_jax import cpu_defaults, mfac, vit, vit_model
   from bissl_jax.data import glue
   return {"gessl.second_level_loss": gessl.SECOND_LEVEL_LOSSES,
           "gessl.inner_params": gessl.INNER_PARAMS,
@@ -145,6 +145,7 @@ def _choices():
                          + tuple(sorted(gpt.CONFIGS))),
           "model.pool": vit_model.POOLS,
           "model.posemb": vit.POSEMBS,
+          "model.cpu_kernels": cpu_defaults.KERNELS,
           "pretext.task": tuple(sorted(pretext.TASKS)) + ("next_token",),  # next_token: GPT
           "pretext.bn_grouping": tuple(pretext.BN_GROUPINGS),
           "bissl.lam_schedule": tuple(lam_variants.SCHEDULES)}
@@ -289,6 +290,7 @@ def validate_config(config: Any, *, num_devices: Optional[int] = None) -> Any:
   choice("model.arch", choices["model.arch"])
   choice("model.pool", choices["model.pool"])
   choice("model.posemb", choices["model.posemb"])
+  choice("model.cpu_kernels", choices["model.cpu_kernels"])
   positive("model.width_multiplier", integer=False)
   for field in ("model.projector", "model.predictor"):
     try:

@@ -236,7 +236,7 @@ def mfac_solve(grads: PyTree, v: PyTree, lam, *, blocks: BlockRule = "per_leaf",
   gram = jnp.stack(gram) * (valid[:, None] * valid[None, :])
   system = gram + n_lam * jnp.eye(m, dtype=jnp.float32)
   gv = _block_products(g_leaves, v_leaves, ids, n_blocks, m) * valid
-  coeffs = jnp.linalg.solve(system, gv[..., None])[..., 0] * valid
+  coeffs = jnp.linalg.solve(jnp.swapaxes(system, -1, -2), gv[..., None])[..., 0] * valid
   x_leaves = _apply_rows(g_leaves, v_leaves, ids, coeffs, -1.0)
 
   # Diagnostics: A x = x + G_bᵀ(G_b x_b)/(nλ), with the same F.

@@ -37,12 +37,13 @@ def main(argv: Sequence[str]) -> None:
   determinism.pin()
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
+  config = cli._CONFIG.value or cli.load_config(DEFAULT_CONFIG)  # pylint: disable=protected-access
   with cli.error_boundary(cli._DEBUG.value or cli.debug_requested()):  # pylint: disable=protected-access
+    cli.apply_cpu_kernels(config)
     # SIGTERM/Ctrl-C are recorded; the running (or next) stage stops after its step.
     from bissl_jax.pipeline import stage_loop  # pylint: disable=g-import-not-at-top
     stage_loop.install_stop_handlers()
     try:
-      config = cli._CONFIG.value or cli.load_config(DEFAULT_CONFIG)  # pylint: disable=protected-access
       study.run_study(config, flags.FLAGS.workdir, results_path=_RESULTS.value,
                       part=_PART.value, argv=_ARGV)
     except KeyboardInterrupt:

@@ -170,6 +170,10 @@ def base_config() -> config_dict.ConfigDict:
   config.model.dtype = "float32"           # compute dtype ('bfloat16' on accelerators)
   config.model.lm_weight = 0.5             # GPT: ν of the auxiliary LM loss (thesis §7.1.2)
   config.model.dropout = 0.1               # GPT: dropout before the output layer
+  # XLA:CPU kernels (bissl_jax/cpu_defaults.py): 'fast' runs convolutions on XLA's own
+  # kernels with YNNPACK fusions, 0.67-0.81x the pretext gradient's time on a 2-core
+  # CPU but other rounding than 'default' (jaxlib's choice); docs/benchmarks.md §9.
+  config.model.cpu_kernels = "fast"
 
   config.pretext = config_dict.ConfigDict()
   config.pretext.task = "simclr"
@@ -250,7 +254,7 @@ def base_config() -> config_dict.ConfigDict:
   # The relative residual ‖Ax − v‖/‖v‖ costs one more product per solve: k > 1
   # recomputes it on every k-th upper step only (1: every step, 0: never; the guard
   # forces 1). 1 keeps every recorded result's compiled program, and so its rounding.
-  config.bissl.residual_every = 1
+  config.bissl.residual_every = 4          # one more product per checked step (docs/solvers.md)
   # solver='mfac' (BiSSLight): m stored pretext gradients (None: N_L), block rule
   # ('per_leaf', 'per_layer' or 'global') and storage dtype ('float32', 'bfloat16').
   config.bissl.mfac_history = config_dict.placeholder(int)
@@ -560,6 +564,9 @@ FIELD_HELP = {
     "model.drop_path": "ViT: stochastic depth rate of the encoder",
     "model.remat": "ViT/GPT: jax.checkpoint per transformer block",
     "model.dtype": "ViT/GPT: compute dtype ('float32', 'bfloat16')",
+    "model.cpu_kernels": "XLA:CPU kernels: 'fast' (XLA's convolutions + YNNPACK fusions, "
+                         "faster here, other rounding) or 'default' (jaxlib's); set "
+                         "before the backend starts by bissl-jax run, recorded as in effect",
     "model.lm_weight": "GPT: weight ν of the auxiliary language-modelling loss downstream",
     "model.dropout": "GPT: dropout rate before the downstream output layer",
     "pretext.mask_ratio": "MAE: fraction of patches masked per sample",

@@ -193,6 +193,8 @@ def main(argv=None):
   cfg = load_config(args.config, args.config_arg)
   for item in args.set:
     override(cfg, item)
+  from bissl_jax import cli  # pylint: disable=import-outside-toplevel
+  cli.apply_cpu_kernels(cfg)  # before the backend starts, as bissl-jax run does
   results = run(cfg, args.workdir)
   print(to_markdown(results))
   return results

@@ -24,11 +24,13 @@ import contextlib
 import copy
 import json
 import os
+import sys
 import time
 from typing import Callable, Optional
 
 import jax
 
+from bissl_jax import cpu_defaults
 from bissl_jax.config_validation import validate_config
 from bissl_jax.convert import stage_output
 from bissl_jax.pipeline import branch
@@ -127,7 +129,9 @@ def banner(config, workdir: str, *, source: str, resumed: bool) -> str:
       f"  config   {source} (stages={config.stages}, downstream "
       f"{config.data.downstream_dataset}, pretext {config.data.pretext_dataset}, "
       f"{size}, seeds {tuple(config.seeds)})",
-      f"  workdir  {workdir} ({state})"])
+      f"  workdir  {workdir} ({state})"]
+      + ([f"  kernels  XLA:CPU {config.model.cpu_kernels} (config.model.cpu_kernels; "
+          "docs/benchmarks.md §9)"] if jax.default_backend() == "cpu" else []))
 
 
 def _text_datasets():
@@ -170,6 +174,10 @@ def run(config, workdir: str, *, bissl_callback: Optional[Callable] = None,
   if reuse is not None:
     config = with_reuse(config, reuse)
   config = validate_config(config)
+  # What the stages record must be the kernels in use, not the ones asked for.
+  notice = cpu_defaults.reconcile(config, jax.default_backend())
+  if notice and announce is not None and jax.process_index() == 0:
+    print(notice, file=sys.stderr, flush=True)
   workdir = os.path.abspath(workdir)
   resumed = _has_earlier_run(workdir)
   need_pretext, need_downstream = _NEEDS[config.stages]
