@@ -236,6 +236,11 @@ def mfac_solve(grads: PyTree, v: PyTree, lam, *, blocks: BlockRule = "per_leaf",
   gram = jnp.stack(gram) * (valid[:, None] * valid[None, :])
   system = gram + n_lam * jnp.eye(m, dtype=jnp.float32)
   gv = _block_products(g_leaves, v_leaves, ids, n_blocks, m) * valid
+  # The system is symmetric (each Gram matrix is, bit for bit), so solving with its
+  # transpose is the same solve; handing LAPACK (column-major) the transpose lets XLA
+  # keep the producing fusion row-major, which the YNNPACK fusions of the fast CPU
+  # kernels (cpu_defaults.py) require: otherwise XLA:CPU 0.10.2 stops with
+  # 'Instruction with unsupported layout in YNN fusion'.
   coeffs = jnp.linalg.solve(jnp.swapaxes(system, -1, -2), gv[..., None])[..., 0] * valid
   x_leaves = _apply_rows(g_leaves, v_leaves, ids, coeffs, -1.0)
 

@@ -94,6 +94,17 @@ def test_weights_that_do_not_load_are_a_message(tmp_path):
   # The banner came first, once.
   assert proc.stdout.count("bissl-jax: backend cpu") == 1
   assert f"workdir  {tmp_path / 'w'} (fresh)" in proc.stdout
+  # The run set the library's CPU kernels before the backend started, and says so.
+  assert "kernels  XLA:CPU fast (config.model.cpu_kernels" in proc.stdout
+  assert "not in effect" not in proc.stderr
+
+
+def test_unknown_cpu_kernels_is_a_message_before_any_compute(tmp_path):
+  proc = _run(["-m", "bissl_jax", "run", "--config.model.cpu_kernels=turbo",
+               f"--workdir={tmp_path / 'w'}"], tmp_path)
+  _assert_user_error(proc)
+  assert "model.cpu_kernels='turbo' is not one of ('fast', 'default')" in proc.stderr
+  assert not (tmp_path / "w").exists()
 
 
 def test_error_boundary_messages_and_bugs(capsys):

@@ -53,3 +53,73 @@ def test_too_late_once_the_backend_has_started():
   with pytest.raises(RuntimeError, match="backend has already started"):
     cpu_defaults.enable_fast_cpu_convolutions(env)
   assert env == {"XLA_FLAGS": "--xla_cpu_enable_fast_math=false"}
+
+
+def test_apply_follows_the_config_value():
+  env = {}
+  assert cpu_defaults.apply("default", env) == "default kernels" and env == {}
+  assert cpu_defaults.in_effect(env) == "default"
+  with pytest.raises(ValueError, match="cpu_kernels must be one of"):
+    cpu_defaults.apply("turbo", env)
+  jax.devices()  # this process's backend has started: 'fast' cannot take effect
+  assert cpu_defaults.apply("fast", env) == "backend already started" and env == {}
+  assert cpu_defaults.in_effect({"XLA_FLAGS": "--a=1 " + cpu_defaults.FAST_CPU_FLAG}) == "fast"
+  # Another setting of the same option is not the fast kernels; the last one counts.
+  other = "--xla_cpu_experimental_ynn_fusion_type=dot"
+  assert cpu_defaults.in_effect({"XLA_FLAGS": other}) == "default"
+  assert cpu_defaults.in_effect(
+      {"XLA_FLAGS": f"{cpu_defaults.FAST_CPU_FLAG} {other}"}) == "default"
+
+
+def test_reconcile_records_the_kernels_in_effect():
+  from configs import common  # pylint: disable=import-outside-toplevel
+  config = common.base_config()
+  assert config.model.cpu_kernels == "fast"  # the library's default
+  notice = cpu_defaults.reconcile(config, "cpu", {})
+  assert config.model.cpu_kernels == "default"
+  assert "cpu_kernels='fast' is not in effect" in notice and "fresh process" in notice
+  assert cpu_defaults.reconcile(config, "cpu", {}) is None  # now it says what is in effect
+  fast = {"XLA_FLAGS": cpu_defaults.FAST_CPU_FLAG}
+  assert "XLA_FLAGS sets" in cpu_defaults.reconcile(config, "cpu", fast)
+  assert config.model.cpu_kernels == "fast"
+  config.model.cpu_kernels = "default"
+  assert cpu_defaults.reconcile(config, "gpu", fast) is None  # off CPU the field is inert
+  assert config.model.cpu_kernels == "default"
+
+
+# M-FAC's batched LAPACK solve under the fast kernels: XLA:CPU 0.10.2 refused its
+# column-major Gram stack inside a YNNPACK fusion until mfac.py solved with the
+# transpose. Checked against a float64 NumPy solve of the same system.
+MFAC_PROBE = """
+import sys
+import numpy as np
+from bissl_jax import cpu_defaults
+if sys.argv[1] == "fast":
+  assert cpu_defaults.enable_fast_cpu_convolutions() == "applied"
+import jax, jax.numpy as jnp
+from bissl_jax import mfac
+rs = np.random.RandomState(0)
+m, shapes = 20, [(3, 3, 8, 8), (8,), (8,), (16, 8), (5,)] * 12  # the failure needed this many
+v = [rs.randn(*s).astype(np.float32) for s in shapes]
+g = [rs.randn(m, *s).astype(np.float32) for s in shapes]
+lam = 0.5
+x, info = jax.jit(lambda g, v: mfac.mfac_solve(g, v, lam))(g, v)
+err = 0.0
+for gi, vi, xi in zip(g, v, x):  # per leaf: (I + G^T G / (m lam)) x = v
+  rows = gi.reshape(m, -1).astype(np.float64)
+  a = np.eye(rows.shape[1]) + rows.T @ rows / (m * lam)
+  want = np.linalg.solve(a, vi.reshape(-1).astype(np.float64))
+  err = max(err, np.abs(np.asarray(xi).reshape(-1) - want).max() / np.abs(want).max())
+print(err, float(info.residual))
+"""
+
+
+@pytest.mark.parametrize("kernels", ["default", "fast"])
+def test_mfac_solves_under_both_cpu_kernels(kernels):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  proc = subprocess.run([sys.executable, "-c", MFAC_PROBE, kernels], env=env, cwd=ROOT,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  err, residual = map(float, proc.stdout.split())
+  assert err < 1e-4 and residual < 1e-4

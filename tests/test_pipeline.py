@@ -53,6 +53,10 @@ def test_comparison_writes_results(comparison):
     assert os.path.exists(os.path.join(workdir, name)), name
   assert any(f.startswith("events.out.tfevents")
              for f in os.listdir(os.path.join(workdir, "tensorboard")))
+  # The config asked for the fast CPU kernels, but this process's backend had started
+  # without them: the run records the kernels it used (cpu_defaults.reconcile).
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["model"]["cpu_kernels"] == "default"
   with open(os.path.join(workdir, "results.json")) as f:
     on_disk = json.load(f)
   assert on_disk["pipelines"].keys() == {"baseline", "bissl"}
