@@ -40,6 +40,7 @@ from bissl_jax import bilevel
 from bissl_jax import cpu_defaults
 from bissl_jax import models
 from bissl_jax import pretext as pretext_lib
+from configs import common as config_common
 
 ALTERNATION_TARGET = 1.5   # reference / bissl_jax, the paper's solver
 MFAC_TARGET = 5.0          # reference CG alternation / bissl_jax mfac alternation
@@ -67,9 +68,9 @@ def add_arguments(parser) -> None:
   parser.add_argument("--cifar-stem", choices=["auto", "on", "off"], default="auto",
                       help="3×3/1 stem without max-pool (auto: on at 32 px or less).")
   parser.add_argument("--no-mfac", action="store_true", help="leave out the mfac alternation.")
-  parser.add_argument("--fast-cpu-convolutions", action="store_true",
-                      help="bissl_jax with the opt-in XLA:CPU flag of bissl_jax.cpu_defaults "
-                           "(faster, not bit-identical; docs/benchmarks.md §9).")
+  parser.add_argument("--cpu-kernels", choices=cpu_defaults.KERNELS, default=None,
+                      help="bissl_jax's XLA:CPU kernels (config.model.cpu_kernels; default: "
+                           "the library's, as bissl-jax run sets them; docs/benchmarks.md §9).")
 
 
 def compare_size(args) -> common.Size:
@@ -173,8 +174,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[common.Table]:
   if not args.reference:
     print(SKIP_MESSAGE)
     return []
-  if args.fast_cpu_convolutions:
-    print(f"bissl_jax XLA flag: {cpu_defaults.enable_fast_cpu_convolutions()}", flush=True)
+  kernels = args.cpu_kernels or config_common.base_config().model.cpu_kernels
+  print(f"bissl_jax CPU kernels {kernels!r}: {cpu_defaults.apply(kernels)}", flush=True)
   if not os.path.isdir(os.path.join(args.reference, "source", "bissl")):
     raise SystemExit(f"compare_reference: {args.reference!r} is not a checkout of the "
                      "reference BiSSL (no source/bissl in it); pass the repository's root.")
@@ -232,8 +233,12 @@ def tables(times, size, cifar_stem, setup, ref_info, args) -> List[common.Table]
       "median of per-round reference / bissl_jax.",
       f"N_L = {setup.lower_steps}, N_U = {setup.upper_steps}, {setup.cg_iters} layer-wise CG "
       f"iterations, λ = {setup.lam:g}, δ = {setup.damping:g}. bissl_jax: library defaults "
-      f"({'per-step' if setup.per_step else 'fused'} stage driver, residual diagnostic every {setup.residual_every} step(s): one "
-      "more Hessian-vector product per checked step, included in its upper step and solve).",
+      f"({'per-step' if setup.per_step else 'fused'} stage driver, residual diagnostic every "
+      f"{setup.residual_every} step(s): one more Hessian-vector product per checked step, "
+      "included in the alternation; the timed upper step, the run's first, is "
+      f"{'a checked' if setup.residual_every == 1 else 'an unchecked'} one, and the timed "
+      "solve always checks; "
+      f"XLA:CPU kernels {cpu_defaults.in_effect()!r}).",
       f"Reference: torch {ref_info.get('torch')}, torchvision {ref_info.get('torchvision')}, "
       f"{ref_info.get('threads')} threads, {ref_info.get('backbone_parameters'):,} backbone "
       "parameters. Its lower steps read pre-augmented views from memory (no data loader "

@@ -36,6 +36,7 @@ import numpy as np
 
 from bench import common
 from bench import worker_protocol
+from bissl_jax import cpu_defaults
 
 FP32_TOLERANCE = 1e-4
 
@@ -74,6 +75,15 @@ OPTIONS = [
     Option("YNN fusions dot only", "--xla_cpu_experimental_ynn_fusion_type=dot"),
     Option("YNN fusions +eltwise,+reduce",
            "--xla_cpu_experimental_ynn_fusion_type=+eltwise,+reduce"),
+    Option("YNN fusions eltwise,reduce (dots to XLA too)",
+           "--xla_cpu_experimental_ynn_fusion_type=eltwise,reduce"),
+    Option("YNN fusions none", "--xla_cpu_experimental_ynn_fusion_type="),
+    # With the convolutions out of YNNPACK (the library's 'fast' kernels), can oneDNN
+    # or XNNPACK take them? jaxlib 0.10.2 knows the type 'individual_convolution'.
+    Option("fast kernels + oneDNN convolutions", cpu_defaults.FAST_CPU_FLAG
+           + " --xla_cpu_experimental_onednn_fusion_type=individual_convolution"),
+    Option("fast kernels + XNNPACK convolutions", cpu_defaults.FAST_CPU_FLAG
+           + " --xla_cpu_experimental_xnn_fusion_type=individual_convolution"),
     Option("fast math", "--xla_cpu_enable_fast_math=true"),
     Option("single-threaded Eigen", "--xla_cpu_multi_thread_eigen=false"),
     Option("concurrency-optimized scheduler",

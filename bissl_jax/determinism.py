@@ -19,6 +19,11 @@ Checked on the 2-core AMD EPYC development CPU (2026-12-01): two fresh processes
 records (every logged loss, gradient norm and solver residual, timestamps aside);
 tests/test_study.py checks the same within one process, with a kill-and-resume.
 
+The library's 'fast' CPU kernels (``config.model.cpu_kernels``, bissl_jax/cpu_defaults.py)
+are deterministic too: two fresh processes of the same run wrote equal
+``results.json`` with them (2026-12-01), though their bits differ from the 'default'
+kernels'.
+
 What is *not* the same across machines or backends: the summation order of XLA's
 kernels (another CPU model, a GPU, another device count). docs/results.md measures
 how far that rounding moves a run.
