@@ -32,8 +32,9 @@ SGD momentum 0.9, batch 128, LR 5e-2 → 5e-6 cosine, 100 epochs) scored on test
 prototype) drawn from the test split's held-out digits. 3 seeds, mean ± std.
 
 Result and cost: the table in docs/gessl.md ("Offline comparison"), measured on the
-shared 2-core development CPU. GeSSL does not help at this scale (nothing is tuned);
-the config exercises and times the protocol.
+shared 2-core development CPU. GeSSL's few-shot accuracy is higher on every seed, its
+linear probe is not; three seeds, nothing tuned: the config exercises and times the
+protocol.
 
 ``get_config("runlocal")`` is the seconds-long smoke size the tests use
 (``common.apply_runlocal``, 96 training images so that the training classes fill a

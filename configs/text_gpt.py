@@ -37,8 +37,7 @@ initialisation, data order, dropout and BiSSL's batches, and both pipelines of a
 seed share them. Results: ``<workdir>/results.md``.
 
 Cost (the command above, 2026-12-01, Python 3.11.7, the 2-core AMD EPYC
-development CPU with another run beside it, load average 3.5): 131 s wall time
-(616 s at a load average of 13-18).
+development CPU beside another job): 158 s wall time.
 
 Result (3 seeds, test accuracy; corpus sha256 78c06ba3…)::
 
