@@ -181,6 +181,8 @@ def _jax_worker(spec: dict) -> None:
     contenders["sgd step"] = run_step
   if spec["resident"]:
     contenders.update(_conv_layer_contenders(jax, jnp, size, spec["seed"]))
+  if spec.get("layers"):
+    contenders.update(_network_layer_contenders(jax, jnp, size, spec["seed"]))
   for thunk in contenders.values():
     jax.block_until_ready(thunk())
 
@@ -224,6 +226,48 @@ def _conv_layer_contenders(jax, jnp, size, seed):
           "conv layer im2col+matmul": lambda: g_col(x, w)}
 
 
+def network_layers(size) -> List[tuple]:
+  """ResNet-18's distinct convolutions (CIFAR stem): (name, c_in, c_out, px, stride, k, count)."""
+  c, s = int(round(64 * size.width)), size.image_size
+  out = [("stem 3×3", 3, c, s, 1, 3, 1), (f"3×3 {c}→{c}", c, c, s, 1, 3, 4)]
+  for i in range(1, 4):
+    cin, cout, px = c * 2 ** (i - 1), c * 2 ** i, s // 2 ** (i - 1)
+    out += [(f"3×3 {cin}→{cout} /2", cin, cout, px, 2, 3, 1),
+            (f"1×1 {cin}→{cout} /2", cin, cout, px, 2, 1, 1),
+            (f"3×3 {cout}→{cout}", cout, cout, px // 2, 1, 3, 3)]
+  return out
+
+
+def _network_layer_contenders(jax, jnp, size, seed):
+  """Every distinct convolution's gradient (input and kernel) at the network's shapes."""
+  b, key, out = 2 * size.pretext_batch, jax.random.PRNGKey(seed), {}
+  for name, cin, cout, px, stride, k, _ in network_layers(size):
+    x = jax.random.normal(key, (b, px, px, cin))
+    w = jax.random.normal(jax.random.fold_in(key, 1), (k, k, cin, cout)) * 0.05
+    pad = (k - 1) // 2
+
+    def f(x, w, stride=stride, pad=pad):
+      y = jax.lax.conv_general_dilated(x, w, (stride, stride), ((pad, pad), (pad, pad)),
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      return jnp.sum(y ** 2)
+    g = jax.jit(jax.grad(f, argnums=(0, 1)))
+    out[f"layer {name}"] = lambda g=g, x=x, w=w: g(x, w)
+  return out
+
+
+def _torch_network_layer_contenders(torch, size):
+  b, out = 2 * size.pretext_batch, {}
+  for name, cin, cout, px, stride, k, _ in network_layers(size):
+    x = torch.randn(b, cin, px, px, requires_grad=True)
+    w = (torch.randn(cout, cin, k, k) * 0.05).requires_grad_()
+
+    def g(x=x, w=w, stride=stride, pad=(k - 1) // 2):
+      y = torch.nn.functional.conv2d(x, w, stride=stride, padding=pad)
+      return torch.autograd.grad((y ** 2).sum(), (x, w))
+    out[f"layer {name}"] = g
+  return out
+
+
 def _torch_worker(spec: dict) -> None:
   import torch  # pylint: disable=import-outside-toplevel
   if spec.get("torch_threads"):
@@ -250,6 +294,8 @@ def _torch_worker(spec: dict) -> None:
     return torch.autograd.grad((torch.nn.functional.conv2d(x, w, padding=1) ** 2).sum(), (x, w))
   if spec["resident"]:
     contenders["conv layer NHWC"] = conv_layer
+  if spec.get("layers"):
+    contenders.update(_torch_network_layer_contenders(torch, size))
   for thunk in contenders.values():
     thunk()
   worker_protocol.serve(contenders, info={"torch": torch.__version__,
@@ -319,8 +365,12 @@ def worker_main(kind: str, spec: dict) -> None:
 
 def start(option: Option, spec: dict, resident: bool = False) -> worker_protocol.Worker:
   kind = "torch" if option.torch else "jax"
+  # Per-layer timings: the default and PyTorch (resident) and the library's fast kernels.
+  layers = (resident and option.name in ("default", "PyTorch")) or (
+      option.xla_flags == cpu_defaults.FAST_CPU_FLAG and not option.jax_config)
   spec = dict(spec, donate=option.donate, jax_config=option.jax_config,
-              torch_threads=option.torch_threads, resident=resident, float64=option.float64)
+              torch_threads=option.torch_threads, resident=resident, float64=option.float64,
+              layers=layers)
   command = [sys.executable, "-m", "bench.cpu_conv", "--worker", kind, "--spec",
              json.dumps(spec)]
   if option.one_core:
@@ -480,7 +530,35 @@ def tables(blocks, grads, failed, infos, options, size, cifar_stem, args) -> Lis
               f"{size.image_size} px, batch {2 * size.pretext_batch}",
         columns=["layout", "seconds", "vs PyTorch"], rows=layer_rows,
         notes=["Default XLA flags, all rounds pooled."]))
+  fast = next((o.name for o in options if o.xla_flags == cpu_defaults.FAST_CPU_FLAG
+               and o.name in blocks), None)
+  if fast is not None:
+    out.append(_network_layer_table(blocks[fast], fast, size))
   return out
+
+
+def _network_layer_table(block, fast: str, size) -> common.Table:
+  """Each distinct convolution's gradient: default kernels, the fast ones, PyTorch."""
+  rows, totals = [], {"default": 0.0, fast: 0.0, "PyTorch": 0.0}
+  for name, cin, cout, px, stride, k, count in network_layers(size):
+    t = {w: block[(w, f"layer {name}")] for w in totals}
+    for w in totals:
+      totals[w] += count * common.median(t[w])
+    rows.append([f"{name} @{px} px", count, 1e3 * common.median(t["default"]),
+                 1e3 * common.median(t[fast]), 1e3 * common.median(t["PyTorch"]),
+                 common.paired_ratio(t[fast], t["PyTorch"])])
+  rows.append(["network (count × median)", 20, 1e3 * totals["default"], 1e3 * totals[fast],
+               1e3 * totals["PyTorch"], totals[fast] / totals["PyTorch"]])
+  return common.Table(
+      title=f"Each convolution of the network: gradient (input and kernel) in ms, batch "
+            f"{2 * size.pretext_batch}",
+      columns=["convolution", "count", "default ms", "fast kernels ms", "PyTorch ms",
+               "fast / PyTorch"],
+      rows=rows,
+      notes=[f"'fast kernels' is the option '{fast}' (the library's cpu_kernels='fast'), "
+             "timed in its own rounds beside the default and PyTorch; each entry is the "
+             "forward convolution and both of its backward convolutions of "
+             "sum(conv(x, w)²), NHWC for XLA, NCHW for PyTorch."])
 
 
 if __name__ == "__main__":

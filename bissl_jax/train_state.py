@@ -29,6 +29,7 @@ import numpy as np
 from bissl_jax import loops
 from bissl_jax import parallel
 from bissl_jax import tree_math
+from bissl_jax import upper_level
 from bissl_jax.bilevel import AlternationBatches, BilevelState, BisslSetup
 from bissl_jax.errors import NonFiniteError
 from bissl_jax.lower_level import lower_step
@@ -163,9 +164,12 @@ def make_alternation_fn(setup: BisslSetup, mesh=None, *, donate: bool = False) -
                       out_shardings=(rep, rep), donate_argnums=donate_args)
   jit_prepare = jax.jit(functools.partial(prepare_stage, setup),
                         in_shardings=(rep, batch0, rep))
-  jit_upper = jax.jit(functools.partial(upper_step, setup),
+  defer = upper_level.residual_deferred(setup)
+  jit_upper = jax.jit(functools.partial(upper_step, setup, defer_residual=defer),
                       in_shardings=(rep, None, rep, batch0, batch0, rep),
                       out_shardings=(rep, rep), donate_argnums=donate_args)
+  jit_residual = jax.jit(functools.partial(upper_level.deferred_residual, setup),
+                         in_shardings=(rep, None, rep, rep, rep, rep), out_shardings=rep)
   jit_summary = jax.jit(summarize_metrics, out_shardings=rep)
 
   def run_per_step(state: BilevelState, batches: AlternationBatches, rng):
@@ -179,8 +183,18 @@ def make_alternation_fn(setup: BisslSetup, mesh=None, *, donate: bool = False) -
     hvp_rng, keys = _upper_keys(upper_rng, batches.downstream_images.shape[0])
     operator, lam = jit_prepare(state, batches.hvp, hvp_rng)
     upper_metrics = []
-    for images, labels, key in zip(batches.downstream_images, batches.downstream_labels, keys):
+    # Which steps check their residual is decided here (one host read per stage), so
+    # the compiled step holds no lax.cond (upper_level.residual_deferred).
+    first = int(jax.device_get(state.upper.step)) if defer else 0
+    for i, (images, labels, key) in enumerate(zip(batches.downstream_images,
+                                                  batches.downstream_labels, keys)):
       state, m = jit_upper(state, operator, lam, images, labels, key)
+      if defer:
+        system = (m.pop("deferred_rhs"), m.pop("deferred_solution"))
+        if upper_level.residual_due(setup, first + i):
+          m["cg_residual"], m["upper_nonfinite"] = jit_residual(
+              state, operator, lam, *system, m["upper_nonfinite"])
+          m["residual_checked"] = jnp.ones((), bool)
       upper_metrics.append(m)
     state = state.replace(alternation=state.alternation + 1)
     return state, jit_summary(_stack(lower_metrics), _stack(upper_metrics), state)

@@ -123,17 +123,24 @@ def implicit_gradient(setup: BisslSetup, state: BilevelState, operator, lam, v,
                       check_residual=True):
   """``v_IG`` for the trainable θ-gradient ``v``, and the solver's ``SolveInfo``.
 
-  ``info.residual`` costs one more operator product. Where ``check_residual`` (a
-  traced bool) is False it is NaN and the product is skipped (``lax.cond``); the
-  residual guard and ``residual_every`` decide (see :func:`residual_due`). With
-  ``residual_guard``, a solution whose relative residual exceeds 1 (further from
-  solving the system than 0 is) is replaced by ``v`` (first order); the returned
-  info still describes the solve, and the fallback is counted by the caller.
+  ``info.residual`` costs one more operator product. ``check_residual`` may be a
+  Python bool (decided when tracing: the product is there or not) or a traced one
+  (``lax.cond``); where it is False the residual is NaN. The residual guard and
+  ``residual_every`` decide (see :func:`residual_due`). With ``residual_guard``, a
+  solution whose relative residual exceeds 1 (further from solving the system than 0
+  is) is replaced by ``v`` (first order); the returned info still describes the
+  solve, and the fallback is counted by the caller.
   """
+  solution, info, _ = _implicit_solve(setup, state, operator, lam, v, check_residual)
+  return solution, info
+
+
+def _implicit_solve(setup: BisslSetup, state: BilevelState, operator, lam, v, check_residual):
+  """:func:`implicit_gradient`, plus the system's right-hand side and full solution."""
   if setup.solver == "mfac":
     solution, info = mfac.solve(state.solver_state.gradient_window, v,
                                 lam + setup.damping, blocks=setup.mfac_blocks)
-    return solution, info
+    return solution, info, (v, solution)
   if setup.head_in_implicit:
     train_head, _ = partition.split(state.lower.params["pretext_head"],
                                     setup.lower_trainable(state.lower.params)["pretext_head"])
@@ -152,12 +159,45 @@ def implicit_gradient(setup: BisslSetup, state: BilevelState, operator, lam, v,
   # recomputed here only on the steps that check it.
   matvec = implicit.damped_operator(hessian, lam=lam, damping=setup.damping,
                                     identity_mask=identity_mask)
-  residual = jax.lax.cond(check_residual,
-                          lambda x: relative_residual(matvec, rhs, x),
-                          lambda x: jnp.full((), jnp.nan, jnp.float32), solution)
+  if isinstance(check_residual, bool):
+    residual = (relative_residual(matvec, rhs, solution) if check_residual
+                else jnp.full((), jnp.nan, jnp.float32))
+  else:
+    residual = jax.lax.cond(check_residual, lambda x: relative_residual(matvec, rhs, x),
+                            lambda x: jnp.full((), jnp.nan, jnp.float32), solution)
   info = info._replace(residual=residual,
                        nonfinite=info.nonfinite | (check_residual & ~jnp.isfinite(residual)))
-  return (solution["backbone"] if setup.head_in_implicit else solution), info
+  backbone = solution["backbone"] if setup.head_in_implicit else solution
+  return backbone, info, (rhs, solution)
+
+
+def solve_residual(setup: BisslSetup, state: BilevelState, operator, lam, rhs, solution):
+  """``‖A x − b‖/‖b‖`` of an upper step's system ``A = I + H/(λ+δ)`` (one product)."""
+  matvec = implicit.damped_operator(stage_matvec(setup, state, operator), lam=lam,
+                                    damping=setup.damping,
+                                    identity_mask=_identity_mask(setup, rhs))
+  return relative_residual(matvec, rhs, solution)
+
+
+def residual_deferred(setup: BisslSetup) -> bool:
+  """Whether the per-step driver checks residuals in a call of its own.
+
+  True when only some steps check (``residual_every`` > 1, no guard, not M-FAC).
+  XLA:CPU runs the operator product several times slower inside a ``lax.cond``
+  branch than outside one (a checked step cost 6.5× an unchecked one, against 1.05×
+  for the same product outside a branch; docs/benchmarks.md §8), so the step is
+  compiled without the product and :func:`deferred_residual` adds it on due steps.
+  """
+  return not (setup.residual_guard or setup.residual_every <= 1 or setup.solver == "mfac")
+
+
+def deferred_residual(setup: BisslSetup, state: BilevelState, operator, lam, rhs, solution,
+                      nonfinite):
+  """``(residual, nonfinite)`` for a step run with ``defer_residual`` (its metrics' rhs
+  and solution; ``state`` after the step: its lower level, which the product reads, is
+  the step's)."""
+  residual = solve_residual(setup, state, operator, lam, rhs, solution)
+  return residual, nonfinite | ~jnp.isfinite(residual)
 
 
 def residual_due(setup: BisslSetup, step) -> jnp.ndarray:
@@ -166,6 +206,7 @@ def residual_due(setup: BisslSetup, step) -> jnp.ndarray:
   Every ``residual_every``-th step, counted so that a stage whose N_U is a multiple
   of it checks its last step; every step with ``residual_guard`` (it needs them);
   never with ``residual_every = 0``. M-FAC's residual is free and always computed.
+  A Python int ``step`` (the per-step driver's count) gives a Python bool there.
   """
   if setup.residual_guard or setup.residual_every == 1 or setup.solver == "mfac":
     return jnp.ones((), bool)
@@ -174,8 +215,8 @@ def residual_due(setup: BisslSetup, step) -> jnp.ndarray:
   return (step + 1) % setup.residual_every == 0
 
 
-def upper_step(setup: BisslSetup, state: BilevelState, operator, lam, images, labels, rng
-               ) -> Tuple[BilevelState, dict]:
+def upper_step(setup: BisslSetup, state: BilevelState, operator, lam, images, labels, rng,
+               *, defer_residual: bool = False) -> Tuple[BilevelState, dict]:
   """One upper-level step against the stage's operator (Algorithm 1, upper loop body).
 
   Args:
@@ -186,6 +227,9 @@ def upper_step(setup: BisslSetup, state: BilevelState, operator, lam, images, la
     images: one raw downstream batch.
     labels: its labels.
     rng: PRNG key for the downstream augmentation.
+    defer_residual: compute no residual here; the metrics carry the system's
+      ``'deferred_rhs'`` and ``'deferred_solution'`` for :func:`deferred_residual`
+      (see :func:`residual_deferred`; the per-step driver pops them).
 
   Returns:
     ``(new_state, metrics)``.
@@ -206,8 +250,9 @@ def upper_step(setup: BisslSetup, state: BilevelState, operator, lam, images, la
                                            state.lower.batch_stats["backbone"])
   (loss_d, stats_d), (gtheta_d, gphi_d) = loss_and_grad(theta_d, phi_d, frozen_d,
                                                          upper.batch_stats["backbone"])
-  checked = residual_due(setup, upper.step)
-  v_ig, info = implicit_gradient(setup, state, operator, lam, v, checked)
+  checked = jnp.zeros((), bool) if defer_residual else residual_due(setup, upper.step)
+  v_ig, info, system = _implicit_solve(setup, state, operator, lam, v,
+                                       False if defer_residual else checked)
   fallback = jnp.zeros((), bool)
   if setup.residual_guard:
     v_ig, fallback = residual_guard.guard_residual(v_ig, v, info)
@@ -232,6 +277,8 @@ def upper_step(setup: BisslSetup, state: BilevelState, operator, lam, images, la
                                             & jnp.isfinite(grad_norm)
                                             & tree_math.tree_all_finite(params)),
   }
+  if defer_residual:
+    metrics["deferred_rhs"], metrics["deferred_solution"] = system
   new_upper = upper.replace(params=params, batch_stats={"backbone": stats_d},
                             opt_state=opt_state, step=upper.step + 1)
   new_state = state.replace(upper=new_upper,

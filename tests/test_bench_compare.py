@@ -33,6 +33,10 @@ def test_compare_reference_flags_and_sizes():
   size = compare_reference.compare_size(args)
   assert (size.arch, size.width, size.image_size, size.pretext_batch) == ("resnet18", 1.0, 32, 16)
   assert compare_reference.uses_cifar_stem(args, size)
+  assert args.cpu_kernels is None  # the library's own choice unless given
+  kernels = compare_reference.common.parse_args(["--small", "--cpu-kernels", "default"], "",
+                                                compare_reference.add_arguments)
+  assert kernels.cpu_kernels == "default"
   assert compare_reference.alternation_cost.stage_sizes(args) == (3, 8, 5)
   narrow = compare_reference.common.parse_args(["--small", "--width", "0.5"], "",
                                                compare_reference.add_arguments)
@@ -42,11 +46,32 @@ def test_compare_reference_flags_and_sizes():
 
 
 def test_cpu_conv_option_selection():
-  names = [o.name for o in cpu_conv.selected_options("fast,one core")]
+  names = [o.name for o in cpu_conv.selected_options("fast math,one core")]
   assert names == ["default", "fast math", "one core (taskset -c 0)", "PyTorch"]
+  fast = [o.name for o in cpu_conv.selected_options("fast")]  # a prefix selects them all
+  assert fast[1:] == ["fast kernels + oneDNN convolutions",
+                      "fast kernels + XNNPACK convolutions", "fast math", "PyTorch"]
   assert len(cpu_conv.selected_options("")) == len(cpu_conv.OPTIONS)
   with pytest.raises(SystemExit, match="no option named 'nonsense'"):
     cpu_conv.selected_options("nonsense")
+
+
+def test_cpu_conv_network_layers_are_resnet18s_convolutions_and_sum_up():
+  size = compare_reference.compare_size(compare_reference.common.parse_args(
+      ["--small"], "", cpu_conv.add_arguments))
+  layers = cpu_conv.network_layers(size)
+  # ResNet-18: the stem, 16 block convolutions and 3 downsampling 1×1s, 20 in all;
+  # the channel widths double from 64 to 512 while the resolution halves from 32 px.
+  assert sum(count for *_, count in layers) == 20
+  assert [(cin, cout, px) for _, cin, cout, px, _, _, _ in layers][-1] == (512, 512, 4)
+  fast = "YNN fusions dot,eltwise,reduce"
+  block = {}
+  for name, *_ in layers:  # default 3 s, fast 2 s, PyTorch 1 s for every layer
+    for worker, seconds in (("default", 3.0), (fast, 2.0), ("PyTorch", 1.0)):
+      block[(worker, f"layer {name}")] = [seconds, seconds]
+  table = cpu_conv._network_layer_table(block, fast, size)  # pylint: disable=protected-access
+  total = table.rows[-1]
+  assert total[1:] == [20, 60e3, 40e3, 20e3, 2.0]
 
 
 def test_cpu_conv_numerics_flags_bit_identity_and_relative_difference():

@@ -468,16 +468,34 @@ def test_residual_every_changes_only_the_residual_metrics():
   np.testing.assert_allclose(out[3][1]["cg_residual"], out[1][1]["cg_residual_last"], rtol=1e-6)
 
 
-def _convolutions_in_compiled_upper_step(every):
+def _compiled_upper_step(every, defer=False):
   setup = make_setup(upper_steps=1, residual_every=every,
                      model=tiny_model(models.ResNet(stage_sizes=(1,), block="basic", width=4,
                                                     cifar_stem=True)))
   state, batches = make_state(setup), make_batches(setup)
   operator, lam = upper_level.prepare_stage(setup, state, batches.hvp, jax.random.PRNGKey(0))
-  step = jax.jit(functools.partial(upper_level.upper_step, setup))
-  hlo = step.lower(state, operator, lam, batches.downstream_images[0],
-                   batches.downstream_labels[0], jax.random.PRNGKey(1)).compile().as_text()
-  return hlo.count(" convolution(")
+  step = jax.jit(functools.partial(upper_level.upper_step, setup, defer_residual=defer))
+  return step.lower(state, operator, lam, batches.downstream_images[0],
+                    batches.downstream_labels[0], jax.random.PRNGKey(1)).compile().as_text()
+
+
+def _convolutions_in_compiled_upper_step(every, defer=False):
+  return _compiled_upper_step(every, defer).count(" convolution(")
+
+
+def test_a_deferred_residual_leaves_no_branch_and_no_product_in_the_step():
+  # XLA:CPU runs a lax.cond branch's product several times slower than the same
+  # product outside one, so with 1 < k the per-step driver compiles the step without
+  # the residual (no conditional, as few convolutions as k = 0) and checks due steps
+  # in a call of its own; k = 1, the guard and M-FAC keep the residual in the step.
+  assert upper_level.residual_deferred(make_setup(residual_every=4))
+  assert not upper_level.residual_deferred(make_setup(residual_every=1))
+  assert not upper_level.residual_deferred(make_setup(residual_every=4, residual_guard=True))
+  assert not upper_level.residual_deferred(make_setup(residual_every=0))
+  with_cond = _compiled_upper_step(4)
+  deferred = _compiled_upper_step(4, defer=True)
+  assert "conditional(" in with_cond and "conditional(" not in deferred
+  assert deferred.count(" convolution(") == _convolutions_in_compiled_upper_step(0)
 
 
 def test_an_unchecked_residual_costs_no_operator_product():
