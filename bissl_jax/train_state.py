@@ -192,9 +192,7 @@ def make_alternation_fn(setup: BisslSetup, mesh=None, *, donate: bool = False) -
       if defer:
         system = (m.pop("deferred_rhs"), m.pop("deferred_solution"))
         if upper_level.residual_due(setup, first + i):
-          m["cg_residual"], m["upper_nonfinite"] = jit_residual(
-              state, operator, lam, *system, m["upper_nonfinite"])
-          m["residual_checked"] = jnp.ones((), bool)
+          m.update(jit_residual(state, operator, lam, *system, m["upper_nonfinite"]))
       upper_metrics.append(m)
     state = state.replace(alternation=state.alternation + 1)
     return state, jit_summary(_stack(lower_metrics), _stack(upper_metrics), state)

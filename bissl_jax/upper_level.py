@@ -193,11 +193,12 @@ def residual_deferred(setup: BisslSetup) -> bool:
 
 def deferred_residual(setup: BisslSetup, state: BilevelState, operator, lam, rhs, solution,
                       nonfinite):
-  """``(residual, nonfinite)`` for a step run with ``defer_residual`` (its metrics' rhs
-  and solution; ``state`` after the step: its lower level, which the product reads, is
-  the step's)."""
+  """The metrics ``cg_residual``, ``upper_nonfinite`` and ``residual_checked`` of a step
+  run with ``defer_residual`` (given its rhs and solution, and ``state`` after it: its
+  lower level, which the product reads, is the step's)."""
   residual = solve_residual(setup, state, operator, lam, rhs, solution)
-  return residual, nonfinite | ~jnp.isfinite(residual)
+  return {"cg_residual": residual, "upper_nonfinite": nonfinite | ~jnp.isfinite(residual),
+          "residual_checked": jnp.ones((), bool)}
 
 
 def residual_due(setup: BisslSetup, step) -> jnp.ndarray:

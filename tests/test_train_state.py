@@ -220,14 +220,22 @@ def test_second_alternation_compiles_nothing():
   compiles = []
   jax.monitoring.register_event_duration_secs_listener(
       lambda name, *a, **k: compiles.append(name) if name.endswith("backend_compile_duration") else None)
+  # The defaults check the residual on every 4th upper step: with N_U = 2 the second
+  # alternation's last step is the first checked one, and compiles the check (one
+  # product) once; nothing compiles after that.
+  assert setup.residual_every == 4 and setup.upper_steps == 2
   state, m = alternation(state, make_batches(setup, 0), jax.random.PRNGKey(0))
-  first = len(compiles)
-  assert first > 0
+  assert compiles and int(m["residual_checks"]) == 0
   state, m = alternation(state, make_batches(setup, 1), jax.random.PRNGKey(1))
-  assert len(compiles) == first, "the second alternation recompiled"
-  assert int(state.alternation) == 2
-  assert int(state.lower.step) == 2 * setup.lower_steps
-  assert int(state.upper.step) == 2 * setup.upper_steps
+  assert int(m["residual_checks"]) == 1
+  first = len(compiles)
+  for i in (2, 3):  # one alternation without a check, one with
+    state, m = alternation(state, make_batches(setup, i), jax.random.PRNGKey(i))
+    assert int(m["residual_checks"]) == i - 2
+  assert len(compiles) == first, "a later alternation recompiled"
+  assert int(state.alternation) == 4
+  assert int(state.lower.step) == 4 * setup.lower_steps
+  assert int(state.upper.step) == 4 * setup.upper_steps
   for key in ("lower_loss", "upper_loss", "theta_distance", "cg_residual", "upper_grad_norm"):
     assert np.isfinite(float(m[key])), key
   assert float(m["theta_distance"]) > 0
