@@ -34,8 +34,8 @@ choice; lower LR 1e-3) and the upper level SGD. With the paper's LARS the lower 
 hardly moves a zero-initialised LoRA B (its step is scaled by ‖B‖): the largest |B|
 entry of θ_P after BiSSL was 4.6e-4 with LARS and is 0.025 with AdamW (seed 0).
 
-Cost (measured 2026-12-01 on the 2-core development CPU, beside a test run): 174 s wall
-time for the command above (``results.json`` wall time 170 s).
+Cost (measured 2026-12-01 on the 2-core development CPU, beside a test run): 156 s wall
+time for the command above (``results.json`` wall time 151 s).
 
 Result it printed (3 seeds, the library's 'fast' CPU kernels)::
 

@@ -31,7 +31,7 @@ It also runs two BiSSL variants on the same seeds and budget
 gradients) and MINRES.
 
 Cost (measured on the 2-core development CPU, AMD EPYC, 2026-12-01, beside a test run):
-478 s wall time, much of it XLA compilation (every step function compiles once, on the
+405 s wall time, much of it XLA compilation (every step function compiles once, on the
 first seed).
 
 Expected result (3 seeds, the library's 'fast' CPU kernels; reproducible to the digit on

@@ -37,7 +37,7 @@ initialisation, data order, dropout and BiSSL's batches, and both pipelines of a
 seed share them. Results: ``<workdir>/results.md``.
 
 Cost (the command above, 2026-12-01, Python 3.11.7, the 2-core AMD EPYC
-development CPU beside another job): 158 s wall time.
+development CPU beside a test run): 215 s wall time.
 
 Result (3 seeds, test accuracy; corpus sha256 78c06ba3…)::
 
