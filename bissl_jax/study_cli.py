@@ -39,7 +39,7 @@ def main(argv: Sequence[str]) -> None:
     logging.set_verbosity(logging.WARNING)
   config = cli._CONFIG.value or cli.load_config(DEFAULT_CONFIG)  # pylint: disable=protected-access
   with cli.error_boundary(cli._DEBUG.value or cli.debug_requested()):  # pylint: disable=protected-access
-    cli.apply_cpu_kernels(config)
+    cli.apply_cpu_kernels(config.pipeline)  # every cell runs this pipeline config
     # SIGTERM/Ctrl-C are recorded; the running (or next) stage stops after its step.
     from bissl_jax.pipeline import stage_loop  # pylint: disable=g-import-not-at-top
     stage_loop.install_stop_handlers()
