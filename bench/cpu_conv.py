@@ -226,6 +226,11 @@ def _conv_layer_contenders(jax, jnp, size, seed):
           "conv layer im2col+matmul": lambda: g_col(x, w)}
 
 
+# Calls per timed layer sample: one layer's gradient takes milliseconds, about as long
+# as a round trip to the worker, which would otherwise be part of every sample.
+LAYER_CALLS = 10
+
+
 def network_layers(size) -> List[tuple]:
   """ResNet-18's distinct convolutions (CIFAR stem): (name, c_in, c_out, px, stride, k, count)."""
   c, s = int(round(64 * size.width)), size.image_size
@@ -251,7 +256,7 @@ def _network_layer_contenders(jax, jnp, size, seed):
                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
       return jnp.sum(y ** 2)
     g = jax.jit(jax.grad(f, argnums=(0, 1)))
-    out[f"layer {name}"] = lambda g=g, x=x, w=w: g(x, w)
+    out[f"layer {name}"] = lambda g=g, x=x, w=w: [g(x, w) for _ in range(LAYER_CALLS)]
   return out
 
 
@@ -262,8 +267,10 @@ def _torch_network_layer_contenders(torch, size):
     w = (torch.randn(cout, cin, k, k) * 0.05).requires_grad_()
 
     def g(x=x, w=w, stride=stride, pad=(k - 1) // 2):
-      y = torch.nn.functional.conv2d(x, w, stride=stride, padding=pad)
-      return torch.autograd.grad((y ** 2).sum(), (x, w))
+      for _ in range(LAYER_CALLS):
+        y = torch.nn.functional.conv2d(x, w, stride=stride, padding=pad)
+        grads = torch.autograd.grad((y ** 2).sum(), (x, w))
+      return grads
     out[f"layer {name}"] = g
   return out
 
@@ -541,7 +548,7 @@ def _network_layer_table(block, fast: str, size) -> common.Table:
   """Each distinct convolution's gradient: default kernels, the fast ones, PyTorch."""
   rows, totals = [], {"default": 0.0, fast: 0.0, "PyTorch": 0.0}
   for name, cin, cout, px, stride, k, count in network_layers(size):
-    t = {w: block[(w, f"layer {name}")] for w in totals}
+    t = {w: np.asarray(block[(w, f"layer {name}")]) / LAYER_CALLS for w in totals}
     for w in totals:
       totals[w] += count * common.median(t[w])
     rows.append([f"{name} @{px} px", count, 1e3 * common.median(t["default"]),
@@ -558,7 +565,8 @@ def _network_layer_table(block, fast: str, size) -> common.Table:
       notes=[f"'fast kernels' is the option '{fast}' (the library's cpu_kernels='fast'), "
              "timed in its own rounds beside the default and PyTorch; each entry is the "
              "forward convolution and both of its backward convolutions of "
-             "sum(conv(x, w)²), NHWC for XLA, NCHW for PyTorch."])
+             f"sum(conv(x, w)²), NHWC for XLA, NCHW for PyTorch, per call (each sample "
+             f"times {LAYER_CALLS} calls in a row)."])
 
 
 if __name__ == "__main__":
