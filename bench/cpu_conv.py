@@ -27,7 +27,6 @@ Run: ``python -m bench.cpu_conv --small`` (``--options a,b`` runs only those).
 import dataclasses
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from typing import Dict, List, NamedTuple, Optional, Sequence
@@ -35,6 +34,7 @@ from typing import Dict, List, NamedTuple, Optional, Sequence
 import numpy as np
 
 from bench import common
+from bench import conv_layers
 from bench import worker_protocol
 from bissl_jax import cpu_defaults
 
@@ -182,7 +182,7 @@ def _jax_worker(spec: dict) -> None:
   if spec["resident"]:
     contenders.update(_conv_layer_contenders(jax, jnp, size, spec["seed"]))
   if spec.get("layers"):
-    contenders.update(_network_layer_contenders(jax, jnp, size, spec["seed"]))
+    contenders.update(conv_layers.jax_contenders(jax, jnp, size, spec["seed"]))
   for thunk in contenders.values():
     jax.block_until_ready(thunk())
 
@@ -226,55 +226,6 @@ def _conv_layer_contenders(jax, jnp, size, seed):
           "conv layer im2col+matmul": lambda: g_col(x, w)}
 
 
-# Calls per timed layer sample: one layer's gradient takes milliseconds, about as long
-# as a round trip to the worker, which would otherwise be part of every sample.
-LAYER_CALLS = 10
-
-
-def network_layers(size) -> List[tuple]:
-  """ResNet-18's distinct convolutions (CIFAR stem): (name, c_in, c_out, px, stride, k, count)."""
-  c, s = int(round(64 * size.width)), size.image_size
-  out = [("stem 3×3", 3, c, s, 1, 3, 1), (f"3×3 {c}→{c}", c, c, s, 1, 3, 4)]
-  for i in range(1, 4):
-    cin, cout, px = c * 2 ** (i - 1), c * 2 ** i, s // 2 ** (i - 1)
-    out += [(f"3×3 {cin}→{cout} /2", cin, cout, px, 2, 3, 1),
-            (f"1×1 {cin}→{cout} /2", cin, cout, px, 2, 1, 1),
-            (f"3×3 {cout}→{cout}", cout, cout, px // 2, 1, 3, 3)]
-  return out
-
-
-def _network_layer_contenders(jax, jnp, size, seed):
-  """Every distinct convolution's gradient (input and kernel) at the network's shapes."""
-  b, key, out = 2 * size.pretext_batch, jax.random.PRNGKey(seed), {}
-  for name, cin, cout, px, stride, k, _ in network_layers(size):
-    x = jax.random.normal(key, (b, px, px, cin))
-    w = jax.random.normal(jax.random.fold_in(key, 1), (k, k, cin, cout)) * 0.05
-    pad = (k - 1) // 2
-
-    def f(x, w, stride=stride, pad=pad):
-      y = jax.lax.conv_general_dilated(x, w, (stride, stride), ((pad, pad), (pad, pad)),
-                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
-      return jnp.sum(y ** 2)
-    g = jax.jit(jax.grad(f, argnums=(0, 1)))
-    out[f"layer {name}"] = lambda g=g, x=x, w=w: [g(x, w) for _ in range(LAYER_CALLS)]
-  return out
-
-
-def _torch_network_layer_contenders(torch, size):
-  b, out = 2 * size.pretext_batch, {}
-  for name, cin, cout, px, stride, k, _ in network_layers(size):
-    x = torch.randn(b, cin, px, px, requires_grad=True)
-    w = (torch.randn(cout, cin, k, k) * 0.05).requires_grad_()
-
-    def g(x=x, w=w, stride=stride, pad=(k - 1) // 2):
-      for _ in range(LAYER_CALLS):
-        y = torch.nn.functional.conv2d(x, w, stride=stride, padding=pad)
-        grads = torch.autograd.grad((y ** 2).sum(), (x, w))
-      return grads
-    out[f"layer {name}"] = g
-  return out
-
-
 def _torch_worker(spec: dict) -> None:
   import torch  # pylint: disable=import-outside-toplevel
   if spec.get("torch_threads"):
@@ -302,7 +253,7 @@ def _torch_worker(spec: dict) -> None:
   if spec["resident"]:
     contenders["conv layer NHWC"] = conv_layer
   if spec.get("layers"):
-    contenders.update(_torch_network_layer_contenders(torch, size))
+    contenders.update(conv_layers.torch_contenders(torch, size))
   for thunk in contenders.values():
     thunk()
   worker_protocol.serve(contenders, info={"torch": torch.__version__,
@@ -540,33 +491,8 @@ def tables(blocks, grads, failed, infos, options, size, cifar_stem, args) -> Lis
   fast = next((o.name for o in options if o.xla_flags == cpu_defaults.FAST_CPU_FLAG
                and o.name in blocks), None)
   if fast is not None:
-    out.append(_network_layer_table(blocks[fast], fast, size))
+    out.append(conv_layers.table(blocks[fast], fast, size))
   return out
-
-
-def _network_layer_table(block, fast: str, size) -> common.Table:
-  """Each distinct convolution's gradient: default kernels, the fast ones, PyTorch."""
-  rows, totals = [], {"default": 0.0, fast: 0.0, "PyTorch": 0.0}
-  for name, cin, cout, px, stride, k, count in network_layers(size):
-    t = {w: np.asarray(block[(w, f"layer {name}")]) / LAYER_CALLS for w in totals}
-    for w in totals:
-      totals[w] += count * common.median(t[w])
-    rows.append([f"{name} @{px} px", count, 1e3 * common.median(t["default"]),
-                 1e3 * common.median(t[fast]), 1e3 * common.median(t["PyTorch"]),
-                 common.paired_ratio(t[fast], t["PyTorch"])])
-  rows.append(["network (count × median)", 20, 1e3 * totals["default"], 1e3 * totals[fast],
-               1e3 * totals["PyTorch"], totals[fast] / totals["PyTorch"]])
-  return common.Table(
-      title=f"Each convolution of the network: gradient (input and kernel) in ms, batch "
-            f"{2 * size.pretext_batch}",
-      columns=["convolution", "count", "default ms", "fast kernels ms", "PyTorch ms",
-               "fast / PyTorch"],
-      rows=rows,
-      notes=[f"'fast kernels' is the option '{fast}' (the library's cpu_kernels='fast'), "
-             "timed in its own rounds beside the default and PyTorch; each entry is the "
-             "forward convolution and both of its backward convolutions of "
-             f"sum(conv(x, w)²), NHWC for XLA, NCHW for PyTorch, per call (each sample "
-             f"times {LAYER_CALLS} calls in a row)."])
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from bench import compare_reference
+from bench import conv_layers
 from bench import cpu_conv
 from bench import worker_protocol
 
@@ -59,7 +60,7 @@ def test_cpu_conv_option_selection():
 def test_cpu_conv_network_layers_are_resnet18s_convolutions_and_sum_up():
   size = compare_reference.compare_size(compare_reference.common.parse_args(
       ["--small"], "", cpu_conv.add_arguments))
-  layers = cpu_conv.network_layers(size)
+  layers = conv_layers.network_layers(size)
   # ResNet-18: the stem, 16 block convolutions and 3 downsampling 1×1s, 20 in all;
   # the channel widths double from 64 to 512 while the resolution halves from 32 px.
   assert sum(count for *_, count in layers) == 20
@@ -69,10 +70,10 @@ def test_cpu_conv_network_layers_are_resnet18s_convolutions_and_sum_up():
   for name, *_ in layers:  # default 3 s, fast 2 s, PyTorch 1 s for every layer
     for worker, seconds in (("default", 3.0), (fast, 2.0), ("PyTorch", 1.0)):
       block[(worker, f"layer {name}")] = [seconds, seconds]
-  table = cpu_conv._network_layer_table(block, fast, size)  # pylint: disable=protected-access
+  table = conv_layers.table(block, fast, size)
   total = table.rows[-1]
-  assert total[1:] == pytest.approx([20, 60e3 / cpu_conv.LAYER_CALLS, 40e3 / cpu_conv.LAYER_CALLS,
-                                    20e3 / cpu_conv.LAYER_CALLS, 2.0])
+  assert total[1:] == pytest.approx([20, 60e3 / conv_layers.LAYER_CALLS, 40e3 / conv_layers.LAYER_CALLS,
+                                    20e3 / conv_layers.LAYER_CALLS, 2.0])
 
 
 def test_cpu_conv_numerics_flags_bit_identity_and_relative_difference():
