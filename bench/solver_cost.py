@@ -20,6 +20,7 @@ outputs + temporaries − aliases), plus the M-FAC window.
 Run: ``python -m bench.solver_cost --small`` (add ``--no-record`` to only print).
 """
 import dataclasses
+import functools
 from typing import List, Optional, Sequence
 
 import jax
@@ -28,6 +29,7 @@ from bench import alternation_cost
 from bench import common
 from bissl_jax import bilevel
 from bissl_jax import mfac
+from bissl_jax import upper_level
 from bissl_jax import train_state as ts
 
 MiB = 2.0 ** 20
@@ -75,7 +77,8 @@ def solver_contenders(setups: dict, params, batch_stats, batches, rng, contender
     memory[name] = _memory_mib(step_c)
     if setup.solver == "mfac":
       memory["mfac window"] = mfac.window_bytes(filled.solver_state.gradient_window) / MiB
-    pieces = {"build": build_c, "step": step_c}
+    pieces = {"build": build_c, "step": step_c, "setup": setup,
+              "residual": jax.jit(functools.partial(upper_level.deferred_residual, setup))}
 
     def lower(lower_c=lower_c, state=state):
       return alternation_cost.lower_stage(lower_c, state, batches.pretext, lower_rng)
