@@ -28,6 +28,7 @@ TINY_BUDGET = {
     "bissl.alternations": 2,
     "bissl.lower_steps": 1,
     "bissl.upper_steps": 1,
+    "bissl.residual_every": 1,  # 2 upper steps in all: check both, for the residual panel
     "bissl.cg_iters": 1,
     "bissl.pretext_batch_size": 64,
     "bissl.downstream_batch_size": 64,
