@@ -44,9 +44,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench import common
-from bissl_jax import bilevel
-from bissl_jax import train_state as ts
-from bissl_jax import upper_level
+from bissl_jax.core import state as bilevel
+from bissl_jax.core import alternation as ts
+from bissl_jax.core import upper as upper_level
 
 FLOOR_TARGET = 1.1
 

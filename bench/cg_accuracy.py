@@ -29,12 +29,12 @@ import numpy as np
 import optax
 
 from bench import common
-from bissl_jax import augment
+from bissl_jax.tasks import augment
 from bissl_jax import implicit
-from bissl_jax import optim
-from bissl_jax import solvers
-from bissl_jax import upper_level
-from bissl_jax import tree_math as tm
+from bissl_jax.core import optim
+from bissl_jax.implicit import solvers
+from bissl_jax.core import upper as upper_level
+from bissl_jax.implicit import tree_math as tm
 
 LAM, DAMPING = 1e-3, 10.0  # the paper's λ and δ (defaults of --lam and --damping)
 

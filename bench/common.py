@@ -28,10 +28,10 @@ import jax
 import numpy as np
 import optax
 
-from bissl_jax import augment
-from bissl_jax import models
-from bissl_jax import optim
-from bissl_jax import pretext
+from bissl_jax.tasks import augment
+from bissl_jax.models import resnet
+from bissl_jax.core import optim
+from bissl_jax.tasks import pretext
 
 PyTree = Any
 
@@ -135,20 +135,20 @@ def parse_args(argv: Optional[Sequence[str]], description: str,
 class Problem(NamedTuple):
   """A model with its SimCLR task and initial variables."""
   size: Size
-  model: models.BisslModel
+  model: resnet.BisslModel
   task: Any
   params: PyTree
   batch_stats: PyTree
 
 
-def build_model(size: Size) -> models.BisslModel:
+def build_model(size: Size) -> resnet.BisslModel:
   """The BiSSL model bundle of a size (projector 256-256-256, 10-way head)."""
   if size.arch == "mini_resnet":
-    backbone = models.ResNet(stage_sizes=(1,), block="basic",
+    backbone = resnet.ResNet(stage_sizes=(1,), block="basic",
                              width=max(1, int(round(64 * size.width))))
-    base = models.build_model("resnet18", num_classes=NUM_CLASSES)
+    base = resnet.build_model("resnet18", num_classes=NUM_CLASSES)
     return dataclasses.replace(base, backbone=backbone)
-  return models.build_model(size.arch, num_classes=NUM_CLASSES, width_multiplier=size.width)
+  return resnet.build_model(size.arch, num_classes=NUM_CLASSES, width_multiplier=size.width)
 
 
 @functools.lru_cache(maxsize=4)
@@ -162,8 +162,8 @@ def build_problem(size: Size, seed: int = 0) -> Problem:
 
 def make_setup(problem: Problem, **overrides):
   """A ``BisslSetup`` for ``problem``: the configs' BiSSL defaults with ``overrides``."""
-  from bissl_jax import bilevel
-  from bissl_jax import downstream
+  from bissl_jax.core import state as bilevel
+  from bissl_jax.tasks.downstream import classification
   from configs import common as config_common
   config = config_common.base_config()
   cfg = config.bissl.to_dict()
@@ -172,7 +172,7 @@ def make_setup(problem: Problem, **overrides):
   cfg.update(overrides)
   return bilevel.BisslSetup.from_config(
       problem.model, problem.task, cfg,
-      downstream=downstream.Classification(problem.model, problem.size.image_size))
+      downstream=classification.Classification(problem.model, problem.size.image_size))
 
 
 class ImagePool(NamedTuple):

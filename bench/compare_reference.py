@@ -35,11 +35,11 @@ import numpy as np
 from bench import alternation_cost
 from bench import common
 from bench import worker_protocol
-from bissl_jax import augment
-from bissl_jax import bilevel
-from bissl_jax import cpu_defaults
-from bissl_jax import models
-from bissl_jax import pretext as pretext_lib
+from bissl_jax.tasks import augment
+from bissl_jax.core import state as bilevel
+from bissl_jax.runtime import cpu_kernels
+from bissl_jax.models import resnet
+from bissl_jax.tasks import pretext as pretext_lib
 from configs import common as config_common
 
 ALTERNATION_TARGET = 1.5   # reference / bissl_jax, the paper's solver
@@ -68,7 +68,7 @@ def add_arguments(parser) -> None:
   parser.add_argument("--cifar-stem", choices=["auto", "on", "off"], default="auto",
                       help="3×3/1 stem without max-pool (auto: on at 32 px or less).")
   parser.add_argument("--no-mfac", action="store_true", help="leave out the mfac alternation.")
-  parser.add_argument("--cpu-kernels", choices=cpu_defaults.KERNELS, default=None,
+  parser.add_argument("--cpu-kernels", choices=cpu_kernels.KERNELS, default=None,
                       help="bissl_jax's XLA:CPU kernels (config.model.cpu_kernels; default: "
                            "the library's, as bissl-jax run sets them; docs/benchmarks.md §9).")
 
@@ -87,7 +87,7 @@ def uses_cifar_stem(args, size: common.Size) -> bool:
 
 def build_problem(size: common.Size, cifar_stem: bool, seed: int) -> common.Problem:
   """As ``common.build_problem``, with the stem chosen here."""
-  model = models.build_model(size.arch, num_classes=common.NUM_CLASSES,
+  model = resnet.build_model(size.arch, num_classes=common.NUM_CLASSES,
                              width_multiplier=size.width, cifar_stem=cifar_stem)
   task = pretext_lib.make_pretext_task("simclr", model, image_size=size.image_size)
   params, batch_stats = model.init(jax.random.PRNGKey(seed), size.image_size)
@@ -179,7 +179,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[common.Table]:
     print(SKIP_MESSAGE)
     return []
   kernels = args.cpu_kernels or config_common.base_config().model.cpu_kernels
-  print(f"bissl_jax CPU kernels {kernels!r}: {cpu_defaults.apply(kernels)}", flush=True)
+  print(f"bissl_jax CPU kernels {kernels!r}: {cpu_kernels.apply(kernels)}", flush=True)
   if not os.path.isdir(os.path.join(args.reference, "source", "bissl")):
     raise SystemExit(f"compare_reference: {args.reference!r} is not a checkout of the "
                      "reference BiSSL (no source/bissl in it); pass the repository's root.")
@@ -245,7 +245,7 @@ def tables(times, size, cifar_stem, setup, ref_info, args) -> List[common.Table]
       "included in the alternation; the timed upper step, the run's first, is "
       f"{'a checked' if setup.residual_every == 1 else 'an unchecked'} one, and the timed "
       "solve always checks; "
-      f"XLA:CPU kernels {cpu_defaults.in_effect()!r}).",
+      f"XLA:CPU kernels {cpu_kernels.in_effect()!r}).",
       f"Reference: torch {ref_info.get('torch')}, torchvision {ref_info.get('torchvision')}, "
       f"{ref_info.get('threads')} threads, {ref_info.get('backbone_parameters'):,} backbone "
       "parameters. Its lower steps read pre-augmented views from memory (no data loader "

@@ -36,7 +36,7 @@ import numpy as np
 from bench import common
 from bench import conv_layers
 from bench import worker_protocol
-from bissl_jax import cpu_defaults
+from bissl_jax.runtime import cpu_kernels
 
 FP32_TOLERANCE = 1e-4
 
@@ -80,9 +80,9 @@ OPTIONS = [
     Option("YNN fusions none", "--xla_cpu_experimental_ynn_fusion_type="),
     # With the convolutions out of YNNPACK (the library's 'fast' kernels), can oneDNN
     # or XNNPACK take them? jaxlib 0.10.2 knows the type 'individual_convolution'.
-    Option("fast kernels + oneDNN convolutions", cpu_defaults.FAST_CPU_FLAG
+    Option("fast kernels + oneDNN convolutions", cpu_kernels.FAST_CPU_FLAG
            + " --xla_cpu_experimental_onednn_fusion_type=individual_convolution"),
-    Option("fast kernels + XNNPACK convolutions", cpu_defaults.FAST_CPU_FLAG
+    Option("fast kernels + XNNPACK convolutions", cpu_kernels.FAST_CPU_FLAG
            + " --xla_cpu_experimental_xnn_fusion_type=individual_convolution"),
     Option("fast math", "--xla_cpu_enable_fast_math=true"),
     Option("single-threaded Eigen", "--xla_cpu_multi_thread_eigen=false"),
@@ -149,7 +149,7 @@ def _jax_worker(spec: dict) -> None:
   size = common.Size(**spec["size"])
   problem = compare_reference.build_problem(size, spec["cifar_stem"], spec["seed"])
   if spec.get("float64"):  # the backbone computes in its own dtype (float32 by default)
-    from bissl_jax import pretext as pretext_lib  # pylint: disable=import-outside-toplevel
+    from bissl_jax.tasks import pretext as pretext_lib  # pylint: disable=import-outside-toplevel
     model = dataclasses.replace(problem.model,
                                 backbone=problem.model.backbone.clone(dtype=jnp.float64))
     task = pretext_lib.make_pretext_task("simclr", model, image_size=size.image_size)
@@ -325,7 +325,7 @@ def start(option: Option, spec: dict, resident: bool = False) -> worker_protocol
   kind = "torch" if option.torch else "jax"
   # Per-layer timings: the default and PyTorch (resident) and the library's fast kernels.
   layers = (resident and option.name in ("default", "PyTorch")) or (
-      option.xla_flags == cpu_defaults.FAST_CPU_FLAG and not option.jax_config)
+      option.xla_flags == cpu_kernels.FAST_CPU_FLAG and not option.jax_config)
   spec = dict(spec, donate=option.donate, jax_config=option.jax_config,
               torch_threads=option.torch_threads, resident=resident, float64=option.float64,
               layers=layers)
@@ -488,7 +488,7 @@ def tables(blocks, grads, failed, infos, options, size, cifar_stem, args) -> Lis
               f"{size.image_size} px, batch {2 * size.pretext_batch}",
         columns=["layout", "seconds", "vs PyTorch"], rows=layer_rows,
         notes=["Default XLA flags, all rounds pooled."]))
-  fast = next((o.name for o in options if o.xla_flags == cpu_defaults.FAST_CPU_FLAG
+  fast = next((o.name for o in options if o.xla_flags == cpu_kernels.FAST_CPU_FLAG
                and o.name in blocks), None)
   if fast is not None:
     out.append(conv_layers.table(blocks[fast], fast, size))

@@ -4,7 +4,7 @@ Contenders, all on the same pretext batch of N images:
 
 * the plain SimCLR step of :func:`bench.common.make_plain_step` (augment, gradient,
   clip, LARS): the unit;
-* one GeSSL outer step (SimCLR + GeSSL, :class:`bissl_jax.gessl.GeSSL`): augment A = 2
+* one GeSSL outer step (SimCLR + GeSSL, :class:`bissl_jax.tasks.pretext.gessl.GeSSL`): augment A = 2
   views, the base loss, n tasks of B = N/n images, K inner SGD steps differentiated
   through (second order) and λ−1 = 9 target steps, then SGD (momentum 0.9, wd 1e-4),
   for K = 1 and K = 5 (``--ks``); ``--first-order`` adds the first-order variants.
@@ -25,7 +25,7 @@ import jax
 import numpy as np
 
 from bench import common
-from bissl_jax import gessl
+from bissl_jax.tasks.pretext import gessl
 
 MiB = 2.0**20
 DOC_PATH = os.path.join(common.REPO_ROOT, "docs", "gessl.md")

@@ -27,10 +27,12 @@ import numpy as np
 import optax
 
 from bench import common
-from bissl_jax import gpt, implicit, tree_math
-from bissl_jax.next_token import NextToken
-from bissl_jax.solvers import SOLVERS
-from bissl_jax.text_tasks import TextTask
+from bissl_jax import implicit
+from bissl_jax.models import gpt
+from bissl_jax.implicit import tree_math
+from bissl_jax.tasks.pretext.next_token import NextToken
+from bissl_jax.implicit.solvers import SOLVERS
+from bissl_jax.tasks.downstream.text import TextTask
 
 SIZES = {  # (config, vocab, context, pretext batch, downstream batch)
     "tiny": ("gpt_micro", 32, 16, 4, 4),

@@ -25,7 +25,7 @@ import numpy as np
 
 from bench import common
 from bissl_jax import implicit
-from bissl_jax import tree_math
+from bissl_jax.implicit import tree_math
 
 LAM, DAMPING = 1e-3, 10.0
 MARGINAL_TARGET = 1.8  # gradients per HVP inside CG (issue "Benchmarks")

@@ -24,9 +24,9 @@ import numpy as np
 import optax
 
 from bench import common
-from bissl_jax import augment
+from bissl_jax.tasks import augment
 from bissl_jax import implicit
-from bissl_jax import tree_math as tm
+from bissl_jax.implicit import tree_math as tm
 
 LAM, DAMPING = 1e-3, 10.0
 

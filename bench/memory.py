@@ -30,8 +30,8 @@ import jax
 
 from bench import alternation_cost
 from bench import common
-from bissl_jax import bilevel
-from bissl_jax import train_state as ts
+from bissl_jax.core import state as bilevel
+from bissl_jax.core import alternation as ts
 
 MiB = 2.0**20
 TARGET = 2.5  # linearize-mode upper stage / plain step

@@ -37,10 +37,10 @@ from jax.flatten_util import ravel_pytree
 
 from bench import cg_accuracy
 from bench import common
-from bissl_jax import augment
-from bissl_jax import gauss_newton
+from bissl_jax.tasks import augment
+from bissl_jax.implicit import gauss_newton
 from bissl_jax import implicit
-from bissl_jax import mfac
+from bissl_jax.implicit.solvers import mfac
 
 
 DOC = os.path.join(common.REPO_ROOT, "docs", "solvers.md")

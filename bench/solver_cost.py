@@ -27,10 +27,10 @@ import jax
 
 from bench import alternation_cost
 from bench import common
-from bissl_jax import bilevel
-from bissl_jax import mfac
-from bissl_jax import upper_level
-from bissl_jax import train_state as ts
+from bissl_jax.core import state as bilevel
+from bissl_jax.implicit.solvers import mfac
+from bissl_jax.core import upper as upper_level
+from bissl_jax.core import alternation as ts
 
 MiB = 2.0 ** 20
 MFAC_FLOOR_TARGET = 1.05

@@ -6,7 +6,7 @@ On one MAE batch and one LoRA model, side by side:
 * one gradient with respect to every backbone and decoder leaf (full fine-tuning), to
   show what freezing the base weights saves in the backward pass;
 * one lower step: that gradient plus the proximal term and an AdamW update on the
-  trainable half (``bissl_jax.partition.level_optimizer`` semantics);
+  trainable half (``bissl_jax.core.partition.level_optimizer`` semantics);
 * one implicit solve over the LoRA leaves (``implicit_grad``, ``hessian_mode=
   'linearize'``, ``cg`` with ``--cg-iters`` iterations), the upper level's main cost.
 
@@ -36,15 +36,15 @@ import optax
 
 from bench import common
 from bench import solver_cost
-from bissl_jax import bilevel
-from bissl_jax import downstream as downstream_lib
+from bissl_jax.core import state as bilevel
+from bissl_jax.tasks.downstream import classification as downstream_lib
 from bissl_jax import implicit
-from bissl_jax import lora
-from bissl_jax import partition
-from bissl_jax.lora import LoRAConfig
-from bissl_jax.mae import MAE, MAEDecoder
-from bissl_jax.vit import ViT
-from bissl_jax.vit_model import LinearClassifier, ViTModel
+from bissl_jax.models import lora
+from bissl_jax.core import partition
+from bissl_jax.models.lora import LoRAConfig
+from bissl_jax.tasks.pretext.mae import MAE, MAEDecoder
+from bissl_jax.models.vit import ViT
+from bissl_jax.models.vit_bundle import LinearClassifier, ViTModel
 
 LAM = 1e-3
 

@@ -5,7 +5,7 @@ The standalone bilevel utility::
     from bissl_jax import implicit_grad, hvp
 
 solves ``(I + H/(λ+δ))⁻¹ v`` for the Hessian H of any inner loss over any pytree.
-The BiSSL training core is composed in :mod:`bissl_jax.train_state`, the pipeline
+The BiSSL training core is composed in :mod:`bissl_jax.core.alternation`, the pipeline
 lives in :mod:`bissl_jax.pipeline`; ``docs/architecture.md`` has the module map.
 """
 from bissl_jax.implicit import damped_operator
@@ -14,7 +14,7 @@ from bissl_jax.implicit import hvp
 from bissl_jax.implicit import implicit_grad
 from bissl_jax.implicit import implicit_solve
 from bissl_jax.implicit import solve
-from bissl_jax.solvers import SolveInfo
+from bissl_jax.implicit.solvers import SolveInfo
 
 __version__ = "0.1.0"
 

@@ -92,7 +92,7 @@ def user_error_message(err: BaseException) -> Optional[str]:
   # pylint: disable=g-import-not-at-top  (light imports first: --help stays fast)
   from bissl_jax.config_validation import ConfigError
   from bissl_jax.data.catalogue import DatasetNotFoundError
-  from bissl_jax.errors import NonFiniteError
+  from bissl_jax.runtime.errors import NonFiniteError
   if isinstance(err, (UsageError, app.UsageError)):
     return f"error: {err}"
   if isinstance(err, ConfigError):
@@ -310,27 +310,27 @@ def _parse_run_flags(argv: Sequence[str]) -> List[str]:
 
 def apply_cpu_kernels(config) -> None:
   """Sets ``config.model.cpu_kernels``'s XLA flag; call before the backend starts."""
-  from bissl_jax import cpu_defaults  # pylint: disable=g-import-not-at-top
+  from bissl_jax.runtime import cpu_kernels  # pylint: disable=g-import-not-at-top
   from bissl_jax.config_validation import ConfigError  # pylint: disable=g-import-not-at-top
   kernels = config.model.get("cpu_kernels", "default")
-  if kernels not in cpu_defaults.KERNELS:
-    raise ConfigError(f"model.cpu_kernels={kernels!r} is not one of {cpu_defaults.KERNELS}; "
+  if kernels not in cpu_kernels.KERNELS:
+    raise ConfigError(f"model.cpu_kernels={kernels!r} is not one of {cpu_kernels.KERNELS}; "
                       "use 'fast' (XLA's own convolutions, YNNPACK fusions) or 'default' "
                       "(jaxlib's choice).")
-  cpu_defaults.apply(kernels)
+  cpu_kernels.apply(kernels)
 
 
 def _run_main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   # Imported after flag parsing so --help stays fast.
-  from bissl_jax import determinism  # pylint: disable=g-import-not-at-top
-  from bissl_jax import parallel  # pylint: disable=g-import-not-at-top
+  from bissl_jax.runtime import determinism  # pylint: disable=g-import-not-at-top
+  from bissl_jax.runtime import mesh as parallel  # pylint: disable=g-import-not-at-top
   from bissl_jax.pipeline import run  # pylint: disable=g-import-not-at-top
 
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
-  determinism.pin()  # before the backend starts (bissl_jax/determinism.py)
+  determinism.pin()  # before the backend starts (bissl_jax/runtime/determinism.py)
   config = _CONFIG.value
   if config is None:  # flags parsed without our parser (the default file)
     config = load_config(DEFAULT_CONFIG)
@@ -362,7 +362,7 @@ _COMMANDS = {
     "run": "the pipeline (python -m experiments.main); `bissl-jax run --help` lists "
            "every config field",
     "visualize": "t-SNE figure and k-NN accuracy of exported backbones "
-                 "(python -m bissl_jax.visualize_main)",
+                 "(python -m bissl_jax.evaluation.visualize_run)",
     "convert": "PyTorch weights <-> converted directories (python -m bissl_jax.convert)",
 }
 
@@ -386,7 +386,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   if command in ("visualize", "convert"):
     # pylint: disable=g-import-not-at-top
     if command == "visualize":
-      from bissl_jax import visualize_main as module
+      from bissl_jax.evaluation import visualize_run as module
     else:
       from bissl_jax.convert import __main__ as module
     with error_boundary(debug_requested(rest)):

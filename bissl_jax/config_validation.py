@@ -120,8 +120,18 @@ def _is_known_dataset(name) -> bool:
 def _choices():
   """The registries' names: solver, Hessian mode, architecture, pretext task, λ schedule."""
   # pylint: disable=g-import-not-at-top  (imported on use: the registries pull in JAX models)
-  from bissl_jax import bilevel, gessl, gpt, lam_variants, models, optim, pretext, solvers
-  from bissl_jax import cpu_defaults, mfac, vit, vit_model
+  from bissl_jax.core import state as bilevel
+  from bissl_jax.tasks.pretext import gessl
+  from bissl_jax.models import gpt
+  from bissl_jax.core import lam_schedules
+  from bissl_jax.models import resnet
+  from bissl_jax.core import optim
+  from bissl_jax.tasks import pretext
+  from bissl_jax.implicit import solvers
+  from bissl_jax.runtime import cpu_kernels
+  from bissl_jax.implicit.solvers import mfac
+  from bissl_jax.models import vit
+  from bissl_jax.models import vit_bundle
   from bissl_jax.data import glue
   return {"gessl.second_level_loss": gessl.SECOND_LEVEL_LOSSES,
           "gessl.inner_params": gessl.INNER_PARAMS,
@@ -139,16 +149,16 @@ def _choices():
           "bissl.hessian_mode": tuple(bilevel.HESSIAN_MODES),
           "bissl.mfac_blocks": tuple(mfac.BLOCK_RULES),
           "bissl.mfac_dtype": tuple(mfac.STORAGE_DTYPES),
-          # ResNets (models.ARCHITECTURES), the named ViTs (vit_model.ARCHITECTURES)
+          # ResNets (resnet.ARCHITECTURES), the named ViTs (vit_bundle.ARCHITECTURES)
           # and the GPTs (gpt.CONFIGS, text).
-          "model.arch": (tuple(sorted(models.ARCHITECTURES)) + vit_model.ARCHITECTURES
+          "model.arch": (tuple(sorted(resnet.ARCHITECTURES)) + vit_bundle.ARCHITECTURES
                          + tuple(sorted(gpt.CONFIGS))),
-          "model.pool": vit_model.POOLS,
+          "model.pool": vit_bundle.POOLS,
           "model.posemb": vit.POSEMBS,
-          "model.cpu_kernels": cpu_defaults.KERNELS,
+          "model.cpu_kernels": cpu_kernels.KERNELS,
           "pretext.task": tuple(sorted(pretext.TASKS)) + ("next_token",),  # next_token: GPT
           "pretext.bn_grouping": tuple(pretext.BN_GROUPINGS),
-          "bissl.lam_schedule": tuple(lam_variants.SCHEDULES)}
+          "bissl.lam_schedule": tuple(lam_schedules.SCHEDULES)}
 
 
 def _set(config, dotted: str, value) -> None:
@@ -489,7 +499,7 @@ def validate_config(config: Any, *, num_devices: Optional[int] = None) -> Any:
 
 
 def bilevel_combination_problems(bissl: dict) -> list:
-  from bissl_jax import bilevel  # pylint: disable=g-import-not-at-top  (pulls in JAX)
+  from bissl_jax.core import state as bilevel  # pylint: disable=g-import-not-at-top  (pulls in JAX)
   return bilevel.combination_problems(bissl)
 
 

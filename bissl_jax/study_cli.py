@@ -32,7 +32,7 @@ _ARGV = []
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  from bissl_jax import determinism  # pylint: disable=g-import-not-at-top
+  from bissl_jax.runtime import determinism  # pylint: disable=g-import-not-at-top
   from bissl_jax.pipeline import study  # pylint: disable=g-import-not-at-top
   determinism.pin()
   if not flags.FLAGS["verbosity"].present:

@@ -152,7 +152,7 @@ def base_config() -> config_dict.ConfigDict:
   config.model.cifar_stem = False
   config.model.projector = "256-256-256"
   config.model.predictor = config_dict.placeholder(str)
-  # ViT fields (model.arch one of bissl_jax.vit_model.ARCHITECTURES, docs/vit.md); a
+  # ViT fields (model.arch one of bissl_jax.models.vit_bundle.ARCHITECTURES, docs/vit.md); a
   # ResNet ignores them. LoRA (lora_rank > 0) freezes the base weights in BiSSL, the
   # head warm-up and fine-tuning; pretext pretraining (stage 1) trains the base model
   # without adapters, and fresh adapters (B = 0: the same function) are added after it.
@@ -170,7 +170,7 @@ def base_config() -> config_dict.ConfigDict:
   config.model.dtype = "float32"           # compute dtype ('bfloat16' on accelerators)
   config.model.lm_weight = 0.5             # GPT: ν of the auxiliary LM loss (thesis §7.1.2)
   config.model.dropout = 0.1               # GPT: dropout before the output layer
-  # XLA:CPU kernels (bissl_jax/cpu_defaults.py): 'fast' runs convolutions on XLA's own
+  # XLA:CPU kernels (bissl_jax/runtime/cpu_kernels.py): 'fast' runs convolutions on XLA's own
   # kernels with YNNPACK fusions, 0.67-0.81x the pretext gradient's time on a 2-core
   # CPU but other rounding than 'default' (jaxlib's choice); docs/benchmarks.md §9.
   config.model.cpu_kernels = "fast"
@@ -186,7 +186,7 @@ def base_config() -> config_dict.ConfigDict:
   config.pretext.norm_pix_loss = True      # MAE: per-patch normalised pixel targets
   config.pretext.epochs = 500
   config.pretext.batch_size = 1024
-  # One of bissl_jax.optim.OPTIMIZERS: 'lars' (paper), 'sgd' (GeSSL, Appendix C), 'adam' (GPT).
+  # One of bissl_jax.core.optim.OPTIMIZERS: 'lars' (paper), 'sgd' (GeSSL, Appendix C), 'adam' (GPT).
   config.pretext.optimizer = "lars"
   config.pretext.lr = 4.8          # peak LR (not scaled by batch size)
   config.pretext.weight_decay = 1e-6
@@ -201,7 +201,7 @@ def base_config() -> config_dict.ConfigDict:
 
   # GeSSL (docs/gessl.md): enabled wraps the pretext task (SimCLR or BYOL) in GeSSL's
   # bilevel objective; the other fields are gessl.default_config(), the paper's defaults.
-  from bissl_jax import gessl  # pylint: disable=g-import-not-at-top
+  from bissl_jax.tasks.pretext import gessl  # pylint: disable=g-import-not-at-top
   config.gessl = gessl.default_config()
   config.gessl.enabled = False
 

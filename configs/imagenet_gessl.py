@@ -19,14 +19,14 @@ momentum 0.9 and weight decay 1e-4 (Appendix C). Evaluation in the paper: the li
 probe of §6.2 (frozen features, SGD momentum 0.9, batch 128, 500 epochs, LR 5e-2 →
 5e-6; ``config.probe``) and semi-supervised fine-tuning on 1% and 10% label subsets
 for 50 epochs with classifier/backbone LRs 0.05/0.0001 (1%) and 1.0/0.01 (10%)
-(``bissl_jax.fewshot.stratified_subset`` draws the subsets).
+(``bissl_jax.evaluation.fewshot.stratified_subset`` draws the subsets).
 
 Choices the paper leaves open (docs/gessl.md): β (``pretext.lr = 0.05``) and its
 schedule (10 warm-up epochs, cosine), α (``gessl.inner_lr = 0.1``), how the two losses
 combine (their sum). The library's GeSSL comparison runner holds the downstream
 features in memory and does not stream ImageNet, so the ImageNet linear probe is not
 wired to a command here: score the exported backbone with
-``bissl_jax.fewshot.extract_features`` and ``linear_probe`` on the probe's splits.
+``bissl_jax.evaluation.fewshot.extract_features`` and ``linear_probe`` on the probe's splits.
 
 Cost: not measured here (no accelerator on the development machines). At K = 1,
 λ = 10 one outer step costs about ten plain SimCLR steps of its batch (128 images,

@@ -39,7 +39,7 @@ def main(port: str, process_id: str, out: str) -> None:
   except Exception as err:  # pylint: disable=broad-except
     print(f"CPU multi-process backend unavailable: {err!r}", flush=True)
     sys.exit(77)
-  from bissl_jax import parallel  # pylint: disable=g-import-not-at-top
+  from bissl_jax.runtime import mesh as parallel  # pylint: disable=g-import-not-at-top
   from bissl_jax.pipeline import stage_loop  # pylint: disable=g-import-not-at-top
   mesh = parallel.make_mesh()
   local = stage_loop.EpochData(Toy(), BATCH, seed=3, steps_per_epoch=2)

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bissl_jax.bilevel import LevelState
+from bissl_jax.core.state import LevelState
 from bissl_jax.pipeline import stage_loop
 
 STEPS_PER_EPOCH, EPOCHS = 50, 20

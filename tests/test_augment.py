@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import scipy.ndimage
 
-from bissl_jax import augment as A
+from bissl_jax.tasks import augment as A
 
 try:  # optional ([torch] extra): only the PyTorch-reference tests need it
   import torch

@@ -11,7 +11,7 @@ import os
 import pytest
 
 from bissl_jax.config_validation import ConfigError
-from bissl_jax.errors import NonFiniteError
+from bissl_jax.runtime.errors import NonFiniteError
 from bissl_jax.pipeline import branch
 from bissl_jax.pipeline import checkpoint
 from test_stage_loop import Toy, _fresh, _run, _stage, _steps

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bissl_jax.bilevel import LevelState
+from bissl_jax.core.state import LevelState
 from bissl_jax.pipeline import checkpoint
 from test_stage_loop import _assert_same, _run, _stage, _steps, _stop_at
 
@@ -142,7 +142,7 @@ def test_the_checksum_is_recorded_with_each_step(interrupted):
 
 def test_nan_weights_in_a_loaded_stage_output_blame_the_file(tmp_path):
   from bissl_jax.convert import stage_output
-  from bissl_jax.errors import NonFiniteError
+  from bissl_jax.runtime.errors import NonFiniteError
   path = str(tmp_path / "output")
   stage_output.export(path, {"params": {"w": np.array([1.0, np.nan], np.float32)},
                              "batch_stats": {}}, {"stage": "pretext"})

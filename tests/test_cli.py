@@ -13,7 +13,7 @@ import pytest
 
 from bissl_jax import cli
 from bissl_jax.config_validation import ConfigError, check_field_names, config_fields
-from bissl_jax.errors import NonFiniteError
+from bissl_jax.runtime.errors import NonFiniteError
 from configs import common
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

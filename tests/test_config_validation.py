@@ -43,7 +43,7 @@ def test_an_explicit_upper_lr_is_kept():
 
 
 def test_choices_come_from_the_registries(monkeypatch):
-  from bissl_jax import solvers
+  from bissl_jax.implicit import solvers
   config = _config(**{"bissl.solver": "my_solver"})
   with pytest.raises(ConfigError, match="bissl.solver"):
     validate_config(config, num_devices=1)
@@ -53,7 +53,7 @@ def test_choices_come_from_the_registries(monkeypatch):
 
 def test_configs_hold_every_bissl_setup_field():
   """The configs are the one source of defaults: every BisslSetup field is in them."""
-  from bissl_jax import bilevel
+  from bissl_jax.core import state as bilevel
   missing = sorted(set(bilevel.BisslSetup.field_names()) - set(common.base_config().bissl))
   assert not missing, f"add these fields to configs/common.py:base_config().bissl: {missing}"
 

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bissl_jax import gpt
+from bissl_jax.models import gpt
 from bissl_jax.convert import gpt as convert
 
 torch = pytest.importorskip("torch")

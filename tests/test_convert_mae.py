@@ -11,9 +11,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bissl_jax import mae  # noqa: E402
+from bissl_jax.tasks.pretext import mae  # noqa: E402
 from bissl_jax.convert import mae as convert_mae  # noqa: E402
-from bissl_jax.vit_model import build_vit_model  # noqa: E402
+from bissl_jax.models.vit_bundle import build_vit_model  # noqa: E402
 
 TOL = dict(rtol=1e-4, atol=1e-4)
 WIDTH, DEPTH, HEADS, PATCH, SIZE = 16, 2, 2, 4, 8

@@ -11,7 +11,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bissl_jax import convert  # noqa: E402
-from bissl_jax import models  # noqa: E402
+from bissl_jax.models import resnet  # noqa: E402
 from bissl_jax.convert import __main__ as convert_cli  # noqa: E402
 
 TOL = dict(rtol=1e-4, atol=1e-4)
@@ -198,7 +198,7 @@ def test_backbone_matches_torch_in_eval_and_train_mode(arch, width_multiplier,
                                         cifar_stem=cifar_stem,
                                         width_multiplier=width_multiplier)
   assert set(params) == {"backbone"} and set(stats) == {"backbone"}
-  flax_net = models.ARCHITECTURES[arch](width_multiplier, cifar_stem)
+  flax_net = resnet.ARCHITECTURES[arch](width_multiplier, cifar_stem)
 
   net.eval()
   with torch.no_grad():
@@ -237,10 +237,10 @@ def test_projector_and_predictor_match_torch(train):
   with torch.no_grad():
     z_expected = projector(torch.from_numpy(h))
     p_expected = predictor(z_expected).numpy()
-  z, _ = flax_forward(models.MLPHead(features=(32, 32, 16)),
+  z, _ = flax_forward(resnet.MLPHead(features=(32, 32, 16)),
                       params["pretext_head"]["projector"],
                       stats["pretext_head"]["projector"], h, train)
-  p, _ = flax_forward(models.MLPHead(features=(24, 16)),
+  p, _ = flax_forward(resnet.MLPHead(features=(24, 16)),
                       params["pretext_head"]["predictor"],
                       stats["pretext_head"]["predictor"], z, train)
   np.testing.assert_allclose(z, z_expected.numpy(), **TOL)
@@ -276,7 +276,7 @@ def test_round_trip_gives_identical_tensors():
 
 
 def test_flax_model_variables_export_and_reload():
-  model = models.build_model("resnet18", num_classes=3, width_multiplier=0.125,
+  model = resnet.build_model("resnet18", num_classes=3, width_multiplier=0.125,
                              projector="16-8", predictor="8-8")
   # The BisslModel's variable tree (downstream head included) with random values.
   shapes = jax.eval_shape(lambda k: model.init(k, 32), jax.random.key(0))

@@ -1,4 +1,4 @@
-"""bissl_jax.cpu_defaults: the opt-in XLA:CPU flag is added only where it takes effect."""
+"""bissl_jax.runtime.cpu_kernels: the opt-in XLA:CPU flag is added only where it takes effect."""
 import os
 import subprocess
 import sys
@@ -6,16 +6,16 @@ import sys
 import jax
 import pytest
 
-from bissl_jax import cpu_defaults
+from bissl_jax.runtime import cpu_kernels
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Compiles one convolution and reports whether XLA ran it as a YNNPACK fusion.
 PROBE = """
 import os, sys
-from bissl_jax import cpu_defaults
+from bissl_jax.runtime import cpu_kernels
 if sys.argv[1] == "opt-in":
-  print(cpu_defaults.enable_fast_cpu_convolutions())
+  print(cpu_kernels.enable_fast_cpu_convolutions())
 import jax, jax.numpy as jnp
 conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
                                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
@@ -40,10 +40,10 @@ def test_default_is_untouched_and_opt_in_moves_convolutions_off_ynnpack():
 
 def test_user_flags_and_other_platforms_are_left_alone():
   user = {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=dot"}
-  assert cpu_defaults.enable_fast_cpu_convolutions(user) == "user XLA_FLAGS already set it"
+  assert cpu_kernels.enable_fast_cpu_convolutions(user) == "user XLA_FLAGS already set it"
   assert user == {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=dot"}
   gpu = {"JAX_PLATFORMS": "cuda"}
-  assert cpu_defaults.enable_fast_cpu_convolutions(gpu).startswith("not a CPU run")
+  assert cpu_kernels.enable_fast_cpu_convolutions(gpu).startswith("not a CPU run")
   assert "XLA_FLAGS" not in gpu
 
 
@@ -51,53 +51,53 @@ def test_too_late_once_the_backend_has_started():
   jax.devices()  # starts the backend in this process
   env = {"XLA_FLAGS": "--xla_cpu_enable_fast_math=false"}
   with pytest.raises(RuntimeError, match="backend has already started"):
-    cpu_defaults.enable_fast_cpu_convolutions(env)
+    cpu_kernels.enable_fast_cpu_convolutions(env)
   assert env == {"XLA_FLAGS": "--xla_cpu_enable_fast_math=false"}
 
 
 def test_apply_follows_the_config_value():
   env = {}
-  assert cpu_defaults.apply("default", env) == "default kernels" and env == {}
-  assert cpu_defaults.in_effect(env) == "default"
+  assert cpu_kernels.apply("default", env) == "default kernels" and env == {}
+  assert cpu_kernels.in_effect(env) == "default"
   with pytest.raises(ValueError, match="cpu_kernels must be one of"):
-    cpu_defaults.apply("turbo", env)
+    cpu_kernels.apply("turbo", env)
   jax.devices()  # this process's backend has started: 'fast' cannot take effect
-  assert cpu_defaults.apply("fast", env) == "backend already started" and env == {}
-  assert cpu_defaults.in_effect({"XLA_FLAGS": "--a=1 " + cpu_defaults.FAST_CPU_FLAG}) == "fast"
+  assert cpu_kernels.apply("fast", env) == "backend already started" and env == {}
+  assert cpu_kernels.in_effect({"XLA_FLAGS": "--a=1 " + cpu_kernels.FAST_CPU_FLAG}) == "fast"
   # Another setting of the same option is not the fast kernels; the last one counts.
   other = "--xla_cpu_experimental_ynn_fusion_type=dot"
-  assert cpu_defaults.in_effect({"XLA_FLAGS": other}) == "default"
-  assert cpu_defaults.in_effect(
-      {"XLA_FLAGS": f"{cpu_defaults.FAST_CPU_FLAG} {other}"}) == "default"
+  assert cpu_kernels.in_effect({"XLA_FLAGS": other}) == "default"
+  assert cpu_kernels.in_effect(
+      {"XLA_FLAGS": f"{cpu_kernels.FAST_CPU_FLAG} {other}"}) == "default"
 
 
 def test_reconcile_records_the_kernels_in_effect():
   from configs import common  # pylint: disable=import-outside-toplevel
   config = common.base_config()
   assert config.model.cpu_kernels == "fast"  # the library's default
-  notice = cpu_defaults.reconcile(config, "cpu", {})
+  notice = cpu_kernels.reconcile(config, "cpu", {})
   assert config.model.cpu_kernels == "default"
   assert "cpu_kernels='fast' is not in effect" in notice and "fresh process" in notice
-  assert cpu_defaults.reconcile(config, "cpu", {}) is None  # now it says what is in effect
-  fast = {"XLA_FLAGS": cpu_defaults.FAST_CPU_FLAG}
-  assert "XLA_FLAGS sets" in cpu_defaults.reconcile(config, "cpu", fast)
+  assert cpu_kernels.reconcile(config, "cpu", {}) is None  # now it says what is in effect
+  fast = {"XLA_FLAGS": cpu_kernels.FAST_CPU_FLAG}
+  assert "XLA_FLAGS sets" in cpu_kernels.reconcile(config, "cpu", fast)
   assert config.model.cpu_kernels == "fast"
   config.model.cpu_kernels = "default"
-  assert cpu_defaults.reconcile(config, "gpu", fast) is None  # off CPU the field is inert
+  assert cpu_kernels.reconcile(config, "gpu", fast) is None  # off CPU the field is inert
   assert config.model.cpu_kernels == "default"
 
 
 # M-FAC's batched LAPACK solve under the fast kernels: XLA:CPU 0.10.2 refused its
-# column-major Gram stack inside a YNNPACK fusion until mfac.py solved with the
+# column-major Gram stack inside a YNNPACK fusion until mfac solved with the
 # transpose. Checked against a float64 NumPy solve of the same system.
 MFAC_PROBE = """
 import sys
 import numpy as np
-from bissl_jax import cpu_defaults
+from bissl_jax.runtime import cpu_kernels
 if sys.argv[1] == "fast":
-  assert cpu_defaults.enable_fast_cpu_convolutions() == "applied"
+  assert cpu_kernels.enable_fast_cpu_convolutions() == "applied"
 import jax, jax.numpy as jnp
-from bissl_jax import mfac
+from bissl_jax.implicit.solvers import mfac
 rs = np.random.RandomState(0)
 m, shapes = 20, [(3, 3, 8, 8), (8,), (8,), (16, 8), (5,)] * 12  # the failure needed this many
 v = [rs.randn(*s).astype(np.float32) for s in shapes]

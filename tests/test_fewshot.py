@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from bissl_jax import fewshot
+from bissl_jax.evaluation import fewshot
 
 
 def _labels(num_classes=10, per_class=30):
@@ -134,7 +134,7 @@ def test_gessl_comparison_runlocal_writes_results(tmp_path):
 def test_extract_features_batches_and_matches_a_direct_call():
   import dataclasses  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from bissl_jax import augment  # pylint: disable=import-outside-toplevel
+  from bissl_jax.tasks import augment  # pylint: disable=import-outside-toplevel
 
   @dataclasses.dataclass(frozen=True)
   class MeanModel:

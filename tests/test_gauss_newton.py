@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from bissl_jax import gauss_newton as gn
+from bissl_jax.implicit import gauss_newton as gn
 from bissl_jax import implicit
-from bissl_jax import models
-from bissl_jax import pretext
+from bissl_jax.models import resnet
+from bissl_jax.tasks import pretext
 
 
 def dense(matvec, like, chunk=64):
@@ -104,10 +104,10 @@ def test_gauss_newton_cg_equals_linearize_cg_on_least_squares():
 @functools.lru_cache(maxsize=1)
 def tiny_problem():
   """A one-block ResNet of width 4 (≈ 900 backbone parameters) on 8-px images."""
-  model = models.BisslModel(
-      backbone=models.ResNet(stage_sizes=(1,), block="basic", width=4),
-      projector=models.MLPHead(features=(8, 5)), predictor=models.MLPHead(features=(8, 5)),
-      classifier=models.LinearHead(num_classes=2))
+  model = resnet.BisslModel(
+      backbone=resnet.ResNet(stage_sizes=(1,), block="basic", width=4),
+      projector=resnet.MLPHead(features=(8, 5)), predictor=resnet.MLPHead(features=(8, 5)),
+      classifier=resnet.LinearHead(num_classes=2))
   params, stats = model.init(jax.random.PRNGKey(0), 8)
   rng = np.random.default_rng(4)
   views = tuple(jnp.asarray(rng.normal(size=(3, 8, 8, 3)), jnp.float32) for _ in range(2))

@@ -9,8 +9,8 @@ import numpy as np
 import optax
 import pytest
 
-from bissl_jax import gessl
-from bissl_jax import pretext
+from bissl_jax.tasks.pretext import gessl
+from bissl_jax.tasks import pretext
 
 
 # ----------------------------------------------------------------------------- a tiny model
@@ -272,11 +272,11 @@ def test_outer_steps_do_not_recompile():
 
 
 def test_gessl_on_a_real_resnet_with_byol_runs_and_satisfies_the_protocol():
-  from bissl_jax import models  # pylint: disable=import-outside-toplevel
-  from bissl_jax import protocols  # pylint: disable=import-outside-toplevel
-  base_model = models.build_model("resnet18", num_classes=3, projector="8-8",
+  from bissl_jax.models import resnet  # pylint: disable=import-outside-toplevel
+  from bissl_jax.core import protocols  # pylint: disable=import-outside-toplevel
+  base_model = resnet.build_model("resnet18", num_classes=3, projector="8-8",
                                   predictor="8-8")
-  model = dataclasses.replace(base_model, backbone=models.ResNet(
+  model = dataclasses.replace(base_model, backbone=resnet.ResNet(
       stage_sizes=(1,), block="basic", width=4))
   task = gessl.GeSSL(base=pretext.BYOL(model=model), classes_per_task=2, n_tasks=2, lam=2)
   assert isinstance(task, protocols.PretextTask) and task.has_target

@@ -9,17 +9,17 @@ import numpy as np
 import optax
 import pytest
 
-from bissl_jax import gessl
-from bissl_jax import optim
-from bissl_jax import parallel
-from bissl_jax import pretext
+from bissl_jax.tasks.pretext import gessl
+from bissl_jax.core import optim
+from bissl_jax.runtime import mesh as parallel
+from bissl_jax.tasks import pretext
 from bissl_jax.config_validation import ConfigError, validate_config
 from bissl_jax.convert import stage_output
 from bissl_jax.data import ArrayDataset
 from bissl_jax.pipeline import context as context_lib
 from bissl_jax.pipeline import pretrain as pretrain_lib
 from bissl_jax.pipeline import run_log
-from bissl_jax.seeds import derive_seed
+from bissl_jax.runtime.seeds import derive_seed
 from configs import common, digits_gessl, imagenet_gessl, stl10_gessl
 from tests.test_gessl import FrozenBiasModel
 

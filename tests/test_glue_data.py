@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from bissl_jax import gpt
+from bissl_jax.models import gpt
 from bissl_jax.data import glue
 from bissl_jax.data.catalogue import DatasetNotFoundError
 

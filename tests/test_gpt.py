@@ -7,9 +7,12 @@ import numpy as np
 import optax
 import pytest
 
-from bissl_jax import gpt, implicit, partition, protocols
-from bissl_jax.next_token import NextToken, next_token_loss
-from bissl_jax.text_tasks import TextTask
+from bissl_jax import implicit
+from bissl_jax.models import gpt
+from bissl_jax.core import partition
+from bissl_jax.core import protocols
+from bissl_jax.tasks.pretext.next_token import NextToken, next_token_loss
+from bissl_jax.tasks.downstream.text import TextTask
 
 MICRO = gpt.gpt_config("gpt_micro")
 

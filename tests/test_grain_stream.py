@@ -313,7 +313,7 @@ def test_each_process_reads_its_rows_of_every_stage_batch(records, in_memory):
 
 
 def test_prefetched_stage_resumes_on_the_batches_consumed(records, tmp_path):
-  from bissl_jax import parallel  # pylint: disable=g-import-not-at-top
+  from bissl_jax.runtime import mesh as parallel  # pylint: disable=g-import-not-at-top
   mesh = parallel.make_mesh()
   ahead = []
 
@@ -341,7 +341,7 @@ def test_prefetched_stage_resumes_on_the_batches_consumed(records, tmp_path):
 
 
 def test_prefetched_bissl_levels_resume_on_the_batches_consumed(records, in_memory):
-  from bissl_jax import parallel  # pylint: disable=g-import-not-at-top
+  from bissl_jax.runtime import mesh as parallel  # pylint: disable=g-import-not-at-top
   from bissl_jax.data import prefetch  # pylint: disable=g-import-not-at-top
   mesh = parallel.make_mesh()
   cfg = ml_collections.ConfigDict(dict(lower_steps=2, upper_steps=3, alternations=5,

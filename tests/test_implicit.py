@@ -6,7 +6,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from bissl_jax import implicit
-from bissl_jax.solvers import SOLVERS
+from bissl_jax.implicit.solvers import SOLVERS
 
 SHAPES = {"bias": (3,), "kernel": (2, 2)}   # 7 entries
 ALL_SOLVERS = sorted(SOLVERS)

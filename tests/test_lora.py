@@ -7,9 +7,9 @@ import numpy as np
 import optax
 import pytest
 
-from bissl_jax import lora
-from bissl_jax import partition
-from bissl_jax.vit_model import build_vit_model
+from bissl_jax.models import lora
+from bissl_jax.core import partition
+from bissl_jax.models.vit_bundle import build_vit_model
 
 
 @functools.lru_cache(maxsize=None)

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 from bissl_jax import implicit
-from bissl_jax import lora
-from bissl_jax import mae
-from bissl_jax import protocols
-from bissl_jax import partition
-from bissl_jax.vit_model import build_vit_model
+from bissl_jax.models import lora
+from bissl_jax.tasks.pretext import mae
+from bissl_jax.core import protocols
+from bissl_jax.core import partition
+from bissl_jax.models.vit_bundle import build_vit_model
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,10 +1,10 @@
-"""Tests for bissl_jax.metrics against hand-computed and devkit-style values."""
+"""Tests for bissl_jax.evaluation.metrics against hand-computed and devkit-style values."""
 import math
 
 import numpy as np
 import pytest
 
-from bissl_jax import metrics
+from bissl_jax.evaluation import metrics
 
 
 def test_top_k_hand_computed():

@@ -11,8 +11,8 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from bissl_jax import implicit
-from bissl_jax import krylov
-from bissl_jax import solvers
+from bissl_jax.implicit.solvers import minres
+from bissl_jax.implicit import solvers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPES = {"conv": (2, 2, 3), "bias": (4,), "dense": (3, 4)}   # 28 entries, 3 leaves
@@ -49,7 +49,7 @@ def test_minres_solves_an_indefinite_system_like_a_dense_solve():
   rng = np.random.default_rng(0)
   b = make_tree(rng)
   a = indefinite_matrix(rng)
-  x, info = krylov.minres(dense_operator(a, b), b, maxiter=N + 10)
+  x, info = minres.minres(dense_operator(a, b), b, maxiter=N + 10)
   expected = np.linalg.solve(a, flat(b))
   np.testing.assert_allclose(flat(x), expected, rtol=0, atol=2e-4 * np.abs(expected).max())
   assert float(info.residual) < 1e-4
@@ -62,7 +62,7 @@ def test_minres_beats_cg_on_an_indefinite_system():
   b = make_tree(rng)
   a = indefinite_matrix(rng, n_negative=10)
   matvec = dense_operator(a, b)
-  _, info_minres = krylov.minres(matvec, b, maxiter=8)
+  _, info_minres = minres.minres(matvec, b, maxiter=8)
   _, info_cg = solvers.cg(matvec, b, maxiter=8)
   assert float(info_minres.residual) <= 1.0     # never worse than x = 0
   assert float(info_minres.residual) < float(info_cg.residual)
@@ -75,7 +75,7 @@ def test_minres_residual_is_monotone_in_the_iteration_count():
   matvec = dense_operator(a, b)
   residuals = [1.0]
   for k in range(1, 21):
-    x, info = krylov.minres(matvec, b, maxiter=k)
+    x, info = minres.minres(matvec, b, maxiter=k)
     # Independent check: recompute the residual from the dense matrix.
     residuals.append(relative_residual(a, flat(x), flat(b)))
     np.testing.assert_allclose(float(info.residual), residuals[-1], rtol=1e-3, atol=1e-6)
@@ -89,12 +89,12 @@ def test_minres_unrolled_equals_while_loop_driver_and_tolerance_mode():
   b = make_tree(rng)
   a = indefinite_matrix(rng)
   matvec = dense_operator(a, b)
-  x_unrolled, info_u = krylov.minres(matvec, b, maxiter=7, unroll=True)
-  x_loop, info_l = jax.jit(lambda bb: krylov.minres(matvec, bb, maxiter=7, unroll=False))(b)
+  x_unrolled, info_u = minres.minres(matvec, b, maxiter=7, unroll=True)
+  x_loop, info_l = jax.jit(lambda bb: minres.minres(matvec, bb, maxiter=7, unroll=False))(b)
   np.testing.assert_allclose(flat(x_unrolled), flat(x_loop), rtol=1e-5, atol=1e-6)
   assert int(info_u.iterations) == int(info_l.iterations) == 7
   # Tolerance mode stops early, once ‖r‖ ≤ tol·‖b‖ (checked on the true residual).
-  _, info_tol = krylov.minres(matvec, b, maxiter=100, tol=1e-3)
+  _, info_tol = minres.minres(matvec, b, maxiter=100, tol=1e-3)
   assert 1 <= int(info_tol.iterations) < 100
   assert float(info_tol.residual) < 2e-3
 
@@ -107,12 +107,12 @@ def test_minres_warm_start_and_exact_convergence_mask():
   x_star = np.linalg.solve(a, flat(b))
   _, unravel = ravel_pytree(b)
   init = unravel(jnp.asarray(x_star + 1e-2 * rng.normal(size=N), jnp.float32))
-  _, cold = krylov.minres(matvec, b, maxiter=3)
-  _, warm = krylov.minres(matvec, b, maxiter=3, init=init)
+  _, cold = minres.minres(matvec, b, maxiter=3)
+  _, warm = minres.minres(matvec, b, maxiter=3, init=init)
   assert float(warm.residual) < float(cold.residual)
   # b = 0: nothing to do, and no 0/0.
   zero = jax.tree_util.tree_map(jnp.zeros_like, b)
-  x0, info0 = krylov.minres(matvec, zero, maxiter=4, unroll=True)
+  x0, info0 = minres.minres(matvec, zero, maxiter=4, unroll=True)
   assert not bool(info0.nonfinite) and int(info0.iterations) == 0
   assert not flat(x0).any()
 
@@ -136,12 +136,12 @@ def test_minres_is_differentiable_and_vmappable():
   matvec = dense_operator(a, b)
   # d/db of cᵀA⁻¹b is A⁻¹c (A symmetric).
   c = make_tree(rng)
-  grad = jax.grad(lambda bb: jnp.vdot(ravel_pytree(krylov.minres(matvec, bb,
+  grad = jax.grad(lambda bb: jnp.vdot(ravel_pytree(minres.minres(matvec, bb,
                                                                  maxiter=N + 10)[0])[0],
                                       ravel_pytree(c)[0]))(b)
   np.testing.assert_allclose(flat(grad), np.linalg.solve(a, flat(c)), rtol=1e-2, atol=1e-3)
   batch = jax.tree_util.tree_map(lambda x: jnp.stack([x, 2 * x]), b)
-  xs, infos = jax.vmap(lambda bb: krylov.minres(matvec, bb, maxiter=5))(batch)
+  xs, infos = jax.vmap(lambda bb: minres.minres(matvec, bb, maxiter=5))(batch)
   np.testing.assert_allclose(flat(jax.tree_util.tree_map(lambda x: x[1], xs)),
                              2 * flat(jax.tree_util.tree_map(lambda x: x[0], xs)),
                              rtol=1e-4, atol=1e-5)
@@ -159,7 +159,7 @@ def test_jax_cg_equals_the_library_cg_on_spd(tol):
   b = make_tree(rng)
   a = spd_matrix(rng)
   matvec = dense_operator(a, b)
-  x, info = krylov.jax_cg(matvec, b, maxiter=6, tol=tol)
+  x, info = minres.jax_cg(matvec, b, maxiter=6, tol=tol)
   x_lib, info_lib = solvers.cg(matvec, b, maxiter=6, tol=tol, unroll=False)
   x_ref, _ = jsp_linalg.cg(matvec, b, tol=tol, atol=0.0, maxiter=6)
   np.testing.assert_allclose(flat(x), flat(x_lib), rtol=1e-4, atol=1e-5)
@@ -179,10 +179,10 @@ def test_jax_cg_warm_start_and_nonfinite_flag():
   matvec = dense_operator(a, b)
   x_star = np.linalg.solve(a, flat(b))
   _, unravel = ravel_pytree(b)
-  x, _ = krylov.jax_cg(matvec, b, maxiter=2, init=unravel(jnp.asarray(x_star, jnp.float32)))
+  x, _ = minres.jax_cg(matvec, b, maxiter=2, init=unravel(jnp.asarray(x_star, jnp.float32)))
   np.testing.assert_allclose(flat(x), x_star, rtol=1e-3, atol=1e-4)
   nan_matvec = lambda v: jax.tree_util.tree_map(lambda t: t * jnp.nan, v)
-  _, info = krylov.jax_cg(nan_matvec, b, maxiter=2)
+  _, info = minres.jax_cg(nan_matvec, b, maxiter=2)
   assert bool(info.nonfinite)
 
 
@@ -191,9 +191,9 @@ def test_registry_names_and_no_import_cycle():
     assert name in solvers.SOLVERS
     assert implicit.resolve_solver(name) is solvers.SOLVERS[name]
   # A fresh interpreter importing the solver modules first, in either order.
-  for first in ("bissl_jax.krylov", "bissl_jax.solver_base"):
+  for first in ("bissl_jax.implicit.solvers.minres", "bissl_jax.implicit.solvers.base"):
     code = (f"import importlib; importlib.import_module('{first}'); "
-            "from bissl_jax.solvers import SOLVERS; "
+            "from bissl_jax.implicit.solvers import SOLVERS; "
             "assert {'minres', 'jax_cg'} <= set(SOLVERS)")
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
                    env={"JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO})

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bissl_jax import models
+from bissl_jax.models import resnet
 
 try:  # optional ([torch] extra): only the PyTorch-reference tests need it
   import torch
@@ -23,13 +23,13 @@ def _count(tree):
 @pytest.mark.parametrize("arch,expected", [("resnet50", 23_508_032), ("resnet18", 11_176_512)])
 def test_backbone_parameter_count_matches_torchvision(arch, expected):
   # torchvision's counts without the 1000-way fc layer.
-  model = models.build_model(arch, num_classes=10)
+  model = resnet.build_model(arch, num_classes=10)
   params, _ = jax.eval_shape(lambda k: model.init(k, 64), jax.random.key(0))
   assert _count(params["backbone"]) == expected
 
 
 def test_timm_names_and_shapes():
-  model = models.build_model("resnet50", num_classes=10, predictor="256-256-256")
+  model = resnet.build_model("resnet50", num_classes=10, predictor="256-256-256")
   params, stats = jax.eval_shape(lambda k: model.init(k, 64), jax.random.key(0))
   bb = params["backbone"]
   assert set(bb) == {"conv1", "bn1"} | {f"layer{i}_{j}" for i, n in
@@ -68,7 +68,7 @@ def _torch_bn(x, p, s, train, new_stats, key):
   return y
 
 
-def _torch_resnet(x, params, stats, net: models.ResNet, train):
+def _torch_resnet(x, params, stats, net: resnet.ResNet, train):
   """Independent forward with PyTorch ops (torchvision's ResNet v1.5 layout)."""
   new = {}
   if net.cifar_stem:
@@ -109,8 +109,8 @@ def _randomize(tree, seed):
 
 @requires_torch
 @pytest.mark.parametrize("net,image", [
-    (models.ResNet(stage_sizes=(1, 1), block="basic", width=4), 15),
-    (models.ResNet(stage_sizes=(1, 2), block="bottleneck", width=4, cifar_stem=True), 8),
+    (resnet.ResNet(stage_sizes=(1, 1), block="basic", width=4), 15),
+    (resnet.ResNet(stage_sizes=(1, 2), block="bottleneck", width=4, cifar_stem=True), 8),
 ])
 @pytest.mark.parametrize("train", [False, True])
 def test_resnet_matches_pytorch_ops(net, image, train):
@@ -137,7 +137,7 @@ def test_resnet_matches_pytorch_ops(net, image, train):
 # ----------------------------------------------------------------------------- heads and bundle
 
 def test_mlp_head_matches_numpy_in_eval_mode():
-  head = models.MLPHead(features=(6, 5, 4))
+  head = resnet.MLPHead(features=(6, 5, 4))
   x = np.random.default_rng(0).standard_normal((7, 3)).astype(np.float32)
   variables = head.init(jax.random.key(0), x, train=False)
   stats = _randomize(variables["batch_stats"], 3)
@@ -154,24 +154,24 @@ def test_mlp_head_matches_numpy_in_eval_mode():
 
 
 def test_parse_mlp_spec_and_errors():
-  assert models.parse_mlp_spec("256-256-256") == (256, 256, 256)
-  assert models.parse_mlp_spec("8192") == (8192,)
+  assert resnet.parse_mlp_spec("256-256-256") == (256, 256, 256)
+  assert resnet.parse_mlp_spec("8192") == (8192,)
   for bad in ("", "256-x", "256--256", "0-4"):
     with pytest.raises(ValueError, match="MLP spec"):
-      models.parse_mlp_spec(bad)
+      resnet.parse_mlp_spec(bad)
   with pytest.raises(ValueError, match="resnet18"):
-    models.build_model("vgg16", num_classes=3)
+    resnet.build_model("vgg16", num_classes=3)
   with pytest.raises(ValueError, match="Predictor output"):
-    models.build_model("resnet18", num_classes=3, projector="8-4", predictor="8-5")
+    resnet.build_model("resnet18", num_classes=3, projector="8-4", predictor="8-5")
 
 
 def test_bissl_model_apply_helpers():
-  model = models.BisslModel(
-      backbone=models.ResNet(stage_sizes=(1, 1), block="basic", width=4, cifar_stem=True),
-      projector=models.MLPHead((8, 6)), predictor=models.MLPHead((5, 6)),
-      classifier=models.LinearHead(3))
+  model = resnet.BisslModel(
+      backbone=resnet.ResNet(stage_sizes=(1, 1), block="basic", width=4, cifar_stem=True),
+      projector=resnet.MLPHead((8, 6)), predictor=resnet.MLPHead((5, 6)),
+      classifier=resnet.LinearHead(3))
   hash(model)  # usable as a static jit argument
-  assert model == models.BisslModel(model.backbone, model.projector, model.predictor,
+  assert model == resnet.BisslModel(model.backbone, model.projector, model.predictor,
                                     model.classifier)
   params, stats = model.init(jax.random.key(0), image_size=8, channels=3)
   assert set(params) == {"backbone", "pretext_head", "downstream_head"}
@@ -198,7 +198,7 @@ def test_bissl_model_apply_helpers():
 @pytest.mark.parametrize("arch,width,stem,feat", [("resnet18", 0.125, False, 64),
                                                    ("resnet50", 0.25, True, 512)])
 def test_backbone_output_shapes(arch, width, stem, feat):
-  model = models.build_model(arch, num_classes=5, width_multiplier=width, cifar_stem=stem)
+  model = resnet.build_model(arch, num_classes=5, width_multiplier=width, cifar_stem=stem)
   params, stats = jax.eval_shape(lambda k: model.init(k, image_size=32), jax.random.key(0))
   x = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
   h, new = jax.eval_shape(lambda p, s, x: model.features(p, s, x, train=True),

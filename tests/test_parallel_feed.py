@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from bissl_jax import parallel
+from bissl_jax.runtime import mesh as parallel
 from bissl_jax.data import prefetch
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multiprocess_feed_worker.py")

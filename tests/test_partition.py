@@ -5,7 +5,7 @@ import numpy as np
 import optax
 import pytest
 
-from bissl_jax import partition
+from bissl_jax.core import partition
 
 
 def _params():

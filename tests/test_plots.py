@@ -1,4 +1,4 @@
-"""Training-curve PNGs and the JSON-lines reader (bissl_jax.plots)."""
+"""Training-curve PNGs and the JSON-lines reader (bissl_jax.evaluation.plots)."""
 import json
 import os
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bissl_jax import plots
+from bissl_jax.evaluation import plots
 
 
 def _check_png(path):

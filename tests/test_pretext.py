@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bissl_jax import models
-from bissl_jax import pretext
+from bissl_jax.models import resnet
+from bissl_jax.tasks import pretext
 
 
 def _numpy_nt_xent(z1, z2, tau):
@@ -68,11 +68,11 @@ def test_ema_update_closed_form():
 # ----------------------------------------------------------------------------- tasks on a tiny net
 
 def _tiny_model(predictor):
-  return models.BisslModel(
-      backbone=models.ResNet(stage_sizes=(1,), block="basic", width=4, cifar_stem=True),
-      projector=models.MLPHead((8, 6)),
-      predictor=models.MLPHead((8, 6)) if predictor else None,
-      classifier=models.LinearHead(3))
+  return resnet.BisslModel(
+      backbone=resnet.ResNet(stage_sizes=(1,), block="basic", width=4, cifar_stem=True),
+      projector=resnet.MLPHead((8, 6)),
+      predictor=resnet.MLPHead((8, 6)) if predictor else None,
+      classifier=resnet.LinearHead(3))
 
 
 def _views(seed=0, batch=4, size=6):
@@ -109,10 +109,10 @@ def test_simclr_loss_is_twice_differentiable():
   """Forward-over-reverse HVP matches a central difference of the gradient (float64)."""
   with jax.enable_x64(True):
     f64 = lambda tree: jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float64), tree)
-    model = models.BisslModel(
-        backbone=models.ResNet(stage_sizes=(1,), block="basic", width=4, cifar_stem=True,
+    model = resnet.BisslModel(
+        backbone=resnet.ResNet(stage_sizes=(1,), block="basic", width=4, cifar_stem=True,
                                dtype=jnp.float64),
-        projector=models.MLPHead((8, 6)), predictor=None, classifier=models.LinearHead(3))
+        projector=resnet.MLPHead((8, 6)), predictor=None, classifier=resnet.LinearHead(3))
     task = pretext.SimCLR(model)
     params, stats = f64(model.init(jax.random.key(1), image_size=6))
     views = f64(_views(1))
@@ -212,12 +212,13 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 jax.config.update("jax_disable_most_optimizations", True)
-from bissl_jax import models, pretext
+from bissl_jax.models import resnet
+from bissl_jax.tasks import pretext
 
 assert len(jax.devices()) == 2
-model = models.BisslModel(
-    backbone=models.ResNet(stage_sizes=(1,), block="basic", width=4, cifar_stem=True),
-    projector=models.MLPHead((8, 6)), predictor=None, classifier=models.LinearHead(3))
+model = resnet.BisslModel(
+    backbone=resnet.ResNet(stage_sizes=(1,), block="basic", width=4, cifar_stem=True),
+    projector=resnet.MLPHead((8, 6)), predictor=None, classifier=resnet.LinearHead(3))
 task = pretext.SimCLR(model)
 params, stats = model.init(jax.random.key(0), image_size=6)
 k1, k2 = jax.random.split(jax.random.key(1))

@@ -20,7 +20,7 @@ import pytest
 
 from bissl_jax import cli
 from bissl_jax.config_validation import ConfigError
-from bissl_jax.errors import NonFiniteError
+from bissl_jax.runtime.errors import NonFiniteError
 from bissl_jax.pipeline import run
 from bissl_jax.pipeline.branch import BRANCH_FILE
 from config_helpers import override

@@ -57,9 +57,9 @@ def test_the_smoke_config_itself_is_valid():
 def _export(path, width, cifar_stem, provenance_fields=True):
   """A finetune-ready stage output of a runlocal ResNet-18 at ``width``."""
   import jax
-  from bissl_jax import models
+  from bissl_jax.models import resnet
   from bissl_jax.convert import stage_output
-  model = models.build_model("resnet18", num_classes=10, width_multiplier=width,
+  model = resnet.build_model("resnet18", num_classes=10, width_multiplier=width,
                              cifar_stem=cifar_stem, projector="16-16-16")
   params, stats = model.init(jax.random.key(0), 8)
   meta = {"stage": "pretext"}

@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from bissl_jax import implicit
-from bissl_jax import solvers
-from bissl_jax.residual_guard import guard_residual
+from bissl_jax.implicit import solvers
+from bissl_jax.implicit.residual_guard import guard_residual
 
 
 def test_guard_falls_back_on_a_bad_cg_solve_and_keeps_a_good_one():

@@ -7,8 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from bissl_jax import train_state as ts
-from bissl_jax.errors import NonFiniteError
+from bissl_jax.core import alternation as ts
+from bissl_jax.runtime.errors import NonFiniteError
 from bissl_jax.pipeline import bissl_stage
 from bissl_jax.pipeline import build_context
 from bissl_jax.pipeline import checkpoint

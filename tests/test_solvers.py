@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from bissl_jax import solvers
-from bissl_jax import tree_math as tm
+from bissl_jax.implicit import solvers
+from bissl_jax.implicit import tree_math as tm
 
 SHAPES = {"conv": (2, 2, 2), "bias": (3,), "dense": (2, 4)}   # 19 entries, 3 leaves
 

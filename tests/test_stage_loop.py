@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 
 from bissl_jax.config_validation import ConfigError
-from bissl_jax.errors import NonFiniteError
+from bissl_jax.runtime.errors import NonFiniteError
 from bissl_jax.pipeline import checkpoint
 from bissl_jax.pipeline import run_log
 from bissl_jax.pipeline import stage_loop
-from bissl_jax.bilevel import LevelState
+from bissl_jax.core.state import LevelState
 
 STEPS_PER_EPOCH, EPOCHS = 3, 4
 

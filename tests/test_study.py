@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from bissl_jax import metrics
+from bissl_jax.evaluation import metrics
 from bissl_jax.pipeline import results as results_lib
 from bissl_jax.pipeline import run
 from bissl_jax.pipeline import study

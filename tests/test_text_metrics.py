@@ -4,7 +4,7 @@ import pytest
 import scipy.stats
 from sklearn import metrics as skm
 
-from bissl_jax import text_metrics as tm
+from bissl_jax.evaluation import text_metrics as tm
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -7,10 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bissl_jax import gpt
-from bissl_jax import optim
-from bissl_jax import partition
-from bissl_jax import protocols
+from bissl_jax.models import gpt
+from bissl_jax.core import optim
+from bissl_jax.core import partition
+from bissl_jax.core import protocols
 from bissl_jax.config_validation import ConfigError, validate_config
 from bissl_jax.convert import stage_output
 from bissl_jax.pipeline import datasets as datasets_lib

@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bissl_jax import gpt
-from bissl_jax.next_token import NextToken
-from bissl_jax.text_tasks import TextTask, format_examples, format_one
+from bissl_jax.models import gpt
+from bissl_jax.tasks.pretext.next_token import NextToken
+from bissl_jax.tasks.downstream.text import TextTask, format_examples, format_one
 
 MICRO = gpt.gpt_config("gpt_micro", init_std=0.3)  # large enough for orders to matter
 MODEL = gpt.GPT(MICRO, num_special=3, num_outputs=2)
@@ -105,7 +105,7 @@ def test_loss_is_task_loss_plus_half_lm_loss(params):
   # The auxiliary LM loss: next-token prediction over V + S rows, special tokens included.
   special = params["downstream_head"]["special_embeddings"]
   h, _ = jax.jit(MODEL.hidden)(params["backbone"], inputs["tokens"], special)
-  from bissl_jax.next_token import next_token_loss
+  from bissl_jax.tasks.pretext.next_token import next_token_loss
   lm = next_token_loss(MODEL.lm_logits(params["backbone"], h, special), inputs["tokens"])
   np.testing.assert_allclose(loss, ce + 0.5 * lm, rtol=1e-5)
   # The pretext loss on the same tokens would not know the special rows.

@@ -13,16 +13,16 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from bissl_jax import augment
-from bissl_jax import bilevel
-from bissl_jax import downstream
-from bissl_jax import lower_level
-from bissl_jax import models
-from bissl_jax import partition
-from bissl_jax import pretext
-from bissl_jax import train_state as ts
-from bissl_jax import upper_level
-from bissl_jax.errors import NonFiniteError
+from bissl_jax.tasks import augment
+from bissl_jax.core import state as bilevel
+from bissl_jax.tasks.downstream import classification
+from bissl_jax.core import lower as lower_level
+from bissl_jax.models import resnet
+from bissl_jax.core import partition
+from bissl_jax.tasks import pretext
+from bissl_jax.core import alternation as ts
+from bissl_jax.core import upper as upper_level
+from bissl_jax.runtime.errors import NonFiniteError
 from configs import common
 
 IMG = 4        # tiny images keep the dense Hessian small
@@ -42,9 +42,9 @@ class MLPBackbone(nn.Module):
 
 
 def tiny_model(backbone=None):
-  return models.BisslModel(backbone=backbone or MLPBackbone(),
-                           projector=models.MLPHead((8, 8, 4)), predictor=None,
-                           classifier=models.LinearHead(CLASSES))
+  return resnet.BisslModel(backbone=backbone or MLPBackbone(),
+                           projector=resnet.MLPHead((8, 8, 4)), predictor=None,
+                           classifier=resnet.LinearHead(CLASSES))
 
 
 def make_setup(model=None, task=None, **overrides):
@@ -56,7 +56,7 @@ def make_setup(model=None, task=None, **overrides):
              upper_weight_decay=0.0)
   cfg.update(overrides)
   return bilevel.BisslSetup.from_config(model, task or pretext.SimCLR(model), cfg,
-                                        downstream=downstream.Classification(model, IMG))
+                                        downstream=classification.Classification(model, IMG))
 
 
 def make_state(setup, seed=0, perturb=True):
@@ -211,9 +211,9 @@ def test_running_stats_only_change_in_real_training_steps():
 
 
 def test_second_alternation_compiles_nothing():
-  setup = make_setup(model=models.BisslModel(
-      backbone=models.resnet18(width_multiplier=1 / 16, cifar_stem=True),
-      projector=models.MLPHead((8, 8, 4)), predictor=None, classifier=models.LinearHead(CLASSES)))
+  setup = make_setup(model=resnet.BisslModel(
+      backbone=resnet.resnet18(width_multiplier=1 / 16, cifar_stem=True),
+      projector=resnet.MLPHead((8, 8, 4)), predictor=None, classifier=resnet.LinearHead(CLASSES)))
   params, stats = setup.model.init(jax.random.PRNGKey(0), IMG)
   state = bilevel.init_bilevel_state(setup, params, stats)
   alternation = ts.make_alternation_fn(setup)
@@ -258,7 +258,8 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, os.getcwd()); sys.path.insert(0, os.path.join(os.getcwd(), 'tests'))
     import jax, numpy as np
     assert jax.device_count() == 8, jax.devices()
-    from bissl_jax import parallel, train_state as ts
+    from bissl_jax.runtime import mesh as parallel
+    from bissl_jax.core import alternation as ts
     import test_train_state as t
     setup = t.make_setup(solver='cg', cg_iters=3)
     batches = t.make_batches(setup, b_pre=16, b_down=8)
@@ -308,7 +309,7 @@ def test_fused_and_per_step_drivers_give_the_same_alternation(unroll):
 
 
 @dataclasses.dataclass(frozen=True)
-class FrozenKernelModel(models.BisslModel):
+class FrozenKernelModel(resnet.BisslModel):
   """The tiny model with its first Dense kernel frozen, as LoRA freezes base weights."""
 
   def trainable(self, params):
@@ -478,7 +479,7 @@ def test_residual_every_changes_only_the_residual_metrics():
 
 def _compiled_upper_step(every, defer=False):
   setup = make_setup(upper_steps=1, residual_every=every,
-                     model=tiny_model(models.ResNet(stage_sizes=(1,), block="basic", width=4,
+                     model=tiny_model(resnet.ResNet(stage_sizes=(1,), block="basic", width=4,
                                                     cifar_stem=True)))
   state, batches = make_state(setup), make_batches(setup)
   operator, lam = upper_level.prepare_stage(setup, state, batches.hvp, jax.random.PRNGKey(0))

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from bissl_jax import bilevel
-from bissl_jax import lam_variants
-from bissl_jax import train_state as ts
-from bissl_jax import upper_level
+from bissl_jax.core import state as bilevel
+from bissl_jax.core import lam_schedules
+from bissl_jax.core import alternation as ts
+from bissl_jax.core import upper as upper_level
 
 import test_train_state as tt
 
@@ -23,7 +23,7 @@ import test_train_state as tt
 @pytest.mark.parametrize("name", ["cosine_decay", "cosine_increase", "exp_increase"])
 def test_schedules_match_closed_form(name):
   lam_max, lam_min, big_t, alpha = 0.01, 1e-8, 101, 10.0
-  lam = lambda t: float(lam_variants.scheduled_lam(name, t, lam_max=lam_max, alternations=big_t,
+  lam = lambda t: float(lam_schedules.scheduled_lam(name, t, lam_max=lam_max, alternations=big_t,
                                                    lam_min=lam_min, alpha=alpha))
   mid = (big_t - 1) // 2
   span = lam_max - lam_min
@@ -40,7 +40,7 @@ def test_schedules_match_closed_form(name):
 
 def test_unknown_schedule_is_rejected():
   with pytest.raises(ValueError, match="lam_schedule"):
-    lam_variants.scheduled_lam("linear", 0, lam_max=1.0, alternations=10)
+    lam_schedules.scheduled_lam("linear", 0, lam_max=1.0, alternations=10)
 
 
 # ----------------------------------------------------------------------------- learnable λ
@@ -68,7 +68,7 @@ def test_rho_gradient_matches_finite_differences_through_exact_lower_solution():
   lam = np.log1p(np.exp(rho))
   v = theta_p - target
   v_ig = np.linalg.solve(np.eye(n) + q / lam, v)   # damping 0: the exact implicit gradient
-  closed = lam_variants.rho_gradient(jnp.float32(rho), jnp.asarray(theta_d, jnp.float32),
+  closed = lam_schedules.rho_gradient(jnp.float32(rho), jnp.asarray(theta_d, jnp.float32),
                                      jnp.asarray(theta_p, jnp.float32),
                                      jnp.asarray(v_ig, jnp.float32), lam_damping=0.0)
   np.testing.assert_allclose(float(closed), fd, rtol=1e-3)

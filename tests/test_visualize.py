@@ -1,4 +1,4 @@
-"""BN recalibration, feature extraction, k-NN and the t-SNE figure (bissl_jax.visualize)."""
+"""BN recalibration, feature extraction, k-NN and the t-SNE figure (bissl_jax.evaluation.visualize)."""
 import json
 import os
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bissl_jax import visualize
+from bissl_jax.evaluation import visualize
 
 EPS = 1e-5
 
@@ -32,7 +32,7 @@ class _TinyNet(nn.Module):
 
 
 class _TinyModel:
-  """The ``features`` interface of :class:`bissl_jax.models.BisslModel`."""
+  """The ``features`` interface of :class:`bissl_jax.models.resnet.BisslModel`."""
   net = _TinyNet()
 
   def features(self, params, stats, x, *, train):
@@ -247,7 +247,7 @@ def test_visualize_backbones_end_to_end(tmp_path):
 # ----------------------------------------------------------------------------- real backbone, CLI
 
 def _tiny_resnet():
-  from bissl_jax.models import build_model
+  from bissl_jax.models.resnet import build_model
   model = build_model("resnet18", num_classes=10, width_multiplier=0.125, cifar_stem=True)
   params, stats = model.init(jax.random.PRNGKey(0), 16)
   return model, params, stats
@@ -288,7 +288,7 @@ def test_recalibration_of_resnet_equals_per_batch_statistics():
 
 @pytest.mark.slow  # two CLI subprocesses (about a minute)
 def test_cli_on_exported_backbones_and_on_a_run_workdir(tmp_path, capsys):
-  from bissl_jax import visualize_main
+  from bissl_jax.evaluation import visualize_run
   from bissl_jax.pipeline import checkpoint
   model, params, stats = _tiny_resnet()
   other = jax.tree_util.tree_map(lambda p: p * 1.1, params)
@@ -299,15 +299,15 @@ def test_cli_on_exported_backbones_and_on_a_run_workdir(tmp_path, capsys):
   for stage, p in (("pretext", params), ("bissl", other)):
     checkpoint.export(str(exports[stage]), {"params": p, "batch_stats": stats},
                       {"stage": stage, "arch": "resnet18", "image_size": 16})
-  loaded, _, meta = visualize_main.load_backbone(str(exports["pretext"]))
+  loaded, _, meta = visualize_run.load_backbone(str(exports["pretext"]))
   assert meta["stage"] == "pretext"
-  assert visualize_main.infer_architecture(loaded) == {
+  assert visualize_run.infer_architecture(loaded) == {
       "arch": "resnet18", "width_multiplier": 0.125, "cifar_stem": True}
   small = ["--num-batches", "2", "--batch-size", "64", "--max-points", "80",
            "--max-train-points", "200", "--k", "5"]
 
   out = tmp_path / "figs"
-  status = visualize_main.main(["--backbone", str(exports["pretext"]),
+  status = visualize_run.main(["--backbone", str(exports["pretext"]),
                                 "--backbone", f"BiSSL={exports['bissl']}",
                                 "--dataset", "digits", "--out", str(out)] + small)
   assert status == 0, capsys.readouterr().err
@@ -325,10 +325,10 @@ def test_cli_on_exported_backbones_and_on_a_run_workdir(tmp_path, capsys):
             "model": {"arch": "resnet18", "width_multiplier": 0.125, "cifar_stem": True},
             "data": {"downstream_dataset": "digits", "image_size": 16, "data_dir": None}}
   (run / "config.json").write_text(json.dumps(config))
-  assert visualize_main.run_backbones(str(run)) == {
+  assert visualize_run.run_backbones(str(run)) == {
       "pretext": str(exports["pretext"]), "BiSSL": str(exports["bissl"])}
-  assert visualize_main.main(["--workdir", str(run)] + small) == 0
+  assert visualize_run.main(["--workdir", str(run)] + small) == 0
   _check_png(str(run / "plots" / "seed3" / "tsne.png"), wider=True)
 
-  assert visualize_main.main(["--backbone", str(tmp_path / "missing"), "--out", str(out)]) == 1
+  assert visualize_run.main(["--backbone", str(tmp_path / "missing"), "--out", str(out)]) == 1
   assert "not a stage output" in capsys.readouterr().err

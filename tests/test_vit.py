@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bissl_jax import protocols
-from bissl_jax import vit
-from bissl_jax.vit_model import build_vit_model
+from bissl_jax.core import protocols
+from bissl_jax.models import vit
+from bissl_jax.models.vit_bundle import build_vit_model
 
 
 def _count(tree):

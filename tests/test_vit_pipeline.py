@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from bissl_jax import vit_model
+from bissl_jax.models import vit_bundle
 from bissl_jax.config_validation import ConfigError, validate_config
 from bissl_jax.convert import stage_output
 from bissl_jax.pipeline import build_context, run
@@ -89,7 +89,7 @@ def test_vit_fields_are_checked_before_compute(tmp_path):
     build_context(config, str(tmp_path))
   with pytest.raises(ConfigError, match="model.pool"):
     validate_config(tiny_config(**{"model.pool": "max"}))
-  assert "vit_base_patch16" in vit_model.ARCHITECTURES
+  assert "vit_base_patch16" in vit_bundle.ARCHITECTURES
 
 
 def test_imagenet_config_has_bisslight_defaults():

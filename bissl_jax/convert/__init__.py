@@ -27,8 +27,8 @@ from bissl_jax.convert.pretext_weights import load_pretext_model  # noqa: F401
 from bissl_jax.convert.torch import (  # noqa: F401  (re-exported API)
     checked_layout, expected_layout, flax_to_numpy, flax_to_torch, guess_arch,
     load_state_dict, save_torch, strip_prefix, torch_to_flax)
+from bissl_jax.types import PyTree
 
-PyTree = Any
 METADATA_FILE = "conversion.json"
 VARIABLES_DIR = "variables"
 FORMAT = "bissl_jax.convert/1"

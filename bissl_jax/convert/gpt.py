@@ -1,4 +1,4 @@
-"""Hugging Face ``openai-gpt`` weights → the bissl_jax GPT (:mod:`bissl_jax.gpt`).
+"""Hugging Face ``openai-gpt`` weights → the bissl_jax GPT (:mod:`bissl_jax.models.gpt`).
 
 Reads an ``OpenAIGPTLMHeadModel`` (or ``OpenAIGPTModel``) state dict from a local
 ``.bin``/``.pt``/``.pth`` file (``torch.load(weights_only=True)``: plain tensors
@@ -22,9 +22,9 @@ from typing import Any, Mapping, Optional, Tuple, Union
 import jax
 import numpy as np
 
-from bissl_jax.gpt import GPT, GPTConfig
+from bissl_jax.models.gpt import GPT, GPTConfig
+from bissl_jax.types import PyTree
 
-PyTree = Any
 _PREFIX = "transformer."
 _BLOCK_LEAVES = (
     ("attn.c_attn.weight", ("attn", "c_attn", "kernel"), lambda c: (c.width, 3 * c.width)),

@@ -7,7 +7,7 @@ Key layout of the PyTorch side (MAE's ``MaskedAutoencoderViT``, timm block names
   mask_token, decoder_pos_embed, decoder_embed.*, decoder_norm.*, decoder_pred.*
   decoder_blocks.{i}.*  (as blocks)
 
-The Flax names (:mod:`bissl_jax.vit`, :mod:`bissl_jax.mae`) are the same with
+The Flax names (:mod:`bissl_jax.models.vit`, :mod:`bissl_jax.tasks.pretext.mae`) are the same with
 ``blocks_{i}`` for ``blocks.{i}`` and ``kernel``/``scale`` for ``weight``; Linear
 ``(out, in)`` ↔ Dense ``(in, out)``, the patch convolution OIHW ↔ HWIO. The encoder
 goes to ``params['backbone']``, the decoder to ``params['pretext_head']['decoder']``.
@@ -17,7 +17,7 @@ missing key and wrong shape is listed in one error together with the fix, and
 non-finite weights are rejected. The model size (width, depth, patch, image size,
 decoder) is read from the tensors themselves; ``arch`` only checks it. LoRA leaves
 and the downstream head are not in a MAE checkpoint: :func:`merge_pretrained` puts
-the converted weights into a freshly initialised :class:`~bissl_jax.vit_model.ViTModel`
+the converted weights into a freshly initialised :class:`~bissl_jax.models.vit_bundle.ViTModel`
 tree and keeps those.
 
 Reading goes through :mod:`bissl_jax.convert.torch` (``torch.load(weights_only=True)``,
@@ -37,8 +37,8 @@ import numpy as np
 from bissl_jax.convert.torch import LayoutEntry, check_torch_file, load_state_dict, strip_prefix
 from bissl_jax.convert.torch import _import_torch
 from bissl_jax.convert.torch import _to_flax_layout, _to_torch_layout
+from bissl_jax.types import PyTree
 
-PyTree = Any
 
 OFFICIAL_FILES = {
     "mae_pretrain_vit_base_full.pth": "vit_base_patch16",
@@ -109,7 +109,7 @@ def torch_key(path) -> str:
 
 
 def _model(arch, decoder_width, decoder_depth, decoder_heads):
-  from bissl_jax.vit_model import build_vit_model  # pylint: disable=g-import-not-at-top
+  from bissl_jax.models.vit_bundle import build_vit_model  # pylint: disable=g-import-not-at-top
   return build_vit_model(arch, num_classes=1, decoder="mae" if decoder_depth else None,
                          decoder_width=decoder_width, decoder_depth=decoder_depth or 1,
                          decoder_heads=decoder_heads)
@@ -133,7 +133,7 @@ def expected_layout(arch: str, *, image_size: int = 224, decoder_width: int = 51
 
 def describe_checkpoint(state_dict: Mapping[str, Any]) -> dict:
   """Model size read off the tensors: arch, image_size and the decoder's size."""
-  from bissl_jax.vit import SIZES  # pylint: disable=g-import-not-at-top
+  from bissl_jax.models.vit import SIZES  # pylint: disable=g-import-not-at-top
   shape = lambda k: tuple(np.shape(state_dict[k])) if k in state_dict else None
   proj, pos = shape("patch_embed.proj.weight"), shape("pos_embed")
   if proj is None or pos is None or len(proj) != 4 or len(pos) != 3:
@@ -203,7 +203,7 @@ def mae_to_flax(source, *, arch: Optional[str] = None, image_size: Optional[int]
   sizes = f"width {info['width']}, depth {info['depth']}, patch {info['patch']}"
   if found_arch is None:
     raise ValueError(f"the checkpoint's ViT ({sizes}) matches no size of "
-                     "bissl_jax.vit.SIZES; add its (width, depth, heads) there")
+                     "bissl_jax.models.vit.SIZES; add its (width, depth, heads) there")
   if arch is not None and found_arch != arch:
     raise ValueError(f"the checkpoint is a {found_arch} ({sizes}), not {arch}; pass "
                      f"arch={found_arch!r} or the {arch} checkpoint")

@@ -12,8 +12,7 @@ import jax
 import numpy as np
 
 from bissl_jax.convert import stage_output
-
-PyTree = Any
+from bissl_jax.types import PyTree
 
 
 def _shapes(tree):

@@ -18,13 +18,14 @@ template puts both back (:func:`decode`). The in-stage checkpoints of
 This module sits below the pipeline: it imports nothing of it.
 """
 import os
-from typing import Any, Optional, Tuple
+from typing import Optional, Tuple
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-PyTree = Any
+from bissl_jax.types import PyTree
+
 EXPORT_FORMAT = "bissl_jax.stage_output/1"
 
 
@@ -150,7 +151,7 @@ def check_finite(tree: PyTree, what: str) -> None:
   Loaded weights are checked at load time, so NaN weights are blamed on the file,
   not on the learning rate of the stage that would read them.
   """
-  from bissl_jax.errors import NonFiniteError  # pylint: disable=g-import-not-at-top
+  from bissl_jax.runtime.errors import NonFiniteError  # pylint: disable=g-import-not-at-top
   bad = nonfinite_leaves(jax.device_get(tree))
   if bad:
     raise NonFiniteError(

@@ -15,7 +15,7 @@ is written as 0 on export (Flax does not count batches, and PyTorch only reads i
 BatchNorm momentum is None).
 
 The expected key/shape table is built from the Flax modules with ``jax.eval_shape``,
-so it follows ``bissl_jax.models``. Every checkpoint is checked against it before
+so it follows ``bissl_jax.models.resnet``. Every checkpoint is checked against it before
 anything is built: a missing key, an unexpected key or a wrong shape raises a
 ``ValueError`` that names the first offending key; nothing is ever half loaded.
 
@@ -33,7 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-PyTree = Any
+from bissl_jax.types import PyTree
+
 StateDictSource = Union[Mapping[str, Any], str, os.PathLike]
 HeadSpec = Union[None, str, Sequence[int]]
 
@@ -331,19 +332,19 @@ def expected_layout(arch: str, *, cifar_stem: bool = False,
   """The PyTorch keys and shapes of a bissl_jax model, from ``jax.eval_shape``.
 
   Args:
-    arch: 'resnet18' or 'resnet50' (a constructor in ``bissl_jax.models``).
-    cifar_stem, width_multiplier: backbone options, as in ``bissl_jax.models``.
+    arch: 'resnet18' or 'resnet50' (a constructor in ``bissl_jax.models.resnet``).
+    cifar_stem, width_multiplier: backbone options, as in ``bissl_jax.models.resnet``.
     projector: projector layer widths (e.g. ``(256, 256, 256)``) or None for none.
     predictor: BYOL predictor widths or None; needs a projector.
 
   Returns:
     LayoutEntries: backbone first (module creation order), then projector, predictor.
   """
-  from bissl_jax import models  # pylint: disable=g-import-not-at-top
-  if arch not in models.ARCHITECTURES:
+  from bissl_jax.models import resnet  # pylint: disable=g-import-not-at-top
+  if arch not in resnet.ARCHITECTURES:
     raise ValueError(f"arch={arch!r} is not supported; choose one of "
-                     f"{sorted(models.ARCHITECTURES)}")
-  constructor = models.ARCHITECTURES[arch]
+                     f"{sorted(resnet.ARCHITECTURES)}")
+  constructor = resnet.ARCHITECTURES[arch]
   backbone = constructor(width_multiplier=width_multiplier, cifar_stem=cifar_stem)
   image = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
   features, variables = jax.eval_shape(
@@ -360,7 +361,7 @@ def expected_layout(arch: str, *, cifar_stem: bool = False,
     if widths is None:
       continue
     head_vars = jax.eval_shape(
-        functools.partial(models.MLPHead(features=tuple(widths)).init, train=False),
+        functools.partial(resnet.MLPHead(features=tuple(widths)).init, train=False),
         jax.random.key(0), jax.ShapeDtypeStruct((2, in_features), jnp.float32))
     params.setdefault("pretext_head", {})[name] = head_vars["params"]
     stats.setdefault("pretext_head", {})[name] = head_vars.get("batch_stats", {})
@@ -520,7 +521,7 @@ def torch_to_flax(state_dict_or_path: Union[StateDictSource, Sequence[StateDictS
       list of these merged into one (the BiSSL reference saves backbone and head
       separately).
     arch: 'resnet18' or 'resnet50'.
-    cifar_stem, width_multiplier: backbone options, as in ``bissl_jax.models``.
+    cifar_stem, width_multiplier: backbone options, as in ``bissl_jax.models.resnet``.
     prefix: see :func:`strip_prefix`; None strips ``module.``, ``backbone.``, ``head.``.
     projector, predictor: widths ('256-256-256') that the checkpoint's heads must
       have, or None to take them from the file; heads it lacks are left out.

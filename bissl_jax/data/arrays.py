@@ -29,7 +29,7 @@ class ArrayDataset:
     difficult: optional bool (N, C), multi-label only. True where a class occurs
       in the image only through objects marked "difficult" (PASCAL VOC); such
       entries are left out of the 11-point mAP (pass it as ``ignore`` to
-      ``bissl_jax.metrics.mean_average_precision_11point``).
+      ``bissl_jax.evaluation.metrics.mean_average_precision_11point``).
   """
   images: np.ndarray
   labels: np.ndarray

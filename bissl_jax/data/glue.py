@@ -45,9 +45,9 @@ class GlueSpec:
   Attributes:
     name: the task ('cola', ...), also the TFDS config and Hugging Face subset.
     text_keys: the one or two text fields.
-    kind: input format of :mod:`bissl_jax.text_tasks`.
+    kind: input format of :mod:`bissl_jax.tasks.downstream.text`.
     num_classes: classes, or 1 for regression (STS-B).
-    metric: the thesis's metric (:data:`bissl_jax.text_metrics.GLUE_METRICS`).
+    metric: the thesis's metric (:data:`bissl_jax.evaluation.text_metrics.GLUE_METRICS`).
   """
   name: str
   text_keys: Tuple[str, ...]
@@ -256,7 +256,7 @@ def encode_glue(task: str, examples: TextExamples, tokenizer, special_ids: dict,
     context: the model's context k.
     length: padded length (default: the longest kept input).
   """
-  from bissl_jax.text_tasks import format_examples  # pylint: disable=import-outside-toplevel
+  from bissl_jax.tasks.downstream.text import format_examples  # pylint: disable=import-outside-toplevel
   spec = get_glue_spec(task)
   encoded = [[tokenizer.encode(t) for t in field] for field in examples.texts]
   tokens, kept = format_examples(spec.kind, special_ids, encoded[0],

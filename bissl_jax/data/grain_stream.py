@@ -10,13 +10,13 @@ decoded and resized (:class:`bissl_jax.data.image_records.ImageRecords`) by
 ``w`` makes batches ``w, w + workers, ...``, which are reassembled in order, so
 the batches do not depend on the worker count), with ``buffer`` batches kept
 ready per process. Random crops, flips and colour augmentations stay on the
-device (``bissl_jax.augment``).
+device (``bissl_jax.tasks.augment``).
 
 **Processes.** Each of ``process_count`` processes (``jax.process_index()``,
 ``jax.process_count()`` by default) decodes only its rows
 ``[p·B/P, (p+1)·B/P)`` of each global batch of ``B``: the shards are disjoint
 and together the whole batch (:func:`bissl_jax.data.stacks.process_shard`).
-``bissl_jax.parallel.shard_batch`` assembles the global array.
+``bissl_jax.runtime.mesh.shard_batch`` assembles the global array.
 
 **Resume.** :meth:`BatchStream.get_state` is Grain's iterator state (JSON);
 the stage loop keeps it as its own item of the orbax checkpoint

@@ -4,7 +4,7 @@
 the copy is done, so placing the next ``size`` batches while the current step
 runs overlaps the host-to-device copy with compute (flax's
 ``jax_utils.prefetch_to_device``, for a mesh's ``NamedSharding``: ``place`` is
-``bissl_jax.parallel.shard_batch`` on the run's mesh).
+``bissl_jax.runtime.mesh.shard_batch`` on the run's mesh).
 
 :class:`PrefetchedData` wraps a stage's data (``bissl_jax.pipeline.stage_loop``'s
 ``batch``/``position``/``restore``). Its position is the one after the batches

@@ -135,7 +135,7 @@ def process_shard(batch_size: int, process_index: Optional[int] = None,
 
   Process ``p`` of ``P`` reads rows ``[p·B/P, (p+1)·B/P)`` of every global batch
   of ``B`` (the rows its devices hold on a mesh from
-  ``bissl_jax.parallel.make_mesh``); the default is JAX's
+  ``bissl_jax.runtime.mesh.make_mesh``); the default is JAX's
   ``jax.process_index()`` and ``jax.process_count()``.
   """
   if process_index is None or process_count is None:

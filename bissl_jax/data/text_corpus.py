@@ -383,7 +383,7 @@ def offline_text(*, vocab_size: int = 1024, context: int = 64,
   """
   # Imported here: the formatting lives with the tasks, which import the model.
   from bissl_jax.data.tokens import TokenDataset, chunk_stream  # pylint: disable=import-outside-toplevel
-  from bissl_jax.text_tasks import format_examples  # pylint: disable=import-outside-toplevel
+  from bissl_jax.tasks.downstream.text import format_examples  # pylint: disable=import-outside-toplevel
   text = pretext_text(max_chars=max_chars, root=root)
   vocab, merges = train_bpe(text.splitlines(), vocab_size)
   tokenizer = BPETokenizer(vocab, merges)

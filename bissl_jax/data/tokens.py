@@ -1,7 +1,7 @@
 """Token datasets: the text counterpart of :class:`bissl_jax.data.arrays.ArrayDataset`.
 
 A :class:`TokenDataset` holds ``PAD``-padded int32 token arrays (formatted model
-inputs, see :func:`bissl_jax.text_tasks.format_examples`, or fixed-length chunks of
+inputs, see :func:`bissl_jax.tasks.downstream.text.format_examples`, or fixed-length chunks of
 a corpus) and labels; ``batch(indices)`` returns ``{'tokens', 'label'}`` exactly as
 ``ArrayDataset.batch`` returns ``{'image', 'label'}``, so ``BatchStack`` and the
 loops that draw batches by index work unchanged.

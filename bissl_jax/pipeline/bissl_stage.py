@@ -5,7 +5,7 @@ upper stage) from the lower level's stack, and N_U downstream batches from the
 upper level's stack (``bissl_jax.data.BatchStack``: reshuffle only when a stage no
 longer fits in the current epoch; a streamed dataset is decoded by Grain workers in
 the same order, ``bissl_jax.data.grain_stream``), and calls the jitted alternation of
-:mod:`bissl_jax.train_state`. The augmentation key of alternation t is
+:mod:`bissl_jax.core.alternation`. The augmentation key of alternation t is
 ``fold_in(key, t)``, so the run is a pure function of the seed. Each process draws
 only its rows of every batch (:func:`place_batches` assembles the global arrays);
 when a level is streamed, ``config.data.device_prefetch`` alternations' batches are
@@ -14,7 +14,7 @@ placed ahead (``bissl_jax.data.prefetch``).
 The loop is :func:`bissl_jax.pipeline.stage_loop.run_stage` with one alternation
 per step. Checkpoints (``<directory>/ckpt``, every ``bissl.checkpoint_every``
 alternations, after the last, and on Ctrl-C/SIGTERM) hold the whole
-:class:`~bissl_jax.bilevel.BilevelState` (both parameter sets, both optimizer
+:class:`~bissl_jax.core.state.BilevelState` (both parameter sets, both optimizer
 states, step counters, the CG warm start, BYOL's target) plus both stacks' positions
 and the alternation counter. A rerun resumes from the latest one and ends in the
 same state as an uninterrupted run. A non-finite loss, gradient or CG solution, or
@@ -26,26 +26,26 @@ Output ``<directory>/output``: θ_P as ``{'params': {'backbone', 'pretext_head'}
 """
 import functools
 import os
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bissl_jax import bilevel
-from bissl_jax import protocols
-from bissl_jax import train_state as ts
+from bissl_jax.core import state as bilevel
+from bissl_jax.core import protocols
+from bissl_jax.core import alternation as ts
 from bissl_jax.convert import stage_output
 from bissl_jax.data import BatchStack, grain_stream, prefetch, process_shard
 from bissl_jax.data.image_records import ImageRecords
-from bissl_jax.errors import NonFiniteError
+from bissl_jax.runtime.errors import NonFiniteError
 from bissl_jax.pipeline import checkpoint
 from bissl_jax.pipeline import provenance
 from bissl_jax.pipeline import stage_loop
 from bissl_jax.pipeline.context import StageContext, check_size
-from bissl_jax.seeds import derive_seed
+from bissl_jax.runtime.seeds import derive_seed
+from bissl_jax.types import PyTree
 
-PyTree = Any
 # Fields that do not change the computation (a resume may change them).
 _RESUME_FREE_FIELDS = ("checkpoint_every", "init_checkpoint")
 

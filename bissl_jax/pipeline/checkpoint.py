@@ -30,7 +30,7 @@ import hashlib
 import os
 import shutil
 import time
-from typing import Any, Callable, Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import jax
 import numpy as np
@@ -38,8 +38,8 @@ import orbax.checkpoint as ocp
 
 from bissl_jax.convert.stage_output import (  # noqa: F401  (the pipeline's output format)
     EXPORT_FORMAT, abstract, decode, encode, export, is_export, load_export)
+from bissl_jax.types import PyTree
 
-PyTree = Any
 # The checkpoint item holding data-iterator states (Grain's, JSON), kept apart from
 # ``extra`` so a loader's state format never mixes with the stage's own record.
 ITERATORS = "iterators"

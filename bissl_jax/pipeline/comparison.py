@@ -26,7 +26,7 @@ from bissl_jax.pipeline import supervised
 from bissl_jax.pipeline import context as context_lib
 from bissl_jax.pipeline.context import StageContext
 from bissl_jax.pipeline.pretrain import load_vit_pretext_model, pretrain
-from bissl_jax.seeds import derive_seed
+from bissl_jax.runtime.seeds import derive_seed
 
 
 def load_pretext_model(ctx: StageContext, path: str, seed: int = 0):

@@ -13,21 +13,21 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import jax
 import jax.numpy as jnp
 
-from bissl_jax import downstream as downstream_lib
-from bissl_jax import gpt
-from bissl_jax import metrics as metrics_lib
-from bissl_jax import models
-from bissl_jax import parallel
-from bissl_jax import pretext as pretext_lib
-from bissl_jax import text_metrics
-from bissl_jax import text_tasks
-from bissl_jax import vit_model
+from bissl_jax.tasks.downstream import classification as downstream_lib
+from bissl_jax.models import gpt
+from bissl_jax.evaluation import metrics as metrics_lib
+from bissl_jax.models import resnet
+from bissl_jax.runtime import mesh as parallel
+from bissl_jax.tasks import pretext as pretext_lib
+from bissl_jax.evaluation import text_metrics
+from bissl_jax.tasks.downstream import text as text_tasks
+from bissl_jax.models import vit_bundle
 from bissl_jax.config_validation import ConfigError, resolve_config
 from bissl_jax.convert import mae as convert_mae
 from bissl_jax.data import text_sets
-from bissl_jax.next_token import NextToken
+from bissl_jax.tasks.pretext.next_token import NextToken
 from bissl_jax.pipeline import run_log
-from bissl_jax.seeds import derive_seed
+from bissl_jax.runtime.seeds import derive_seed
 
 
 _FUNCTION_CACHE: Dict[Any, Any] = {}
@@ -40,9 +40,9 @@ class StageContext:
   Attributes:
     config: the resolved pipeline config (``config_validation.resolve_config``).
     workdir: the run directory.
-    model: the model (:class:`bissl_jax.protocols.Model`).
-    task: the pretext task (:class:`bissl_jax.protocols.PretextTask`).
-    downstream: the downstream task (:class:`bissl_jax.protocols.DownstreamTask`)
+    model: the model (:class:`bissl_jax.core.protocols.Model`).
+    task: the pretext task (:class:`bissl_jax.core.protocols.PretextTask`).
+    downstream: the downstream task (:class:`bissl_jax.core.protocols.DownstreamTask`)
       of the head warm-up, BiSSL's upper level, fine-tuning and evaluation.
     mesh: the 1-D device mesh the batches are split over.
     logger: the metric logger.
@@ -52,7 +52,7 @@ class StageContext:
     metric_names: the reported test metrics, headline first (None: the image
       metrics of ``results.metric_names``).
     scorer: ``scorer(outputs, labels) -> {metric: value, 'score', 'loss'}`` on a
-      whole split (None: ``bissl_jax.metrics.classification_metrics``); text tasks
+      whole split (None: ``bissl_jax.evaluation.metrics.classification_metrics``); text tasks
       score with the GLUE metrics.
   """
   config: Any
@@ -104,13 +104,13 @@ class StageContext:
 
 
 def is_text(config) -> bool:
-  """``config.model.arch`` names a GPT (``bissl_jax.gpt.CONFIGS``): a language run."""
+  """``config.model.arch`` names a GPT (``bissl_jax.models.gpt.CONFIGS``): a language run."""
   return config.model.arch in gpt.CONFIGS
 
 
 def is_vit(config) -> bool:
-  """``config.model.arch`` names a ViT (``bissl_jax.vit_model.ARCHITECTURES``)."""
-  return config.model.arch in vit_model.ARCHITECTURES
+  """``config.model.arch`` names a ViT (``bissl_jax.models.vit_bundle.ARCHITECTURES``)."""
+  return config.model.arch in vit_bundle.ARCHITECTURES
 
 
 def uses_lora(config) -> bool:
@@ -136,7 +136,7 @@ def check_model_and_task(config) -> None:
                       f"config.pretext.task='mae'.")
   if not vit and task == "mae":
     raise ConfigError(f"config.pretext.task='mae' needs a ViT; set config.model.arch to one "
-                      f"of {vit_model.ARCHITECTURES}.")
+                      f"of {vit_bundle.ARCHITECTURES}.")
   if vit:
     patch = int(config.model.arch.rsplit("patch", 1)[1])
     if int(config.data.image_size) % patch:
@@ -161,14 +161,14 @@ def build_model(config, num_classes: int, *, lora: bool = True):
   if is_text(config):
     return build_text_model(config)
   if is_vit(config):
-    return vit_model.build_vit_model(
+    return vit_bundle.build_vit_model(
         m.arch, num_classes=num_classes, decoder="mae", decoder_width=m.decoder_width,
         decoder_depth=m.decoder_depth, decoder_heads=m.decoder_heads,
         lora_rank=int(m.lora_rank) if lora else 0, lora_alpha=m.lora_alpha,
         lora_targets=tuple(m.lora_targets), posemb=m.posemb, drop_path_rate=m.drop_path,
         remat=m.remat, dtype=m.dtype, pool=m.pool, train_norms=m.train_norms)
   predictor = m.predictor or (m.projector if config.pretext.task == "byol" else None)
-  return models.build_model(m.arch, num_classes=num_classes,
+  return resnet.build_model(m.arch, num_classes=num_classes,
                             width_multiplier=m.width_multiplier, cifar_stem=m.cifar_stem,
                             projector=m.projector, predictor=predictor)
 
@@ -233,7 +233,7 @@ def build_pretext_task(config, model):
   task = pretext_lib.make_pretext_task(p.task, model, image_size=config.data.image_size,
                                        **kwargs)
   if uses_gessl(config):
-    from bissl_jax import gessl  # pylint: disable=g-import-not-at-top
+    from bissl_jax.tasks.pretext import gessl  # pylint: disable=g-import-not-at-top
     task = gessl.from_config(task, config.gessl, image_size=config.data.image_size)
   return task
 

@@ -3,7 +3,7 @@ import numpy as np
 
 from bissl_jax import data as data_lib
 from bissl_jax.data import text_sets
-from bissl_jax.seeds import derive_seed
+from bissl_jax.runtime.seeds import derive_seed
 
 
 def load_data(config, need_pretext: bool, need_downstream: bool):

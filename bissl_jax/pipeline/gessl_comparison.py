@@ -10,7 +10,7 @@ on frozen evaluation-mode backbone features,
 
 * fit a linear probe on the train split (all classes) and score the test split;
 * draw N-way K-shot episodes from the test split's *held-out* classes and classify
-  them by nearest prototype (:mod:`bissl_jax.fewshot`). When the pretext set is the
+  them by nearest prototype (:mod:`bissl_jax.evaluation.fewshot`). When the pretext set is the
   downstream train split (the digits), pretraining sees only the images of the other
   classes, so the held-out classes are unseen.
 
@@ -33,15 +33,14 @@ import os
 import time
 from typing import Any, Dict, Tuple
 
-from bissl_jax import fewshot
-from bissl_jax import metrics
+from bissl_jax.evaluation import fewshot
+from bissl_jax.evaluation import metrics
 from bissl_jax.config_validation import ConfigError, validate_config
-from bissl_jax.errors import NonFiniteError
+from bissl_jax.runtime.errors import NonFiniteError
 from bissl_jax.pipeline import context as context_lib
 from bissl_jax.pipeline import datasets
 from bissl_jax.pipeline.pretrain import pretrain
-
-PyTree = Any
+from bissl_jax.types import PyTree
 
 
 def methods(cfg) -> Tuple[str, str]:

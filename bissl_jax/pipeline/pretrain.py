@@ -21,24 +21,24 @@ same function), whose base the later stages keep frozen. Resumable from ``<direc
 """
 import functools
 import os
-from typing import Any, Optional, Tuple
+from typing import Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from bissl_jax import optim
-from bissl_jax import partition
-from bissl_jax import protocols
+from bissl_jax.core import optim
+from bissl_jax.core import partition
+from bissl_jax.core import protocols
 from bissl_jax.convert import stage_output
 from bissl_jax.pipeline import provenance
 from bissl_jax.pipeline import stage_loop
 from bissl_jax.pipeline import context as context_lib
 from bissl_jax.pipeline.context import StageContext, check_size
-from bissl_jax.bilevel import LevelState
-from bissl_jax.seeds import derive_seed
+from bissl_jax.core.state import LevelState
+from bissl_jax.runtime.seeds import derive_seed
+from bissl_jax.types import PyTree
 
-PyTree = Any
 # Pretext fields that do not change the computation of this stage.
 _FREE_PRETEXT_FIELDS = ("checkpoint", "share_across_seeds", "baseline_epochs", "epochs")
 
@@ -48,9 +48,9 @@ def pretext_optimizer(cfg, steps_per_epoch: int, epochs: int, params: Optional[P
   """``config.pretext.optimizer`` on a warm-up + cosine schedule over ``epochs``.
 
   'lars' (the default), 'sgd' (GeSSL, Appendix C) or Adam (GPT), from
-  :func:`bissl_jax.optim.by_name`. With ``params`` (the ``{'backbone',
+  :func:`bissl_jax.core.optim.by_name`. With ``params`` (the ``{'backbone',
   'pretext_head'}`` tree) it is one transform per group through
-  :func:`bissl_jax.partition.level_optimizer`, so leaves that ``trainable`` marks
+  :func:`bissl_jax.core.partition.level_optimizer`, so leaves that ``trainable`` marks
   False (a ViT's fixed sin-cos position tables, a LoRA base) get no update, no weight
   decay and no state.
   """

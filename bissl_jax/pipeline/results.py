@@ -10,14 +10,14 @@ The JSON record::
    "difference": {"top1": mean(bissl) − mean(baseline), ...}, "wall_time_s": ...}
 
 Accuracies are fractions in [0, 1]; the Markdown table shows percentages as
-``mean ± std`` (sample std, ddof=1, from ``bissl_jax.metrics.summarize``) in the
+``mean ± std`` (sample std, ddof=1, from ``bissl_jax.evaluation.metrics.summarize``) in the
 layout of Table 1 of the paper.
 """
 import json
 import os
 from typing import Dict, Mapping, Optional
 
-from bissl_jax.metrics import summarize
+from bissl_jax.evaluation.metrics import summarize
 
 PIPELINE_LABELS = {"baseline": "Only FT", "bissl": "BiSSL+FT"}
 VARIANT_PREFIX = "bissl_"  # pipelines of config.bissl_variants: 'bissl_<name>'
@@ -54,7 +54,7 @@ def build_results(per_seed: Mapping[str, Mapping[int, Mapping[str, float]]], *,
     The JSON-serialisable record.
   """
   rows_all = [m for seeds in per_seed.values() for m in seeds.values()]
-  # top-5 is undefined with fewer than 5 classes (bissl_jax.metrics leaves it out).
+  # top-5 is undefined with fewer than 5 classes (bissl_jax.evaluation.metrics leaves it out).
   names = tuple(n for n in (names or metric_names(multilabel))
                 if all(n in m for m in rows_all))
   out = dict(info)
@@ -193,7 +193,7 @@ def read_json(path: str) -> Optional[dict]:
 
 def plot_curves(workdir: str) -> list:
   """Training-curve PNGs in ``<workdir>/plots``; a plotting failure never loses results."""
-  from bissl_jax import plots  # pylint: disable=g-import-not-at-top  (matplotlib only here)
+  from bissl_jax.evaluation import plots  # pylint: disable=g-import-not-at-top  (matplotlib only here)
   try:
     paths = plots.plot_run(workdir)
   except Exception as e:  # pylint: disable=broad-except

@@ -30,7 +30,7 @@ from typing import Callable, Optional
 
 import jax
 
-from bissl_jax import cpu_defaults
+from bissl_jax.runtime import cpu_kernels
 from bissl_jax.config_validation import validate_config
 from bissl_jax.convert import stage_output
 from bissl_jax.pipeline import branch
@@ -114,7 +114,7 @@ def _has_earlier_run(workdir: str) -> bool:
 
 def banner(config, workdir: str, *, source: str, resumed: bool) -> str:
   """The start-up lines of a run: backend, devices, mesh, config, workdir, fresh/resumed."""
-  from bissl_jax import parallel  # pylint: disable=g-import-not-at-top
+  from bissl_jax.runtime import mesh as parallel  # pylint: disable=g-import-not-at-top
   devices = jax.devices()
   mesh = parallel.make_mesh()
   kinds = sorted({d.device_kind for d in devices})
@@ -175,7 +175,7 @@ def run(config, workdir: str, *, bissl_callback: Optional[Callable] = None,
     config = with_reuse(config, reuse)
   config = validate_config(config)
   # What the stages record must be the kernels in use, not the ones asked for.
-  notice = cpu_defaults.reconcile(config, jax.default_backend())
+  notice = cpu_kernels.reconcile(config, jax.default_backend())
   if notice and announce is not None and jax.process_index() == 0:
     print(notice, file=sys.stderr, flush=True)
   workdir = os.path.abspath(workdir)

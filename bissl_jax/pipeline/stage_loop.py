@@ -10,7 +10,7 @@
   that a resume redoes are dropped first, so each step has one record);
 * **non-finite stop**: the loss (on every logged step) and the parameters (at every
   epoch end, so before every checkpoint) must be finite; otherwise
-  :class:`~bissl_jax.errors.NonFiniteError` names the stage, the step, what became
+  :class:`~bissl_jax.runtime.errors.NonFiniteError` names the stage, the step, what became
   non-finite and the field to change. Nothing non-finite is ever saved;
 * **checkpoints** every ``checkpoint_every`` epochs (and after the last step with
   ``save_last``), and **on interrupt**: Ctrl-C or SIGTERM asks the loop to stop after
@@ -22,7 +22,7 @@ A stage is a :class:`Stage`: its step function ``step(state, i, batch) -> (state
 metrics)``, its data (:class:`EpochData`, or anything with ``batch``/``position``/
 ``restore``), an optional ``end_of_epoch`` hook (fine-tuning's validation and
 best-epoch bookkeeping) and its checkpoint settings. The state is any pytree; the
-stages use the training core's :class:`bissl_jax.bilevel.LevelState` (parameters,
+stages use the training core's :class:`bissl_jax.core.state.LevelState` (parameters,
 statistics, optimizer state, step counter) for each level they train.
 
 A resumed stage ends bit-identical to an uninterrupted one: the state, the data
@@ -42,12 +42,11 @@ from typing import Any, Callable, Mapping, NamedTuple, Optional, Protocol, Tuple
 import jax
 import jax.numpy as jnp
 
-from bissl_jax.errors import NonFiniteError
+from bissl_jax.runtime.errors import NonFiniteError
 from bissl_jax.pipeline import branch
 from bissl_jax.pipeline import checkpoint
 from bissl_jax.pipeline import run_log
-
-PyTree = Any
+from bissl_jax.types import PyTree
 
 
 class StageData(Protocol):

@@ -151,7 +151,7 @@ def solver_stats(workdir: str) -> dict:
     ``{pipeline: {key: [value per alternation]}}`` for the keys of ``SOLVER_KEYS``
     (a resumed stage logs some alternations twice; the last record of each counts).
   """
-  from bissl_jax import plots  # pylint: disable=g-import-not-at-top
+  from bissl_jax.evaluation import plots  # pylint: disable=g-import-not-at-top
   path = os.path.join(workdir, "metrics.jsonl")
   per_stage = {}
   for record in plots.read_jsonl(path) if os.path.exists(path) else []:

@@ -11,7 +11,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from bissl_jax.metrics import paired_difference, summarize
+from bissl_jax.evaluation.metrics import paired_difference, summarize
 from bissl_jax.pipeline.study import ALL
 
 BASELINE = "baseline"
@@ -320,7 +320,7 @@ def to_markdown(records: Sequence[Mapping], *, config=None, plot_name: Optional[
       "stage, resumes it, and compares every cell with an uninterrupted study in a "
       "fresh directory (equal to the last bit), and runs the tiny pipeline twice "
       "(equal `results.json`). What is pinned for that is listed in "
-      "`bissl_jax/determinism.py`. Another CPU model, a GPU or another device count "
+      "`bissl_jax/runtime/determinism.py`. Another CPU model, a GPU or another device count "
       "rounds differently; the noise-floor table above measures how much that moves "
       "the results.", ""]
   return "\n".join(lines)
@@ -368,7 +368,7 @@ def write_report(records: Sequence[Mapping], path: str, *, config=None,
 
 def plot_accuracy(records: Sequence[Mapping], out_path: str) -> Optional[str]:
   """Accuracy against labels per class, one line per method (``plots.plot_band_lines``)."""
-  from bissl_jax import plots  # pylint: disable=g-import-not-at-top  (matplotlib here only)
+  from bissl_jax.evaluation import plots  # pylint: disable=g-import-not-at-top  (matplotlib here only)
   cells = by_cell(records, 1)
   if not cells:
     return None

@@ -11,18 +11,18 @@
   are kept.
 * **Evaluation**: the evaluation view (resize to ``size/0.875`` + centre crop),
   BatchNorm in evaluation mode; metrics over the whole split at once
-  (``bissl_jax.metrics``).
+  (``bissl_jax.evaluation.metrics``).
 
 Both stages respect ``Model.trainable`` (parameter-efficient fine-tuning of a LoRA
-ViT): the optimizer is :func:`bissl_jax.partition.level_optimizer` over the mask,
+ViT): the optimizer is :func:`bissl_jax.core.partition.level_optimizer` over the mask,
 gradients are formed for trainable leaves only, and frozen leaves (the base weights
 under the adapters) get no optimizer state and are carried over unchanged, bit for
 bit. Without a mask every leaf trains, as before.
 
 Inputs, losses and logits come from the run's downstream task (``ctx.downstream``,
-a :class:`bissl_jax.protocols.DownstreamTask`), the same one BiSSL's upper level
+a :class:`bissl_jax.core.protocols.DownstreamTask`), the same one BiSSL's upper level
 differentiates; each reads the batch entry its ``input_key`` names (images, or
-tokens for a GPT's :class:`bissl_jax.text_tasks.TextTask`), and a text run scores
+tokens for a GPT's :class:`bissl_jax.tasks.downstream.text.TextTask`), and a text run scores
 with ``ctx.scorer`` (the GLUE metrics). The optimizer is ``head_warmup.optimizer`` /
 ``finetune.optimizer`` (SGD as above, or Adam for GPT with a linear warm-up over
 ``finetune.warmup_fraction`` of the steps). The loops are
@@ -35,27 +35,26 @@ all seeds share one executable.
 import functools
 import math
 import os
-from typing import Any, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bissl_jax import downstream as downstream_lib
-from bissl_jax import metrics as metrics_lib
-from bissl_jax import optim
-from bissl_jax import parallel
-from bissl_jax import partition
-from bissl_jax import protocols
+from bissl_jax.tasks.downstream import classification as downstream_lib
+from bissl_jax.evaluation import metrics as metrics_lib
+from bissl_jax.core import optim
+from bissl_jax.runtime import mesh as parallel
+from bissl_jax.core import partition
+from bissl_jax.core import protocols
 from bissl_jax.pipeline import provenance
 from bissl_jax.pipeline import stage_loop
 from bissl_jax.pipeline.context import StageContext, check_size
-from bissl_jax.bilevel import LevelState
+from bissl_jax.core.state import LevelState
 from bissl_jax.data import process_shard
-from bissl_jax.seeds import derive_seed
-
-PyTree = Any
+from bissl_jax.runtime.seeds import derive_seed
+from bissl_jax.types import PyTree
 
 
 class FinetuneResult(NamedTuple):
@@ -74,7 +73,7 @@ def optimizer_with_hyperparams(name: str, momentum: float, params: Optional[PyTr
 
   'sgd' (the paper): SGD + coupled weight decay; 'adam' (GPT): Adam with decoupled
   weight decay off biases and norms. With ``params`` (a tree of top-level groups),
-  one optimizer per group through :func:`bissl_jax.partition.level_optimizer`:
+  one optimizer per group through :func:`bissl_jax.core.partition.level_optimizer`:
   leaves ``trainable`` marks False get no update, no decay and no state.
   """
   def make(learning_rate, weight_decay):

@@ -1,0 +1,94 @@
+"""The lower level of BiSSL: pretext loss plus the proximal term (Algorithm 1, lower loop).
+
+Each step takes the pretext loss plus ``lam/2·‖θ_P − sg(θ_D)‖²`` over the trainable
+leaves of (θ_P, φ_P), clips their global norm to 10, applies LARS, updates BYOL's
+EMA target and the lower model's running statistics. Frozen leaves (see
+:mod:`bissl_jax.core.partition`) are closed over: no gradient is formed for them.
+"""
+import functools
+from typing import Tuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from bissl_jax.implicit.solvers import mfac
+from bissl_jax.core import partition
+from bissl_jax.implicit import tree_math
+from bissl_jax.core.state import BilevelState, BisslSetup, current_lam
+
+
+def lower_objective(setup: BisslSetup, train_params, frozen_params, lower_stats, target,
+                    theta_d_train, inputs, lam):
+  """Pretext loss + ``lam/2·‖θ_P − sg(θ_D)‖²`` over every trainable backbone leaf.
+
+  Args:
+    setup: the static setup.
+    train_params: trainable part of ``{'backbone', 'pretext_head'}`` (None elsewhere).
+    frozen_params: the frozen rest (see :func:`bissl_jax.core.partition.split`).
+    lower_stats: the lower model's statistics.
+    target: BYOL's target or None.
+    theta_d_train: the trainable part of θ_D.
+    inputs: the pretext task's prepared inputs.
+    lam: λ in force.
+
+  Returns:
+    ``(total, (pretext_loss, prox, aux))``.
+  """
+  params = partition.merge(train_params, frozen_params)
+  loss, aux = setup.task.loss(params, lower_stats, inputs, target)
+  gap = tree_math.tree_sub(train_params["backbone"], jax.lax.stop_gradient(theta_d_train))
+  prox = 0.5 * lam * tree_math.tree_vdot(gap, gap)
+  return loss + prox, (loss, prox, aux)
+
+
+def lower_step(setup: BisslSetup, state: BilevelState, pretext_images, rng
+               ) -> Tuple[BilevelState, dict]:
+  """One lower-level step (Algorithm 1, lower loop body).
+
+  Args:
+    setup: the static setup.
+    state: the current state.
+    pretext_images: one raw pretext batch.
+    rng: PRNG key of the task's ``prepare`` (augmentation, masking).
+
+  Returns:
+    ``(new_state, metrics)`` with the pretext loss, the proximal term, the gradient
+    norm and a non-finite flag.
+  """
+  level = state.lower
+  inputs = setup.task.prepare(rng, pretext_images)
+  lam = current_lam(setup, state)
+  mask = setup.lower_trainable(level.params)
+  train, frozen = partition.split(level.params, mask)
+  theta_d_train, _ = partition.split(state.upper.params["backbone"], mask["backbone"])
+  grad_fn = jax.value_and_grad(functools.partial(lower_objective, setup), has_aux=True)
+  if setup.solver == "mfac":
+    # M-FAC keeps gradients of L_P alone: take them, then add the proximal gradient
+    # λ(θ_P − θ_D) in closed form (no extra backward pass).
+    (_, (loss, prox, aux)), pretext_grads = grad_fn(
+        train, frozen, level.batch_stats, state.target, theta_d_train, inputs, 0.0)
+    gap = tree_math.tree_sub(train["backbone"], theta_d_train)
+    prox = 0.5 * lam * tree_math.tree_vdot(gap, gap)
+    grads = {**pretext_grads,
+             "backbone": tree_math.tree_axpy(lam, gap, pretext_grads["backbone"])}
+    window = mfac.push(state.solver_state.gradient_window, pretext_grads["backbone"])
+    state = state.replace(solver_state=state.solver_state.replace(gradient_window=window))
+  else:
+    (_, (loss, prox, aux)), grads = grad_fn(train, frozen, level.batch_stats, state.target,
+                                            theta_d_train, inputs, lam)
+  tx = setup.lower_optimizer(level.params)
+  updates, opt_state = tx.update(partition.zeros_for_frozen(grads, frozen), level.opt_state,
+                                 level.params)
+  params = optax.apply_updates(level.params, updates)
+  stats = aux["batch_stats"]
+  target = state.target
+  if setup.task.has_target:
+    target = setup.task.update_target(target, params, stats)
+  grad_norm = optax.tree.norm(grads)
+  metrics = {"lower_loss": loss, "lower_prox": prox, "lower_grad_norm": grad_norm,
+             "lower_nonfinite": ~(jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+                                  & tree_math.tree_all_finite(params))}
+  new_level = level.replace(params=params, batch_stats=stats, opt_state=opt_state,
+                            step=level.step + 1)
+  return state.replace(lower=new_level, target=target), metrics

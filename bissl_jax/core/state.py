@@ -1,0 +1,338 @@
+"""Static setup and explicit state of a BiSSL run (SPEC §1, §2).
+
+:class:`BisslSetup` holds everything static: model, pretext and downstream tasks and
+hyperparameters, frozen and hashable so jitted functions close over it. It has no
+defaults of its own: the configs (``configs/common.py``) are the one source of
+defaults, and :meth:`BisslSetup.from_config` requires every field.
+
+:class:`BilevelState` holds everything that changes: one :class:`LevelState` per
+level, BYOL's target, the alternation counter and the solver's state.
+"""
+import dataclasses
+from typing import Any, NamedTuple, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from bissl_jax import implicit
+from bissl_jax.core import lam_schedules
+from bissl_jax.implicit.solvers import mfac
+from bissl_jax.core import optim
+from bissl_jax.core import partition
+from bissl_jax.core import protocols
+from bissl_jax.types import PyTree
+
+
+STAGE_DRIVERS = ("auto", "fused", "per_step")
+LOWER_OPTIMIZERS = optim.OPTIMIZERS
+UPPER_OPTIMIZERS = optim.OPTIMIZERS
+WARM_STARTABLE = ("cg", "minres", "jax_cg", "neumann")
+TOLERANCE_SOLVERS = ("cg", "minres", "jax_cg")
+# How the upper stage forms H: the two operator modes of bissl_jax.implicit, or the
+# Gauss-Newton matrix of the pretext loss (PSD; bissl_jax.implicit.gauss_newton).
+HESSIAN_MODES = implicit.HESSIAN_MODES + ("gauss_newton",)
+
+
+@dataclasses.dataclass(frozen=True)
+class BisslSetup:
+  """Everything static about a BiSSL run (see ``configs/common.py`` for each field).
+
+  Build it from ``config.bissl`` with :meth:`from_config`.
+  """
+  model: Any
+  task: Any            # protocols.PretextTask
+  downstream: Any      # protocols.DownstreamTask
+  lam: float
+  damping: float
+  solver: str
+  cg_iters: int
+  cg_tol: float
+  lower_steps: int
+  upper_steps: int
+  alternations: int
+  lower_optimizer_name: str
+  lower_lr: float
+  lower_weight_decay: float
+  lower_momentum: float
+  trust_coefficient: float
+  upper_optimizer_name: str
+  upper_lr: float
+  upper_weight_decay: float
+  upper_momentum: float
+  grad_clip: float
+  hessian_mode: str
+  warm_start: bool
+  unroll: Optional[bool]
+  stage_driver: str
+  lam_schedule: str
+  lam_min: float
+  lam_exp_alpha: float
+  learnable_lam: bool
+  lam_damping: float
+  head_in_implicit: bool
+  residual_guard: bool
+  residual_every: int
+  mfac_history: Optional[int]
+  mfac_blocks: str
+  mfac_dtype: str
+
+  def __post_init__(self):
+    problems = combination_problems({name: getattr(self, name) for name in self.field_names()})
+    if problems:
+      raise ValueError(" ".join(problems))
+
+  @property
+  def mfac_window_length(self) -> int:
+    """m, the stored pretext gradients (default N_L, BiSSLight's choice)."""
+    return int(self.mfac_history or self.lower_steps)
+
+  @classmethod
+  def field_names(cls):
+    """The names :meth:`from_config` reads from ``config.bissl``."""
+    return tuple(f.name for f in dataclasses.fields(cls)
+                 if f.name not in ("model", "task", "downstream"))
+
+  @classmethod
+  def from_config(cls, model, task, cfg, *, downstream) -> "BisslSetup":
+    """Builds a setup from a resolved ``config.bissl`` (ConfigDict or dict).
+
+    Raises:
+      ValueError: naming every field the config lacks.
+    """
+    values = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+    missing = [name for name in cls.field_names() if name not in values]
+    if missing:
+      raise ValueError(f"config.bissl lacks {missing}; start from configs/common.py:"
+                       f"base_config(), which holds every default.")
+    unset = [f.name for f in dataclasses.fields(cls) if f.name in values
+             and values[f.name] is None and f.type not in (Optional[bool], Optional[int])]
+    if unset:
+      raise ValueError(f"config.bissl fields {unset} are unset (None); resolve them first "
+                       f"(bissl_jax.config_validation.validate_config does).")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+      if f.name in ("model", "task", "downstream"):
+        continue
+      value = values[f.name]
+      # Command-line overrides arrive as whatever type the parser produced.
+      kwargs[f.name] = value if value is None or f.type is Any else _coerce(f.type, value)
+    return cls(model=model, task=task, downstream=downstream, **kwargs)
+
+  @property
+  def use_unrolled(self) -> bool:
+    """Loops inside one jit are unrolled (the XLA:CPU loop cliff) unless set otherwise."""
+    if self.unroll is not None:
+      return bool(self.unroll)
+    return jax.default_backend() == "cpu"
+
+  @property
+  def per_step(self) -> bool:
+    """One jit per lower/upper step driven from the host, rather than one per stage.
+
+    On CPU the unrolled stage in one jit compiles super-linearly in N_U
+    (docs/benchmarks.md), so ``'auto'`` drives steps from the host there.
+    """
+    if self.stage_driver == "auto":
+      return jax.default_backend() == "cpu"
+    return self.stage_driver == "per_step"
+
+  def lower_trainable(self, params: PyTree) -> PyTree:
+    """The lower level's trainable mask over ``{'backbone', 'pretext_head'}``."""
+    return protocols.trainable_mask(self.model, params)
+
+  def upper_trainable(self, params: PyTree) -> PyTree:
+    """The upper level's mask; ``lam_rho`` always trains."""
+    groups = {k: v for k, v in params.items() if k != "lam_rho"}
+    mask = dict(protocols.trainable_mask(self.model, groups))
+    if "lam_rho" in params:
+      mask["lam_rho"] = True
+    return mask
+
+  def lower_optimizer(self, params: PyTree) -> optax.GradientTransformation:
+    """Clip over the trainable (θ_P, φ_P) jointly, then LARS (or AdamW) on the lower schedule.
+
+    AdamW (``lower_optimizer_name='adamw'``, BiSSLight's choice for LoRA) matters for
+    zero-initialised adapters: LARS scales each step by ‖B‖, so it hardly moves a
+    LoRA B that starts at 0.
+    """
+    schedule = optim.lower_lr_schedule(self.lower_lr, lower_steps=self.lower_steps,
+                                       alternations=self.alternations)
+    tx_lower = optim.by_name(self.lower_optimizer_name, schedule,
+                             weight_decay=self.lower_weight_decay,
+                             momentum=self.lower_momentum,
+                             trust_coefficient=self.trust_coefficient)
+    tx = partition.level_optimizer({g: tx_lower for g in params}, params,
+                                   self.lower_trainable(params))
+    return optim.with_clipping(tx, self.grad_clip)
+
+  def upper_optimizer(self, params: PyTree) -> optax.GradientTransformation:
+    """Clip over the trainable (θ_D, φ_D[, ρ]) jointly, then SGD with coupled weight decay.
+
+    (``upper_optimizer_name='adam'``: Adam, as the language configs' upper level.)
+    """
+    schedule = optim.upper_lr_schedule(self.upper_lr, upper_steps=self.upper_steps,
+                                       alternations=self.alternations)
+    tx_upper = optim.by_name(self.upper_optimizer_name, schedule,
+                             weight_decay=self.upper_weight_decay,
+                             momentum=self.upper_momentum)
+    tx = partition.level_optimizer({g: tx_upper for g in params}, params,
+                                   self.upper_trainable(params))
+    return optim.with_clipping(tx, self.grad_clip)
+
+
+def combination_problems(bissl: dict) -> list:
+  """Messages for ``config.bissl`` values that are valid alone but not together.
+
+  Each would otherwise fail deep inside a traced step, or be silently ignored.
+  Config validation reports them before any compute; :class:`BisslSetup` refuses them.
+  """
+  problems = []
+  solver = bissl.get("solver")
+  if solver == "mfac" and bissl.get("head_in_implicit"):
+    problems.append("config.bissl.solver='mfac' keeps gradients of θ only; it cannot "
+                    "solve over [θ; φ_P]: set config.bissl.head_in_implicit=False.")
+  if bissl.get("warm_start") and solver not in WARM_STARTABLE:
+    problems.append(f"config.bissl.warm_start=True has no effect with solver={solver!r}; "
+                    f"use one of {WARM_STARTABLE} or set it False.")
+  if bissl.get("cg_tol") and solver not in TOLERANCE_SOLVERS:
+    problems.append(f"config.bissl.cg_tol={bissl.get('cg_tol')} needs a solver with a "
+                    f"tolerance mode {TOLERANCE_SOLVERS}; {solver!r} runs exactly cg_iters "
+                    f"iterations: set config.bissl.cg_tol=0.")
+  lam, damping = bissl.get("lam"), bissl.get("damping")
+  if (isinstance(lam, (int, float)) and isinstance(damping, (int, float))
+      and not bissl.get("learnable_lam") and lam + damping <= 0):
+    problems.append("config.bissl.lam + config.bissl.damping must be > 0: the operator "
+                    "I + H/(λ+δ) is undefined at λ = δ = 0. Set a positive λ or δ.")
+  return problems
+
+
+def _coerce(kind, value):
+  if kind in ("bool", bool):
+    return bool(value)
+  if kind in ("int", int):
+    return int(value)
+  if kind in ("float", float):
+    return float(value)
+  if kind in ("str", str):
+    return str(value)
+  return value  # Optional[...]: already the parsed value
+
+
+class LevelState(flax.struct.PyTreeNode):
+  """One level's (or one training stage's) trainable state.
+
+  Attributes:
+    params: the parameter groups of the level.
+    batch_stats: BatchNorm running statistics (may be empty dicts).
+    opt_state: the level optimizer's state.
+    step: optimizer steps taken (drives the LR schedule).
+  """
+  params: PyTree
+  batch_stats: PyTree
+  opt_state: PyTree
+  step: jnp.ndarray
+
+
+class SolverState(flax.struct.PyTreeNode):
+  """What the implicit-gradient solver carries across steps and alternations.
+
+  Attributes:
+    warm_start: the last v_IG (the next solve's start with ``warm_start``), shaped
+      like θ's trainable part.
+    gradient_window: ``solver='mfac'``: the last m gradients of L_P over θ's
+      trainable part (a :class:`bissl_jax.implicit.solvers.mfac.GradientWindow`, rolling across
+      alternations, filled by the lower steps); None otherwise.
+  """
+  warm_start: PyTree
+  gradient_window: PyTree = None
+
+
+class BilevelState(flax.struct.PyTreeNode):
+  """The whole BiSSL state; everything needed to resume exactly.
+
+  Attributes:
+    lower: ``params = {'backbone': θ_P, 'pretext_head': φ_P}`` with their statistics.
+    upper: ``params = {'backbone': θ_D, 'downstream_head': φ_D}`` plus ``'lam_rho'``
+      when λ is learnable; ``batch_stats = {'backbone'}``.
+    target: BYOL's EMA target network, or None.
+    alternation: completed alternations (drives λ schedules).
+    solver_state: a :class:`SolverState`.
+  """
+  lower: LevelState
+  upper: LevelState
+  target: PyTree
+  alternation: jnp.ndarray
+  solver_state: SolverState
+
+
+class AlternationBatches(NamedTuple):
+  """Raw batches for one alternation (augmented on device).
+
+  Attributes:
+    pretext: ``(N_L, B, ...)`` lower-level batches.
+    hvp: ``(B, ...)`` the pretext batch of the upper stage's Hessian.
+    downstream_images: ``(N_U, b, ...)``.
+    downstream_labels: ``(N_U, b)`` int labels, or ``(N_U, b, K)`` multi-hot.
+  """
+  pretext: Any
+  hvp: Any
+  downstream_images: Any
+  downstream_labels: Any
+
+
+def _copy(tree: PyTree) -> PyTree:
+  return jax.tree_util.tree_map(jnp.array, tree)
+
+
+def init_level(params: PyTree, batch_stats: PyTree, tx: optax.GradientTransformation
+               ) -> LevelState:
+  """A :class:`LevelState` with fresh buffers and a new optimizer state."""
+  params = _copy(params)
+  return LevelState(params=params, batch_stats=_copy(batch_stats), opt_state=tx.init(params),
+                    step=jnp.zeros((), jnp.int32))
+
+
+def init_bilevel_state(setup: BisslSetup, params: PyTree, batch_stats: PyTree
+                       ) -> BilevelState:
+  """θ_P = θ_D = the pretext backbone; φ_D the warmed-up head (Algorithm 1).
+
+  Args:
+    setup: the static setup.
+    params: ``{'backbone', 'pretext_head', 'downstream_head'}`` after head warm-up.
+    batch_stats: ``{'backbone', 'pretext_head'}``.
+
+  Returns:
+    A fresh :class:`BilevelState`; BYOL's target is re-copied from the online network.
+  """
+  lower_params = {"backbone": params["backbone"], "pretext_head": params["pretext_head"]}
+  upper_params = {"backbone": params["backbone"], "downstream_head": params["downstream_head"]}
+  if setup.learnable_lam:
+    upper_params["lam_rho"] = jnp.asarray(lam_schedules.inverse_softplus(setup.lam), jnp.float32)
+  lower = init_level(lower_params, batch_stats, setup.lower_optimizer(lower_params))
+  upper = init_level(upper_params, {"backbone": batch_stats["backbone"]},
+                     setup.upper_optimizer(upper_params))
+  target = (setup.task.init_target(lower.params, lower.batch_stats)
+            if setup.task.has_target else None)
+  theta_train, _ = partition.split(lower.params["backbone"],
+                                   setup.lower_trainable(lower.params)["backbone"])
+  warm = jax.tree_util.tree_map(jnp.zeros_like, theta_train)
+  window = None
+  if setup.solver == "mfac":
+    window = mfac.init(theta_train, setup.mfac_window_length, dtype=setup.mfac_dtype)
+  return BilevelState(lower=lower, upper=upper, target=target,
+                      alternation=jnp.zeros((), jnp.int32),
+                      solver_state=SolverState(warm_start=warm, gradient_window=window))
+
+
+def current_lam(setup: BisslSetup, state: BilevelState) -> jnp.ndarray:
+  """λ in force: learnable softplus(ρ), a schedule of the alternation, or the constant."""
+  if setup.learnable_lam:
+    return jax.nn.softplus(state.upper.params["lam_rho"])
+  if setup.lam_schedule != "none":
+    return lam_schedules.scheduled_lam(setup.lam_schedule, state.alternation,
+                                      lam_max=setup.lam, lam_min=setup.lam_min,
+                                      alternations=setup.alternations,
+                                      alpha=setup.lam_exp_alpha)
+  return jnp.asarray(setup.lam, jnp.float32)

@@ -1,0 +1,286 @@
+"""The upper level of BiSSL: implicit-gradient steps against one shared Hessian.
+
+θ_P, φ_P and the HVP batch do not change during an upper stage, so the stage first
+calls :func:`prepare_stage` once: it augments the HVP batch and, in ``'linearize'``
+mode, builds the Hessian of the pretext loss with ``jax.linearize``. Every CG
+iteration of every :func:`upper_step` then reuses that operator. Each step solves
+
+    v_IG ≈ (I + H/(λ+δ))⁻¹ ∇_θ L_D(θ_P, φ_D)
+
+with :func:`bissl_jax.implicit.implicit_solve` (the public API; any registered
+solver or a callable), forms ``g_θD = v_IG + ∇_θ L_D(θ_D, φ_D)`` and
+``g_φD = ∇_φ L_D(θ_P, φ_D) + ∇_φ L_D(θ_D, φ_D)``, clips to norm 10 and applies SGD
+with momentum and coupled weight decay. With ``head_in_implicit`` the solve runs
+over ``[θ; φ_P]`` and only θ's block carries the identity (an identity mask, not a
+separate code path). Only trainable leaves enter the solve. ``solver='mfac'``
+(BiSSLight) needs no operator at all: it solves against the empirical Fisher of the
+pretext gradients the lower steps stored (:mod:`bissl_jax.implicit.solvers.mfac`).
+"""
+from typing import Tuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from bissl_jax.implicit import gauss_newton
+from bissl_jax import implicit
+from bissl_jax.core import lam_schedules
+from bissl_jax.implicit.solvers import mfac
+from bissl_jax.core import partition
+from bissl_jax.implicit import residual_guard
+from bissl_jax.implicit import tree_math
+from bissl_jax.core.state import BilevelState, BisslSetup, current_lam
+from bissl_jax.implicit.solvers.base import relative_residual
+from bissl_jax.types import PyTree
+
+
+def downstream_loss(setup: BisslSetup, backbone_params, head_params, backbone_stats,
+                    inputs, labels):
+  """Training-mode downstream loss L_D; returns ``(loss, new_backbone_stats)``."""
+  return setup.downstream.loss(backbone_params, head_params, backbone_stats, inputs, labels,
+                               train=True)
+
+
+def _solve_space(setup: BisslSetup, lower_params: PyTree):
+  """The trainable part of what the implicit solve runs over, and the frozen rest.
+
+  θ alone, or ``{'backbone': θ, 'pretext_head': φ_P}`` with ``head_in_implicit``.
+  """
+  mask = setup.lower_trainable(lower_params)
+  train, frozen = partition.split(lower_params, mask)
+  if setup.head_in_implicit:
+    return train, frozen
+  return train["backbone"], frozen
+
+
+def _of_solve_space(setup: BisslSetup, state: BilevelState, fn):
+  """``x ↦ fn(lower params with x in the solve space)`` at (θ_P, φ_P)."""
+  lower = state.lower
+  train, frozen = partition.split(lower.params, setup.lower_trainable(lower.params))
+
+  def at(x):
+    full = x if setup.head_in_implicit else {**train, "backbone": x}
+    return fn(partition.merge(full, frozen))
+  return at
+
+
+def _hessian(setup: BisslSetup, state: BilevelState, inputs):
+  """The undamped ``v ↦ H v`` of L_P over the solve space, on fixed inputs."""
+  lower, task = state.lower, setup.task
+  theta, _ = _solve_space(setup, lower.params)
+  if setup.hessian_mode == "gauss_newton":
+    outputs = _of_solve_space(setup, state, lambda p: task.outputs(
+        p, lower.batch_stats, inputs, state.target))
+    return gauss_newton.gauss_newton_operator(
+        outputs, lambda z: task.output_loss(z, inputs, state.target), theta)
+  loss = _of_solve_space(setup, state, lambda p: task.loss(
+      p, lower.batch_stats, inputs, state.target)[0])
+  return implicit.hessian_operator(loss, theta, mode=setup.hessian_mode)
+
+
+# Modes whose operator is a pytree (a jax.tree_util.Partial of stored residuals): built
+# once per stage, and passed between jitted functions by the per-step driver.
+_PREBUILT_MODES = ("linearize", "gauss_newton")
+
+
+def prepare_stage(setup: BisslSetup, state: BilevelState, hvp_images, rng):
+  """What every upper step of one stage shares: ``(operator, lam)``.
+
+  In ``'linearize'`` (and ``'gauss_newton'``) mode ``operator`` is the linear map
+  ``v ↦ H v`` itself, as returned by ``jax.linearize``: a ``jax.tree_util.Partial``
+  whose leaves are the stored residuals, so one jitted function can build it and
+  another take it as an argument (the per-step driver). In ``'jvp'`` mode it is the
+  prepared HVP inputs, from which :func:`stage_matvec` recomputes every product. With
+  ``solver='mfac'`` there is no operator (None): the stored pretext gradients stand
+  in for H, and the HVP batch is not used. BatchNorm runs in training mode on batch
+  statistics; running statistics are not touched.
+  """
+  lam = current_lam(setup, state)
+  if setup.solver == "mfac":
+    return None, lam
+  inputs = setup.task.prepare(rng, hvp_images)
+  if setup.hessian_mode in _PREBUILT_MODES:
+    return _hessian(setup, state, inputs), lam
+  return inputs, lam
+
+
+def stage_matvec(setup: BisslSetup, state: BilevelState, operator):
+  """The undamped ``v ↦ H v`` of the stage from :func:`prepare_stage`'s ``operator``."""
+  if setup.hessian_mode in _PREBUILT_MODES:
+    return operator
+  return _hessian(setup, state, operator)
+
+
+def _identity_mask(setup: BisslSetup, rhs: PyTree):
+  if not setup.head_in_implicit:
+    return None
+  return {"backbone": jax.tree_util.tree_map(lambda _: True, rhs["backbone"]),
+          "pretext_head": jax.tree_util.tree_map(lambda _: False, rhs["pretext_head"])}
+
+
+def implicit_gradient(setup: BisslSetup, state: BilevelState, operator, lam, v,
+                      check_residual=True):
+  """``v_IG`` for the trainable θ-gradient ``v``, and the solver's ``SolveInfo``.
+
+  ``info.residual`` costs one more operator product. ``check_residual`` may be a
+  Python bool (decided when tracing: the product is there or not) or a traced one
+  (``lax.cond``); where it is False the residual is NaN. The residual guard and
+  ``residual_every`` decide (see :func:`residual_due`). With ``residual_guard``, a
+  solution whose relative residual exceeds 1 (further from solving the system than 0
+  is) is replaced by ``v`` (first order); the returned info still describes the
+  solve, and the fallback is counted by the caller.
+  """
+  solution, info, _ = _implicit_solve(setup, state, operator, lam, v, check_residual)
+  return solution, info
+
+
+def _implicit_solve(setup: BisslSetup, state: BilevelState, operator, lam, v, check_residual):
+  """:func:`implicit_gradient`, plus the system's right-hand side and full solution."""
+  if setup.solver == "mfac":
+    solution, info = mfac.solve(state.solver_state.gradient_window, v,
+                                lam + setup.damping, blocks=setup.mfac_blocks)
+    return solution, info, (v, solution)
+  if setup.head_in_implicit:
+    train_head, _ = partition.split(state.lower.params["pretext_head"],
+                                    setup.lower_trainable(state.lower.params)["pretext_head"])
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, train_head)
+    rhs = {"backbone": v, "pretext_head": zeros}
+    init = {"backbone": state.solver_state.warm_start, "pretext_head": zeros}
+  else:
+    rhs, init = v, state.solver_state.warm_start
+  hessian, identity_mask = stage_matvec(setup, state, operator), _identity_mask(setup, rhs)
+  solution, info = implicit.implicit_solve(
+      hessian, rhs, lam=lam, damping=setup.damping,
+      solver=setup.solver, maxiter=setup.cg_iters, tol=setup.cg_tol,
+      init=init if setup.warm_start else None, identity_mask=identity_mask,
+      unroll=setup.use_unrolled)
+  # The solver's own residual goes unused, so jit drops its product; it is
+  # recomputed here only on the steps that check it.
+  matvec = implicit.damped_operator(hessian, lam=lam, damping=setup.damping,
+                                    identity_mask=identity_mask)
+  if isinstance(check_residual, bool):
+    residual = (relative_residual(matvec, rhs, solution) if check_residual
+                else jnp.full((), jnp.nan, jnp.float32))
+  else:
+    residual = jax.lax.cond(check_residual, lambda x: relative_residual(matvec, rhs, x),
+                            lambda x: jnp.full((), jnp.nan, jnp.float32), solution)
+  info = info._replace(residual=residual,
+                       nonfinite=info.nonfinite | (check_residual & ~jnp.isfinite(residual)))
+  backbone = solution["backbone"] if setup.head_in_implicit else solution
+  return backbone, info, (rhs, solution)
+
+
+def solve_residual(setup: BisslSetup, state: BilevelState, operator, lam, rhs, solution):
+  """``‖A x − b‖/‖b‖`` of an upper step's system ``A = I + H/(λ+δ)`` (one product)."""
+  matvec = implicit.damped_operator(stage_matvec(setup, state, operator), lam=lam,
+                                    damping=setup.damping,
+                                    identity_mask=_identity_mask(setup, rhs))
+  return relative_residual(matvec, rhs, solution)
+
+
+def residual_deferred(setup: BisslSetup) -> bool:
+  """Whether the per-step driver checks residuals in a call of its own.
+
+  True when only some steps check (``residual_every`` > 1, no guard, not M-FAC).
+  XLA:CPU runs the operator product several times slower inside a ``lax.cond``
+  branch than outside one (a checked step cost 6.5× an unchecked one, against 1.05×
+  for the same product outside a branch; docs/benchmarks.md §8), so the step is
+  compiled without the product and :func:`deferred_residual` adds it on due steps.
+  """
+  return not (setup.residual_guard or setup.residual_every <= 1 or setup.solver == "mfac")
+
+
+def deferred_residual(setup: BisslSetup, state: BilevelState, operator, lam, rhs, solution,
+                      nonfinite):
+  """The metrics ``cg_residual``, ``upper_nonfinite`` and ``residual_checked`` of a step
+  run with ``defer_residual`` (given its rhs and solution, and ``state`` after it: its
+  lower level, which the product reads, is the step's)."""
+  residual = solve_residual(setup, state, operator, lam, rhs, solution)
+  return {"cg_residual": residual, "upper_nonfinite": nonfinite | ~jnp.isfinite(residual),
+          "residual_checked": jnp.ones((), bool)}
+
+
+def residual_due(setup: BisslSetup, step) -> jnp.ndarray:
+  """Whether upper step ``step`` (0-based, over the run) recomputes the residual.
+
+  Every ``residual_every``-th step, counted so that a stage whose N_U is a multiple
+  of it checks its last step; every step with ``residual_guard`` (it needs them);
+  never with ``residual_every = 0``. M-FAC's residual is free and always computed.
+  A Python int ``step`` (the per-step driver's count) gives a Python bool there.
+  """
+  if setup.residual_guard or setup.residual_every == 1 or setup.solver == "mfac":
+    return jnp.ones((), bool)
+  if setup.residual_every == 0:
+    return jnp.zeros((), bool)
+  return (step + 1) % setup.residual_every == 0
+
+
+def upper_step(setup: BisslSetup, state: BilevelState, operator, lam, images, labels, rng,
+               *, defer_residual: bool = False) -> Tuple[BilevelState, dict]:
+  """One upper-level step against the stage's operator (Algorithm 1, upper loop body).
+
+  Args:
+    setup: the static setup.
+    state: the current state.
+    operator: from :func:`prepare_stage`.
+    lam: λ in force for this stage.
+    images: one raw downstream batch.
+    labels: its labels.
+    rng: PRNG key for the downstream augmentation.
+    defer_residual: compute no residual here; the metrics carry the system's
+      ``'deferred_rhs'`` and ``'deferred_solution'`` for :func:`deferred_residual`
+      (see :func:`residual_deferred`; the per-step driver pops them).
+
+  Returns:
+    ``(new_state, metrics)``.
+  """
+  upper = state.upper
+  x = setup.downstream.prepare(rng, images, train=True)
+  mask = setup.upper_trainable(upper.params)["backbone"]
+  theta_p, frozen_p = partition.split(state.lower.params["backbone"], mask)
+  theta_d, frozen_d = partition.split(upper.params["backbone"], mask)
+  phi_d = upper.params["downstream_head"]
+
+  def loss_fn(theta_train, phi, frozen, stats):
+    return downstream_loss(setup, partition.merge(theta_train, frozen), phi, stats, x, labels)
+  loss_and_grad = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
+  # Both terms use the same batch. θ_P's running statistics are left alone: only
+  # real pretext steps may change them.
+  (loss_p, _), (v, gphi_p) = loss_and_grad(theta_p, phi_d, frozen_p,
+                                           state.lower.batch_stats["backbone"])
+  (loss_d, stats_d), (gtheta_d, gphi_d) = loss_and_grad(theta_d, phi_d, frozen_d,
+                                                         upper.batch_stats["backbone"])
+  checked = jnp.zeros((), bool) if defer_residual else residual_due(setup, upper.step)
+  v_ig, info, system = _implicit_solve(setup, state, operator, lam, v,
+                                       False if defer_residual else checked)
+  fallback = jnp.zeros((), bool)
+  if setup.residual_guard:
+    v_ig, fallback = residual_guard.guard_residual(v_ig, v, info)
+
+  grads = {"backbone": partition.zeros_for_frozen(tree_math.tree_add(v_ig, gtheta_d), frozen_d),
+           "downstream_head": tree_math.tree_add(gphi_p, gphi_d)}
+  if setup.learnable_lam:
+    grads["lam_rho"] = lam_schedules.rho_gradient(
+        upper.params["lam_rho"], theta_d, theta_p, v_ig, lam_damping=setup.lam_damping)
+  tx = setup.upper_optimizer(upper.params)
+  updates, opt_state = tx.update(grads, upper.opt_state, upper.params)
+  params = optax.apply_updates(upper.params, updates)
+  grad_norm = optax.tree.norm(grads)
+  metrics = {
+      "upper_loss": loss_p + loss_d, "upper_loss_theta_p": loss_p, "upper_loss_theta_d": loss_d,
+      "upper_grad_norm": grad_norm, "v_norm": tree_math.tree_norm(v),
+      "v_ig_norm": tree_math.tree_norm(v_ig), "lam": lam,
+      "cg_residual": info.residual, "residual_checked": checked,
+      "cg_min_curvature": info.min_curvature,
+      "cg_iterations": info.iterations, "residual_fallback": fallback,
+      "upper_nonfinite": info.nonfinite | ~(jnp.isfinite(loss_p + loss_d)
+                                            & jnp.isfinite(grad_norm)
+                                            & tree_math.tree_all_finite(params)),
+  }
+  if defer_residual:
+    metrics["deferred_rhs"], metrics["deferred_solution"] = system
+  new_upper = upper.replace(params=params, batch_stats={"backbone": stats_d},
+                            opt_state=opt_state, step=upper.step + 1)
+  new_state = state.replace(upper=new_upper,
+                            solver_state=state.solver_state.replace(warm_start=v_ig))
+  return new_state, metrics

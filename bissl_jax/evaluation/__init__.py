@@ -1,0 +1,2 @@
+"""Evaluation: metrics, few-shot and linear-probe protocols, feature visualisation,
+training-curve plots."""

@@ -1,0 +1,1 @@
+"""Backbones and their model bundles: ResNet, ViT (+ LoRA), GPT."""

@@ -1,0 +1,1 @@
+"""Downstream tasks L_D: image classification and text classification."""
