@@ -27,7 +27,7 @@ Two drivers run the upper stage:
   ``upper_level.upper_step`` per step takes it as an argument: one compile regardless of
   N_U, and the primal work is still shared by every product of the stage. The bench uses
   the library's own jitted pieces. Both drivers give the same result (checked when both
-  run, and in tests/test_train_state.py).
+  run, and in tests/core/test_train_state.py).
 
 The breakdown times the parts of an upper step as separately jitted functions, and a
 third table compares the 'cg' solver cold and warm-started with the paper's

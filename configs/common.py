@@ -515,7 +515,7 @@ def parse_arg(arg: str) -> dict:
 
 
 # One line per field of ``base_config()``: what it means (the ``--help`` of the command
-# line prints these with the defaults; tests/test_cli.py checks that none is missing).
+# line prints these with the defaults; tests/pipeline/test_cli.py checks that none is missing).
 FIELD_HELP = {
     "seed": "seed of single-stage runs and of the random search",
     "seeds": "comparison seeds; each runs both pipelines (paper: 10)",

@@ -19,7 +19,7 @@ Protocol (the ResNet pipeline's, with BiSSLight's parameter-efficient rules):
    official MAE checkpoint BiSSLight starts from (``pretext.checkpoint``).
 2. Fresh LoRA adapters (B = 0, so the model is the base model) are added, and from
    here the base weights are frozen: no optimizer state, no gradient, bit for bit
-   unchanged (``tests/test_vit_pipeline.py``).
+   unchanged (``tests/pipeline/test_vit_pipeline.py``).
 3. Only FT: LoRA + a fresh linear head fine-tuned on the frozen base (30 epochs,
    SGD at LR 0.2, batch 32). BiSSL+FT: head warm-up (5 epochs, LR 0.2) → BiSSL, T=20 alternations of N_L=5 MAE steps
    and N_U=2 classification steps on the two LoRA sets, λ=0.001, implicit gradient by

@@ -11,7 +11,7 @@ BiSSL+FT with first order (no Hessian), MINRES, BiSSLight's M-FAC, global CG and
 the truncated Neumann series (``pipeline.bissl_variants``), added one per pass over
 the whole grid in that order (``study.variant_passes``), so a study stopped early
 keeps complete passes. ``jax_cg`` is left out: it is the same CG recurrence as ``cg``
-(they agree to float32 rounding, tests/test_minres.py). Every seed pretrains one
+(they agree to float32 rounding, tests/implicit/test_minres.py). Every seed pretrains one
 SimCLR model that all its cells and methods share. Sensitivity: L=10, seeds 0–2,
 Only FT and BiSSL+FT rerun on 8 simulated CPU devices in a second process beside
 the grid: the noise floor of float rounding.

@@ -10,3 +10,11 @@ def override(config, **changes):
       node = node[p]
     node[leaf] = value
   return config
+
+
+import os  # noqa: E402
+
+# Test files live in folders mirroring the packages; these locate the repository and
+# the shared test scripts (tests/*.py) from any of them.
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO_ROOT = os.path.dirname(TESTS_DIR)

@@ -1,4 +1,4 @@
-"""One of two CPU processes of tests/test_parallel_feed.py (run as a script).
+"""One of two CPU processes of tests/data/test_parallel_feed.py (run as a script).
 
 Usage: ``python multiprocess_feed_worker.py PORT PROCESS_ID OUT.json``. With two
 CPU devices per process (4 in all), each process loads only its rows of a

@@ -316,7 +316,7 @@ def to_markdown(records: Sequence[Mapping], *, config=None, plot_name: Optional[
       "Rerunning the command resumes: a finished cell (`cell.json`) is loaded, an "
       "unfinished one continues from its stage checkpoints. On one machine and backend "
       "the same config and seed give the same bits, across reruns and across "
-      "kill-and-resume: `tests/test_study.py` stops a study in the middle of a BiSSL "
+      "kill-and-resume: `tests/pipeline/test_study.py` stops a study in the middle of a BiSSL "
       "stage, resumes it, and compares every cell with an uninterrupted study in a "
       "fresh directory (equal to the last bit), and runs the tiny pipeline twice "
       "(equal `results.json`). What is pinned for that is listed in "

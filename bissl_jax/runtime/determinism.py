@@ -17,7 +17,7 @@ Checked on the 2-core AMD EPYC development CPU (2026-12-01): two fresh processes
 ``python -m experiments.main --config=configs/digits_simclr.py:runlocal
 --config.seeds='(0,)'`` wrote equal ``results.json`` and equal ``metrics.jsonl``
 records (every logged loss, gradient norm and solver residual, timestamps aside);
-tests/test_study.py checks the same within one process, with a kill-and-resume.
+tests/pipeline/test_study.py checks the same within one process, with a kill-and-resume.
 
 The library's 'fast' CPU kernels (``config.model.cpu_kernels``, bissl_jax/runtime/cpu_kernels.py)
 are deterministic too: two fresh processes of the same run wrote equal

@@ -24,6 +24,7 @@ from bissl_jax.core import alternation as ts
 from bissl_jax.core import upper as upper_level
 from bissl_jax.runtime.errors import NonFiniteError
 from configs import common
+from config_helpers import REPO_ROOT
 
 IMG = 4        # tiny images keep the dense Hessian small
 CLASSES = 3
@@ -278,7 +279,7 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent("""
 def test_one_alternation_on_8_devices_matches_1_device():
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu")
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  root = REPO_ROOT
   proc = subprocess.run([sys.executable, "-c", MULTI_DEVICE_SCRIPT], cwd=root, env=env,
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0 and "MULTI_DEVICE_OK" in proc.stdout, proc.stderr[-4000:]

@@ -13,8 +13,9 @@ from jax.flatten_util import ravel_pytree
 from bissl_jax import implicit
 from bissl_jax.implicit.solvers import minres
 from bissl_jax.implicit import solvers
+from config_helpers import REPO_ROOT
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = REPO_ROOT
 SHAPES = {"conv": (2, 2, 3), "bias": (4,), "dense": (3, 4)}   # 28 entries, 3 leaves
 N = 28
 

@@ -18,7 +18,7 @@ from bissl_jax.pipeline import runner
 from bissl_jax.pipeline import search as search_lib
 from bissl_jax.pipeline.context import build_context
 from configs import glue_gpt, text_gpt
-from tests.test_glue_data import _rows, _write_jsonl
+from tests.data.test_glue_data import _rows, _write_jsonl
 
 
 def _no_decay(path) -> bool:

@@ -12,10 +12,10 @@ import subprocess
 import sys
 
 import pytest
+from config_helpers import REPO_ROOT
 
 nbformat = pytest.importorskip("nbformat")
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(REPO_ROOT, "notebooks", "quickstart.ipynb")
 
 TINY_BUDGET = {

@@ -17,8 +17,9 @@ import sys
 import time
 
 import pytest
+from config_helpers import TESTS_DIR
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = TESTS_DIR
 SCRIPT = os.path.join(HERE, "signal_stress_stage.py")
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.path.dirname(HERE))
 

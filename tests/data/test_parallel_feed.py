@@ -17,8 +17,9 @@ import pytest
 
 from bissl_jax.runtime import mesh as parallel
 from bissl_jax.data import prefetch
+from config_helpers import TESTS_DIR
 
-WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multiprocess_feed_worker.py")
+WORKER = os.path.join(TESTS_DIR, "multiprocess_feed_worker.py")
 
 
 def test_shard_batch_of_one_process_is_the_whole_batch_on_the_mesh():

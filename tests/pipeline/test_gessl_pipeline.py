@@ -21,7 +21,7 @@ from bissl_jax.pipeline import pretrain as pretrain_lib
 from bissl_jax.pipeline import run_log
 from bissl_jax.runtime.seeds import derive_seed
 from configs import common, digits_gessl, imagenet_gessl, stl10_gessl
-from tests.test_gessl import FrozenBiasModel
+from tests.tasks.test_gessl import FrozenBiasModel
 
 
 @dataclasses.dataclass(frozen=True)

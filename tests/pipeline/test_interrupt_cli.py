@@ -12,8 +12,9 @@ import sys
 import time
 
 import pytest
+from config_helpers import REPO_ROOT
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = REPO_ROOT
 
 
 def _start(workdir):

@@ -11,6 +11,7 @@ from bissl_jax.config_validation import ConfigError, validate_config
 from bissl_jax.pipeline import run
 from config_helpers import override
 from configs import common, digits_simclr, imagenet_byol, imagenet_simclr, stl10_simclr
+from config_helpers import REPO_ROOT
 
 
 def _config(as_dict=False, **changes):
@@ -197,7 +198,7 @@ def test_command_line_flags(monkeypatch):
 
 def test_command_line_rejects_bad_override(tmp_path):
   """The real entry point: default config + an override, refused before any compute."""
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  repo = REPO_ROOT
   proc = subprocess.run(
       [sys.executable, "-m", "experiments.main", f"--workdir={tmp_path / 'w'}",
        "--config.bissl.lam=-0.5"], cwd=repo, capture_output=True, text=True, timeout=300,
@@ -209,7 +210,7 @@ def test_command_line_rejects_bad_override(tmp_path):
 
 def test_config_file_loads_by_path_from_another_directory(tmp_path):
   """experiments/main.py started elsewhere, with a config given by absolute path."""
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  repo = REPO_ROOT
   env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
   proc = subprocess.run(
       [sys.executable, os.path.join(repo, "experiments", "main.py"),

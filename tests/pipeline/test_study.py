@@ -16,6 +16,7 @@ from bissl_jax.pipeline import study_report
 from bissl_jax.pipeline.datasets import labels_per_class_subset
 from configs import digits_simclr
 from configs import study_digits
+from config_helpers import REPO_ROOT
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -204,7 +205,7 @@ def test_study_command_line_runs_its_report_part(tmp_path):
   # it must write the report page and exit 0, without a traceback.
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  root = REPO_ROOT
   out = tmp_path / "results.md"
   proc = subprocess.run(
       [sys.executable, "-m", "experiments.study", "--part=report",

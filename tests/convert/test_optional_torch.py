@@ -3,7 +3,9 @@ import os
 import subprocess
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from config_helpers import REPO_ROOT
+
+REPO = REPO_ROOT
 
 # Runs pytest with an import hook that makes `import torch` fail as if it were absent.
 _HIDE_TORCH = r"""
@@ -17,6 +19,7 @@ class HideTorch(importlib.abc.MetaPathFinder):
 
 sys.meta_path.insert(0, HideTorch())
 import pytest
+from config_helpers import REPO_ROOT
 sys.exit(pytest.main(sys.argv[1:]))
 """
 
@@ -34,7 +37,7 @@ def test_every_test_file_imports_without_torch():
 
 
 def test_torch_reference_tests_skip_with_a_reason():
-  proc = _pytest_without_torch("-rs", "tests/test_augment.py", "tests/test_convert_torch.py",
+  proc = _pytest_without_torch("-rs", "tests/tasks/test_augment.py", "tests/convert/test_convert_torch.py",
                                "-k", "torch or convert")
   assert proc.returncode == 0, proc.stdout[-3000:]
   assert "SKIPPED" in proc.stdout and "pip install -e '.[torch]'" in proc.stdout

@@ -22,6 +22,7 @@ from bissl_jax.pipeline import checkpoint
 from bissl_jax.pipeline import run_log
 from bissl_jax.pipeline import stage_loop
 from bissl_jax.core.state import LevelState
+from config_helpers import REPO_ROOT
 
 STEPS_PER_EPOCH, EPOCHS = 3, 4
 
@@ -234,7 +235,7 @@ def test_progress_prints_done_only_when_completed(capsys):
 
 
 def test_convert_does_not_import_the_pipeline():
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  repo = REPO_ROOT
   code = ("import sys; import bissl_jax.convert; "
           "assert not [m for m in sys.modules if m.startswith('bissl_jax.pipeline')], "
           "sorted(m for m in sys.modules if m.startswith('bissl_jax.pipeline')); "

@@ -214,6 +214,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 jax.config.update("jax_disable_most_optimizations", True)
 from bissl_jax.models import resnet
 from bissl_jax.tasks import pretext
+from config_helpers import REPO_ROOT
 
 assert len(jax.devices()) == 2
 model = resnet.BisslModel(
@@ -242,7 +243,7 @@ def test_simclr_loss_same_on_two_devices():
   import os
   import subprocess
   import sys
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  root = REPO_ROOT
   env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
   env.pop("XLA_FLAGS", None)
   result = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], cwd=root, env=env,

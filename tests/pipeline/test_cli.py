@@ -15,8 +15,9 @@ from bissl_jax import cli
 from bissl_jax.config_validation import ConfigError, check_field_names, config_fields
 from bissl_jax.runtime.errors import NonFiniteError
 from configs import common
+from config_helpers import REPO_ROOT
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = REPO_ROOT
 
 
 def _run(args, cwd, **env):
