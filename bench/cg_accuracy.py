@@ -16,8 +16,8 @@ Reported, per iteration count:
   largest iteration count).
 
 Iterates are produced by a Python loop over a jitted operator (one compile for every
-iteration count); the loop is checked against the library's ``solvers.cg`` and
-``solvers.layerwise_cg`` at ``--check-iters`` iterations.
+iteration count); the loop is checked against the library's ``solvers.cg.cg`` and
+``solvers.layerwise_cg.layerwise_cg`` at ``--check-iters`` iterations.
 
 Run: ``python -m bench.cg_accuracy --small`` (add ``--no-record`` to only print).
 """
@@ -156,8 +156,8 @@ def _cg_update(x, r, p, rs, ap):
 
 @jax.jit
 def _layerwise_update(x, r, p, ap):
-  # Same formulas and 1e-12 as solvers.layerwise_cg, leaf by leaf.
-  eps = solvers.LAYERWISE_EPS
+  # Same formulas and 1e-12 as solvers.layerwise_cg.layerwise_cg, leaf by leaf.
+  eps = solvers.layerwise_cg.LAYERWISE_EPS
   rs = tm.tree_leaf_vdots(r, r)
   alpha = jax.tree_util.tree_map(lambda a, b: a / (b + eps), rs, tm.tree_leaf_vdots(p, ap))
   x = jax.tree_util.tree_map(lambda a, p_, x_: x_ + a * p_, alpha, p, x)
@@ -285,7 +285,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[common.Table]:
   x_lib, info_warm = system.library_solve(rhs[1], solver="cg", iters=k_check, init=init)
   err = float(_relative_error(x_loop, x_lib))
   if not err < 1e-2:
-    raise AssertionError(f"The benchmark's warm-started cg differs from solvers.cg(init=...) "
+    raise AssertionError(f"The benchmark's warm-started cg differs from solvers.cg.cg(init=...) "
                          f"at {k_check} iterations: relative difference {err:.2e}.")
   checks.append(f"warm cg at k={k_check}: loop vs library {err:.1e}, library residual "
                 f"{float(info_warm.residual):.3g} vs loop {warm[k_check][0]:.3g}")

@@ -6,8 +6,8 @@ inside ``lax.fori_loop``/``lax.while_loop`` bodies, the same arithmetic either w
 
 * forward loss, gradient and Hessian-vector product: ``n`` dependent evaluations,
   unrolled vs in a ``fori_loop`` (with ``n = 1`` the loop runs one iteration);
-* ``solvers.cg`` with ``unroll=True`` vs its ``while_loop`` driver, and
-  ``solvers.layerwise_cg`` unrolled vs its ``fori_loop`` driver, on ``A = I + H/(λ+δ)``.
+* ``solvers.cg.cg`` with ``unroll=True`` vs its ``while_loop`` driver, and
+  ``solvers.layerwise_cg.layerwise_cg`` unrolled vs its ``fori_loop`` driver, on ``A = I + H/(λ+δ)``.
 
 The ratio looped/unrolled is the cliff; on CPU the library unrolls fixed-iteration
 loops by default for this reason. Run it on a GPU to see the loops cost nothing there.

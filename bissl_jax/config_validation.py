@@ -138,7 +138,7 @@ def _choices():
           "gessl.head_init": gessl.HEAD_INITS,
           "gessl.task_batching": gessl.TASK_BATCHING,
           "gessl.pretext_task": gessl.BASE_TASKS,
-          "bissl.solver": tuple(sorted(solvers.SOLVERS)) + ("mfac",),  # mfac: stored gradients, no operator
+          "bissl.solver": solvers.names(),  # the registry, registered solvers included
           "bissl.stage_driver": tuple(bilevel.STAGE_DRIVERS),
           "bissl.lower_optimizer_name": tuple(bilevel.LOWER_OPTIMIZERS),
           "bissl.upper_optimizer_name": tuple(bilevel.UPPER_OPTIMIZERS),

@@ -12,7 +12,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from bissl_jax.implicit.solvers import mfac
 from bissl_jax.core import partition
 from bissl_jax.implicit import tree_math
 from bissl_jax.core.state import BilevelState, BisslSetup, current_lam
@@ -37,9 +36,14 @@ def lower_objective(setup: BisslSetup, train_params, frozen_params, lower_stats,
   """
   params = partition.merge(train_params, frozen_params)
   loss, aux = setup.task.loss(params, lower_stats, inputs, target)
-  gap = tree_math.tree_sub(train_params["backbone"], jax.lax.stop_gradient(theta_d_train))
-  prox = 0.5 * lam * tree_math.tree_vdot(gap, gap)
+  prox, _ = proximal_term(lam, train_params["backbone"], theta_d_train)
   return loss + prox, (loss, prox, aux)
+
+
+def proximal_term(lam, theta_p_train, theta_d_train):
+  """``(lam/2·‖θ_P − θ_D‖², θ_P − θ_D)`` with θ_D held constant (under stop_gradient)."""
+  gap = tree_math.tree_sub(theta_p_train, jax.lax.stop_gradient(theta_d_train))
+  return 0.5 * lam * tree_math.tree_vdot(gap, gap), gap
 
 
 def lower_step(setup: BisslSetup, state: BilevelState, pretext_images, rng
@@ -63,16 +67,16 @@ def lower_step(setup: BisslSetup, state: BilevelState, pretext_images, rng
   train, frozen = partition.split(level.params, mask)
   theta_d_train, _ = partition.split(state.upper.params["backbone"], mask["backbone"])
   grad_fn = jax.value_and_grad(functools.partial(lower_objective, setup), has_aux=True)
-  if setup.solver == "mfac":
-    # M-FAC keeps gradients of L_P alone: take them, then add the proximal gradient
-    # λ(θ_P − θ_D) in closed form (no extra backward pass).
-    (_, (loss, prox, aux)), pretext_grads = grad_fn(
+  spec = setup.solver_spec
+  if spec.keeps_gradient_window:
+    # The window stores gradients of L_P alone: take them, then add the proximal
+    # gradient λ(θ_P − θ_D) in closed form (no extra backward pass).
+    (_, (loss, _, aux)), pretext_grads = grad_fn(
         train, frozen, level.batch_stats, state.target, theta_d_train, inputs, 0.0)
-    gap = tree_math.tree_sub(train["backbone"], theta_d_train)
-    prox = 0.5 * lam * tree_math.tree_vdot(gap, gap)
+    prox, gap = proximal_term(lam, train["backbone"], theta_d_train)
     grads = {**pretext_grads,
              "backbone": tree_math.tree_axpy(lam, gap, pretext_grads["backbone"])}
-    window = mfac.push(state.solver_state.gradient_window, pretext_grads["backbone"])
+    window = spec.window_push(state.solver_state.gradient_window, pretext_grads["backbone"])
     state = state.replace(solver_state=state.solver_state.replace(gradient_window=window))
   else:
     (_, (loss, prox, aux)), grads = grad_fn(train, frozen, level.batch_stats, state.target,

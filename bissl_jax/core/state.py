@@ -18,7 +18,7 @@ import optax
 
 from bissl_jax import implicit
 from bissl_jax.core import lam_schedules
-from bissl_jax.implicit.solvers import mfac
+from bissl_jax.implicit import solvers
 from bissl_jax.core import optim
 from bissl_jax.core import partition
 from bissl_jax.core import protocols
@@ -28,8 +28,6 @@ from bissl_jax.types import PyTree
 STAGE_DRIVERS = ("auto", "fused", "per_step")
 LOWER_OPTIMIZERS = optim.OPTIMIZERS
 UPPER_OPTIMIZERS = optim.OPTIMIZERS
-WARM_STARTABLE = ("cg", "minres", "jax_cg", "neumann")
-TOLERANCE_SOLVERS = ("cg", "minres", "jax_cg")
 # How the upper stage forms H: the two operator modes of bissl_jax.implicit, or the
 # Gauss-Newton matrix of the pretext loss (PSD; bissl_jax.implicit.gauss_newton).
 HESSIAN_MODES = implicit.HESSIAN_MODES + ("gauss_newton",)
@@ -79,9 +77,15 @@ class BisslSetup:
   mfac_dtype: str
 
   def __post_init__(self):
+    solvers.get(self.solver)  # a ValueError naming the registered solvers
     problems = combination_problems({name: getattr(self, name) for name in self.field_names()})
     if problems:
       raise ValueError(" ".join(problems))
+
+  @property
+  def solver_spec(self) -> "solvers.SolverSpec":
+    """What the solver declares it can do and needs (:mod:`bissl_jax.implicit.solvers`)."""
+    return solvers.get(self.solver)
 
   @property
   def mfac_window_length(self) -> int:
@@ -182,6 +186,11 @@ class BisslSetup:
     return optim.with_clipping(tx, self.grad_clip)
 
 
+def _solvers_that(capability: str) -> tuple:
+  """The registered solvers that declare ``capability`` (for messages)."""
+  return tuple(name for name in solvers.names() if getattr(solvers.get(name), capability))
+
+
 def combination_problems(bissl: dict) -> list:
   """Messages for ``config.bissl`` values that are valid alone but not together.
 
@@ -190,16 +199,19 @@ def combination_problems(bissl: dict) -> list:
   """
   problems = []
   solver = bissl.get("solver")
-  if solver == "mfac" and bissl.get("head_in_implicit"):
-    problems.append("config.bissl.solver='mfac' keeps gradients of θ only; it cannot "
+  spec = solvers.REGISTRY.get(solver)
+  if spec is None:
+    return problems  # an unknown name is reported by the field's own check
+  if not spec.solves_head and bissl.get("head_in_implicit"):
+    problems.append(f"config.bissl.solver={solver!r} solves over θ only; it cannot "
                     "solve over [θ; φ_P]: set config.bissl.head_in_implicit=False.")
-  if bissl.get("warm_start") and solver not in WARM_STARTABLE:
+  if bissl.get("warm_start") and not spec.warm_start:
     problems.append(f"config.bissl.warm_start=True has no effect with solver={solver!r}; "
-                    f"use one of {WARM_STARTABLE} or set it False.")
-  if bissl.get("cg_tol") and solver not in TOLERANCE_SOLVERS:
+                    f"use one of {_solvers_that('warm_start')} or set it False.")
+  if bissl.get("cg_tol") and not spec.tolerance:
     problems.append(f"config.bissl.cg_tol={bissl.get('cg_tol')} needs a solver with a "
-                    f"tolerance mode {TOLERANCE_SOLVERS}; {solver!r} runs exactly cg_iters "
-                    f"iterations: set config.bissl.cg_tol=0.")
+                    f"tolerance mode {_solvers_that('tolerance')}; {solver!r} runs exactly "
+                    f"cg_iters iterations: set config.bissl.cg_tol=0.")
   lam, damping = bissl.get("lam"), bissl.get("damping")
   if (isinstance(lam, (int, float)) and isinstance(damping, (int, float))
       and not bissl.get("learnable_lam") and lam + damping <= 0):
@@ -241,8 +253,8 @@ class SolverState(flax.struct.PyTreeNode):
   Attributes:
     warm_start: the last v_IG (the next solve's start with ``warm_start``), shaped
       like θ's trainable part.
-    gradient_window: ``solver='mfac'``: the last m gradients of L_P over θ's
-      trainable part (a :class:`bissl_jax.implicit.solvers.mfac.GradientWindow`, rolling across
+    gradient_window: a gradient-window solver's store (M-FAC: the last m gradients of
+      L_P over θ's trainable part, a :class:`bissl_jax.implicit.solvers.mfac.GradientWindow`, rolling across
       alternations, filled by the lower steps); None otherwise.
   """
   warm_start: PyTree
@@ -319,8 +331,8 @@ def init_bilevel_state(setup: BisslSetup, params: PyTree, batch_stats: PyTree
                                    setup.lower_trainable(lower.params)["backbone"])
   warm = jax.tree_util.tree_map(jnp.zeros_like, theta_train)
   window = None
-  if setup.solver == "mfac":
-    window = mfac.init(theta_train, setup.mfac_window_length, dtype=setup.mfac_dtype)
+  if setup.solver_spec.keeps_gradient_window:
+    window = setup.solver_spec.window_init(theta_train, setup)
   return BilevelState(lower=lower, upper=upper, target=target,
                       alternation=jnp.zeros((), jnp.int32),
                       solver_state=SolverState(warm_start=warm, gradient_window=window))

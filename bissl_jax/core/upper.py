@@ -25,7 +25,6 @@ import optax
 from bissl_jax.implicit import gauss_newton
 from bissl_jax import implicit
 from bissl_jax.core import lam_schedules
-from bissl_jax.implicit.solvers import mfac
 from bissl_jax.core import partition
 from bissl_jax.implicit import residual_guard
 from bissl_jax.implicit import tree_math
@@ -96,7 +95,7 @@ def prepare_stage(setup: BisslSetup, state: BilevelState, hvp_images, rng):
   statistics; running statistics are not touched.
   """
   lam = current_lam(setup, state)
-  if setup.solver == "mfac":
+  if not setup.solver_spec.needs_operator:
     return None, lam
   inputs = setup.task.prepare(rng, hvp_images)
   if setup.hessian_mode in _PREBUILT_MODES:
@@ -136,9 +135,10 @@ def implicit_gradient(setup: BisslSetup, state: BilevelState, operator, lam, v,
 
 def _implicit_solve(setup: BisslSetup, state: BilevelState, operator, lam, v, check_residual):
   """:func:`implicit_gradient`, plus the system's right-hand side and full solution."""
-  if setup.solver == "mfac":
-    solution, info = mfac.solve(state.solver_state.gradient_window, v,
-                                lam + setup.damping, blocks=setup.mfac_blocks)
+  spec = setup.solver_spec
+  if spec.keeps_gradient_window:
+    solution, info = spec.window_solve(state.solver_state.gradient_window, v,
+                                       lam + setup.damping, setup)
     return solution, info, (v, solution)
   if setup.head_in_implicit:
     train_head, _ = partition.split(state.lower.params["pretext_head"],
@@ -187,7 +187,8 @@ def residual_deferred(setup: BisslSetup) -> bool:
   for the same product outside a branch; docs/benchmarks.md §8), so the step is
   compiled without the product and :func:`deferred_residual` adds it on due steps.
   """
-  return not (setup.residual_guard or setup.residual_every <= 1 or setup.solver == "mfac")
+  return not (setup.residual_guard or setup.residual_every <= 1
+              or setup.solver_spec.residual_is_free)
 
 
 def deferred_residual(setup: BisslSetup, state: BilevelState, operator, lam, rhs, solution,
@@ -205,10 +206,12 @@ def residual_due(setup: BisslSetup, step) -> jnp.ndarray:
 
   Every ``residual_every``-th step, counted so that a stage whose N_U is a multiple
   of it checks its last step; every step with ``residual_guard`` (it needs them);
-  never with ``residual_every = 0``. M-FAC's residual is free and always computed.
+  never with ``residual_every = 0``. A solver whose residual is free (M-FAC's,
+  ``SolverSpec.residual_is_free``) always reports it.
   A Python int ``step`` (the per-step driver's count) gives a Python bool there.
   """
-  if setup.residual_guard or setup.residual_every == 1 or setup.solver == "mfac":
+  if (setup.residual_guard or setup.residual_every == 1
+      or setup.solver_spec.residual_is_free):
     return jnp.ones((), bool)
   if setup.residual_every == 0:
     return jnp.zeros((), bool)

@@ -256,7 +256,7 @@ def run_bissl(ctx: StageContext, warm: dict, pretext_set, downstream_set, *, see
     if bool(np.asarray(metrics["upper_nonfinite"])):
       blame_lower_if_it_overflowed(new_state, t, float(cfg.lower_lr))
     ts.raise_if_nonfinite(metrics, t)  # before anything of this alternation is saved
-    if not warned and setup.solver != "mfac":
+    if not warned and setup.solver_spec.needs_operator:
       warned.extend(warn_if_residual_above_one(name, t, metrics))
     unchecked = ("cg_residual", "cg_residual_last") if not metrics["residual_checks"] else ()
     return new_state, {k: v for k, v in metrics.items()

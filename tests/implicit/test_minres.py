@@ -64,7 +64,7 @@ def test_minres_beats_cg_on_an_indefinite_system():
   a = indefinite_matrix(rng, n_negative=10)
   matvec = dense_operator(a, b)
   _, info_minres = minres.minres(matvec, b, maxiter=8)
-  _, info_cg = solvers.cg(matvec, b, maxiter=8)
+  _, info_cg = solvers.cg.cg(matvec, b, maxiter=8)
   assert float(info_minres.residual) <= 1.0     # never worse than x = 0
   assert float(info_minres.residual) < float(info_cg.residual)
 
@@ -160,8 +160,8 @@ def test_jax_cg_equals_the_library_cg_on_spd(tol):
   b = make_tree(rng)
   a = spd_matrix(rng)
   matvec = dense_operator(a, b)
-  x, info = minres.jax_cg(matvec, b, maxiter=6, tol=tol)
-  x_lib, info_lib = solvers.cg(matvec, b, maxiter=6, tol=tol, unroll=False)
+  x, info = solvers.jax_cg.jax_cg(matvec, b, maxiter=6, tol=tol)
+  x_lib, info_lib = solvers.cg.cg(matvec, b, maxiter=6, tol=tol, unroll=False)
   x_ref, _ = jsp_linalg.cg(matvec, b, tol=tol, atol=0.0, maxiter=6)
   np.testing.assert_allclose(flat(x), flat(x_lib), rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(flat(x), flat(x_ref), rtol=1e-6, atol=1e-7)
@@ -180,10 +180,10 @@ def test_jax_cg_warm_start_and_nonfinite_flag():
   matvec = dense_operator(a, b)
   x_star = np.linalg.solve(a, flat(b))
   _, unravel = ravel_pytree(b)
-  x, _ = minres.jax_cg(matvec, b, maxiter=2, init=unravel(jnp.asarray(x_star, jnp.float32)))
+  x, _ = solvers.jax_cg.jax_cg(matvec, b, maxiter=2, init=unravel(jnp.asarray(x_star, jnp.float32)))
   np.testing.assert_allclose(flat(x), x_star, rtol=1e-3, atol=1e-4)
   nan_matvec = lambda v: jax.tree_util.tree_map(lambda t: t * jnp.nan, v)
-  _, info = minres.jax_cg(nan_matvec, b, maxiter=2)
+  _, info = solvers.jax_cg.jax_cg(nan_matvec, b, maxiter=2)
   assert bool(info.nonfinite)
 
 

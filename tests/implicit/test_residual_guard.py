@@ -13,7 +13,7 @@ def test_guard_falls_back_on_a_bad_cg_solve_and_keeps_a_good_one():
   b = {"w": jnp.asarray(rng.normal(size=(6,)), jnp.float32)}
   indefinite = np.diag([-3.0, -1.0, 0.2, 1.0, 2.0, 5.0])
   matvec = lambda v: {"w": jnp.asarray(indefinite, jnp.float32) @ v["w"]}
-  x_bad, info_bad = solvers.cg(matvec, b, maxiter=2)
+  x_bad, info_bad = solvers.cg.cg(matvec, b, maxiter=2)
   assert float(info_bad.residual) > 1.0      # CG on an indefinite system: worse than 0
   out, used = jax.jit(guard_residual)(x_bad, b, info_bad)
   assert bool(used)

@@ -55,6 +55,7 @@ from jax import lax
 
 from bissl_jax.implicit.solvers.base import SolveInfo
 from bissl_jax.implicit.tree_math import tree_all_finite, tree_norm, tree_sub, tree_vdot
+from bissl_jax.implicit.solvers.spec import SolverSpec
 from bissl_jax.types import PyTree
 
 BlockRule = Union[str, Callable[[Tuple[str, ...]], Optional[Hashable]]]
@@ -383,3 +384,24 @@ def window_bytes(window_or_params: PyTree, m: Optional[int] = None, dtype=jnp.fl
     window = jax.eval_shape(lambda p: init(p, m, dtype, mask), window_or_params)
   return int(sum(np.prod(x.shape) * jnp.dtype(x.dtype).itemsize
                  for x in jax.tree_util.tree_leaves(window)))
+
+
+# ---------------------------------------------------------------------------
+# The declaration the library reads (``config.bissl.solver='mfac'``).
+
+def _window_init(params_like: PyTree, settings) -> GradientWindow:
+  """The empty window; ``settings.mfac_window_length`` and ``settings.mfac_dtype``."""
+  return init(params_like, settings.mfac_window_length, dtype=settings.mfac_dtype)
+
+
+def _window_solve(window: GradientWindow, v: PyTree, lam, settings):
+  """:func:`solve` with ``settings.mfac_blocks``; ``lam`` is λ + δ."""
+  return solve(window, v, lam, blocks=settings.mfac_blocks)
+
+
+SPEC = SolverSpec(
+    name="mfac", needs="gradient_window", solves_head=False, residual_is_free=True,
+    operator_products=0, window_init=_window_init, window_push=push,
+    window_solve=_window_solve,
+    summary="BiSSLight's M-FAC: block-wise Woodbury solve against the empirical Fisher of "
+            "the last m pretext gradients; no Hessian-vector product.")

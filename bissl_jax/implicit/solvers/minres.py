@@ -1,8 +1,7 @@
-"""Krylov solvers beyond CG: MINRES, and the stock ``jax.scipy.sparse.linalg.cg``.
+"""MINRES for symmetric indefinite systems (``solver='minres'``).
 
-Both follow the registry signature of :mod:`bissl_jax.implicit.solvers`,
-``fn(matvec, b, *, init=None, maxiter=5, tol=0.0, unroll=None) -> (x, SolveInfo)``,
-and are registered there as ``'minres'`` and ``'jax_cg'``.
+It follows the registry signature of :mod:`bissl_jax.implicit.solvers`,
+``fn(matvec, b, *, init=None, maxiter=5, tol=0.0, unroll=None) -> (x, SolveInfo)``.
 
 **Why MINRES.** BiSSL's damped operator ``A = I + H/(λ+δ)`` is often indefinite
 (SPEC §9: pretext Hessians have eigenvalues far below −(λ+δ)). CG assumes a
@@ -19,14 +18,14 @@ import jax.numpy as jnp
 from jax import lax
 
 from bissl_jax.implicit import loops
-from bissl_jax.implicit.solvers.base import (SolveInfo, _check_like, _check_maxiter, _check_tol,
+from bissl_jax.implicit.solvers.base import (MatVec, SolveInfo, _check_like, _check_maxiter, _check_tol,
                                    _rayleigh, _select, finish,
                                    symmetric_krylov)
 from bissl_jax.implicit.tree_math import (tree_all_finite, tree_axpy, tree_norm, tree_scale,
                                  tree_sub, tree_vdot, tree_zeros_like)
+from bissl_jax.implicit.solvers.spec import SolverSpec
 from bissl_jax.types import PyTree
 
-MatVec = Callable[[PyTree], PyTree]
 
 
 # ---------------------------------------------------------------------------
@@ -111,7 +110,7 @@ def minres(matvec: MatVec, b: PyTree, *, init: Optional[PyTree] = None, maxiter:
 
   Iterate ``k`` minimises ``‖A x − b‖`` over ``init + K_k(A, b − A·init)``, so the
   residual is non-increasing in ``k`` for any symmetric ``A`` (in exact arithmetic;
-  in floating point up to rounding). Modes as :func:`bissl_jax.implicit.solvers.cg`:
+  in floating point up to rounding). Modes as :func:`bissl_jax.implicit.solvers.cg.cg`:
   fixed iterations (``tol=0``: exactly ``maxiter`` steps unless the residual or
   the Lanczos vector becomes exactly 0), tolerance (stop once the recurrence's
   residual estimate is ``≤ tol·‖b‖``) and a warm start from ``init`` (one extra
@@ -137,43 +136,6 @@ def minres(matvec: MatVec, b: PyTree, *, init: Optional[PyTree] = None, maxiter:
                           unroll=unroll)
 
 
-# ---------------------------------------------------------------------------
-# The stock JAX CG.
-
-def jax_cg(matvec: MatVec, b: PyTree, *, init: Optional[PyTree] = None, maxiter: int = 5,
-           tol: float = 0.0, unroll: Optional[bool] = None) -> Tuple[PyTree, SolveInfo]:
-  """``jax.scipy.sparse.linalg.cg(matvec, b, x0=init, tol=tol, atol=0, maxiter=maxiter)``.
-
-  For comparing the library's upper step against the stock JAX solver (the call
-  the project's design names). Same recurrence and stopping rule as
-  ``solvers.cg``; differences: it has only a ``while_loop`` driver (``unroll`` is
-  accepted and ignored, so on CPU it meets the XLA:CPU loop cliff of SPEC §3) and
-  it always spends a product on ``A·x0``, also for ``x0 = 0``.
-
-  ``SolveInfo`` is computed from its result: ``iterations`` is ``maxiter``, an
-  upper bound (JAX does not report the count; it stops earlier only on reaching
-  ``tol``, or an exactly zero residual); ``residual`` is recomputed with the true
-  operator; ``min_curvature`` is NaN (not observed); ``nonfinite`` as usual.
-
-  Args:
-    matvec: ``v ↦ A v`` for a symmetric positive definite ``A``.
-    b: right-hand side pytree.
-    init: optional warm start shaped like ``b`` (``x0``; default zeros).
-    maxiter: maximum number of iterations.
-    tol: relative tolerance; 0 runs ``maxiter`` iterations.
-    unroll: ignored (see above).
-
-  Returns:
-    ``(x, SolveInfo)``.
-  """
-  del unroll
-  maxiter, tol = _check_maxiter(maxiter), _check_tol(tol)
-  if init is not None:
-    init = _check_like("init", init, b)
-  x, _ = jax.scipy.sparse.linalg.cg(matvec, b, x0=init, tol=tol, atol=0.0,
-                                    maxiter=maxiter)
-  # JAX's cg returns its initial guess for a NaN right-hand side; propagate the NaN
-  # instead, as every solver of the library does (the non-finite policy of implicit/api.py).
-  bad = jnp.logical_not(tree_all_finite(b))
-  x = jax.tree_util.tree_map(lambda leaf: jnp.where(bad, jnp.nan, leaf), x)
-  return x, finish(matvec, b, x, x, maxiter, jnp.nan, curvature_tracked=False)
+SPEC = SolverSpec(
+    name="minres", solve=minres, warm_start=True, tolerance=True, indefinite_safe=True,
+    summary="MINRES: symmetric (possibly indefinite) A; the residual never grows.")

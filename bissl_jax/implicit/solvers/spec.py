@@ -1,0 +1,78 @@
+"""What a solver declares about itself: the one place its capabilities are written.
+
+Config validation, the BiSSL state (which solver state to keep), the lower step (whether
+to store gradients) and the upper step (whether to build a Hessian operator, whether a
+residual costs a product) read these declarations; no module outside a solver's own and
+the registry spells a solver's name.
+
+Two kinds of solver:
+
+* **operator solvers** (``needs='operator'``): ``solve(matvec, b, *, init, maxiter, tol,
+  unroll) -> (x, SolveInfo)`` for ``A x = b`` given ``v ↦ A v`` (CG, MINRES, Neumann,
+  ...); the upper stage builds the damped Hessian operator for them.
+* **gradient-window solvers** (``needs='gradient_window'``): they solve against a
+  curvature model built from the pretext gradients that the lower steps store (M-FAC).
+  They provide ``window_init``, ``window_push`` and ``window_solve`` (below) and need no
+  Hessian-vector product.
+"""
+import dataclasses
+from typing import Any, Callable, Optional
+
+NEEDS = ("operator", "gradient_window")
+
+
+@dataclasses.dataclass(frozen=True)
+class SolverSpec:
+  """A solver and its declared capabilities.
+
+  Attributes:
+    name: the registry name (``config.bissl.solver``).
+    solve: operator solvers: ``(matvec, b, *, init, maxiter, tol, unroll) -> (x, info)``.
+      Gradient-window solvers: None.
+    needs: ``'operator'`` or ``'gradient_window'``.
+    warm_start: accepts ``init`` (the previous step's solution) as its start.
+    tolerance: has a tolerance mode (``tol > 0`` stops early).
+    indefinite_safe: valid for a symmetric indefinite operator (BiSSL's damped Hessian
+      often is); CG-type solvers are not.
+    solves_head: can solve over ``[θ; φ_P]`` (``config.bissl.head_in_implicit``).
+    residual_is_free: its ``SolveInfo.residual`` costs no operator product (a
+      gradient-window solver measures it on its own model), so every step reports one.
+    operator_products: products per solve, ``None`` = ``maxiter`` (documentation and
+      cost benches).
+    window_init: ``(params_like, settings) -> window``: the empty gradient window over
+      the trainable θ (``settings``: the ``config.bissl`` values the solver reads).
+    window_push: ``(window, grads) -> window``: one lower step's pretext gradient.
+    window_solve: ``(window, v, lam, settings) -> (x, info)``.
+    summary: one line for docs and ``--help``.
+  """
+  name: str
+  solve: Optional[Callable] = None
+  needs: str = "operator"
+  warm_start: bool = False
+  tolerance: bool = False
+  indefinite_safe: bool = False
+  solves_head: bool = True
+  residual_is_free: bool = False
+  operator_products: Optional[int] = None
+  window_init: Optional[Callable[..., Any]] = None
+  window_push: Optional[Callable[..., Any]] = None
+  window_solve: Optional[Callable[..., Any]] = None
+  summary: str = ""
+
+  def __post_init__(self):
+    if self.needs not in NEEDS:
+      raise ValueError(f"SolverSpec {self.name!r}: needs={self.needs!r} is not one of {NEEDS}.")
+    if self.needs == "operator" and not callable(self.solve):
+      raise ValueError(f"SolverSpec {self.name!r}: an operator solver needs a callable `solve`.")
+    hooks = (self.window_init, self.window_push, self.window_solve)
+    if self.needs == "gradient_window" and not all(callable(h) for h in hooks):
+      raise ValueError(f"SolverSpec {self.name!r}: a gradient-window solver needs "
+                       "window_init, window_push and window_solve.")
+
+  @property
+  def needs_operator(self) -> bool:
+    return self.needs == "operator"
+
+  @property
+  def keeps_gradient_window(self) -> bool:
+    return self.needs == "gradient_window"
