@@ -156,9 +156,45 @@ def _choices():
           "model.pool": vit_bundle.POOLS,
           "model.posemb": vit.POSEMBS,
           "model.cpu_kernels": cpu_kernels.KERNELS,
-          "pretext.task": tuple(sorted(pretext.TASKS)) + ("next_token",),  # next_token: GPT
+          "pretext.task": pretext_task_names(),  # next_token: GPT
           "pretext.bn_grouping": tuple(pretext.BN_GROUPINGS),
           "bissl.lam_schedule": tuple(lam_schedules.SCHEDULES)}
+
+
+def _pretext_task_class(name: str):
+  """The class a ``config.pretext.task`` name builds, or None for an unknown name."""
+  # pylint: disable=g-import-not-at-top  (imported on use: the tasks pull in JAX models)
+  from bissl_jax.tasks import pretext
+  from bissl_jax.tasks.pretext.next_token import NextToken
+  return {**pretext.TASKS, "next_token": NextToken}.get(name)
+
+
+def _check_hessian_for_task(config: Any, bad) -> None:
+  """A Hessian mode the pretext task cannot build (Gauss–Newton needs the task's
+  ``outputs``/``output_loss``), unless the solver needs no operator at all."""
+  from bissl_jax.core import hessian  # pylint: disable=g-import-not-at-top
+  from bissl_jax.implicit import solvers  # pylint: disable=g-import-not-at-top
+  mode = _get_or(config, "bissl.hessian_mode", None)
+  spec = solvers.REGISTRY.get(_get_or(config, "bissl.solver", None))
+  task = _pretext_task_class(_get_or(config, "pretext.task", None))
+  if _get_or(config, "gessl.enabled", False):  # GeSSL wraps the task (docs/gessl.md)
+    from bissl_jax.tasks.pretext.gessl import GeSSL  # pylint: disable=g-import-not-at-top
+    task = GeSSL
+  if task is None or mode not in hessian.HESSIAN_MODES or (spec and not spec.needs_operator):
+    return
+  if mode == "gauss_newton" and not hessian.supports_gauss_newton(task):
+    able = sorted(n for n in pretext_task_names() if hessian.supports_gauss_newton(
+        _pretext_task_class(n)))
+    bad("bissl.hessian_mode", f"'gauss_newton' needs a pretext task with outputs() and "
+                              f"output_loss(); the pretext task {task.__name__} "
+                              f"(config.pretext.task, config.gessl.enabled) has neither: use "
+                              f"hessian_mode='linearize', or a pretext task in {able}.")
+
+
+def pretext_task_names() -> tuple:
+  """Every ``config.pretext.task`` name."""
+  from bissl_jax.tasks import pretext  # pylint: disable=g-import-not-at-top
+  return tuple(sorted(pretext.TASKS)) + ("next_token",)
 
 
 def _set(config, dotted: str, value) -> None:
@@ -310,6 +346,11 @@ def validate_config(config: Any, *, num_devices: Optional[int] = None) -> Any:
     if spec is not None and not (isinstance(spec, str) and _MLP_SPEC.match(spec)):
       bad(field, "must be layer widths joined by '-', e.g. '256-256-256'"
                  + (" (or None)." if field.endswith("predictor") else "."))
+  projector, predictor = (_get_or(config, f, None) for f in ("model.projector", "model.predictor"))
+  if (isinstance(projector, str) and isinstance(predictor, str) and _MLP_SPEC.match(projector)
+      and _MLP_SPEC.match(predictor) and projector.split("-")[-1] != predictor.split("-")[-1]):
+    bad("model.predictor", f"its last width must equal config.model.projector's "
+                           f"({projector.split('-')[-1]}): BYOL compares the two outputs.")
   positive("model.lm_weight", integer=False, allow_zero=True)
   if not missing("model.dropout"):
     rate = _get(config, "model.dropout")
@@ -415,6 +456,7 @@ def validate_config(config: Any, *, num_devices: Optional[int] = None) -> Any:
     if not missing(field) and _get(config, field) is not None:
       positive(field, integer=False, allow_zero=field.endswith("decay"))
   choice("bissl.hessian_mode", choices["bissl.hessian_mode"])
+  _check_hessian_for_task(config, bad)
   choice("bissl.stage_driver", choices["bissl.stage_driver"])
   choice("bissl.lower_optimizer_name", choices["bissl.lower_optimizer_name"])
   choice("bissl.upper_optimizer_name", choices["bissl.upper_optimizer_name"])

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from bissl_jax import implicit
+from bissl_jax.core import hessian
 from bissl_jax.core import lam_schedules
 from bissl_jax.implicit import solvers
 from bissl_jax.core import optim
@@ -28,9 +28,8 @@ from bissl_jax.types import PyTree
 STAGE_DRIVERS = ("auto", "fused", "per_step")
 LOWER_OPTIMIZERS = optim.OPTIMIZERS
 UPPER_OPTIMIZERS = optim.OPTIMIZERS
-# How the upper stage forms H: the two operator modes of bissl_jax.implicit, or the
-# Gauss-Newton matrix of the pretext loss (PSD; bissl_jax.implicit.gauss_newton).
-HESSIAN_MODES = implicit.HESSIAN_MODES + ("gauss_newton",)
+# How the upper stage forms H (bissl_jax.core.hessian, the one builder).
+HESSIAN_MODES = hessian.HESSIAN_MODES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +77,8 @@ class BisslSetup:
 
   def __post_init__(self):
     solvers.get(self.solver)  # a ValueError naming the registered solvers
+    if self.solver_spec.needs_operator:
+      hessian.check_hessian_mode(self.task, self.hessian_mode)
     problems = combination_problems({name: getattr(self, name) for name in self.field_names()})
     if problems:
       raise ValueError(" ".join(problems))

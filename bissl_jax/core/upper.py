@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from bissl_jax.implicit import gauss_newton
 from bissl_jax import implicit
+from bissl_jax.core import hessian
 from bissl_jax.core import lam_schedules
 from bissl_jax.core import partition
 from bissl_jax.implicit import residual_guard
@@ -65,16 +65,11 @@ def _of_solve_space(setup: BisslSetup, state: BilevelState, fn):
 
 def _hessian(setup: BisslSetup, state: BilevelState, inputs):
   """The undamped ``v ↦ H v`` of L_P over the solve space, on fixed inputs."""
-  lower, task = state.lower, setup.task
+  lower = state.lower
   theta, _ = _solve_space(setup, lower.params)
-  if setup.hessian_mode == "gauss_newton":
-    outputs = _of_solve_space(setup, state, lambda p: task.outputs(
-        p, lower.batch_stats, inputs, state.target))
-    return gauss_newton.gauss_newton_operator(
-        outputs, lambda z: task.output_loss(z, inputs, state.target), theta)
-  loss = _of_solve_space(setup, state, lambda p: task.loss(
-      p, lower.batch_stats, inputs, state.target)[0])
-  return implicit.hessian_operator(loss, theta, mode=setup.hessian_mode)
+  return hessian.pretext_hessian(setup.task, setup.hessian_mode,
+                                 _of_solve_space(setup, state, lambda p: p), theta,
+                                 lower.batch_stats, inputs, state.target)
 
 
 # Modes whose operator is a pytree (a jax.tree_util.Partial of stored residuals): built

@@ -17,12 +17,12 @@ here; every product reuses its residuals) and returned as a
 ``jax.tree_util.Partial``, so, like the ``'linearize'`` Hessian map, a jitted
 function can return it and others take it as an argument.
 
-Pretext tasks expose the split through ``task.outputs(params, batch_stats,
-inputs, target)`` and ``task.output_loss(outputs, inputs, target)`` (SimCLR: the
-NT-Xent similarity logits; BYOL: the normalised predictions), see
-:mod:`bissl_jax.tasks.pretext`.
+This module knows nothing of tasks: BiSSL's pretext tasks expose the split through
+``task.outputs`` and ``task.output_loss`` (SimCLR: the NT-Xent similarity logits;
+BYOL: the normalised predictions), and :mod:`bissl_jax.core.hessian` builds their
+operator with :func:`gauss_newton_operator`.
 """
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable
 
 import jax
 
@@ -53,49 +53,3 @@ def gauss_newton_operator(output_fn: Callable[[PyTree], PyTree],
   vjp_fn = jax.linear_transpose(jvp_fn, params)
   _, loss_hvp = jax.linearize(jax.grad(output_loss), outputs)
   return jax.tree_util.Partial(_gauss_newton_product, jvp_fn, vjp_fn, loss_hvp)
-
-
-def _check_task(task) -> None:
-  missing = [name for name in ("outputs", "output_loss") if not hasattr(task, name)]
-  if missing:
-    raise ValueError(f"hessian_mode='gauss_newton' needs a pretext task with "
-                     f"outputs(params, batch_stats, inputs, target) and "
-                     f"output_loss(outputs, inputs, target); {type(task).__name__} lacks "
-                     f"{missing}. Use hessian_mode='linearize', or add both methods.")
-
-
-def gauss_newton_hessian(task, params: PyTree, batch_stats: PyTree, inputs,
-                         target: Optional[PyTree] = None, *,
-                         wrt: Optional[Sequence[str]] = ("backbone",)) -> MatVec:
-  """The Gauss–Newton operator of a pretext task's loss L_P, for BiSSL's upper stage.
-
-  The drop-in for ``implicit.hessian_operator(loss_fn, θ, mode=...)`` when
-  ``hessian_mode == 'gauss_newton'``.
-
-  Args:
-    task: a pretext task with ``outputs`` and ``output_loss`` (SimCLR, BYOL).
-    params: the lower parameters ``{'backbone': θ_P, 'pretext_head': φ_P}``.
-    batch_stats: their statistics (BatchNorm runs in training mode on batch
-      statistics; running statistics are not touched).
-    inputs: the prepared pretext inputs (the augmented views of the HVP batch).
-    target: the task's target network, if it has one (BYOL).
-    wrt: ``('backbone',)`` (default): the operator acts on θ alone with φ_P fixed,
-      as BiSSL's Hessian; None: on the whole ``params`` tree (``head_in_implicit``).
-
-  Returns:
-    ``v ↦ G v`` (a ``jax.tree_util.Partial``), ``v`` shaped like ``params['backbone']``
-    (or like ``params`` with ``wrt=None``).
-  """
-  _check_task(task)
-  output_loss = lambda z: task.output_loss(z, inputs, target)
-  if wrt is None:
-    return gauss_newton_operator(lambda p: task.outputs(p, batch_stats, inputs, target),
-                                 output_loss, params)
-  wrt = tuple(wrt)
-  if wrt != ("backbone",):
-    raise ValueError(f"gauss_newton_hessian: wrt must be ('backbone',) or None; got {wrt}.")
-  fixed = {k: v for k, v in params.items() if k != "backbone"}
-
-  def output_fn(theta):
-    return task.outputs({**fixed, "backbone": theta}, batch_stats, inputs, target)
-  return gauss_newton_operator(output_fn, output_loss, params["backbone"])

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
+from bissl_jax.core import hessian
 from bissl_jax.implicit import gauss_newton as gn
 from bissl_jax import implicit
 from bissl_jax.models import resnet
@@ -140,7 +141,7 @@ def test_output_loss_of_outputs_is_the_pretext_loss(name):
 def test_gauss_newton_is_psd_on_pretext_tasks(name):
   _, lower, stats, views = tiny_problem()
   task, target = tasks()[name]
-  operator = gn.gauss_newton_hessian(task, lower, stats, views, target)
+  operator = hessian.gauss_newton_hessian(task, lower, stats, views, target)
   g = dense(operator, lower["backbone"])
   eig = np.linalg.eigvalsh(0.5 * (g + g.T))
   assert np.abs(g - g.T).max() <= 1e-4 * np.abs(g).max()
@@ -154,16 +155,16 @@ def test_gauss_newton_hessian_crosses_jit_boundaries_and_covers_the_head():
   rng = np.random.default_rng(5)
   v = jax.tree_util.tree_map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32),
                              lower["backbone"])
-  build = jax.jit(lambda lp, st, vw: gn.gauss_newton_hessian(task, lp, st, vw))
+  build = jax.jit(lambda lp, st, vw: hessian.gauss_newton_hessian(task, lp, st, vw))
   operator = build(lower, stats, views)              # a Partial, returned from jit
   applied = jax.jit(lambda op, x: op(x))(operator, v)
-  eager = gn.gauss_newton_hessian(task, lower, stats, views)(v)
+  eager = hessian.gauss_newton_hessian(task, lower, stats, views)(v)
   scale = np.abs(flat(eager)).max()
   np.testing.assert_allclose(flat(applied), flat(eager), rtol=1e-4, atol=1e-5 * scale)
   # wrt=None: over backbone and pretext head; its backbone block is the same operator.
-  both = gn.gauss_newton_hessian(task, lower, stats, views, wrt=None)
+  both = hessian.gauss_newton_hessian(task, lower, stats, views, wrt=None)
   zeros_head = jax.tree_util.tree_map(jnp.zeros_like, lower["pretext_head"])
   out = both({"backbone": v, "pretext_head": zeros_head})
   np.testing.assert_allclose(flat(out["backbone"]), flat(eager), rtol=1e-4, atol=1e-5 * scale)
   with pytest.raises(ValueError, match="output_loss"):
-    gn.gauss_newton_hessian(object(), lower, stats, views)
+    hessian.gauss_newton_hessian(object(), lower, stats, views)
