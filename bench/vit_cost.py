@@ -42,7 +42,8 @@ from bissl_jax import implicit
 from bissl_jax.models import lora
 from bissl_jax.core import partition
 from bissl_jax.models.lora import LoRAConfig
-from bissl_jax.tasks.pretext.mae import MAE, MAEDecoder
+from bissl_jax.models.mae_decoder import MAEDecoder
+from bissl_jax.tasks.pretext.mae import MAE
 from bissl_jax.models.vit import ViT
 from bissl_jax.models.vit_bundle import LinearClassifier, ViTModel
 

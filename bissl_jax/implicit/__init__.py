@@ -19,3 +19,6 @@ from bissl_jax.implicit.api import implicit_grad
 from bissl_jax.implicit.api import implicit_solve
 from bissl_jax.implicit.api import resolve_solver
 from bissl_jax.implicit.api import solve
+
+__all__ = ["HESSIAN_MODES", "check_finite_rhs", "damped_operator", "hessian_operator", "hvp",
+           "implicit_grad", "implicit_solve", "resolve_solver", "solve"]

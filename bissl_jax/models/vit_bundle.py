@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from bissl_jax.models.lora import LoRAConfig, is_lora_path, path_names
-from bissl_jax.tasks.pretext.mae import MAEDecoder
+from bissl_jax.models.mae_decoder import MAEDecoder
 from bissl_jax.models.vit import ViT, build_vit, sample_drop_noise
 from bissl_jax.types import PyTree
 

@@ -256,7 +256,7 @@ def test_nan_in_batch_raises_naming_the_level():
 
 MULTI_DEVICE_SCRIPT = textwrap.dedent("""
     import os, sys
-    sys.path.insert(0, os.getcwd()); sys.path.insert(0, os.path.join(os.getcwd(), 'tests'))
+    sys.path.insert(0, os.getcwd()); sys.path.insert(0, os.path.join(os.getcwd(), 'tests')); sys.path.insert(0, os.path.join(os.getcwd(), 'tests', 'core'))
     import jax, numpy as np
     assert jax.device_count() == 8, jax.devices()
     from bissl_jax.runtime import mesh as parallel

@@ -42,8 +42,10 @@ from bissl_jax.implicit.solvers import layerwise_cg
 from bissl_jax.implicit.solvers import mfac
 from bissl_jax.implicit.solvers import minres
 from bissl_jax.implicit.solvers import neumann
-from bissl_jax.implicit.solvers.base import SolveInfo, finish  # noqa: F401  (re-exported)
+from bissl_jax.implicit.solvers.base import SolveInfo, finish
 from bissl_jax.implicit.solvers.spec import SolverSpec
+
+__all__ = ["REGISTRY", "SOLVERS", "SolveInfo", "SolverSpec", "finish", "get", "names", "register"]
 
 REGISTRY: Dict[str, SolverSpec] = {}
 """Every solver by name (``config.bissl.solver``), built-in or registered."""

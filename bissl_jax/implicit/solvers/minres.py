@@ -11,18 +11,16 @@ returns the point of the Krylov space ``K_k(A, r_0)`` with the smallest residual
 ``‖A x − b‖``, so the residual never grows with ``k``. It costs one product per
 iteration, like CG, and a few more vectors of memory.
 """
-from typing import Callable, NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 
 from bissl_jax.implicit import loops
-from bissl_jax.implicit.solvers.base import (MatVec, SolveInfo, _check_like, _check_maxiter, _check_tol,
-                                   _rayleigh, _select, finish,
-                                   symmetric_krylov)
-from bissl_jax.implicit.tree_math import (tree_all_finite, tree_axpy, tree_norm, tree_scale,
-                                 tree_sub, tree_vdot, tree_zeros_like)
+from bissl_jax.implicit.solvers.base import (MatVec, SolveInfo, _rayleigh, _select,
+                                             symmetric_krylov)
+from bissl_jax.implicit.tree_math import (tree_axpy, tree_norm, tree_scale, tree_sub, tree_vdot,
+                                          tree_zeros_like)
 from bissl_jax.implicit.solvers.spec import SolverSpec
 from bissl_jax.types import PyTree
 
