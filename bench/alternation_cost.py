@@ -100,7 +100,7 @@ def make_pieces(setup: bilevel.BisslSetup) -> dict:
   alt = library_alternation(per_step_setup(setup))
 
   def solve(state, operator, lam, b):
-    x, info = upper_level.implicit_gradient(setup, state, operator, lam, b)
+    x, info, _ = upper_level.implicit_gradient(setup, state, operator, lam, b)
     return x, info.residual
 
   def downstream_grads(state, images, labels, rng):
@@ -114,34 +114,26 @@ def make_pieces(setup: bilevel.BisslSetup) -> dict:
                    x, labels)
     return at_p, at_d
 
-  return {"build": alt.prepare_stage, "step": alt.upper_step, "solve": jax.jit(solve),
-          "downstream": jax.jit(downstream_grads), "lower_step": alt.lower_step,
-          "residual": jax.jit(functools.partial(upper_level.deferred_residual, setup)),
-          "setup": setup}
+  return {"build": alt.steps.prepare_stage, "step": alt.steps.upper_step,
+          "solve": jax.jit(solve), "downstream": jax.jit(downstream_grads),
+          "lower_step": alt.steps.lower_step, "residual": alt.steps.residual, "setup": setup}
 
 
 def pieces_upper_stage(pieces, state, hvp_images, images, labels, rng):
-  """The per-step driver's upper stage: one build, one jitted step per downstream batch
-  (and, as the driver does, the deferred residual check on the due steps)."""
-  hvp_rng, step_rng = jax.random.split(rng)
-  operator, lam = pieces["build"](state, hvp_images, hvp_rng)
-  setup, first = pieces["setup"], int(state.upper.step)
-  per_step = []
-  for i, key in enumerate(jax.random.split(step_rng, images.shape[0])):
-    state, metrics = pieces["step"](state, operator, lam, images[i], labels[i], key)
-    if "deferred_rhs" in metrics:
-      system = (metrics.pop("deferred_rhs"), metrics.pop("deferred_solution"))
-      if upper_level.residual_due(setup, first + i):
-        metrics.update(pieces["residual"](state, operator, lam, *system,
-                                          metrics["upper_nonfinite"]))
-    per_step.append(metrics)
+  """The per-step driver's upper stage, run by the driver's own loop
+  (``ts.run_upper_steps``: one build, one step per batch, deferred residual checks)."""
+  steps = ts.StepFunctions(lower_step=pieces.get("lower_step"), prepare_stage=pieces["build"],
+                           upper_step=pieces["step"], residual=pieces["residual"])
+  hvp_key, keys = ts.upper_keys(rng, images.shape[0])
+  state, per_step = ts.run_upper_steps(pieces["setup"], steps, state, hvp_images, images,
+                                       labels, hvp_key, keys)
   return state, jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *per_step)
 
 
 def lower_stage(lower_step, state, pretext, rng):
   """N_L calls of the jitted lower step, keyed as ``make_alternation_fn`` keys them."""
-  for i, key in enumerate(jax.random.split(rng, pretext.shape[0])):
-    state, _ = lower_step(state, pretext[i], key)
+  for images, key in zip(pretext, ts.lower_keys(rng, pretext.shape[0])):
+    state, _ = lower_step(state, images, key)
   return state
 
 
@@ -179,7 +171,7 @@ def compile_scaling(setup, state, batches, counts: Sequence[int], size: common.S
     compiled, seconds = common.compile_timed(stage, *args)
     common.block(compiled(*args))  # first run: allocation and caches
     run_s = common.median([common.timed(lambda: compiled(*args)) for _ in range(2)])
-    checks = sum(bool(upper_level.residual_due(s, i)) for i in range(n))
+    checks = sum(bool(s.residual_policy.due(i)) for i in range(n))
     rows.append([f"N_U = {n}", n, n * s.cg_iters + checks, seconds, run_s])
   unrolled = "unrolled (CPU path)" if setup.use_unrolled else "lax.scan"
   return common.Table(
@@ -204,7 +196,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[common.Table]:
                            lower_steps=n_lower, upper_steps=n_upper)
   variants = {"layerwise_cg": base,
               "layerwise_cg, residual every step": dataclasses.replace(base, residual_every=1)}
-  checks = sum(bool(upper_level.residual_due(base, i)) for i in range(n_upper))
+  checks = sum(bool(base.residual_policy.due(i)) for i in range(n_upper))
   if not tiny:  # --tiny is the smoke test, whose limit is compile time
     variants["cg, cold start"] = dataclasses.replace(base, solver="cg", warm_start=False)
     variants["cg, warm start"] = dataclasses.replace(base, solver="cg", warm_start=True)
@@ -405,7 +397,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[common.Table]:
     residuals = np.asarray(metrics["cg_residual"])
     residuals = residuals[np.asarray(metrics["residual_checked"])]  # NaN where unchecked
     extra = 1 if setup.warm_start and setup.solver == "cg" else 0
-    stage_checks = sum(bool(upper_level.residual_due(setup, i)) for i in range(n_upper))
+    stage_checks = sum(bool(setup.residual_policy.due(i)) for i in range(n_upper))
     warm_rows.append([name, f"{cg_iters + extra} (+1 on {stage_checks} of {n_upper})",
                       med(f"stage: {name}"), steps(f"stage: {name}"),
                       float(np.mean(residuals)) if residuals.size else "–",

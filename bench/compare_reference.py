@@ -143,17 +143,17 @@ def jax_contenders(problem, setup, batches, rng, include_mfac: bool):
   grad_args = (problem.params["backbone"], problem.params["pretext_head"], problem.batch_stats,
                views)
   grad_c, _ = common.compile_timed(jax.jit(jax.grad(loss)), *grad_args)
-  operator, lam = common.block(alt.prepare_stage(state, hvp, rng))
+  operator, lam = common.block(alt.steps.prepare_stage(state, hvp, rng))
   augment_c = jax.jit(problem.task.prepare)
   v = state.lower.params["backbone"]
   out = {
       "gradient": lambda: grad_c(*grad_args),
-      "lower step": lambda: alt.lower_step(state, pre0, rng),
-      "operator build": lambda: alt.prepare_stage(state, hvp, rng),
+      "lower step": lambda: alt.steps.lower_step(state, pre0, rng),
+      "operator build": lambda: alt.steps.prepare_stage(state, hvp, rng),
       # The two augmented views the lower step makes on device (the reference's
       # lower steps read them ready-made): how much of the lower step is not gradient.
       "augmentation": lambda: augment_c(rng, pre0),
-      "upper step": lambda: alt.upper_step(state, operator, lam, images, labels, rng),
+      "upper step": lambda: alt.steps.upper_step(state, operator, lam, images, labels, rng),
       "solve": lambda: pieces["solve"](state, operator, lam, v),
       "alternation": lambda: full_alt(state, batches, rng),
   }

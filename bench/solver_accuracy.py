@@ -38,7 +38,7 @@ from jax.flatten_util import ravel_pytree
 from bench import cg_accuracy
 from bench import common
 from bissl_jax.tasks import augment
-from bissl_jax.core import hessian
+from bissl_jax.core import hessian as hessian_lib
 from bissl_jax import implicit
 from bissl_jax.implicit.solvers import mfac
 
@@ -161,7 +161,7 @@ def _operators(task, lower, stats, views):
   head = lower["pretext_head"]
   loss = lambda theta: task.loss({"backbone": theta, "pretext_head": head}, stats, views)[0]
   hessian = implicit.hessian_operator(loss, lower["backbone"], mode="linearize")
-  return hessian, hessian.gauss_newton_hessian(task, lower, stats, views)
+  return hessian, hessian_lib.gauss_newton_hessian(task, lower, stats, views)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))

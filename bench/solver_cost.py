@@ -20,7 +20,6 @@ outputs + temporaries − aliases), plus the M-FAC window.
 Run: ``python -m bench.solver_cost --small`` (add ``--no-record`` to only print).
 """
 import dataclasses
-import functools
 from typing import List, Optional, Sequence
 
 import jax
@@ -29,7 +28,6 @@ from bench import alternation_cost
 from bench import common
 from bissl_jax.core import state as bilevel
 from bissl_jax.implicit.solvers import mfac
-from bissl_jax.core import upper as upper_level
 from bissl_jax.core import alternation as ts
 
 MiB = 2.0 ** 20
@@ -66,11 +64,11 @@ def solver_contenders(setups: dict, params, batch_stats, batches, rng, contender
   for name, setup in setups.items():
     alt = ts.make_alternation_fn(setup)
     state = bilevel.init_bilevel_state(setup, params, batch_stats)
-    lower_c, lower_s = common.compile_timed(alt.lower_step, state, batches.pretext[0], rng)
+    lower_c, lower_s = common.compile_timed(alt.steps.lower_step, state, batches.pretext[0], rng)
     filled = alternation_cost.lower_stage(lower_c, state, batches.pretext, lower_rng)
-    build_c, build_s = common.compile_timed(alt.prepare_stage, filled, batches.hvp, rng)
+    build_c, build_s = common.compile_timed(alt.steps.prepare_stage, filled, batches.hvp, rng)
     operator, lam = build_c(filled, batches.hvp, rng)
-    step_c, step_s = common.compile_timed(alt.upper_step, filled, operator, lam,
+    step_c, step_s = common.compile_timed(alt.steps.upper_step, filled, operator, lam,
                                           batches.downstream_images[0],
                                           batches.downstream_labels[0], rng)
     compile_s[name] = lower_s + build_s + step_s
@@ -78,7 +76,7 @@ def solver_contenders(setups: dict, params, batch_stats, batches, rng, contender
     if setup.solver == "mfac":
       memory["mfac window"] = mfac.window_bytes(filled.solver_state.gradient_window) / MiB
     pieces = {"build": build_c, "step": step_c, "setup": setup,
-              "residual": jax.jit(functools.partial(upper_level.deferred_residual, setup))}
+              "residual": alt.steps.residual}
 
     def lower(lower_c=lower_c, state=state):
       return alternation_cost.lower_stage(lower_c, state, batches.pretext, lower_rng)

@@ -19,8 +19,9 @@ step, and loops over them from the host (the CPU default: a single jit with N_U
 unrolled upper steps compiles super-linearly in N_U). Both run the same functions
 with the same random keys and give the same result.
 """
+import dataclasses
 import functools
-from typing import Callable, Tuple
+from typing import Any, Callable, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -37,21 +38,47 @@ from bissl_jax.core.upper import prepare_stage, upper_step
 from bissl_jax.types import PyTree
 
 
+# ---------------------------------------------------------------------------
+# The key schedule: one definition, used by both drivers and the benches.
+
+class AlternationKeys(NamedTuple):
+  """The random keys of one alternation."""
+  lower: jax.Array   # (N_L,) one per lower step (the task's prepare)
+  hvp: jax.Array     # the HVP batch's preparation
+  upper: jax.Array   # (N_U,) one per upper step (the downstream augmentation)
+
+
+def lower_keys(lower_rng, steps: int) -> jax.Array:
+  """The lower stage's per-step keys from its stage key."""
+  return jax.random.split(lower_rng, steps)
+
+
+def upper_keys(upper_rng, steps: int) -> Tuple[jax.Array, jax.Array]:
+  """``(hvp key, per-step keys)`` of the upper stage from its stage key."""
+  hvp_rng, step_rng = jax.random.split(upper_rng)
+  return hvp_rng, jax.random.split(step_rng, steps)
+
+
+def alternation_keys(rng, lower_steps: int, upper_steps: int) -> AlternationKeys:
+  """Every key of one alternation from its key: the lower stage's, then the upper's."""
+  lower_rng, upper_rng = jax.random.split(rng)
+  hvp, upper = upper_keys(upper_rng, upper_steps)
+  return AlternationKeys(lower=lower_keys(lower_rng, lower_steps), hvp=hvp, upper=upper)
+
+
+# ---------------------------------------------------------------------------
+# The alternation as one pure function (the fused driver jits it whole).
+
 def lower_stage(setup: BisslSetup, state: BilevelState, pretext_images, rng
                 ) -> Tuple[BilevelState, dict]:
-  """N_L lower steps; ``pretext_images`` is ``(N_L, B, ...)``.
+  """N_L lower steps; ``pretext_images`` is ``(N_L, B, ...)``; ``rng`` the stage's key.
 
   Returns:
     ``(state, metrics)`` with per-step metric arrays of length N_L.
   """
-  keys = jax.random.split(rng, pretext_images.shape[0])
+  keys = lower_keys(rng, pretext_images.shape[0])
   return loops.scan(lambda s, xs: lower_step(setup, s, *xs), state, (pretext_images, keys),
                     unroll=setup.use_unrolled)
-
-
-def _upper_keys(rng, steps: int):
-  hvp_rng, step_rng = jax.random.split(rng)
-  return hvp_rng, jax.random.split(step_rng, steps)
 
 
 def upper_stage(setup: BisslSetup, state: BilevelState, hvp_images, downstream_images,
@@ -69,7 +96,7 @@ def upper_stage(setup: BisslSetup, state: BilevelState, hvp_images, downstream_i
   Returns:
     ``(state, metrics)`` with per-step metric arrays of length N_U.
   """
-  hvp_rng, keys = _upper_keys(rng, downstream_images.shape[0])
+  hvp_rng, keys = upper_keys(rng, downstream_images.shape[0])
   operator, lam = prepare_stage(setup, state, hvp_images, hvp_rng)
 
   def body(s, xs):
@@ -102,15 +129,10 @@ def summarize_metrics(lower: dict, upper: dict, state: BilevelState) -> dict:
   return out
 
 
-def _split_alternation_key(rng):
-  lower_rng, upper_rng = jax.random.split(rng)
-  return lower_rng, upper_rng
-
-
 def alternation(setup: BisslSetup, state: BilevelState, batches: AlternationBatches, rng
                 ) -> Tuple[BilevelState, dict]:
   """One whole alternation: N_L lower steps, one upper stage, the counter, the summary."""
-  lower_rng, upper_rng = _split_alternation_key(rng)
+  lower_rng, upper_rng = jax.random.split(rng)  # as alternation_keys
   state, lower_metrics = lower_stage(setup, state, batches.pretext, lower_rng)
   state, upper_metrics = upper_stage(setup, state, batches.hvp, batches.downstream_images,
                                      batches.downstream_labels, upper_rng)
@@ -122,85 +144,133 @@ def _stack(per_step):
   return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *per_step)
 
 
-def make_alternation_fn(setup: BisslSetup, mesh=None, *, donate: bool = False) -> Callable:
+# ---------------------------------------------------------------------------
+# The per-step driver: one jit per step, looped from the host.
+
+class StepFunctions(NamedTuple):
+  """The per-step driver's compiled pieces (a bench may pass compiled executables)."""
+  lower_step: Callable      # (state, images, key) -> (state, metrics)
+  prepare_stage: Callable   # (state, hvp_images, key) -> (operator, lam)
+  upper_step: Callable      # (state, operator, lam, images, labels, key) -> (state, metrics)
+  #                           or, when the residual is deferred, -> (state, metrics, system)
+  residual: Callable        # (state, operator, lam, system, nonfinite) -> metrics
+
+
+def step_functions(setup: BisslSetup, mesh, *, donate: bool = False) -> StepFunctions:
+  """Jits :func:`lower_step`, :func:`prepare_stage` and the upper step for ``mesh``."""
+  rep = parallel.replicated(mesh)
+  batch0 = parallel.batch_sharding(mesh, 0)
+  donate_args = (0,) if donate else ()
+  deferred = setup.residual_policy.deferred
+  upper = upper_level.upper_step_deferred if deferred else upper_level.upper_step
+  return StepFunctions(
+      lower_step=jax.jit(functools.partial(lower_step, setup), in_shardings=(rep, batch0, rep),
+                         out_shardings=(rep, rep), donate_argnums=donate_args),
+      prepare_stage=jax.jit(functools.partial(prepare_stage, setup),
+                            in_shardings=(rep, batch0, rep)),
+      upper_step=jax.jit(functools.partial(upper, setup),
+                         in_shardings=(rep, None, rep, batch0, batch0, rep),
+                         out_shardings=(rep, rep, rep) if deferred else (rep, rep),
+                         donate_argnums=donate_args),
+      residual=jax.jit(functools.partial(upper_level.deferred_residual, setup),
+                       in_shardings=(rep, None, rep, rep, rep), out_shardings=rep))
+
+
+def run_lower_steps(steps: StepFunctions, state: BilevelState, pretext_images, keys):
+  """N_L calls of the compiled lower step; ``(state, [metrics of each step])``."""
+  metrics = []
+  for images, key in zip(pretext_images, keys):
+    state, m = steps.lower_step(state, images, key)
+    metrics.append(m)
+  return state, metrics
+
+
+def run_upper_steps(setup: BisslSetup, steps: StepFunctions, state: BilevelState, hvp_images,
+                    downstream_images, downstream_labels, hvp_key, keys):
+  """One operator build and N_U compiled upper steps; ``(state, [metrics of each step])``.
+
+  With a deferred residual (``setup.residual_policy.deferred``) which steps check is
+  decided here, one host read per stage, so the compiled step holds no ``lax.cond``.
+  """
+  policy = setup.residual_policy
+  operator, lam = steps.prepare_stage(state, hvp_images, hvp_key)
+  first = int(jax.device_get(state.upper.step)) if policy.deferred else 0
+  metrics = []
+  for i, (images, labels, key) in enumerate(zip(downstream_images, downstream_labels, keys)):
+    if policy.deferred:
+      state, m, system = steps.upper_step(state, operator, lam, images, labels, key)
+      if policy.due(first + i):
+        m = {**m, **steps.residual(state, operator, lam, system, m["upper_nonfinite"])}
+    else:
+      state, m = steps.upper_step(state, operator, lam, images, labels, key)
+    metrics.append(m)
+  return state, metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class AlternationFn:
+  """A compiled alternation: ``fn(state, batches, rng) -> (state, metrics)``.
+
+  Attributes:
+    run: the driver.
+    mesh: the device mesh it runs on.
+    steps: the per-step driver's compiled pieces (None for the fused driver).
+    fused: the fused driver's jitted alternation (None for the per-step driver).
+  """
+  run: Callable
+  mesh: Any
+  steps: Optional[StepFunctions] = None
+  fused: Optional[Callable] = None
+
+  def __call__(self, state: BilevelState, batches: AlternationBatches, rng):
+    return self.run(state, batches, rng)
+
+
+def make_alternation_fn(setup: BisslSetup, mesh=None, *, donate: bool = False
+                        ) -> AlternationFn:
   """Returns ``alternation(state, batches, rng) -> (state, metrics)``, data-parallel.
 
   The returned function compiles on its first call only: later alternations reuse
   the executables (inputs keep their shapes and shardings). The batches are split
   over the ``'data'`` axis of ``mesh`` (default: every device); the state is
-  replicated.
+  replicated. Both drivers draw their keys from :func:`alternation_keys`.
 
   Args:
     setup: the static setup; ``setup.per_step`` picks the driver.
     mesh: a 1-D mesh from :func:`bissl_jax.runtime.mesh.make_mesh`.
     donate: donate the input state's buffers (less peak memory on accelerators;
       the caller must then not reuse the state it passed in).
-
-  Returns:
-    The alternation function, with its jitted pieces as attributes
-    (``lower_step``, ``prepare_stage``, ``upper_step`` or ``fused``) for benchmarks.
   """
   mesh = parallel.make_mesh() if mesh is None else mesh
   rep = parallel.replicated(mesh)
   batch0, batch1 = parallel.batch_sharding(mesh, 0), parallel.batch_sharding(mesh, 1)
-  donate_args = (0,) if donate else ()
   batch_shardings = AlternationBatches(pretext=batch1, hvp=batch0, downstream_images=batch1,
                                        downstream_labels=batch1)
+
+  def place(state, batches):
+    return (jax.device_put(state, rep),
+            jax.device_put(AlternationBatches(*batches), batch_shardings))
 
   if not setup.per_step:
     fused = jax.jit(functools.partial(alternation, setup),
                     in_shardings=(rep, batch_shardings, rep), out_shardings=(rep, rep),
-                    donate_argnums=donate_args)
+                    donate_argnums=(0,) if donate else ())
+    return AlternationFn(run=lambda state, batches, rng: fused(*place(state, batches), rng),
+                         mesh=mesh, fused=fused)
 
-    def run_fused(state: BilevelState, batches: AlternationBatches, rng):
-      return fused(jax.device_put(state, rep),
-                   jax.device_put(AlternationBatches(*batches), batch_shardings), rng)
-    run_fused.fused = fused
-    run_fused.mesh = mesh
-    return run_fused
-
-  jit_lower = jax.jit(functools.partial(lower_step, setup), in_shardings=(rep, batch0, rep),
-                      out_shardings=(rep, rep), donate_argnums=donate_args)
-  jit_prepare = jax.jit(functools.partial(prepare_stage, setup),
-                        in_shardings=(rep, batch0, rep))
-  defer = upper_level.residual_deferred(setup)
-  jit_upper = jax.jit(functools.partial(upper_step, setup, defer_residual=defer),
-                      in_shardings=(rep, None, rep, batch0, batch0, rep),
-                      out_shardings=(rep, rep), donate_argnums=donate_args)
-  jit_residual = jax.jit(functools.partial(upper_level.deferred_residual, setup),
-                         in_shardings=(rep, None, rep, rep, rep, rep), out_shardings=rep)
-  jit_summary = jax.jit(summarize_metrics, out_shardings=rep)
+  steps = step_functions(setup, mesh, donate=donate)
+  summary = jax.jit(summarize_metrics, out_shardings=rep)
 
   def run_per_step(state: BilevelState, batches: AlternationBatches, rng):
-    state = jax.device_put(state, rep)
-    batches = jax.device_put(AlternationBatches(*batches), batch_shardings)
-    lower_rng, upper_rng = _split_alternation_key(rng)
-    lower_metrics = []
-    for images, key in zip(batches.pretext, jax.random.split(lower_rng, batches.pretext.shape[0])):
-      state, m = jit_lower(state, images, key)
-      lower_metrics.append(m)
-    hvp_rng, keys = _upper_keys(upper_rng, batches.downstream_images.shape[0])
-    operator, lam = jit_prepare(state, batches.hvp, hvp_rng)
-    upper_metrics = []
-    # Which steps check their residual is decided here (one host read per stage), so
-    # the compiled step holds no lax.cond (upper_level.residual_deferred).
-    first = int(jax.device_get(state.upper.step)) if defer else 0
-    for i, (images, labels, key) in enumerate(zip(batches.downstream_images,
-                                                  batches.downstream_labels, keys)):
-      state, m = jit_upper(state, operator, lam, images, labels, key)
-      if defer:
-        system = (m.pop("deferred_rhs"), m.pop("deferred_solution"))
-        if upper_level.residual_due(setup, first + i):
-          m.update(jit_residual(state, operator, lam, *system, m["upper_nonfinite"]))
-      upper_metrics.append(m)
+    state, batches = place(state, batches)
+    keys = alternation_keys(rng, batches.pretext.shape[0], batches.downstream_images.shape[0])
+    state, lower_metrics = run_lower_steps(steps, state, batches.pretext, keys.lower)
+    state, upper_metrics = run_upper_steps(setup, steps, state, batches.hvp,
+                                           batches.downstream_images,
+                                           batches.downstream_labels, keys.hvp, keys.upper)
     state = state.replace(alternation=state.alternation + 1)
-    return state, jit_summary(_stack(lower_metrics), _stack(upper_metrics), state)
-
-  run_per_step.lower_step = jit_lower
-  run_per_step.prepare_stage = jit_prepare
-  run_per_step.upper_step = jit_upper
-  run_per_step.mesh = mesh
-  return run_per_step
+    return state, summary(_stack(lower_metrics), _stack(upper_metrics), state)
+  return AlternationFn(run=run_per_step, mesh=mesh, steps=steps)
 
 
 def raise_if_nonfinite(metrics: dict, alternation_index: int) -> None:

@@ -22,6 +22,7 @@ from bissl_jax.implicit import solvers
 from bissl_jax.core import optim
 from bissl_jax.core import partition
 from bissl_jax.core import protocols
+from bissl_jax.core.residual import ResidualPolicy
 from bissl_jax.types import PyTree
 
 
@@ -87,6 +88,12 @@ class BisslSetup:
   def solver_spec(self) -> "solvers.SolverSpec":
     """What the solver declares it can do and needs (:mod:`bissl_jax.implicit.solvers`)."""
     return solvers.get(self.solver)
+
+  @property
+  def residual_policy(self) -> ResidualPolicy:
+    """When the upper step computes its solve's residual (one more product)."""
+    return ResidualPolicy(every=self.residual_every, guard=self.residual_guard,
+                          free=self.solver_spec.residual_is_free)
 
   @property
   def mfac_window_length(self) -> int:

@@ -16,7 +16,7 @@ separate code path). Only trainable leaves enter the solve. ``solver='mfac'``
 (BiSSLight) needs no operator at all: it solves against the empirical Fisher of the
 pretext gradients the lower steps stored (:mod:`bissl_jax.implicit.solvers.mfac`).
 """
-from typing import Tuple
+from typing import NamedTuple, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +29,7 @@ from bissl_jax.core import partition
 from bissl_jax.implicit import residual_guard
 from bissl_jax.implicit import tree_math
 from bissl_jax.core.state import BilevelState, BisslSetup, current_lam
-from bissl_jax.implicit.solvers.base import relative_residual
+from bissl_jax.implicit.solvers.base import SolveInfo, relative_residual
 from bissl_jax.types import PyTree
 
 
@@ -112,29 +112,39 @@ def _identity_mask(setup: BisslSetup, rhs: PyTree):
           "pretext_head": jax.tree_util.tree_map(lambda _: False, rhs["pretext_head"])}
 
 
+class UpperSystem(NamedTuple):
+  """The system an upper step solved, ``A x = b``: kept for a residual check later."""
+  rhs: PyTree        # b: v, or [v; 0] with head_in_implicit
+  solution: PyTree   # x over the whole solve space
+
+
+class ImplicitGradient(NamedTuple):
+  """What :func:`implicit_gradient` returns."""
+  v_ig: PyTree           # the θ block of the solution, shaped like the trainable θ
+  info: SolveInfo        # the solver's diagnostics (residual NaN where not checked)
+  system: UpperSystem
+
+
 def implicit_gradient(setup: BisslSetup, state: BilevelState, operator, lam, v,
-                      check_residual=True):
-  """``v_IG`` for the trainable θ-gradient ``v``, and the solver's ``SolveInfo``.
+                      check_residual=True) -> ImplicitGradient:
+  """``v_IG ≈ (I + H/(λ+δ))⁻¹ v`` for the trainable θ-gradient ``v``: the upper step's solve.
+
+  Operator solvers go through the public :func:`bissl_jax.implicit.implicit_solve`;
+  a gradient-window solver (M-FAC) through its declared ``window_solve``. Only the
+  trainable leaves enter; with ``head_in_implicit`` the solve runs over ``[θ; φ_P]``
+  with an identity mask and the θ block is returned.
 
   ``info.residual`` costs one more operator product. ``check_residual`` may be a
   Python bool (decided when tracing: the product is there or not) or a traced one
-  (``lax.cond``); where it is False the residual is NaN. The residual guard and
-  ``residual_every`` decide (see :func:`residual_due`). With ``residual_guard``, a
-  solution whose relative residual exceeds 1 (further from solving the system than 0
-  is) is replaced by ``v`` (first order); the returned info still describes the
-  solve, and the fallback is counted by the caller.
+  (``lax.cond``); where it is False the residual is NaN. ``setup.residual_policy``
+  decides which steps check. With ``residual_guard``, the caller replaces a solution
+  whose relative residual exceeds 1 by ``v`` (first order).
   """
-  solution, info, _ = _implicit_solve(setup, state, operator, lam, v, check_residual)
-  return solution, info
-
-
-def _implicit_solve(setup: BisslSetup, state: BilevelState, operator, lam, v, check_residual):
-  """:func:`implicit_gradient`, plus the system's right-hand side and full solution."""
   spec = setup.solver_spec
   if spec.keeps_gradient_window:
     solution, info = spec.window_solve(state.solver_state.gradient_window, v,
                                        lam + setup.damping, setup)
-    return solution, info, (v, solution)
+    return ImplicitGradient(solution, info, UpperSystem(v, solution))
   if setup.head_in_implicit:
     train_head, _ = partition.split(state.lower.params["pretext_head"],
                                     setup.lower_trainable(state.lower.params)["pretext_head"])
@@ -162,59 +172,30 @@ def _implicit_solve(setup: BisslSetup, state: BilevelState, operator, lam, v, ch
   info = info._replace(residual=residual,
                        nonfinite=info.nonfinite | (check_residual & ~jnp.isfinite(residual)))
   backbone = solution["backbone"] if setup.head_in_implicit else solution
-  return backbone, info, (rhs, solution)
+  return ImplicitGradient(backbone, info, UpperSystem(rhs, solution))
 
 
-def solve_residual(setup: BisslSetup, state: BilevelState, operator, lam, rhs, solution):
+def solve_residual(setup: BisslSetup, state: BilevelState, operator, lam,
+                   system: UpperSystem):
   """``‖A x − b‖/‖b‖`` of an upper step's system ``A = I + H/(λ+δ)`` (one product)."""
   matvec = implicit.damped_operator(stage_matvec(setup, state, operator), lam=lam,
                                     damping=setup.damping,
-                                    identity_mask=_identity_mask(setup, rhs))
-  return relative_residual(matvec, rhs, solution)
+                                    identity_mask=_identity_mask(setup, system.rhs))
+  return relative_residual(matvec, system.rhs, system.solution)
 
 
-def residual_deferred(setup: BisslSetup) -> bool:
-  """Whether the per-step driver checks residuals in a call of its own.
-
-  True when only some steps check (``residual_every`` > 1, no guard, not M-FAC).
-  XLA:CPU runs the operator product several times slower inside a ``lax.cond``
-  branch than outside one (a checked step cost 6.5× an unchecked one, against 1.05×
-  for the same product outside a branch; docs/benchmarks.md §8), so the step is
-  compiled without the product and :func:`deferred_residual` adds it on due steps.
-  """
-  return not (setup.residual_guard or setup.residual_every <= 1
-              or setup.solver_spec.residual_is_free)
-
-
-def deferred_residual(setup: BisslSetup, state: BilevelState, operator, lam, rhs, solution,
-                      nonfinite):
+def deferred_residual(setup: BisslSetup, state: BilevelState, operator, lam,
+                      system: UpperSystem, nonfinite):
   """The metrics ``cg_residual``, ``upper_nonfinite`` and ``residual_checked`` of a step
-  run with ``defer_residual`` (given its rhs and solution, and ``state`` after it: its
+  run by :func:`upper_step_deferred` (given its system, and ``state`` after it: its
   lower level, which the product reads, is the step's)."""
-  residual = solve_residual(setup, state, operator, lam, rhs, solution)
+  residual = solve_residual(setup, state, operator, lam, system)
   return {"cg_residual": residual, "upper_nonfinite": nonfinite | ~jnp.isfinite(residual),
           "residual_checked": jnp.ones((), bool)}
 
 
-def residual_due(setup: BisslSetup, step) -> jnp.ndarray:
-  """Whether upper step ``step`` (0-based, over the run) recomputes the residual.
-
-  Every ``residual_every``-th step, counted so that a stage whose N_U is a multiple
-  of it checks its last step; every step with ``residual_guard`` (it needs them);
-  never with ``residual_every = 0``. A solver whose residual is free (M-FAC's,
-  ``SolverSpec.residual_is_free``) always reports it.
-  A Python int ``step`` (the per-step driver's count) gives a Python bool there.
-  """
-  if (setup.residual_guard or setup.residual_every == 1
-      or setup.solver_spec.residual_is_free):
-    return jnp.ones((), bool)
-  if setup.residual_every == 0:
-    return jnp.zeros((), bool)
-  return (step + 1) % setup.residual_every == 0
-
-
-def upper_step(setup: BisslSetup, state: BilevelState, operator, lam, images, labels, rng,
-               *, defer_residual: bool = False) -> Tuple[BilevelState, dict]:
+def upper_step(setup: BisslSetup, state: BilevelState, operator, lam, images, labels, rng
+               ) -> Tuple[BilevelState, dict]:
   """One upper-level step against the stage's operator (Algorithm 1, upper loop body).
 
   Args:
@@ -225,13 +206,28 @@ def upper_step(setup: BisslSetup, state: BilevelState, operator, lam, images, la
     images: one raw downstream batch.
     labels: its labels.
     rng: PRNG key for the downstream augmentation.
-    defer_residual: compute no residual here; the metrics carry the system's
-      ``'deferred_rhs'`` and ``'deferred_solution'`` for :func:`deferred_residual`
-      (see :func:`residual_deferred`; the per-step driver pops them).
 
   Returns:
-    ``(new_state, metrics)``.
+    ``(new_state, metrics)``; the residual is checked on the steps
+    ``setup.residual_policy`` names (a ``lax.cond`` inside the step).
   """
+  new_state, metrics, _ = _upper_step(
+      setup, state, operator, lam, images, labels, rng,
+      setup.residual_policy.due(state.upper.step))
+  return new_state, metrics
+
+
+def upper_step_deferred(setup: BisslSetup, state: BilevelState, operator, lam, images, labels,
+                        rng) -> Tuple[BilevelState, dict, UpperSystem]:
+  """:func:`upper_step` with no residual product in it: also returns the solved system,
+  which :func:`deferred_residual` checks in a call of its own on due steps (the
+  per-step driver's path when ``setup.residual_policy.deferred``)."""
+  return _upper_step(setup, state, operator, lam, images, labels, rng, False)
+
+
+def _upper_step(setup: BisslSetup, state: BilevelState, operator, lam, images, labels, rng,
+                check_residual):
+  """The upper step; ``check_residual``: a Python False (no product) or a traced bool."""
   upper = state.upper
   x = setup.downstream.prepare(rng, images, train=True)
   mask = setup.upper_trainable(upper.params)["backbone"]
@@ -248,9 +244,8 @@ def upper_step(setup: BisslSetup, state: BilevelState, operator, lam, images, la
                                            state.lower.batch_stats["backbone"])
   (loss_d, stats_d), (gtheta_d, gphi_d) = loss_and_grad(theta_d, phi_d, frozen_d,
                                                          upper.batch_stats["backbone"])
-  checked = jnp.zeros((), bool) if defer_residual else residual_due(setup, upper.step)
-  v_ig, info, system = _implicit_solve(setup, state, operator, lam, v,
-                                       False if defer_residual else checked)
+  checked = jnp.zeros((), bool) if check_residual is False else check_residual
+  v_ig, info, system = implicit_gradient(setup, state, operator, lam, v, check_residual)
   fallback = jnp.zeros((), bool)
   if setup.residual_guard:
     v_ig, fallback = residual_guard.guard_residual(v_ig, v, info)
@@ -275,10 +270,8 @@ def upper_step(setup: BisslSetup, state: BilevelState, operator, lam, images, la
                                             & jnp.isfinite(grad_norm)
                                             & tree_math.tree_all_finite(params)),
   }
-  if defer_residual:
-    metrics["deferred_rhs"], metrics["deferred_solution"] = system
   new_upper = upper.replace(params=params, batch_stats={"backbone": stats_d},
                             opt_state=opt_state, step=upper.step + 1)
   new_state = state.replace(upper=new_upper,
                             solver_state=state.solver_state.replace(warm_start=v_ig))
-  return new_state, metrics
+  return new_state, metrics, system

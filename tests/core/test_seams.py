@@ -145,7 +145,7 @@ def test_the_registered_solver_is_what_the_upper_step_applies(registered):
   batches = tt.make_batches(setup)
   operator, lam = upper_level.prepare_stage(setup, state, batches.hvp, jax.random.PRNGKey(5))
   v = jax.tree_util.tree_map(lambda t: jnp.ones_like(t) * 0.1, state.lower.params["backbone"])
-  x, info = upper_level.implicit_gradient(setup, state, operator, lam, v)
+  x, info, _ = upper_level.implicit_gradient(setup, state, operator, lam, v)
   dense, _ = _dense_damped(setup, state, operator, lam)
   b = np.asarray(ravel_pytree(v)[0], np.float64)
   ref = np.zeros_like(b)

@@ -294,7 +294,7 @@ def test_fused_and_per_step_drivers_give_the_same_alternation(unroll):
   for driver in ("fused", "per_step"):
     setup = make_setup(stage_driver=driver, unroll=unroll, solver="cg")
     alternation = ts.make_alternation_fn(setup)
-    assert hasattr(alternation, "fused") == (driver == "fused")
+    assert (alternation.fused is not None) == (driver == "fused")
     state, metrics = alternation(make_state(setup), batches, jax.random.PRNGKey(5))
     state, metrics = alternation(state, make_batches(setup, 1), jax.random.PRNGKey(6))
     out[driver] = jax.device_get((state, metrics))
@@ -352,7 +352,7 @@ def test_frozen_leaves_never_move_and_get_no_state_or_implicit_gradient():
   a_mat = np.eye(flat.size) + hess / (setup.lam + setup.damping)
   assert np.linalg.eigvalsh(a_mat).min() > 0.1
   v = jax.tree_util.tree_map(lambda x: jnp.ones_like(x) * 0.01, train["backbone"])
-  v_ig, info = upper_level.implicit_gradient(setup, state, operator, lam, v)
+  v_ig, info, _ = upper_level.implicit_gradient(setup, state, operator, lam, v)
   expected = np.linalg.solve(a_mat, np.asarray(ravel_pytree(v)[0], np.float64))
   np.testing.assert_allclose(np.asarray(ravel_pytree(v_ig)[0]), expected, rtol=1e-3, atol=1e-6)
   assert v_ig["Dense_0"]["kernel"] is None
@@ -388,7 +388,7 @@ def test_mfac_window_holds_pretext_gradients_and_solves_woodbury():
   assert int(window.count) == setup.lower_steps
   v = jax.tree_util.tree_map(lambda x: jnp.linspace(-1.0, 1.0, x.size).reshape(x.shape),
                              state.lower.params["backbone"])
-  v_ig, _ = upper_level.implicit_gradient(setup, state, None, jnp.float32(setup.lam), v)
+  v_ig, _, _ = upper_level.implicit_gradient(setup, state, None, jnp.float32(setup.lam), v)
   for g, vv, x in zip(jax.tree_util.tree_leaves(window.grads), jax.tree_util.tree_leaves(v),
                       jax.tree_util.tree_leaves(v_ig)):
     rows = np.asarray(g[:setup.lower_steps], np.float64).reshape(setup.lower_steps, -1)
@@ -484,7 +484,8 @@ def _compiled_upper_step(every, defer=False):
                                                     cifar_stem=True)))
   state, batches = make_state(setup), make_batches(setup)
   operator, lam = upper_level.prepare_stage(setup, state, batches.hvp, jax.random.PRNGKey(0))
-  step = jax.jit(functools.partial(upper_level.upper_step, setup, defer_residual=defer))
+  step = jax.jit(functools.partial(
+      upper_level.upper_step_deferred if defer else upper_level.upper_step, setup))
   return step.lower(state, operator, lam, batches.downstream_images[0],
                     batches.downstream_labels[0], jax.random.PRNGKey(1)).compile().as_text()
 
@@ -498,10 +499,10 @@ def test_a_deferred_residual_leaves_no_branch_and_no_product_in_the_step():
   # product outside one, so with 1 < k the per-step driver compiles the step without
   # the residual (no conditional, as few convolutions as k = 0) and checks due steps
   # in a call of its own; k = 1, the guard and M-FAC keep the residual in the step.
-  assert upper_level.residual_deferred(make_setup(residual_every=4))
-  assert not upper_level.residual_deferred(make_setup(residual_every=1))
-  assert not upper_level.residual_deferred(make_setup(residual_every=4, residual_guard=True))
-  assert not upper_level.residual_deferred(make_setup(residual_every=0))
+  assert make_setup(residual_every=4).residual_policy.deferred
+  assert not make_setup(residual_every=1).residual_policy.deferred
+  assert not make_setup(residual_every=4, residual_guard=True).residual_policy.deferred
+  assert not make_setup(residual_every=0).residual_policy.deferred
   with_cond = _compiled_upper_step(4)
   deferred = _compiled_upper_step(4, defer=True)
   assert "conditional(" in with_cond and "conditional(" not in deferred
