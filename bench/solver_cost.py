@@ -73,7 +73,7 @@ def solver_contenders(setups: dict, params, batch_stats, batches, rng, contender
                                           batches.downstream_labels[0], rng)
     compile_s[name] = lower_s + build_s + step_s
     memory[name] = _memory_mib(step_c)
-    if setup.solver == "mfac":
+    if setup.solver_spec.keeps_gradient_window:
       memory["mfac window"] = mfac.window_bytes(filled.solver_state.gradient_window) / MiB
     pieces = {"build": build_c, "step": step_c, "setup": setup,
               "residual": alt.steps.residual}
