@@ -167,10 +167,35 @@ def to_markdown(records: Sequence[Mapping], *, config=None, plot_name: Optional[
   pipelines = _order(names)
   devices, drift = sensitivity_table(records)
   sens_cells = by_cell(records, devices) if devices else {}
-  sens_paired = paired_table(sens_cells)
+  solver = solver_table(records)
+  lines = _title_lines(records, sens_cells, command)
+  if config is not None:
+    lines += _setup_lines(records, config)
+  lines += _accuracy_lines(labels_sorted, acc, names, pipelines)
+  lines += _paired_lines(labels_sorted, paired, paired_table(sens_cells), names, pipelines,
+                         devices)
+  if drift:
+    lines += _drift_lines(drift, names, devices)
+  if solver:
+    lines += _solver_lines(solver, names, pipelines)
+  if plot_name:
+    lines += [f"![Test accuracy against labels per class]({plot_name})", "",
+              "Test top-1 against labelled images per class (log scale; 'all' is the "
+              "whole training split), mean over seeds with a ±1 std band.", ""]
+  lines += ["## What this says", ""] + summary_lines(
+      labels_sorted, paired, names, drift, devices)
+  if solver:
+    lines.append(_residual_share_line(solver, names, pipelines))
+  if config is not None:
+    lines += _incomplete_lines(acc, names, config)
+  lines.append("")
+  return "\n".join(lines + _reproducing_lines())
+
+
+def _title_lines(records, sens_cells, command) -> List[str]:
   wall = sum(float(r.get("wall_time_s", 0.0)) for r in records)
   load = " / ".join(f"{x:.2f}" for x in os.getloadavg())
-  lines = [
+  return [
       "# Does BiSSL help on the digits, and when?",
       "",
       f"Produced by `{command}` on {datetime.date.today().isoformat()} on this machine "
@@ -179,32 +204,38 @@ def to_markdown(records: Sequence[Mapping], *, config=None, plot_name: Optional[
       f"{sum(len(s) for s in sens_cells.values())} sensitivity cells finished, "
       f"{wall / 60:.0f} min of cell wall time (pretext pretraining excluded).",
       ""]
-  if config is not None:
-    p = config.pipeline
-    full = max((int(r["train_examples"]) for r in records
-                if int(r["labels_per_class"]) == ALL), default="all")
-    variants = ", ".join(f"`{k}` ({', '.join(f'{a}={b}' for a, b in v.items())})"
-                         for k, v in p.bissl_variants.items())
-    lines += [
-        "**Setup.** Downstream and pretext data: scikit-learn's digits at "
-        f"{p.data.image_size} px ({full} training images; validation and test are "
-        "the fixed stratified splits of `data.split_seed`). Every seed "
-        f"pretrains one SimCLR model ({p.pretext.epochs} epochs on all {full} training "
-        "images, no labels; BatchNorm "
-        f"`{p.pretext.bn_grouping}`), which every cell and method of that seed starts "
-        "from. A cell keeps *L* labelled training images per class (drawn with the seed; "
-        "the subsets of one seed are nested); validation (best fine-tuning epoch) and "
-        f"test are the full splits. ResNet-18 at width {p.model.width_multiplier}. Head "
-        f"warm-up ≥ {config.study.head_warmup_steps} steps and ≥ {p.head_warmup.epochs:g} "
-        f"epochs, fine-tuning ≥ {config.study.finetune_steps} steps and ≥ "
-        f"{p.finetune.epochs:g} epochs (few labels make one-step epochs), batch "
-        f"{p.finetune.batch_size}, LR {p.finetune.lr}, weight decay "
-        f"{p.finetune.weight_decay} for every method. BiSSL: T={p.bissl.alternations} "
-        f"alternations of N_L={p.bissl.lower_steps} lower and N_U={p.bissl.upper_steps} "
-        f"upper steps, {p.bissl.cg_iters} solver iterations, λ={p.bissl.lam}, "
-        f"δ={p.bissl.damping}. BiSSL+FT uses `{p.bissl.solver}` (the paper's); the "
-        f"other rows change only the solver: {variants}.",
-        ""]
+
+
+def _setup_lines(records, config) -> List[str]:
+  p = config.pipeline
+  full = max((int(r["train_examples"]) for r in records
+              if int(r["labels_per_class"]) == ALL), default="all")
+  variants = ", ".join(f"`{k}` ({', '.join(f'{a}={b}' for a, b in v.items())})"
+                       for k, v in p.bissl_variants.items())
+  return [
+      "**Setup.** Downstream and pretext data: scikit-learn's digits at "
+      f"{p.data.image_size} px ({full} training images; validation and test are "
+      "the fixed stratified splits of `data.split_seed`). Every seed "
+      f"pretrains one SimCLR model ({p.pretext.epochs} epochs on all {full} training "
+      "images, no labels; BatchNorm "
+      f"`{p.pretext.bn_grouping}`), which every cell and method of that seed starts "
+      "from. A cell keeps *L* labelled training images per class (drawn with the seed; "
+      "the subsets of one seed are nested); validation (best fine-tuning epoch) and "
+      f"test are the full splits. ResNet-18 at width {p.model.width_multiplier}. Head "
+      f"warm-up ≥ {config.study.head_warmup_steps} steps and ≥ {p.head_warmup.epochs:g} "
+      f"epochs, fine-tuning ≥ {config.study.finetune_steps} steps and ≥ "
+      f"{p.finetune.epochs:g} epochs (few labels make one-step epochs), batch "
+      f"{p.finetune.batch_size}, LR {p.finetune.lr}, weight decay "
+      f"{p.finetune.weight_decay} for every method. BiSSL: T={p.bissl.alternations} "
+      f"alternations of N_L={p.bissl.lower_steps} lower and N_U={p.bissl.upper_steps} "
+      f"upper steps, {p.bissl.cg_iters} solver iterations, λ={p.bissl.lam}, "
+      f"δ={p.bissl.damping}. BiSSL+FT uses `{p.bissl.solver}` (the paper's); the "
+      f"other rows change only the solver: {variants}.",
+      ""]
+
+
+def _accuracy_lines(labels_sorted, acc, names, pipelines) -> List[str]:
+  lines = []
   lines += ["## Test top-1 accuracy (%), mean ± std over seeds", ""]
   header = ["Labels per class"] + [names[p] for p in pipelines] + ["Seeds"]
   lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -217,7 +248,12 @@ def to_markdown(records: Sequence[Mapping], *, config=None, plot_name: Optional[
       row.append(f"{_pct(s['mean'])} ± {_pct(s['std'])}{fewer}" if s else "")
     row.append(str(most))
     lines.append("| " + " | ".join(row) + " |")
-  lines += ["", "## Paired difference vs. Only FT (percentage points)", "",
+  return lines
+
+
+def _paired_lines(labels_sorted, paired, sens_paired, names, pipelines, devices
+                  ) -> List[str]:
+  lines = ["", "## Paired difference vs. Only FT (percentage points)", "",
             "Paired by seed (the same pretext model, labelled subset, head initialisation "
             "and data order): mean of (method − Only FT), its 95% confidence interval "
             "(t distribution, n − 1 degrees of freedom), the seeds where the method won, "
@@ -243,75 +279,83 @@ def to_markdown(records: Sequence[Mapping], *, config=None, plot_name: Optional[
     lines.append(paired_row(f"{_labels_name(labels)}, on {devices} simulated devices",
                             sens_paired[labels]))
   lines.append("")
-  if drift:
-    lines += ["## Noise floor: the same cells with another float rounding", "",
-              f"The cells below were rerun on {devices} simulated CPU devices "
-              f"(`XLA_FLAGS=--xla_force_host_platform_device_count={devices}`: the same "
-              "batches, random numbers and global-batch BatchNorm statistics, only the "
-              "summation order of the data-parallel reductions differs), from the same "
-              "pretext models. |accuracy on "
-              f"{devices} devices − accuracy on 1 device| per seed, in percentage points:",
-              ""]
-    header = ["Labels per class"] + [names[p] for p in _order(
-        p for t in drift.values() for p in t)]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for labels, table in sorted(drift.items(), key=lambda kv: _label_sort(kv[0])):
-      row = [_labels_name(labels)] + [
-          f"mean {_pct(d['mean_abs'])}, max {_pct(d['max_abs'])} (n={d['n']})"
-          for _, d in sorted(table.items(), key=lambda kv: _order(table).index(kv[0]))]
-      lines.append("| " + " | ".join(row) + " |")
-    lines.append("")
-  solver = solver_table(records)
-  if solver:
-    lines += ["## Implicit-gradient solves per method", "",
-              "Over every alternation of every grid cell: the relative residual "
-              "‖A·v_IG − v‖/‖v‖ of the solve (mean over an alternation's upper steps; "
-              "above 1 the solution is further from solving the system than 0 is), "
-              "‖v_IG‖/‖v‖, the smallest curvature p·Ap/p·p the solver met (negative: "
-              "the damped operator is indefinite there) and the final ‖θ_P − θ_D‖.",
-              "",
-              "| Method | Alternations | Residual median | p90 | max | Share > 1 | "
-              "‖v_IG‖/‖v‖ median | Min curvature | ‖θ_P − θ_D‖ |",
-              "|---|---|---|---|---|---|---|---|---|"]
-    for p in [p for p in pipelines if p in solver]:
-      s = solver[p]
-      lines.append(f"| {names[p]} | {s['alternations']} | {_fmt(s['residual_median'])} | "
-                   f"{_fmt(s['residual_p90'])} | {_fmt(s['residual_max'])} | "
-                   f"{_percent(s['share_above_1'])} | {_fmt(s['ratio_median'])} | "
-                   f"{_fmt(s['min_curvature'])} | {_fmt(s['theta_distance'])} |")
-    lines += ["", "For every operator solver (layer-wise CG, CG, MINRES, first order) the "
-              "residual is against the damped Hessian system of the paper. M-FAC solves "
-              "another system (the empirical Fisher of its stored pretext gradients) "
-              "exactly, so its residual, against that system, is ~0 by construction and "
-              "says nothing about the Hessian; first order returns v itself, so its "
-              "residual is ‖A·v − v‖/‖v‖, how far the Hessian term moves the solution.",
-              ""]
-  if plot_name:
-    lines += [f"![Test accuracy against labels per class]({plot_name})", "",
-              "Test top-1 against labelled images per class (log scale; 'all' is the "
-              "whole training split), mean over seeds with a ±1 std band.", ""]
-  lines += ["## What this says", ""] + summary_lines(
-      labels_sorted, paired, names, drift, devices)
-  if solver:
-    shares = ", ".join(f"{names[p]} {100 * solver[p]['share_above_1']:.0f}% (median "
-                       f"{_fmt(solver[p]['residual_median'])})"
-                       for p in pipelines if p in solver and "mfac" not in p
-                       and "first_order" not in p)
-    lines.append(f"- Share of alternations whose solve ends with a relative residual above "
-                 f"1 (v_IG further from the solution than 0): {shares}.")
-  if config is not None:
-    seeds = len(config.study.seeds)
-    short = sorted({names[p] for t in acc.values() for p, st in t.items() if st["n"] < seeds})
-    missing = sorted(set(config.pipeline.bissl_variants) - {
-        p[len("bissl_"):] for p in names if p.startswith("bissl_")})
-    if short:
-      lines.append(f"- Stopped before every cell had all {seeds} seeds: "
-                   f"{', '.join(short)} (their n is given above).")
-    if missing:
-      lines.append(f"- Configured but not run (the study was stopped first): "
-                   f"{', '.join(missing)}.")
+  return lines
+
+
+def _drift_lines(drift, names, devices) -> List[str]:
+  lines = ["## Noise floor: the same cells with another float rounding", "",
+            f"The cells below were rerun on {devices} simulated CPU devices "
+            f"(`XLA_FLAGS=--xla_force_host_platform_device_count={devices}`: the same "
+            "batches, random numbers and global-batch BatchNorm statistics, only the "
+            "summation order of the data-parallel reductions differs), from the same "
+            "pretext models. |accuracy on "
+            f"{devices} devices − accuracy on 1 device| per seed, in percentage points:",
+            ""]
+  header = ["Labels per class"] + [names[p] for p in _order(
+      p for t in drift.values() for p in t)]
+  lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  for labels, table in sorted(drift.items(), key=lambda kv: _label_sort(kv[0])):
+    row = [_labels_name(labels)] + [
+        f"mean {_pct(d['mean_abs'])}, max {_pct(d['max_abs'])} (n={d['n']})"
+        for _, d in sorted(table.items(), key=lambda kv: _order(table).index(kv[0]))]
+    lines.append("| " + " | ".join(row) + " |")
   lines.append("")
-  lines += [
+  return lines
+
+
+def _solver_lines(solver, names, pipelines) -> List[str]:
+  lines = ["## Implicit-gradient solves per method", "",
+            "Over every alternation of every grid cell: the relative residual "
+            "‖A·v_IG − v‖/‖v‖ of the solve (mean over an alternation's upper steps; "
+            "above 1 the solution is further from solving the system than 0 is), "
+            "‖v_IG‖/‖v‖, the smallest curvature p·Ap/p·p the solver met (negative: "
+            "the damped operator is indefinite there) and the final ‖θ_P − θ_D‖.",
+            "",
+            "| Method | Alternations | Residual median | p90 | max | Share > 1 | "
+            "‖v_IG‖/‖v‖ median | Min curvature | ‖θ_P − θ_D‖ |",
+            "|---|---|---|---|---|---|---|---|---|"]
+  for p in [p for p in pipelines if p in solver]:
+    s = solver[p]
+    lines.append(f"| {names[p]} | {s['alternations']} | {_fmt(s['residual_median'])} | "
+                 f"{_fmt(s['residual_p90'])} | {_fmt(s['residual_max'])} | "
+                 f"{_percent(s['share_above_1'])} | {_fmt(s['ratio_median'])} | "
+                 f"{_fmt(s['min_curvature'])} | {_fmt(s['theta_distance'])} |")
+  lines += ["", "For every operator solver (layer-wise CG, CG, MINRES, first order) the "
+            "residual is against the damped Hessian system of the paper. M-FAC solves "
+            "another system (the empirical Fisher of its stored pretext gradients) "
+            "exactly, so its residual, against that system, is ~0 by construction and "
+            "says nothing about the Hessian; first order returns v itself, so its "
+            "residual is ‖A·v − v‖/‖v‖, how far the Hessian term moves the solution.",
+            ""]
+  return lines
+
+
+def _residual_share_line(solver, names, pipelines) -> str:
+  shares = ", ".join(f"{names[p]} {100 * solver[p]['share_above_1']:.0f}% (median "
+                     f"{_fmt(solver[p]['residual_median'])})"
+                     for p in pipelines if p in solver and "mfac" not in p
+                     and "first_order" not in p)
+  return (f"- Share of alternations whose solve ends with a relative residual above "
+          f"1 (v_IG further from the solution than 0): {shares}.")
+
+
+def _incomplete_lines(acc, names, config) -> List[str]:
+  lines = []
+  seeds = len(config.study.seeds)
+  short = sorted({names[p] for t in acc.values() for p, st in t.items() if st["n"] < seeds})
+  missing = sorted(set(config.pipeline.bissl_variants) - {
+      p[len("bissl_"):] for p in names if p.startswith("bissl_")})
+  if short:
+    lines.append(f"- Stopped before every cell had all {seeds} seeds: "
+                 f"{', '.join(short)} (their n is given above).")
+  if missing:
+    lines.append(f"- Configured but not run (the study was stopped first): "
+                 f"{', '.join(missing)}.")
+  return lines
+
+
+def _reproducing_lines() -> List[str]:
+  return [
       "## Reproducing it", "",
       "Rerunning the command resumes: a finished cell (`cell.json`) is loaded, an "
       "unfinished one continues from its stage checkpoints. On one machine and backend "
@@ -323,7 +367,6 @@ def to_markdown(records: Sequence[Mapping], *, config=None, plot_name: Optional[
       "`bissl_jax/runtime/determinism.py`. Another CPU model, a GPU or another device count "
       "rounds differently; the noise-floor table above measures how much that moves "
       "the results.", ""]
-  return "\n".join(lines)
 
 
 def summary_lines(labels_sorted, paired, names, drift, devices) -> List[str]:
