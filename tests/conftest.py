@@ -1,9 +1,21 @@
 """Test-session settings: small CPU compile times and float32 everywhere."""
 import gc
 import os
+import shutil
 import sys
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for this test run, shared with the subprocesses the
+# tests start (command-line runs, multi-device checks inherit the environment): a
+# program compiled once is loaded, not recompiled, by every later process that needs
+# it. A cache hit is the same executable, so results are unchanged. Set the variable
+# yourself to keep a cache across runs.
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_CACHE:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="bissl-jax-tests-xla-")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
@@ -11,6 +23,12 @@ import pytest  # noqa: E402
 
 # Tiny models: compile time dominates, so cut XLA's optimisation passes.
 jax.config.update("jax_disable_most_optimizations", True)
+
+
+def pytest_sessionfinish(session, exitstatus):
+  del session, exitstatus
+  if _OWN_CACHE:
+    shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
 def pytest_configure(config):

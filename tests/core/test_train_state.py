@@ -219,8 +219,11 @@ def test_second_alternation_compiles_nothing():
   state = bilevel.init_bilevel_state(setup, params, stats)
   alternation = ts.make_alternation_fn(setup)
   compiles = []
+  # A program is compiled, or loaded from the persistent cache the test run shares.
   jax.monitoring.register_event_duration_secs_listener(
       lambda name, *a, **k: compiles.append(name) if name.endswith("backend_compile_duration") else None)
+  jax.monitoring.register_event_listener(
+      lambda name, *a, **k: compiles.append(name) if name.endswith("cache_hits") else None)
   # The defaults check the residual on every 4th upper step: with N_U = 2 the second
   # alternation's last step is the first checked one, and compiles the check (one
   # product) once; nothing compiles after that.
