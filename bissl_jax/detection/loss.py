@@ -17,7 +17,7 @@ Proposals, matching and sampling are constants: the RPN outputs enter proposal
 selection through ``stop_gradient``, and the sampled RoIs do too. Gradients reach the
 backbone through the RPN losses and through RoIAlign's features.
 """
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -62,8 +62,9 @@ def sample_rois(detector: Detector, key, proposals, proposal_valid, batch):
 
 
 def detection_loss(detector: Detector, params, batch_stats, batch: Dict[str, jax.Array],
-                   key: jax.Array, *, train: bool = True
-                   ) -> Tuple[jax.Array, Tuple[Dict[str, jax.Array], dict]]:
+                   key: jax.Array, *, train: bool = True,
+                   rois: Optional[Dict[str, jax.Array]] = None
+                   ) -> Tuple[jax.Array, Tuple[Dict[str, jax.Array], dict, dict]]:
   """L_D on one batch, its four terms and the updated batch-norm statistics.
 
   Args:
@@ -76,18 +77,23 @@ def detection_loss(detector: Detector, params, batch_stats, batch: Dict[str, jax
     key: PRNG key of the anchor and RoI sampling.
     train: batch norm from batch statistics (updated) or, when False, from the
       running statistics (detectron2 freezes them).
+    rois: the sampled RoIs of an earlier call (its third auxiliary output) to reuse
+      instead of selecting and sampling proposals: the loss as a function of the
+      parameters with the proposals held fixed, whose derivative the gradient is.
 
   Returns:
-    ``(loss, (terms, batch_stats))`` with ``terms`` keyed by :data:`LOSS_TERMS`.
+    ``(loss, (terms, batch_stats, rois))`` with ``terms`` keyed by :data:`LOSS_TERMS`
+    and ``rois`` the sampled RoIs (``boxes``, ``classes``, ``targets``, ``valid``).
   """
   k_rpn, k_roi = jax.random.split(key)
   c4, bb_stats = detector.features(params["backbone"], batch_stats["backbone"],
                                    batch["images"], train=train)
   logits, deltas = detector.rpn(params["rpn"], c4)
   rpn_cls, rpn_loc = _rpn_losses(detector, k_rpn, c4, logits, deltas, batch)
-  proposals, valid = detector.proposals(c4, logits, deltas, batch["image_sizes"],
-                                        train=True)
-  rois = sample_rois(detector, k_roi, proposals, valid, batch)
+  if rois is None:
+    proposals, valid = detector.proposals(c4, logits, deltas, batch["image_sizes"],
+                                          train=True)
+    rois = sample_rois(detector, k_roi, proposals, valid, batch)
   cls, box, box_stats = detector.box_predictions(
       params["box_head"], batch_stats["box_head"], c4, rois["boxes"], train=train)
   flat = lambda x: x.reshape((-1,) + x.shape[2:])
@@ -96,4 +102,4 @@ def detection_loss(detector: Detector, params, batch_stats, batch: Dict[str, jax
                                      detector.config.roi_smooth_l1_beta)
   terms = dict(zip(LOSS_TERMS, (rpn_cls, rpn_loc, roi_cls, roi_box)))
   total = rpn_cls + rpn_loc + roi_cls + roi_box
-  return total, (terms, {"backbone": bb_stats, "box_head": box_stats})
+  return total, (terms, {"backbone": bb_stats, "box_head": box_stats}, rois)

@@ -64,7 +64,7 @@ def postprocess(proposals: jax.Array, proposal_valid: jax.Array, logits: jax.Arr
     ``D = detections_per_image``, in decreasing score order.
   """
   num_rois, num_classes = deltas.shape[:2]
-  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)[:, :num_classes]
+  probs = jax.nn.softmax(_at_least_f32(logits), axis=-1)[:, :num_classes]
   ref = jnp.broadcast_to(proposals[:, None, :], deltas.shape)
   boxes = B.clip_boxes(B.decode_boxes(ref, deltas, B.ROI_BOX_WEIGHTS),
                        image_size[0], image_size[1])
@@ -92,16 +92,22 @@ def roi_head_losses(logits: jax.Array, deltas: jax.Array, classes: jax.Array,
       targets: ``(S, 4)`` (S: all sampled RoIs of the batch).
   """
   num_classes = deltas.shape[1]
-  count = jnp.maximum(jnp.sum(valid), 1).astype(jnp.float32)
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  logits = _at_least_f32(logits)
+  count = jnp.maximum(jnp.sum(valid), 1).astype(logits.dtype)
+  logp = jax.nn.log_softmax(logits, axis=-1)
   nll = -jnp.take_along_axis(logp, classes[:, None], axis=1)[:, 0]
   loss_cls = jnp.sum(jnp.where(valid, nll, 0.0)) / count
   fg = valid & (classes < num_classes)
   own = jnp.take_along_axis(deltas, jnp.minimum(classes, num_classes - 1)[:, None, None],
                             axis=1)[:, 0]
-  reg = jnp.sum(smooth_l1(own.astype(jnp.float32) - targets, smooth_l1_beta), axis=1)
+  reg = jnp.sum(smooth_l1(_at_least_f32(own) - targets, smooth_l1_beta), axis=1)
   loss_box = jnp.sum(jnp.where(fg, reg, 0.0)) / count
   return loss_cls, loss_box
+
+
+def _at_least_f32(x: jax.Array) -> jax.Array:
+  """Losses and scores in float32, or float64 when the network runs in float64."""
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
 def smooth_l1(x: jax.Array, beta: float) -> jax.Array:

@@ -29,7 +29,7 @@ def make_train_step(detector: Detector, optimizer: optax.GradientTransformation)
 
   def step(params, stats, opt_state, batch, key):
     loss_fn = lambda p: detection_loss(detector, p, stats, batch, key, train=True)
-    (loss, (_, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    (loss, (_, new_stats, _)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), new_stats, opt_state, loss
 
