@@ -35,11 +35,9 @@ def average_precision(recall: np.ndarray, precision: np.ndarray,
                       use_07_metric: bool = True) -> float:
   """AP from a precision/recall curve (see the module docstring for the interpolation)."""
   if use_07_metric:
-    ap = 0.0
-    for t in np.arange(0.0, 1.1, 0.1):
-      p = np.max(precision[recall >= t]) if np.any(recall >= t) else 0.0
-      ap += p / 11.0
-    return float(ap)
+    points = [np.max(precision[recall >= t]) if np.any(recall >= t) else 0.0
+              for t in np.arange(0.0, 1.1, 0.1)]
+    return float(np.sum(points) / 11.0)
   mrec = np.concatenate([[0.0], recall, [1.0]])
   mpre = np.concatenate([[0.0], precision, [0.0]])
   mpre = np.maximum.accumulate(mpre[::-1])[::-1]
