@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from bissl_jax.detection import boxes as B
+from detection_reference import np_greedy_nms, np_iou
 from bissl_jax.detection.nms import batched_nms, nms
 
 
@@ -16,22 +17,10 @@ def _random_boxes(rng, n, size=100.0):
   return np.concatenate([xy, xy + wh], axis=1).astype(np.float32)
 
 
-def _np_iou(a, b):
-  out = np.zeros((len(a), len(b)))
-  for i, p in enumerate(a):
-    for j, q in enumerate(b):
-      iw = max(min(p[2], q[2]) - max(p[0], q[0]), 0.0)
-      ih = max(min(p[3], q[3]) - max(p[1], q[1]), 0.0)
-      inter = iw * ih
-      union = (p[2] - p[0]) * (p[3] - p[1]) + (q[2] - q[0]) * (q[3] - q[1]) - inter
-      out[i, j] = inter / union if union > 0 else 0.0
-  return out
-
-
 def test_box_iou_matches_numpy_and_known_values():
   rng = np.random.default_rng(0)
   a, b = _random_boxes(rng, 7), _random_boxes(rng, 5)
-  np.testing.assert_allclose(B.box_iou(a, b), _np_iou(a, b), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(B.box_iou(a, b), np_iou(a, b), rtol=1e-5, atol=1e-6)
   # Two unit squares offset by half: intersection 0.5, union 1.5 (no +1 convention).
   sq = np.array([[0, 0, 1, 1]], np.float32)
   half = np.array([[0.5, 0, 1.5, 1]], np.float32)
@@ -133,21 +122,6 @@ def test_sample_labels_counts_and_key_dependence():
   assert int(valid.sum()) == int((out[:40] >= 0).sum())
 
 
-def _np_greedy_nms(boxes, scores, thr, classes=None):
-  order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
-  keep, alive = [], set(order)
-  iou = _np_iou(boxes, boxes)
-  for i in order:
-    if i not in alive:
-      continue
-    keep.append(i)
-    for j in list(alive):
-      if iou[i, j] > thr and (classes is None or classes[i] == classes[j]):
-        alive.discard(j)
-    alive.discard(i)
-  return keep
-
-
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_nms_matches_greedy_reference_with_ties(seed):
   rng = np.random.default_rng(seed)
@@ -157,7 +131,7 @@ def test_nms_matches_greedy_reference_with_ties(seed):
   scores[10] = scores[3]
   valid = rng.uniform(size=80) > 0.1
   idx, ok = jax.jit(nms, static_argnums=(2, 3))(boxes, scores, 0.5, 50, valid)
-  expect = _np_greedy_nms(boxes[valid], scores[valid], 0.5)
+  expect = np_greedy_nms(boxes[valid], scores[valid], 0.5)
   expect = [int(np.flatnonzero(valid)[k]) for k in expect][:50]
   got = np.asarray(idx)[np.asarray(ok)]
   np.testing.assert_array_equal(got, expect)
@@ -170,7 +144,7 @@ def test_batched_nms_only_suppresses_within_a_class():
   scores = rng.uniform(size=60).astype(np.float32)
   classes = rng.integers(0, 3, 60)
   idx, ok = batched_nms(boxes, scores, classes, 0.5, 60)
-  expect = _np_greedy_nms(boxes, scores, 0.5, classes)
+  expect = np_greedy_nms(boxes, scores, 0.5, classes)
   np.testing.assert_array_equal(np.asarray(idx)[np.asarray(ok)], expect)
 
 
@@ -180,5 +154,5 @@ def test_nms_under_vmap_and_truncation():
   scores = rng.uniform(size=(2, 30)).astype(np.float32)
   idx, ok = jax.vmap(lambda b, s: nms(b, s, 0.3, 5))(boxes, scores)
   for k in range(2):
-    expect = _np_greedy_nms(boxes[k], scores[k], 0.3)[:5]
+    expect = np_greedy_nms(boxes[k], scores[k], 0.3)[:5]
     np.testing.assert_array_equal(np.asarray(idx[k])[np.asarray(ok[k])], expect)

@@ -25,6 +25,7 @@ def sample_proposals(key: jax.Array, proposals: jax.Array, proposal_valid: jax.A
     background), box-regression targets (weights 10, 10, 5, 5; zero unless
     foreground) and the mask of used slots (foreground first).
   """
+  gt_boxes, gt_classes = jnp.asarray(gt_boxes), jnp.asarray(gt_classes)
   boxes = jnp.concatenate([proposals, gt_boxes], axis=0)
   valid = jnp.concatenate([proposal_valid, gt_valid], axis=0)
   iou = B.box_iou(gt_boxes, boxes)
@@ -63,6 +64,7 @@ def postprocess(proposals: jax.Array, proposal_valid: jax.Array, logits: jax.Arr
     ``{'boxes' (D, 4), 'scores' (D,), 'classes' (D,), 'valid' (D,)}`` with
     ``D = detections_per_image``, in decreasing score order.
   """
+  proposals, deltas = jnp.asarray(proposals), jnp.asarray(deltas)
   num_rois, num_classes = deltas.shape[:2]
   probs = jax.nn.softmax(_at_least_f32(logits), axis=-1)[:, :num_classes]
   ref = jnp.broadcast_to(proposals[:, None, :], deltas.shape)

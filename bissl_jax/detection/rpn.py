@@ -47,6 +47,7 @@ def anchor_targets(key: jax.Array, anchors: jax.Array, gt_boxes: jax.Array,
     background, -1 elsewhere; deltas (weights 1, 1, 1, 1) to the matched box, used
     on foreground anchors only.
   """
+  anchors, gt_boxes = jnp.asarray(anchors), jnp.asarray(gt_boxes)
   iou = B.box_iou(gt_boxes, anchors)
   matched, labels = B.match_boxes(iou, gt_valid, thresholds, (0, -1, 1), True)
   labels = B.sample_labels(key, labels, batch_size_per_image, positive_fraction)
@@ -67,6 +68,7 @@ def select_proposals(anchors: jax.Array, logits: jax.Array, deltas: jax.Array,
   Returns:
     ``(boxes (post_nms_topk, 4), valid (post_nms_topk,))``.
   """
+  anchors, deltas = jnp.asarray(anchors), jnp.asarray(deltas)
   k = min(pre_nms_topk, logits.shape[0])
   top_logits, idx = jax.lax.top_k(logits, k)
   boxes = B.decode_boxes(anchors[idx], deltas[idx], B.RPN_BOX_WEIGHTS)
