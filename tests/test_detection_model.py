@@ -157,3 +157,22 @@ def test_build_detector_rejects_bad_configs():
     build_detector(DetectorConfig(stage_sizes=(3, 4, 6)))
   with pytest.raises(ValueError, match="'basic' or 'bottleneck'"):
     build_detector(DetectorConfig(block="dense"))
+
+
+def test_full_size_loss_and_detect_trace_with_static_shapes():
+  """The paper-size detector (R50-C4, VOC sizes) traces end to end; nothing is computed."""
+  det = build_detector(DetectorConfig(num_classes=20))
+  params, stats = jax.eval_shape(lambda k: det.init(k, (320, 320)), jax.random.key(0))
+  n, m = 2, 8
+  f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
+  batch = {"images": f32(n, 320, 320, 3), "image_sizes": f32(n, 2), "gt_boxes": f32(n, m, 4),
+           "gt_classes": jax.ShapeDtypeStruct((n, m), jnp.int32),
+           "gt_valid": jax.ShapeDtypeStruct((n, m), jnp.bool_)}
+  loss, (terms, new_stats, rois) = jax.eval_shape(
+      lambda p, s, b: detection_loss(det, p, s, b, jax.random.key(0)), params, stats, batch)
+  assert loss.shape == () and set(terms) == {"loss_rpn_cls", "loss_rpn_loc", "loss_cls",
+                                              "loss_box_reg"}
+  assert rois["boxes"].shape == (n, 512, 4)
+  assert jax.tree_util.tree_structure(new_stats) == jax.tree_util.tree_structure(stats)
+  out = jax.eval_shape(det.detect, params, stats, batch["images"], batch["image_sizes"])
+  assert out["boxes"].shape == (n, 100, 4) and out["classes"].shape == (n, 100)
