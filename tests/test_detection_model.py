@@ -42,7 +42,6 @@ def test_box_head_holds_the_resnets_fourth_stage():
   params = jax.eval_shape(lambda k: det.init(k, (64, 64))[0], jax.random.key(0))
   full = jax.eval_shape(lambda k: models.resnet18(0.125).init(
       k, jnp.zeros((1, 64, 64, 3)), train=False)["params"], jax.random.key(0))
-  del full["layer1_0"]  # Only the stage sizes differ (tiny: one block per stage).
   res5 = {k: v for k, v in params["box_head"].items() if k.startswith("layer4")}
   assert jax.tree_util.tree_map(lambda a: a.shape, res5["layer4_0"]) == \
       jax.tree_util.tree_map(lambda a: a.shape, full["layer4_0"])
@@ -97,10 +96,18 @@ def test_loss_terms_at_zero_heads_match_counts():
   best = iou.max(0)
   pos = (best >= 0.7) | np.any(iou == iou.max(1, keepdims=True), axis=0)
   neg = (best < 0.3) & ~pos
-  n_pos = min(pos.sum(), 32)
-  sampled = n_pos + min(64 - n_pos, neg.sum())
+  assert 0 < pos.sum() <= 32  # So every foreground anchor is sampled.
+  sampled = pos.sum() + min(64 - pos.sum(), neg.sum())
+  # Two identical images, normaliser 64 per image: the per-image sums divided by 64.
   np.testing.assert_allclose(terms["loss_rpn_cls"], np.log(2) * sampled / 64, rtol=1e-5)
-  assert float(terms["loss_rpn_loc"]) == 0.0 or pos.sum() > 0
+  gt = np.asarray(batch["gt_boxes"][0, :2])[iou.argmax(0)[pos]]
+  a = anchors[pos]
+  aw, ah = a[:, 2] - a[:, 0], a[:, 3] - a[:, 1]
+  gw, gh = gt[:, 2] - gt[:, 0], gt[:, 3] - gt[:, 1]
+  l1 = (np.abs((gt[:, 0] + gw / 2 - a[:, 0] - aw / 2) / aw)
+        + np.abs((gt[:, 1] + gh / 2 - a[:, 1] - ah / 2) / ah)
+        + np.abs(np.log(gw / aw)) + np.abs(np.log(gh / ah)))
+  np.testing.assert_allclose(terms["loss_rpn_loc"], l1.sum() / 64, rtol=1e-4)
   np.testing.assert_allclose(terms["loss_cls"], np.log(11), rtol=1e-5)
 
 
