@@ -75,6 +75,9 @@ def test_full_size_parameter_count_matches_detectron2_r50_c4():
   bn_affine = 2 * (stem_bn + sum(b for _, b in stages) + res5_bn)  # Flax params here.
   assert count_params(params) == detectron2 + bn_affine
   assert count_params(params["rpn"]) == rpn
+  assert count_params(params["backbone"]) == stem_conv + sum(c for c, _ in stages) + 2 * (
+      stem_bn + sum(b for _, b in stages)) == 8_543_296
+  assert count_params(params["box_head"]) == res5_conv + 2 * res5_bn + predictor == 15_171_685
   assert count_params(params["backbone"]) + count_params(params["box_head"]) - predictor \
       == 25_557_032 - 2_049_000  # torchvision ResNet-50 (25,557,032) without its fc.
 
