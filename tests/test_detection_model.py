@@ -8,7 +8,7 @@ import pytest
 
 from bissl_jax import models
 from bissl_jax.detection import boxes as B
-from bissl_jax.detection.backbone import ResNetC4
+from bissl_jax.detection.backbone import c4_features, c4_resnet
 from bissl_jax.detection.faster_rcnn import (DetectorConfig, build_detector, count_params,
                                              tiny_config)
 from bissl_jax.detection.loss import detection_loss
@@ -25,16 +25,37 @@ def _batch(rng, n=2, size=64, dtype=np.float32):
 
 
 def test_c4_backbone_is_the_resnet_truncated_after_res4():
-  resnet = models.ResNet(stage_sizes=(1, 1, 1), block="basic", width=8)
-  c4net = ResNetC4(stage_sizes=(1, 1, 1, 1), block="basic", width=8)
+  resnet = c4_resnet((1, 2, 2, 1), "basic", width=8)
   x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 3)), jnp.float32)
   variables = resnet.init(jax.random.key(0), x, train=False)
-  ref_tree = jax.tree_util.tree_structure(variables)
-  assert jax.tree_util.tree_structure(c4net.init(jax.random.key(1), x, train=False)) == ref_tree
-  c4 = c4net.apply(variables, x, train=False)
+  assert set(variables["params"]) == {"conv1", "bn1", "layer1_0", "layer2_0", "layer2_1",
+                                      "layer3_0", "layer3_1"}
+  c4, stats = c4_features(resnet, variables, x, train=False)
   assert c4.shape == (2, 2, 2, 32)  # Stride 16, 8·4 channels.
+  assert stats is variables["batch_stats"]
+  # The captured map is the last block's output: its spatial mean is the ResNet's output.
   np.testing.assert_allclose(c4.mean(axis=(1, 2)), resnet.apply(variables, x, train=False),
                              rtol=1e-5, atol=1e-6)
+  # By hand: stem (conv, BN, ReLU, max-pool), then the blocks of stages 1–3.
+  v, conv = variables["params"], lambda w, y, s, p: jax.lax.conv_general_dilated(
+      y, w, (s, s), ((p, p), (p, p)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  bn = lambda y, name, tree=variables: (
+      (y - tree["batch_stats"][name]["mean"]) / jnp.sqrt(tree["batch_stats"][name]["var"]
+                                                         + 1e-5)
+      * tree["params"][name]["scale"] + tree["params"][name]["bias"])
+  y = jax.nn.relu(bn(conv(v["conv1"]["kernel"], x, 2, 3), "bn1"))
+  y = jax.lax.reduce_window(y, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
+                            ((0, 0), (1, 1), (1, 1), (0, 0)))
+  for name, stride in [("layer1_0", 1), ("layer2_0", 2), ("layer2_1", 1), ("layer3_0", 2),
+                       ("layer3_1", 1)]:
+    blk = {"params": v[name], "batch_stats": variables["batch_stats"][name]}
+    h = jax.nn.relu(bn(conv(blk["params"]["conv1"]["kernel"], y, stride, 1), "bn1", blk))
+    h = bn(conv(blk["params"]["conv2"]["kernel"], h, 1, 1), "bn2", blk)
+    if "downsample_conv" in blk["params"]:
+      y = bn(conv(blk["params"]["downsample_conv"]["kernel"], y, stride, 0), "downsample_bn",
+             blk)
+    y = jax.nn.relu(h + y)
+  np.testing.assert_allclose(c4, y, rtol=1e-4, atol=1e-5)
 
 
 def test_box_head_holds_the_resnets_fourth_stage():

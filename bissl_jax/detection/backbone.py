@@ -2,11 +2,11 @@
 
 detectron2's ``R50-C4`` Faster R-CNN shares only the ResNet up to res4 (stride 16)
 between the RPN and the box head; res5 runs on every RoIAlign patch (BiSSL paper
-§4.3.1). Both halves are built from ``bissl_jax.models``' blocks and batch-norm
-helpers with the same module names as :class:`bissl_jax.models.ResNet`
-(``conv1``, ``bn1``, ``layer{i}_{j}``), so a ResNet's parameter tree splits into
-the two without renaming: stages 1–3 go to :class:`ResNetC4`, stage 4 (``layer4_*``)
-to :class:`Res5Head`.
+§4.3.1). The backbone is :class:`bissl_jax.models.ResNet` itself with three stages
+(:func:`c4_resnet`, :func:`c4_features`); :class:`Res5Head` builds res5 from the same
+blocks under the ResNet's names (``layer4_{j}``). A ResNet's parameter tree thus
+splits into the two without renaming: the stem and ``layer1_*``–``layer3_*`` to the
+backbone, ``layer4_*`` to the box head.
 
 The blocks put the stride of a bottleneck on its 3×3 convolution (torchvision's v1.5);
 detectron2's MSRA-converted R-50 puts it on the first 1×1 (``STRIDE_IN_1X1``). The
@@ -20,38 +20,35 @@ import jax.numpy as jnp
 from bissl_jax import models
 
 
-class ResNetC4(nn.Module):
-  """Stem and the first three stages of :class:`bissl_jax.models.ResNet`; returns the C4 map.
+def c4_resnet(stage_sizes: Sequence[int], block: str, width: int = 64,
+              cifar_stem: bool = False, dtype: Any = jnp.float32) -> models.ResNet:
+  """The :class:`bissl_jax.models.ResNet` with only its first three stages (res2–res4).
 
-  Attributes:
-    stage_sizes: blocks of the first three stages, e.g. ``(3, 4, 6)`` for ResNet-50
-      (a fourth entry, if given, is ignored: it belongs to the box head).
-    block: ``'basic'`` or ``'bottleneck'``.
-    width: channels of the stem and the first stage.
-    cifar_stem: 3×3/s1 stem without max-pool (C4 stride 4 instead of 16).
+  Its parameter tree is the full ResNet's without ``layer4_*``. A fourth entry of
+  ``stage_sizes``, if given, is dropped: it belongs to the box head.
   """
-  stage_sizes: Sequence[int]
-  block: str
-  width: int = 64
-  cifar_stem: bool = False
-  dtype: Any = jnp.float32
+  return models.ResNet(stage_sizes=tuple(stage_sizes[:3]), block=block, width=width,
+                       cifar_stem=cifar_stem, dtype=dtype)
 
-  @nn.compact
-  def __call__(self, x, *, train: bool):
-    block_cls = models._BLOCKS[self.block]  # pylint: disable=protected-access
-    conv, bn = models._conv, models._batch_norm  # pylint: disable=protected-access
-    x = jnp.asarray(x, self.dtype)
-    if self.cifar_stem:
-      x = nn.relu(bn(train, "bn1", self.dtype)(conv(self.width, 3, 1, "conv1", self.dtype)(x)))
-    else:
-      x = nn.relu(bn(train, "bn1", self.dtype)(conv(self.width, 7, 2, "conv1", self.dtype)(x)))
-      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-    for i, num_blocks in enumerate(self.stage_sizes[:3]):
-      for j in range(num_blocks):
-        stride = 2 if (i > 0 and j == 0) else 1
-        x = block_cls(planes=self.width * 2**i, stride=stride, dtype=self.dtype,
-                      name=f"layer{i + 1}_{j}")(x, train=train)
-    return x
+
+def c4_features(resnet: models.ResNet, variables, images, *, train: bool):
+  """Runs ``resnet`` (from :func:`c4_resnet`) and returns its C4 map and batch statistics.
+
+  The ResNet itself ends in global average pooling; the C4 map is the output of its
+  last block, read with Flax's ``capture_intermediates`` (the pooling is then dead
+  code that XLA drops).
+
+  Returns:
+    ``(c4 (N, H/stride, W/stride, C), batch_stats)``, the statistics updated when
+    ``train``.
+  """
+  last = f"layer3_{resnet.stage_sizes[2] - 1}"
+  capture = lambda module, method: module.name == last and method == "__call__"
+  mutable = ["intermediates", "batch_stats"] if train else ["intermediates"]
+  _, state = resnet.apply(variables, images, train=train, mutable=mutable,
+                          capture_intermediates=capture)
+  stats = state["batch_stats"] if train else variables["batch_stats"]
+  return state["intermediates"][last]["__call__"][0], stats
 
 
 def c4_stride(cifar_stem: bool) -> int:

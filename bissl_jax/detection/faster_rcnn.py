@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from bissl_jax.detection import boxes as B
-from bissl_jax.detection.backbone import Res5Head, ResNetC4, c4_stride
+from bissl_jax import models
+from bissl_jax.detection.backbone import Res5Head, c4_features, c4_resnet, c4_stride
 from bissl_jax.detection.roi_align import roi_align
 from bissl_jax.detection.roi_heads import postprocess
 from bissl_jax.detection.rpn import RPNHead, select_proposals
@@ -88,10 +89,9 @@ class Detector:
   config: DetectorConfig
 
   @property
-  def backbone(self) -> ResNetC4:
+  def backbone(self) -> models.ResNet:
     c = self.config
-    return ResNetC4(stage_sizes=tuple(c.stage_sizes[:3]), block=c.block, width=c.width,
-                    cifar_stem=c.cifar_stem, dtype=c.dtype)
+    return c4_resnet(c.stage_sizes, c.block, c.width, c.cifar_stem, c.dtype)
 
   @property
   def rpn_head(self) -> RPNHead:
@@ -109,7 +109,7 @@ class Detector:
     k_bb, k_rpn, k_box = jax.random.split(rng, 3)
     x = jnp.zeros((1, *image_shape, channels), jnp.float32)
     bb = self.backbone.init(k_bb, x, train=False)
-    c4 = jax.eval_shape(lambda v: self.backbone.apply(v, x, train=False), bb)
+    c4 = jax.eval_shape(lambda v: c4_features(self.backbone, v, x, train=False)[0], bb)
     rpn = self.rpn_head.init(k_rpn, jnp.zeros(c4.shape, jnp.float32))
     size = self.config.roi_output_size
     patch = jnp.zeros((1, size, size, c4.shape[-1]), jnp.float32)
@@ -119,12 +119,8 @@ class Detector:
 
   def features(self, params, stats, images, *, train: bool):
     """C4 map ``(N, H/stride, W/stride, C)`` and the (in training, updated) statistics."""
-    variables = {"params": params, "batch_stats": stats}
-    if train:
-      c4, mutated = self.backbone.apply(variables, images, train=True,
-                                        mutable=["batch_stats"])
-      return c4, mutated["batch_stats"]
-    return self.backbone.apply(variables, images, train=False), stats
+    return c4_features(self.backbone, {"params": params, "batch_stats": stats}, images,
+                       train=train)
 
   def rpn(self, params, c4):
     """RPN logits ``(N, A_total)`` and deltas ``(N, A_total, 4)``."""
