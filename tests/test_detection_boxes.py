@@ -156,3 +156,10 @@ def test_nms_under_vmap_and_truncation():
   for k in range(2):
     expect = np_greedy_nms(boxes[k], scores[k], 0.3)[:5]
     np.testing.assert_array_equal(np.asarray(idx[k])[np.asarray(ok[k])], expect)
+
+
+def test_shape_errors_name_the_expected_shapes():
+  with pytest.raises(ValueError, match=r"\(n, 4\) and \(m, 4\)"):
+    B.box_iou(np.zeros((3, 5)), np.zeros((2, 4)))
+  with pytest.raises(ValueError, match="vmap it over a batch"):
+    nms(np.zeros((2, 3, 4)), np.zeros((2, 3)), 0.5, 2)

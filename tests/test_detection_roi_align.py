@@ -100,3 +100,8 @@ def test_roi_align_gradient_reaches_the_features():
   g = jax.grad(lambda f: roi_align(f, np.array([[[4.0, 4.0, 12.0, 12.0]]], np.float32),
                                    2, 0.25, 2).sum())(feats)
   np.testing.assert_allclose(float(g.sum()), 4.0, rtol=1e-6)  # Four bins, weights sum to 1.
+
+
+def test_roi_align_shape_error_names_the_layout():
+  with pytest.raises(ValueError, match=r"features \(N, H, W, C\) and boxes \(N, R, 4\)"):
+    roi_align(np.zeros((1, 4, 4, 2)), np.zeros((2, 3, 4)), 2, 1.0, 2)

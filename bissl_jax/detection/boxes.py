@@ -42,6 +42,10 @@ def box_iou(a: jax.Array, b: jax.Array) -> jax.Array:
 
   Returns ``(n, m)``; a pair whose union is empty (two empty boxes) has IoU 0.
   """
+  a, b = jnp.asarray(a), jnp.asarray(b)
+  if a.ndim != 2 or b.ndim != 2 or a.shape[-1] != 4 or b.shape[-1] != 4:
+    raise ValueError(f"box_iou takes two arrays of boxes (n, 4) and (m, 4); got {a.shape} "
+                     f"and {b.shape}.")
   lo = jnp.maximum(a[:, None, :2], b[None, :, :2])
   hi = jnp.minimum(a[:, None, 2:], b[None, :, 2:])
   wh = jnp.clip(hi - lo, 0.0)

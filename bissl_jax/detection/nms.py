@@ -35,6 +35,9 @@ def nms(boxes: jax.Array, scores: jax.Array, iou_threshold: float, max_outputs: 
     kept boxes in decreasing score order, then padding (index 0, invalid).
   """
   boxes, scores = jnp.asarray(boxes), jnp.asarray(scores)
+  if boxes.ndim != 2 or boxes.shape[-1] != 4 or scores.shape != boxes.shape[:1]:
+    raise ValueError(f"nms takes boxes (n, 4) and scores (n,) of one image; got boxes "
+                     f"{boxes.shape} and scores {scores.shape} (vmap it over a batch).")
   classes = None if classes is None else jnp.asarray(classes)
   n = boxes.shape[0]
   remaining = jnp.ones((n,), bool) if valid is None else valid.astype(bool)

@@ -86,8 +86,13 @@ def roi_align(features: jax.Array, boxes: jax.Array, output_size: int,
   Returns:
     ``(N, R, output_size, output_size, C)`` pooled features.
   """
+  features, boxes = jnp.asarray(features), jnp.asarray(boxes)
   if sampling_ratio < 0:
     raise ValueError(f"sampling_ratio={sampling_ratio} must be >= 0 (0 = adaptive).")
+  if features.ndim != 4 or boxes.ndim != 3 or boxes.shape[-1] != 4 \
+      or boxes.shape[0] != features.shape[0]:
+    raise ValueError(f"roi_align takes features (N, H, W, C) and boxes (N, R, 4) with the "
+                     f"same N; got features {features.shape} and boxes {boxes.shape}.")
   _, height, width, _ = features.shape
   offset = 0.5 if aligned else 0.0
 
