@@ -1,6 +1,5 @@
 """Proposal selection, RoI sampling and inference post-processing against NumPy references."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from bissl_jax.detection import boxes as B

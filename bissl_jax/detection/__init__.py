@@ -12,3 +12,7 @@ from bissl_jax.detection.loss import detection_loss
 from bissl_jax.detection.nms import batched_nms, nms
 from bissl_jax.detection.roi_align import roi_align
 from bissl_jax.detection.voc_eval import voc_ap
+
+__all__ = ["Detector", "DetectorConfig", "batched_nms", "box_iou", "build_detector",
+           "decode_boxes", "detection_loss", "encode_boxes", "grid_anchors", "nms",
+           "roi_align", "tiny_config", "voc_ap"]
