@@ -2,7 +2,7 @@
 
 detectron2's ``R50-C4`` Faster R-CNN shares only the ResNet up to res4 (stride 16)
 between the RPN and the box head; res5 runs on every RoIAlign patch (BiSSL paper
-§4.3.1). The backbone is :class:`bissl_jax.models.ResNet` itself with three stages
+§4.3.1). The backbone is :class:`bissl_jax.models.resnet.ResNet` itself with three stages
 (:func:`c4_resnet`, :func:`c4_features`); :class:`Res5Head` builds res5 from the same
 blocks under the ResNet's names (``layer4_{j}``). A ResNet's parameter tree thus
 splits into the two without renaming: the stem and ``layer1_*``–``layer3_*`` to the
@@ -17,22 +17,22 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from bissl_jax import models
+from bissl_jax.models import resnet
 
 
 def c4_resnet(stage_sizes: Sequence[int], block: str, width: int = 64,
-              cifar_stem: bool = False, dtype: Any = jnp.float32) -> models.ResNet:
-  """The :class:`bissl_jax.models.ResNet` with only its first three stages (res2–res4).
+              cifar_stem: bool = False, dtype: Any = jnp.float32) -> resnet.ResNet:
+  """The :class:`bissl_jax.models.resnet.ResNet` with only its first three stages (res2–res4).
 
   Its parameter tree is the full ResNet's without ``layer4_*``. A fourth entry of
   ``stage_sizes``, if given, is dropped: it belongs to the box head.
   """
-  return models.ResNet(stage_sizes=tuple(stage_sizes[:3]), block=block, width=width,
+  return resnet.ResNet(stage_sizes=tuple(stage_sizes[:3]), block=block, width=width,
                        cifar_stem=cifar_stem, dtype=dtype)
 
 
-def c4_features(resnet: models.ResNet, variables, images, *, train: bool):
-  """Runs ``resnet`` (from :func:`c4_resnet`) and returns its C4 map and batch statistics.
+def c4_features(net: resnet.ResNet, variables, images, *, train: bool):
+  """Runs ``net`` (from :func:`c4_resnet`) and returns its C4 map and batch statistics.
 
   The ResNet itself ends in global average pooling; the C4 map is the output of its
   last block, read with Flax's ``capture_intermediates`` (the pooling is then dead
@@ -42,11 +42,11 @@ def c4_features(resnet: models.ResNet, variables, images, *, train: bool):
     ``(c4 (N, H/stride, W/stride, C), batch_stats)``, the statistics updated when
     ``train``.
   """
-  last = f"layer3_{resnet.stage_sizes[2] - 1}"
+  last = f"layer3_{net.stage_sizes[2] - 1}"
   capture = lambda module, method: module.name == last and method == "__call__"
   mutable = ["intermediates", "batch_stats"] if train else ["intermediates"]
-  _, state = resnet.apply(variables, images, train=train, mutable=mutable,
-                          capture_intermediates=capture)
+  _, state = net.apply(variables, images, train=train, mutable=mutable,
+                       capture_intermediates=capture)
   stats = state["batch_stats"] if train else variables["batch_stats"]
   return state["intermediates"][last]["__call__"][0], stats
 
@@ -73,7 +73,7 @@ class Res5Head(nn.Module):
 
   @nn.compact
   def __call__(self, patches, *, train: bool):
-    block_cls = models._BLOCKS[self.block]  # pylint: disable=protected-access
+    block_cls = resnet._BLOCKS[self.block]  # pylint: disable=protected-access
     x = jnp.asarray(patches, self.dtype)
     for j in range(self.num_blocks):
       x = block_cls(planes=self.width * 8, stride=2 if j == 0 else 1, dtype=self.dtype,

@@ -5,7 +5,7 @@ to res4 (stride 16); an RPN on the C4 map proposes boxes; RoIAlign cuts a 14×14
 per proposal from C4; res5, average pooling, a (classes + 1)-way classifier and
 class-specific box regression score and refine them.
 
-:class:`Detector` bundles the three networks, like :class:`bissl_jax.models.BisslModel`,
+:class:`Detector` bundles the three networks, like :class:`bissl_jax.models.resnet.BisslModel`,
 as pure functions of plain parameter trees: ``params = {'backbone', 'rpn',
 'box_head'}`` and ``batch_stats = {'backbone', 'box_head'}``. The backbone's tree is
 that of the ResNet's stem and first three stages; ``box_head`` holds ``layer4_*``
@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bissl_jax.detection import boxes as B
-from bissl_jax import models
+from bissl_jax.models import resnet
 from bissl_jax.detection.backbone import Res5Head, c4_features, c4_resnet, c4_stride
 from bissl_jax.detection.roi_align import roi_align
 from bissl_jax.detection.roi_heads import postprocess
@@ -89,7 +89,7 @@ class Detector:
   config: DetectorConfig
 
   @property
-  def backbone(self) -> models.ResNet:
+  def backbone(self) -> resnet.ResNet:
     c = self.config
     return c4_resnet(c.stage_sizes, c.block, c.width, c.cifar_stem, c.dtype)
 

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bissl_jax.augment import normalize
+from bissl_jax.tasks.augment import normalize
 from bissl_jax.detection.faster_rcnn import Detector
 from bissl_jax.detection.loss import detection_loss
 from bissl_jax.detection.voc_eval import voc_ap

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bissl_jax import models
+from bissl_jax.models import resnet
 from bissl_jax.detection import boxes as B
 from bissl_jax.detection.backbone import c4_features, c4_resnet
 from bissl_jax.detection.faster_rcnn import (DetectorConfig, build_detector, count_params,
@@ -61,7 +61,7 @@ def test_c4_backbone_is_the_resnet_truncated_after_res4():
 def test_box_head_holds_the_resnets_fourth_stage():
   det = build_detector(dataclasses.replace(tiny_config(), cifar_stem=False))
   params = jax.eval_shape(lambda k: det.init(k, (64, 64))[0], jax.random.key(0))
-  full = jax.eval_shape(lambda k: models.resnet18(0.125).init(
+  full = jax.eval_shape(lambda k: resnet.resnet18(0.125).init(
       k, jnp.zeros((1, 64, 64, 3)), train=False)["params"], jax.random.key(0))
   res5 = {k: v for k, v in params["box_head"].items() if k.startswith("layer4")}
   assert jax.tree_util.tree_map(lambda a: a.shape, res5["layer4_0"]) == \

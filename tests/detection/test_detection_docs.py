@@ -6,8 +6,9 @@ import re
 
 import numpy as np
 
-_DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
-                    "detection.md")
+from config_helpers import REPO_ROOT
+
+_DOC = os.path.join(REPO_ROOT, "docs", "detection.md")
 _NUMBER = r"-?\d+\.?\d*(?:e-?\d+)?"
 
 
