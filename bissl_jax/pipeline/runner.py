@@ -82,6 +82,10 @@ def run_single_stage(ctx: StageContext, stage: str, splits, pretext_set) -> dict
     record = {"stage": stage, "checkpoint": config.evaluate.checkpoint,
               "validation": supervised.evaluate(ctx, params, stats, splits["validation"]),
               "test": supervised.evaluate(ctx, params, stats, splits["test"])}
+    for split in ("validation", "test"):
+      supervised.check_evaluation(
+          record[split], f"the {split} evaluation of {config.evaluate.checkpoint}",
+          "The loaded model is diverged or corrupt: evaluate another checkpoint.")
     results_lib.write_json(ctx.path("evaluate", "evaluation.json"), record)
     return record
   raise ValueError(f"Unknown stage {stage!r}.")

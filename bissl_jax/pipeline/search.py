@@ -64,12 +64,12 @@ def grid_configs(lrs: Sequence[float], weight_decays: Sequence[float]
 def select(trials: Sequence[Trial]) -> Trial:
   """The trial with the highest validation score; ties go to the lower validation loss.
 
-  Non-finite scores (diverged runs) never win unless every trial diverged.
+  A diverged trial (a non-finite score or validation loss: a score from NaN outputs
+  is no score) never wins unless every trial diverged.
   """
   def key(t: Trial):
-    score = t.val_score if math.isfinite(t.val_score) else -math.inf
-    loss = t.val_loss if math.isfinite(t.val_loss) else math.inf
-    return (score, -loss)
+    finite = math.isfinite(t.val_score) and math.isfinite(t.val_loss)
+    return (finite, t.val_score if finite else -math.inf, -t.val_loss if finite else 0.0)
   return max(trials, key=key)
 
 
