@@ -20,6 +20,7 @@ import contextlib
 import difflib
 import os
 import re
+import shlex
 import sys
 from typing import Iterator, List, Optional, Sequence
 
@@ -155,8 +156,10 @@ def branch_advice(err, argv: Optional[Sequence[str]] = None, config=None) -> str
       ("--workdir=", "--branch_from=", f"--config.{field}="))]
   prog = "bissl-jax run" if argv and argv[0].endswith(" run") else (
       "python -m experiments.main")
-  command = " ".join([prog] + keep + [f"--workdir={workdir}-branch{k}",
-                                      f"--branch_from={workdir}", f"--config.{field}={new}"])
+  # Quoted for a POSIX shell: '--config.seeds=(0,)' must survive being pasted into bash.
+  command = " ".join([prog] + [shlex.quote(a) for a in keep + [
+      f"--workdir={workdir}-branch{k}", f"--branch_from={workdir}",
+      f"--config.{field}={new}"]])
   return ("The last good checkpoint is kept. To continue from it with a changed value, "
           f"branch the run (a new run directory that records its parent):\n  {command}")
 

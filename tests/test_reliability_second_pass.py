@@ -94,3 +94,100 @@ def test_a_nonfinite_test_evaluation_stops_the_run_without_a_record(tmp_path, mo
                                      "downstream_head": supervised.fresh_head(ctx, 0)},
                                backbone["batch_stats"], splits["test"])
   assert scores["nonfinite"] == len(splits["test"]) and scores["top1"] == 0.0
+
+
+# ------------------------------------------ 3. the whole state is finite before a save
+
+def _stats_stage(directory, poison_at):
+  """The toy stage, its state carrying a statistic that becomes inf after step ``poison_at``."""
+  from test_stage_loop import _stage, _toy_step
+  key = jax.random.key(0)
+
+  def step(state, i, batch):
+    new, metrics = _toy_step(state, batch["x"], jax.random.fold_in(key, i))
+    var = jnp.where(i + 1 >= poison_at, jnp.inf, new.batch_stats["var"])
+    return new.replace(batch_stats={"var": var}), metrics
+  return _stage(directory, step=step)
+
+
+def _stats_fresh():
+  from bissl_jax.bilevel import LevelState
+  return LevelState(jnp.zeros(2), {"var": jnp.ones(3)}, {}, jnp.zeros((), jnp.int32))
+
+
+def test_nonfinite_statistics_are_never_checkpointed(tmp_path):
+  from bissl_jax.pipeline import checkpoint, stage_loop
+  from test_stage_loop import _steps
+  directory = str(tmp_path)
+  with pytest.raises(NonFiniteError, match=r"statistics|batch_stats") as err:
+    stage_loop.run_stage(_stats_stage(directory, poison_at=8), _stats_fresh())
+  assert "['var'] (3 of 3 entries, inf)" in str(err.value)
+  assert err.value.field == "toy.lr"
+  assert _steps(directory) == [6]  # the epoch ending at step 9 was not saved
+  ckpt = checkpoint.RunCheckpointer(os.path.join(directory, "ckpt"))
+  try:
+    state, _ = ckpt.restore(_stats_fresh(), 6)
+  finally:
+    ckpt.close()
+  assert np.all(np.isfinite(np.asarray(state.batch_stats["var"])))
+
+
+def test_a_checkpoint_with_nonfinite_statistics_is_set_aside(tmp_path, capsys):
+  from bissl_jax.pipeline import checkpoint, stage_loop
+  directory = str(tmp_path)
+  with pytest.raises(NonFiniteError):
+    stage_loop.run_stage(_stats_stage(directory, poison_at=8), _stats_fresh())
+  ckpt = checkpoint.RunCheckpointer(os.path.join(directory, "ckpt"))
+  good, extra = ckpt.restore(_stats_fresh(), 6)
+  # Written by older code (no check before saving): step 7 with an inf variance.
+  ckpt.save(7, good.replace(batch_stats={"var": jnp.full(3, jnp.inf)}), dict(extra, steps=7))
+  ckpt.close()
+  result = stage_loop.run_stage(_stats_stage(directory, poison_at=10 ** 6), _stats_fresh())
+  out = capsys.readouterr().out
+  assert "checkpoint step 7" in out and "Non-finite values in the state" in out, out
+  assert "falling back to step 6" in out and result.resumed_from == 6
+
+
+def test_finetune_record_is_checked_once_it_holds_an_epoch():
+  from bissl_jax.pipeline import stage_loop, supervised
+  fresh = {"level": jnp.zeros(2), "best": jnp.zeros(2),
+           "record": {"best_score": -math.inf, "best_loss": math.inf, "best_epoch": -1}}
+  assert stage_loop.is_finite(supervised._checked_finetune_state(fresh))
+  diverged = dict(fresh, record={"best_score": 0.5, "best_loss": math.nan, "best_epoch": 1})
+  assert not stage_loop.is_finite(supervised._checked_finetune_state(diverged))
+
+
+# -------------------------------------------------------- the divergence message's blame
+
+def test_a_huge_lam_is_blamed_not_the_learning_rates():
+  from bissl_jax.pipeline import bissl_stage
+  with pytest.raises(NonFiniteError, match="config.bissl.lam=1e\\+30") as err:
+    bissl_stage.blame_lam_if_unstable(3, lam=1e30, lower_lr=0.5, momentum=0.9)
+  assert err.value.field == "bissl.lam"
+  # Heavy-ball on λ/2·x² with step η: x_{k+1} = (1 + β − ηλ) x_k − β x_{k−1} grows
+  # exactly when ηλ > 2(1 + β); check the bound against that recursion.
+  for eta_lam, grows in ((3.7, False), (3.9, True)):
+    x = [1.0, 1.0]
+    for _ in range(400):
+      x.append((1 + 0.9 - eta_lam) * x[-1] - 0.9 * x[-2])
+    assert (abs(x[-1]) > 1.0) == grows
+  bissl_stage.blame_lam_if_unstable(3, lam=3.7 / 0.5, lower_lr=0.5, momentum=0.9)
+  bissl_stage.blame_lam_if_unstable(3, lam=0.001, lower_lr=1.0, momentum=0.9)  # the paper's
+  # A far too large LR with an ordinary λ is the LR's fault (tests/test_provenance.py).
+  bissl_stage.blame_lam_if_unstable(3, lam=0.001, lower_lr=1e30, momentum=0.9)
+
+
+def test_the_branch_command_survives_being_pasted_into_bash(tmp_path):
+  import subprocess
+  from bissl_jax import cli
+  err = NonFiniteError("diverged", field="finetune.lr")
+  argv = ["python -m experiments.main", "--config.seeds=(0,)",
+          f"--workdir={tmp_path}/my run", "--config.data.downstream_dataset=digits"]
+  config = override(digits_simclr.get_config("runlocal"), **{"finetune.lr": 1e10})
+  command = cli.branch_advice(err, argv=argv, config=config).splitlines()[-1].strip()
+  args = command.split(" ", 3)[3]  # after "python -m experiments.main"
+  echoed = subprocess.run(["bash", "-c", "printf '%s\\n' " + args], capture_output=True,
+                          text=True, check=True).stdout.splitlines()
+  assert echoed == ["--config.seeds=(0,)", "--config.data.downstream_dataset=digits",
+                    f"--workdir={tmp_path}/my run-branch1",
+                    f"--branch_from={tmp_path}/my run", "--config.finetune.lr=1e+09"]

@@ -8,10 +8,12 @@
 * **progress** with rate and ETA (:class:`~bissl_jax.pipeline.run_log.Progress`) and
   **metric logging** every ``log_every`` steps and at the last one (records of steps
   that a resume redoes are dropped first, so each step has one record);
-* **non-finite stop**: the loss (on every logged step) and the parameters (at every
-  epoch end, so before every checkpoint) must be finite; otherwise
+* **non-finite stop**: the loss (on every logged step), the parameters and the
+  whole state - statistics such as BatchNorm running variances, optimizer state,
+  tracked values such as the best validation loss (at every epoch end, so before
+  every checkpoint) - must be finite; otherwise
   :class:`~bissl_jax.errors.NonFiniteError` names the stage, the step, what became
-  non-finite and the field to change. Nothing non-finite is ever saved;
+  non-finite and the field to change. Nothing non-finite is ever saved or resumed;
 * **checkpoints** every ``checkpoint_every`` epochs (and after the last step with
   ``save_last``), and **on interrupt**: Ctrl-C or SIGTERM asks the loop to stop after
   the current step; it saves that step, says how to resume and re-raises
@@ -41,6 +43,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Optional, Protocol, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from bissl_jax.errors import NonFiniteError
 from bissl_jax.pipeline import branch
@@ -181,6 +184,10 @@ class Stage:
       must stay finite, the advice when one does not and the config field to blame
       (default: the first ``config.<field>`` the advice names). Also checked on every
       restored checkpoint, which is never resumed when it fails.
+    state_to_check: ``fn(state) -> tree``: the part of the state that must be
+      finite, beyond the parameters, before every save and in every restored
+      checkpoint (default: the whole state; fine-tuning leaves out its "no best
+      epoch yet" -inf/inf record). Only floating-point leaves are checked.
     loss_key: metric that must stay finite on logged steps (None: not checked).
     loss_fix: advice when it does not.
     on_divergence: if given, a non-finite value stops the stage quietly:
@@ -207,6 +214,7 @@ class Stage:
   reuse: str = "strict"
   place: Callable[[Any], Any] = lambda state: state
   params_to_check: Optional[Callable[[Any], Mapping[str, Tuple[PyTree, str]]]] = None
+  state_to_check: Optional[Callable[[Any], PyTree]] = None
   loss_key: Optional[str] = "loss"
   loss_fix: str = ""
   on_divergence: Optional[Callable[[Any, NonFiniteError], None]] = None
@@ -235,15 +243,36 @@ class StopRequested(KeyboardInterrupt):
   """A SIGINT/SIGTERM asked the running stage to stop after its current step."""
 
 
+def _inexact(x) -> bool:
+  # Integer counters and typed PRNG keys are always "finite" (and isfinite rejects keys).
+  return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+
+
 @jax.jit
 def _all_finite(tree) -> jax.Array:
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree) if _inexact(x)]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
 def is_finite(tree: PyTree) -> bool:
-  """True if every entry of every leaf of ``tree`` is finite."""
+  """True if every entry of every floating-point leaf of ``tree`` is finite."""
   return bool(jax.device_get(_all_finite(tree)))
+
+
+def nonfinite_parts(tree: PyTree, limit: int = 3) -> str:
+  """Names the leaves of ``tree`` holding NaN/Inf: ``"['bn']['var'] (11 of 64 entries, inf)"``."""
+  found = []
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    if not _inexact(leaf):
+      continue
+    x = np.asarray(jax.device_get(leaf))
+    bad = ~np.isfinite(x)
+    if bad.any():
+      kinds = "/".join(k for k, m in (("nan", np.isnan(x)), ("inf", np.isinf(x))) if m.any())
+      found.append(f"{jax.tree_util.keystr(path) or 'value'} ({int(bad.sum())} of {x.size} "
+                   f"entries, {kinds})")
+  more = f" and {len(found) - limit} more" if len(found) > limit else ""
+  return ", ".join(found[:limit]) + more
 
 
 # Signals received and not yet honoured (process-wide): a handler only records them,
@@ -331,14 +360,19 @@ def _check_params(stage: Stage, state, where: str, source: Optional[str] = None)
   ``source`` (e.g. a loaded checkpoint) replaces the stage's advice: then the
   learning rates are not to blame.
   """
-  if stage.params_to_check is None:
-    return
-  for what, (tree, fix, *field) in stage.params_to_check(state).items():
+  checks = dict(stage.params_to_check(state)) if stage.params_to_check is not None else {}
+  # Then the rest of the state (statistics, optimizer state, tracked losses): a
+  # checkpoint with inf BatchNorm variances is no "last good checkpoint".
+  rest = state if stage.state_to_check is None else stage.state_to_check(state)
+  checks["values in the state"] = (rest, stage.loss_fix)
+  for what, (tree, fix, *field) in checks.items():
     if not is_finite(tree):
+      parts = nonfinite_parts(tree)
       if source is not None:
-        raise NonFiniteError(f"Non-finite {what} {where} of {stage.name}: {source}.")
-      raise NonFiniteError(f"Non-finite {what} {where} of {stage.name}; nothing of it was "
-                           f"saved. {fix}".rstrip(), field=(field or [_field_in(fix)])[0])
+        raise NonFiniteError(f"Non-finite {what} {where} of {stage.name} ({parts}): {source}.")
+      raise NonFiniteError(f"Non-finite {what} {where} of {stage.name} ({parts}); nothing "
+                           f"of it was saved. {fix}".rstrip(),
+                           field=(field or [_field_in(fix)])[0])
 
 
 def _field_in(fix: str) -> Optional[str]:

@@ -302,6 +302,14 @@ def warmup_head(ctx: StageContext, backbone: dict, train_set, *, seed: int, name
   return stage_loop.run_stage(stage, fresh).state.params["downstream_head"]
 
 
+def _checked_finetune_state(state: dict) -> dict:
+  """All of a fine-tuning state that must be finite: the record only once it holds an
+  epoch (before, its best score and loss are the -inf/inf of "none yet")."""
+  record = state["record"]
+  return {"level": state["level"], "best": state["best"],
+          "record": dict(record) if int(np.asarray(record["best_epoch"])) >= 0 else {}}
+
+
 def finetune(ctx: StageContext, backbone: dict, splits: dict, *, lr: float,
              weight_decay: float, epochs: int, seed: int, name: str,
              directory: Optional[str] = None, stop_on_nonfinite: bool = False,
@@ -394,6 +402,7 @@ def finetune(ctx: StageContext, backbone: dict, splits: dict, *, lr: float,
       reuse=ctx.config.get("reuse", "recompute"),
       place=lambda s: dict(s, level=ctx.replicate(s["level"])),
       params_to_check=lambda s: {"fine-tuning parameters": (s["level"].params, fix, field)},
+      state_to_check=_checked_finetune_state,
       loss_fix=fix, on_divergence=keep_best if stop_on_nonfinite else None,
       show={}, items_per_step=cfg.batch_size)
   state = stage_loop.run_stage(stage, fresh).state
