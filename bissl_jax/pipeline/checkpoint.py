@@ -36,34 +36,15 @@ import shutil
 import time
 from typing import Any, Callable, Optional, Tuple
 
-import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 from bissl_jax.convert.stage_output import (  # noqa: F401  (the pipeline's output format)
-    EXPORT_FORMAT, abstract, decode, encode, export, is_export, load_export)
+    EXPORT_FORMAT, abstract, decode, encode, export, is_export, load_export, tree_checksum)
 
 PyTree = Any
 # The checkpoint item holding data-iterator states (Grain's, JSON), kept apart from
 # ``extra`` so a loader's state format never mixes with the stage's own record.
 ITERATORS = "iterators"
-
-
-def tree_checksum(tree: PyTree) -> Optional[str]:
-  """SHA-256 over every leaf's path, dtype, shape and bytes (None on several hosts).
-
-  Typed PRNG keys are hashed as their key data (:func:`encode`), so a tree and its
-  restored copy hash alike.
-  """
-  if jax.process_count() > 1:
-    return None  # the arrays are not all addressable from one host
-  digest = hashlib.sha256()
-  leaves, _ = jax.tree_util.tree_flatten_with_path(jax.device_get(encode(tree)))
-  for path, leaf in leaves:
-    x = np.ascontiguousarray(np.asarray(leaf))
-    digest.update(f"{jax.tree_util.keystr(path)}|{x.dtype.str}|{x.shape}|".encode())
-    digest.update(x.tobytes())
-  return digest.hexdigest()
 
 
 # The record's own checksums: never part of what they cover.

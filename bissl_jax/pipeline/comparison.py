@@ -131,7 +131,7 @@ def finetune_and_evaluate(ctx: StageContext, backbone: dict, splits: dict, *, pi
                                         inputs=inputs)
   reuse_output = provenance.reusable(out_dir, prov, mode=_reuse(ctx), name=name,
                                      also=[record_path])
-  record = results_lib.read_json(record_path)
+  record = results_lib.read_record(record_path, name) if reuse_output else None
   if (reuse_output and record is not None
       and (record.get(provenance.RECORD_KEY) or {}).get("digest")
       == provenance.with_lineage(prov, directory).digest):

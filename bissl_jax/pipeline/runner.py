@@ -207,7 +207,7 @@ def run(config, workdir: str, *, bissl_callback: Optional[Callable] = None,
     if jax.process_index() == 0:
       # The original run's time survives reruns of a finished workdir (which only
       # reload the stage outputs); later invocations are listed separately.
-      previous = results_lib.read_json(os.path.join(workdir, "results.json"))
+      previous = results_lib.read_record(os.path.join(workdir, "results.json"), "results")
       invocations = results_lib.record_invocation(workdir, time.time() - start, True)
       results.update(results_lib.wall_times(invocations, previous))
     results["devices"] = f"{jax.device_count()} x {jax.devices()[0].platform}"

@@ -11,14 +11,13 @@ fixed grid instead (8 learning rates × 4 weight decays): :func:`grid_configs`, 
 to :func:`random_search` as ``pairs``.
 """
 import itertools
-import json
 import math
 import os
 from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
-from bissl_jax.pipeline.results import write_json
+from bissl_jax.pipeline.results import read_record, write_json
 
 
 class Trial(NamedTuple):
@@ -115,10 +114,12 @@ def random_search(evaluate: Callable[[float, float], Tuple[float, float]], *,
 
 def load_trials(path: str) -> List[Trial]:
   """Trials saved by :func:`random_search` (empty if the file does not exist)."""
-  if not path or not os.path.exists(path):
+  record = read_record(path, "search") if path else None
+  try:
+    return [Trial(**t) for t in (record or {}).get("trials", [])]
+  except TypeError:  # valid JSON of another shape: start the search afresh
+    print(f"[search] {path} holds no trials; ignoring it.", flush=True)
     return []
-  with open(path) as f:
-    return [Trial(**t) for t in json.load(f)["trials"]]
 
 
 def _save_trials(path: str, trials: Sequence[Trial]) -> None:
