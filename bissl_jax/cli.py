@@ -145,7 +145,9 @@ def branch_advice(err, argv: Optional[Sequence[str]] = None, config=None) -> str
       value = _get(config, field)
     except (AttributeError, KeyError):
       value = None
-  new = _suggested_value(field, value) or "<new value>"
+  suggestion = getattr(err, "suggestion", None)
+  new = (f"{suggestion:.3g}" if suggestion is not None else None) or _suggested_value(
+      field, value) or "<new value>"
   workdir = next((a.split("=", 1)[1] for a in argv if a.startswith("--workdir=")),
                  "./workdir")
   workdir = os.path.abspath(workdir)

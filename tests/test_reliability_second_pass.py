@@ -163,7 +163,11 @@ def test_a_huge_lam_is_blamed_not_the_learning_rates():
   from bissl_jax.pipeline import bissl_stage
   with pytest.raises(NonFiniteError, match="config.bissl.lam=1e\\+30") as err:
     bissl_stage.blame_lam_if_unstable(3, lam=1e30, lower_lr=0.5, momentum=0.9)
-  assert err.value.field == "bissl.lam"
+  assert err.value.field == "bissl.lam" and err.value.suggestion == pytest.approx(3.8)
+  from bissl_jax import cli
+  advice = cli.branch_advice(err.value, ["bissl-jax run", "--workdir=/tmp/w"],
+                             digits_simclr.get_config("runlocal"))
+  assert advice.endswith("--config.bissl.lam=3.8")
   # Heavy-ball on λ/2·x² with step η: x_{k+1} = (1 + β − ηλ) x_k − β x_{k−1} grows
   # exactly when ηλ > 2(1 + β); check the bound against that recursion.
   for eta_lam, grows in ((3.7, False), (3.9, True)):

@@ -323,7 +323,7 @@ def blame_lam_if_unstable(t: int, *, lam: float, lower_lr: float, momentum: floa
       f"{lower_lr * lam:.3g} > 2(1 + lower_momentum) = {bound:.3g}), so θ_P − θ_D grows "
       f"every step. Nothing was checkpointed for this alternation. Lower config.bissl.lam "
       f"below {bound / lower_lr:.3g} (or config.bissl.lower_lr below {bound / lam:.3g}).",
-      field="bissl.lam")
+      field="bissl.lam", suggestion=bound / lower_lr / 2)
 
 
 def blame_lower_if_it_overflowed(state: bilevel.BilevelState, t: int, lower_lr: float) -> None:
