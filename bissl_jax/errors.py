@@ -22,3 +22,7 @@ class NonFiniteError(FloatingPointError):
     super().__init__(message)
     self.field = field
     self.suggestion = suggestion
+
+
+class WorkdirInUseError(RuntimeError):
+  """Another live run holds the workdir's lock (:mod:`bissl_jax.pipeline.workdir_lock`)."""

@@ -36,9 +36,11 @@ from bissl_jax.convert import stage_output
 from bissl_jax.pipeline import branch
 from bissl_jax.pipeline import bissl_stage
 from bissl_jax.pipeline import comparison
+from bissl_jax.pipeline import compile_watch
 from bissl_jax.pipeline.provenance import digest_of
 from bissl_jax.pipeline import results as results_lib
 from bissl_jax.pipeline import supervised
+from bissl_jax.pipeline import workdir_lock
 from bissl_jax.pipeline.context import StageContext, build_context  # noqa: F401
 from bissl_jax.pipeline.datasets import load_data
 from bissl_jax.pipeline.inputs import check_inputs
@@ -187,9 +189,28 @@ def run(config, workdir: str, *, bissl_callback: Optional[Callable] = None,
   need_pretext, need_downstream = _NEEDS[config.stages]
   # Before anything is written: a missing dataset leaves no workdir behind.
   splits, pretext_set = load_data(config, need_pretext, need_downstream)
+  created = not os.path.exists(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  # One writer per workdir (process 0 writes every file): a second run is refused.
+  lock = workdir_lock.acquire(workdir) if jax.process_index() == 0 else None
+  try:
+    with compile_watch.cleanup_on_exit(lock.release if lock else lambda: None):
+      return _run_stages(config, workdir, start=start, resumed=resumed, splits=splits,
+                         pretext_set=pretext_set, announce=announce,
+                         bissl_callback=bissl_callback, branch_from=branch_from)
+  finally:
+    if lock is not None:
+      lock.release()
+    if created and not os.listdir(workdir):  # refused before writing anything
+      os.rmdir(workdir)
+
+
+def _run_stages(config, workdir: str, *, start: float, resumed: bool, splits, pretext_set,
+                announce: Optional[str], bissl_callback: Optional[Callable],
+                branch_from: Optional[str]) -> dict:
+  """The body of :func:`run` once the workdir is locked."""
   if branch_from is not None:
     resumed = branch.start(branch_from, workdir) or resumed
-  os.makedirs(workdir, exist_ok=True)
   _write_config(workdir, config)
   if announce is not None and jax.process_index() == 0:
     print(banner(config, workdir, source=announce, resumed=resumed), flush=True)

@@ -48,6 +48,7 @@ import numpy as np
 from bissl_jax.errors import NonFiniteError
 from bissl_jax.pipeline import branch
 from bissl_jax.pipeline import checkpoint
+from bissl_jax.pipeline import compile_watch
 from bissl_jax.pipeline import run_log
 
 PyTree = Any
@@ -294,13 +295,15 @@ def install_stop_handlers() -> None:
   """Makes SIGINT/SIGTERM of the whole process requests that every stage loop honours.
 
   The first signal is recorded and the running (or next) stage stops after its
-  current step, saving it; a second one raises ``KeyboardInterrupt`` at once. The
-  entry points call this once; :func:`run_stage` installs the same handlers while
-  it runs.
+  current step, saving it; a second one raises ``KeyboardInterrupt`` at once. While
+  a stage's first step of a session compiles (nothing unsaved), a signal exits at
+  once with status 130 (:mod:`bissl_jax.pipeline.compile_watch`). The entry points
+  call this once; :func:`run_stage` installs the same handlers while it runs.
   """
   if threading.current_thread() is threading.main_thread():
     for sig in (signal.SIGINT, signal.SIGTERM):
       signal.signal(sig, _record_signal)
+    compile_watch.enable()  # a signal during a first step's compilation stops at once
 
 
 @contextlib.contextmanager
@@ -465,7 +468,10 @@ def run_stage(stage: Stage, state: PyTree) -> StageResult:
           raise StopRequested(f"stop requested before {unit} {committed[0] + 1}")
         while committed[0] < total:
           i, state, _ = committed
-          state, metrics = stage.step(state, i, stage.data.batch(i))
+          # The session's first step compiles; nothing since the checkpoint is unsaved.
+          with (compile_watch.nothing_unsaved(stage.name) if i == resumed_from
+                else contextlib.nullcontext()):
+            state, metrics = stage.step(state, i, stage.data.batch(i))
           n = i + 1
           postfix = {}
           if n % stage.log_every == 0 or n == total:
