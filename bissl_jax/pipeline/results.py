@@ -135,15 +135,6 @@ def write_results(workdir: str, results: Mapping[str, object]) -> str:
 WALL_TIMES_FILE = "wall_times.json"  # one entry per invocation of a comparison run
 
 
-def record_invocation(workdir: str, seconds: float, finished: bool) -> list:
-  """Appends one invocation's wall time to ``workdir/wall_times.json``; returns all."""
-  path = os.path.join(workdir, WALL_TIMES_FILE)
-  entries = (read_record(path, "wall times") or {}).get("invocations", [])
-  entries.append({"seconds": float(seconds), "finished": bool(finished)})
-  write_json(path, {"invocations": entries})
-  return entries
-
-
 def wall_times(invocations, previous: Optional[Mapping] = None) -> dict:
   """``wall_time_s`` and ``resumed_wall_time_s`` of a run from its invocations.
 
@@ -154,7 +145,9 @@ def wall_times(invocations, previous: Optional[Mapping] = None) -> dict:
   the original time.
 
   Args:
-    invocations: ``[{'seconds', 'finished'}]`` in order (see :func:`record_invocation`).
+    invocations: ``[{'seconds', 'finished'}]`` in order (written by
+      ``bissl_jax.pipeline.invocation_clock``; a killed invocation's entry holds its
+      time up to its last heartbeat).
     previous: the ``results.json`` already in the workdir, if any. A workdir written
       before invocations were recorded keeps that file's ``wall_time_s``.
 

@@ -36,6 +36,7 @@ from bissl_jax.convert import stage_output
 from bissl_jax.pipeline import branch
 from bissl_jax.pipeline import bissl_stage
 from bissl_jax.pipeline import comparison
+from bissl_jax.pipeline import invocation_clock
 from bissl_jax.pipeline import compile_watch
 from bissl_jax.pipeline.provenance import digest_of
 from bissl_jax.pipeline import results as results_lib
@@ -216,6 +217,9 @@ def _run_stages(config, workdir: str, *, start: float, resumed: bool, splits, pr
     print(banner(config, workdir, source=announce, resumed=resumed), flush=True)
   ctx = build_context(config, workdir)
   finished = False
+  # Written as it runs: a killed invocation's time still counts towards the total.
+  clock = (invocation_clock.InvocationClock(workdir, start)
+           if config.stages == "all" and jax.process_index() == 0 else None)
   try:
     check_inputs(ctx)  # every input checkpoint fits the model, before any compute
     if config.stages != "all":
@@ -229,7 +233,7 @@ def _run_stages(config, workdir: str, *, start: float, resumed: bool, splits, pr
       # The original run's time survives reruns of a finished workdir (which only
       # reload the stage outputs); later invocations are listed separately.
       previous = results_lib.read_record(os.path.join(workdir, "results.json"), "results")
-      invocations = results_lib.record_invocation(workdir, time.time() - start, True)
+      invocations = clock.finish(True)
       results.update(results_lib.wall_times(invocations, previous))
     results["devices"] = f"{jax.device_count()} x {jax.devices()[0].platform}"
     if jax.process_index() == 0:
@@ -238,6 +242,6 @@ def _run_stages(config, workdir: str, *, start: float, resumed: bool, splits, pr
       results["plots"] = results_lib.plot_curves(workdir)
     return results
   finally:
-    if config.stages == "all" and not finished and jax.process_index() == 0:
-      results_lib.record_invocation(workdir, time.time() - start, False)
+    if clock is not None and not finished:
+      clock.finish(False)
     ctx.logger.close()
