@@ -18,8 +18,10 @@ and exits with status 130.
 """
 import contextlib
 import difflib
+import errno
 import os
 import re
+import shlex
 import sys
 from typing import Iterator, List, Optional, Sequence
 
@@ -92,8 +94,8 @@ def user_error_message(err: BaseException) -> Optional[str]:
   # pylint: disable=g-import-not-at-top  (light imports first: --help stays fast)
   from bissl_jax.config_validation import ConfigError
   from bissl_jax.data.catalogue import DatasetNotFoundError
-  from bissl_jax.runtime.errors import NonFiniteError
-  if isinstance(err, (UsageError, app.UsageError)):
+  from bissl_jax.runtime.errors import NonFiniteError, WorkdirInUseError
+  if isinstance(err, (UsageError, app.UsageError, WorkdirInUseError)):
     return f"error: {err}"
   if isinstance(err, ConfigError):
     return f"error: {err}"
@@ -101,12 +103,29 @@ def user_error_message(err: BaseException) -> Optional[str]:
     return f"error: missing data.\n{err}"
   if isinstance(err, NonFiniteError):
     return (f"error: training diverged.\n{err}\n" + branch_advice(err))
+  full = _disk_full(err)
+  if full is not None:
+    where = f" while writing {full.filename}" if full.filename else ""
+    return (f"error: the disk is full ({os.strerror(full.errno)}{where}). Free some space "
+            f"(or give another --workdir), then rerun the same command: it resumes from the "
+            f"last checkpoint, and a record cut short is named and recomputed.")
   if isinstance(err, (ValueError, FileNotFoundError, FileExistsError, ImportError)) and (
       _raised_in_converter(err)):
     return (f"error: the weights could not be loaded.\n{err}\nCheck the checkpoint path "
             "fields (pretext.checkpoint, bissl.init_checkpoint, finetune.init_checkpoint, "
             "evaluate.checkpoint) and the model fields (model.arch, "
             "model.width_multiplier, model.cifar_stem).")
+  return None
+
+
+def _disk_full(err: BaseException) -> Optional[OSError]:
+  """The ENOSPC/EDQUOT ``OSError`` behind ``err`` (itself or a cause), if any."""
+  seen = set()
+  while err is not None and id(err) not in seen:
+    seen.add(id(err))
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+      return err
+    err = err.__cause__ or err.__context__
   return None
 
 
@@ -144,7 +163,9 @@ def branch_advice(err, argv: Optional[Sequence[str]] = None, config=None) -> str
       value = _get(config, field)
     except (AttributeError, KeyError):
       value = None
-  new = _suggested_value(field, value) or "<new value>"
+  suggestion = getattr(err, "suggestion", None)
+  new = (f"{suggestion:.3g}" if suggestion is not None else None) or _suggested_value(
+      field, value) or "<new value>"
   workdir = next((a.split("=", 1)[1] for a in argv if a.startswith("--workdir=")),
                  "./workdir")
   workdir = os.path.abspath(workdir)
@@ -155,8 +176,10 @@ def branch_advice(err, argv: Optional[Sequence[str]] = None, config=None) -> str
       ("--workdir=", "--branch_from=", f"--config.{field}="))]
   prog = "bissl-jax run" if argv and argv[0].endswith(" run") else (
       "python -m experiments.main")
-  command = " ".join([prog] + keep + [f"--workdir={workdir}-branch{k}",
-                                      f"--branch_from={workdir}", f"--config.{field}={new}"])
+  # Quoted for a POSIX shell: '--config.seeds=(0,)' must survive being pasted into bash.
+  command = " ".join([prog] + [shlex.quote(a) for a in keep + [
+      f"--workdir={workdir}-branch{k}", f"--branch_from={workdir}",
+      f"--config.{field}={new}"]])
   return ("The last good checkpoint is kept. To continue from it with a changed value, "
           f"branch the run (a new run directory that records its parent):\n  {command}")
 
@@ -226,7 +249,24 @@ def load_config(spec: str):
     values(argv)
   except flags.Error as e:
     raise UsageError(f"--config={spec}: {e}") from e
+  except Exception as e:  # pylint: disable=broad-except  (the file's own code failed)
+    raise UsageError(f"--config={spec}: the config file failed to load: "
+                     f"{_where_in_file(e, argv[1][len('--config='):].partition(':')[0])}"
+                     f"{type(e).__name__}: {e}. Fix the file (its get_config() must return "
+                     f"a ConfigDict).") from e
   return values.config
+
+
+def _where_in_file(err: BaseException, path: str) -> str:
+  """``'<file>, line N: '`` of the deepest frame of ``err`` in ``path`` (or '')."""
+  if isinstance(err, SyntaxError) and err.lineno:
+    return f"{err.filename or path}, line {err.lineno}: "
+  where, tb = "", err.__traceback__
+  while tb is not None:
+    if os.path.abspath(tb.tb_frame.f_code.co_filename) == os.path.abspath(path):
+      where = f"{path}, line {tb.tb_lineno}: "
+    tb = tb.tb_next
+  return where
 
 
 def check_overrides(argv: Sequence[str], config) -> None:
@@ -288,10 +328,27 @@ def help_text(spec: str = DEFAULT_CONFIG) -> str:
   return "\n".join(lines) + "\n"
 
 
+def _last_override_wins(argv: Sequence[str]) -> List[str]:
+  """``argv`` with only the last ``--config.<field>=`` of each field.
+
+  ml_collections appends a repeated tuple override to the first one
+  (``--config.seeds='(0,)' --config.seeds='(1,)'`` would run seeds 0 and 1); a
+  repeated flag must replace, as it does for every other field.
+  """
+  def field(arg):
+    if arg.startswith(("--config.", "--noconfig.")) and "=" in arg:
+      return arg.split("=", 1)[0].replace("--noconfig.", "--config.")
+    if arg.startswith(("--config.", "--noconfig.")):
+      return arg.replace("--noconfig.", "--config.")  # a boolean switch
+    return None
+  last = {field(a): i for i, a in enumerate(argv) if field(a) is not None}
+  return [a for i, a in enumerate(argv) if field(a) is None or last[field(a)] == i]
+
+
 def _parse_run_flags(argv: Sequence[str]) -> List[str]:
   """absl's flag parser with our checks first; prints help for -h/--help."""
   with error_boundary(debug_requested(argv)):
-    argv = _with_config_file(argv)
+    argv = _last_override_wins(_with_config_file(argv))
     if any(a in _HELP_ARGS for a in argv[1:]):
       print(help_text(_config_spec(argv)), end="")
       sys.exit(0)

@@ -519,6 +519,8 @@ def validate_config(config: Any, *, num_devices: Optional[int] = None) -> Any:
 
   if not missing("bissl"):
     errors.extend(bilevel_combination_problems(dict(_get(config, "bissl"))))
+  from bissl_jax import config_bounds  # split seed, compute dtype, compile-size bounds
+  errors.extend(config_bounds.problems(config, _get, jax.default_backend()))
 
   # Extra BiSSL rows of the comparison: each variant's overrides must make a valid
   # config.bissl of its own.

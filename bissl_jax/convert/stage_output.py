@@ -10,6 +10,12 @@ The pipeline writes these; later stages, single-stage runs, the converter
 host (NumPy) arrays, so they load on any device count. Writes are atomic: orbax
 writes into a temporary directory and renames it when complete.
 
+**Integrity.** :func:`export` records a SHA-256 checksum of the variables' bytes
+(:func:`tree_checksum`) in ``meta``; :func:`load_export` verifies it and raises
+:class:`CorruptOutputError` when what is read back differs (a flipped byte in
+compressed data can decode silently into other values). Outputs written before the
+checksum existed load unchecked.
+
 Orbax's standard handler stores arrays only: typed PRNG keys are stored as their key
 data and Python/NumPy scalars as 0-d arrays (:func:`encode`); a restore against a
 template puts both back (:func:`decode`). The in-stage checkpoints of
@@ -17,6 +23,7 @@ template puts both back (:func:`decode`). The in-stage checkpoints of
 
 This module sits below the pipeline: it imports nothing of it.
 """
+import hashlib
 import os
 from typing import Optional, Tuple
 
@@ -27,6 +34,27 @@ import orbax.checkpoint as ocp
 from bissl_jax.types import PyTree
 
 EXPORT_FORMAT = "bissl_jax.stage_output/1"
+
+
+class CorruptOutputError(ValueError):
+  """A stage output does not read back as it was written."""
+
+
+def tree_checksum(tree: PyTree) -> Optional[str]:
+  """SHA-256 over every leaf's path, dtype, shape and bytes (None on several hosts).
+
+  Typed PRNG keys are hashed as their key data (:func:`encode`), so a tree and its
+  restored copy hash alike.
+  """
+  if jax.process_count() > 1:
+    return None  # the arrays are not all addressable from one host
+  digest = hashlib.sha256()
+  leaves, _ = jax.tree_util.tree_flatten_with_path(jax.device_get(encode(tree)))
+  for path, leaf in leaves:
+    x = np.ascontiguousarray(np.asarray(leaf))
+    digest.update(f"{jax.tree_util.keystr(path)}|{x.dtype.str}|{x.shape}|".encode())
+    digest.update(x.tobytes())
+  return digest.hexdigest()
 
 
 def _is_key(x) -> bool:
@@ -80,6 +108,7 @@ def export(directory: str, variables: PyTree, meta: dict) -> None:
   if jax.process_count() == 1:
     # Host arrays carry no sharding, so the export loads on any number of devices.
     variables = jax.device_get(variables)
+    meta["checksum"] = tree_checksum(variables)
   checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
   checkpointer.save(os.path.abspath(directory), args=ocp.args.Composite(
       state=ocp.args.StandardSave(variables), meta=ocp.args.JsonSave(meta)),
@@ -103,6 +132,10 @@ def load_export(directory: str, template: Optional[PyTree] = None) -> Tuple[PyTr
 
   Returns:
     ``(variables, meta)``.
+
+  Raises:
+    CorruptOutputError: the variables' checksum differs from the recorded one.
+    NonFiniteError: they hold NaN/Inf.
   """
   directory = os.path.abspath(directory)
   if not is_export(directory):
@@ -114,11 +147,15 @@ def load_export(directory: str, template: Optional[PyTree] = None) -> Tuple[PyTr
   restored = checkpointer.restore(directory, args=ocp.args.Composite(
       state=target, meta=ocp.args.JsonRestore()))
   checkpointer.close()
-  state = restored["state"]
+  state, meta = restored["state"], dict(restored["meta"])
+  saved = meta.get("checksum")
+  if saved is not None and jax.process_count() == 1 and saved != tree_checksum(state):
+    raise CorruptOutputError(f"the stage output {directory} does not read back as it was "
+                             f"written (its checksum differs): it is damaged.")
   check_finite(state, f"the stage output {directory}")
   if template is not None:
     state = decode(state, template)
-  return state, dict(restored["meta"])
+  return state, meta
 
 
 def load_export_meta(directory: str) -> Tuple[None, dict]:

@@ -24,8 +24,8 @@ from bissl_jax.detection.backbone import Res5Head, c4_features, c4_resnet, c4_st
 from bissl_jax.detection.roi_align import roi_align
 from bissl_jax.detection.roi_heads import postprocess
 from bissl_jax.detection.rpn import RPNHead, select_proposals
+from bissl_jax.types import PyTree
 
-PyTree = Any
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,6 +3,11 @@
 Gather the model outputs of the entire evaluation set first and call these once:
 accuracies and mAP are not averages of per-shard values (mAP is not decomposable
 at all). Accuracies are fractions in [0, 1], not percentages.
+
+A prediction with any non-finite score (a diverged model's NaN or inf logits) is
+never right: it counts as wrong in the accuracies and ranks last (after every
+finite score, its positives after its negatives) in average precision, so a
+diverged model cannot score well (:func:`nonfinite_rows` counts such predictions).
 """
 import math
 from typing import Optional, Sequence
@@ -22,11 +27,26 @@ def _check_scores(logits: np.ndarray, labels: np.ndarray):
   return logits, labels.astype(np.int64)
 
 
+def nonfinite_mask(scores) -> np.ndarray:
+  """``(N,)`` bool: True for the rows of ``(N, C)`` scores with any NaN or infinite entry."""
+  scores = np.asarray(scores)
+  if scores.ndim == 1:
+    return ~np.isfinite(scores)
+  return ~np.all(np.isfinite(scores.reshape(scores.shape[0], -1)), axis=1)
+
+
+def nonfinite_rows(scores) -> int:
+  """How many predictions (rows) of ``scores`` hold a NaN or infinite score."""
+  return int(np.sum(nonfinite_mask(scores)))
+
+
 def top_k_accuracy(logits, labels, k: int) -> float:
   """Share of examples whose true class is among the k highest scores.
 
   Ties rank the lower class index first (a stable descending sort), so a
-  constant output is not rewarded for every class at once.
+  constant output is not rewarded for every class at once. A row with any
+  non-finite score counts as wrong (every comparison with NaN is False, so it
+  would otherwise count as right).
 
   Args:
     logits: (N, C) scores.
@@ -43,7 +63,8 @@ def top_k_accuracy(logits, labels, k: int) -> float:
   class_ids = np.arange(logits.shape[1])[None, :]
   ahead = (logits > true_score) | ((logits == true_score)
                                    & (class_ids < labels[:, None]))
-  return float(np.mean(ahead.sum(axis=1) < k))
+  right = (ahead.sum(axis=1) < k) & ~nonfinite_mask(logits)
+  return float(np.mean(right))
 
 
 def accuracy_metrics(logits, labels) -> dict[str, float]:
@@ -73,7 +94,8 @@ def average_precision_11point(scores, targets,
       (VOC's "difficult" ground truth, 0 in the devkit's {-1, 0, 1} labels).
 
   Returns:
-    The AP in [0, 1], or NaN when no (kept) example is positive.
+    The AP in [0, 1], or NaN when no (kept) example is positive. Non-finite scores
+    rank last, their positives after their negatives (the worst order).
   """
   scores = np.asarray(scores, np.float64).reshape(-1)
   positive = np.asarray(targets).reshape(-1) > 0
@@ -83,7 +105,10 @@ def average_precision_11point(scores, targets,
   num_positive = positive.sum()
   if num_positive == 0:
     return math.nan
-  ranked = positive[np.argsort(-scores, kind='stable')]
+  bad = ~np.isfinite(scores)
+  # lexsort: last key first; finite by descending score, then bad negatives, bad positives.
+  order = np.lexsort((np.where(bad, 0.0, -scores), bad & positive, bad))
+  ranked = positive[order]
   true_pos = np.cumsum(ranked)
   recall = true_pos / num_positive
   precision = true_pos / np.arange(1, len(ranked) + 1)
@@ -116,6 +141,7 @@ def mean_average_precision_11point(scores, targets,
   if ignore is not None and np.shape(ignore) != scores.shape:
     raise ValueError(f'ignore must be (N, C) like scores, got '
                      f'{np.shape(ignore)}.')
+  scores = np.where(nonfinite_mask(scores)[:, None], np.nan, scores)  # whole row wrong
   aps = np.array([average_precision_11point(
       scores[:, c], targets[:, c], None if ignore is None else ignore[:, c])
                   for c in range(scores.shape[1])])

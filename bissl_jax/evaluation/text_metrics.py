@@ -3,13 +3,14 @@
 Matthews correlation for CoLA, Pearson correlation for STS-B, F1 of the positive
 class for MRPC and QQP, accuracy otherwise, as the GLUE benchmark and Hugging
 Face ``evaluate`` define them. Values are fractions (multiply by 100 for the
-thesis's tables).
+thesis's tables). A prediction with any non-finite logit counts as wrong in
+every metric (as in :mod:`bissl_jax.evaluation.metrics`).
 """
 from typing import Dict
 
 import numpy as np
 
-from bissl_jax.evaluation.metrics import top_k_accuracy
+from bissl_jax.evaluation.metrics import nonfinite_mask, top_k_accuracy
 
 GLUE_METRICS = {"cola": "matthews", "sst2": "accuracy", "mrpc": "f1", "qqp": "f1",
                 "stsb": "pearson", "qnli": "accuracy", "rte": "accuracy"}
@@ -83,7 +84,10 @@ def glue_scores(task: str, outputs, labels) -> Dict[str, float]:
   if outputs.ndim != 2:
     raise ValueError(f"{task} needs logits (N, C); got shape {outputs.shape}.")
   scores = {"accuracy": top_k_accuracy(outputs, labels, 1)}
-  predictions = np.argmax(outputs, axis=1)
+  labels = np.asarray(labels).astype(np.int64)
+  # argmax of a NaN row is the first NaN's class, which may be right: make it wrong.
+  predictions = np.where(nonfinite_mask(outputs), (labels + 1) % outputs.shape[1],
+                         np.argmax(outputs, axis=1))
   if metric == "f1":
     scores["f1"] = f1_binary(predictions, labels)
   elif metric == "matthews":

@@ -253,6 +253,10 @@ def run_bissl(ctx: StageContext, warm: dict, pretext_set, downstream_set, *, see
     new_state, metrics = alternate(state, place_batches(ctx, batches),
                                    jax.random.fold_in(base_key, t))
     metrics = jax.device_get(metrics)
+    if bool(np.asarray(metrics["upper_nonfinite"])) or bool(
+        np.asarray(metrics["lower_nonfinite"])):
+      blame_lam_if_unstable(t, lam=float(cfg.lam), lower_lr=float(cfg.lower_lr),
+                            momentum=float(cfg.lower_momentum))
     if bool(np.asarray(metrics["upper_nonfinite"])):
       blame_lower_if_it_overflowed(new_state, t, float(cfg.lower_lr))
     ts.raise_if_nonfinite(metrics, t)  # before anything of this alternation is saved
@@ -295,6 +299,31 @@ def run_bissl(ctx: StageContext, warm: dict, pretext_set, downstream_set, *, see
 @jax.jit
 def _squared_norm(tree) -> jax.Array:
   return sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree_util.tree_leaves(tree))
+
+
+def blame_lam_if_unstable(t: int, *, lam: float, lower_lr: float, momentum: float) -> None:
+  """Raises a NonFiniteError blaming ``bissl.lam`` if the regulariser alone diverges.
+
+  The lower level descends ``L_P(θ_P) + λ/2 ‖θ_P − θ_D‖²`` (paper Eq. 5). LARS
+  moves the biases and normalisation parameters by plain SGD with heavy-ball
+  momentum β (no trust ratio); on the regulariser alone that multiplies their gap
+  ``θ_P − θ_D`` by a factor of magnitude above 1 once ``η·λ > 2(1 + β)`` (η the
+  peak lower LR): every lower step then amplifies the gap, whatever the loss does.
+  After a divergence, that is the evidence against λ rather than the step sizes -
+  when λ alone is out of range: unstable even at a lower LR of 1 (an ordinary LARS
+  LR), ``λ > 2(1 + β)``. A far too large LR with an ordinary λ is the LR's fault
+  (:func:`blame_lower_if_it_overflowed`, ``train_state.raise_if_nonfinite``).
+  """
+  bound = 2.0 * (1.0 + momentum)
+  if not (lower_lr * lam > bound and lam > bound):
+    return
+  raise NonFiniteError(
+      f"BiSSL diverged at alternation {t}: with config.bissl.lam={lam:.3g} the lower "
+      f"level's steps on the regulariser λ/2‖θ_P − θ_D‖² are unstable (lower_lr·λ = "
+      f"{lower_lr * lam:.3g} > 2(1 + lower_momentum) = {bound:.3g}), so θ_P − θ_D grows "
+      f"every step. Nothing was checkpointed for this alternation. Lower config.bissl.lam "
+      f"below {bound / lower_lr:.3g} (or config.bissl.lower_lr below {bound / lam:.3g}).",
+      field="bissl.lam", suggestion=bound / lower_lr / 2)
 
 
 def blame_lower_if_it_overflowed(state: bilevel.BilevelState, t: int, lower_lr: float) -> None:

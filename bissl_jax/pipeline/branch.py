@@ -22,8 +22,8 @@ from bissl_jax.config_validation import ConfigError
 
 BRANCH_FILE = "branch.json"
 # What a branch does not copy: the parent's results and derived files.
-_NOT_COPIED = ("results.json", "results.md", "plots", "tensorboard", "wall_times.json",
-               "superseded", BRANCH_FILE)
+_NOT_COPIED = ("run.lock", "results.json", "results.md", "plots", "tensorboard",
+               "wall_times.json", "superseded", BRANCH_FILE)
 
 
 def start(parent: str, workdir: str) -> bool:

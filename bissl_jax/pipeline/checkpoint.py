@@ -18,26 +18,28 @@ finished. Saves are synchronous, so a checkpoint exists on disk before training
 continues. Run checkpoints are restored into the current topology through their
 template.
 
-**Integrity.** Each saved step records a SHA-256 checksum of its state's bytes in
-its ``extra`` record (written in the same atomic save). :meth:`RunCheckpointer.
-restore_good` verifies it; a step whose checksum differs, that cannot be read
+**Integrity.** Each saved step records a SHA-256 checksum of its state's bytes
+(``checksum``) and one of the whole step (``record_checksum``: that checksum, the
+``extra`` record - step counter, data-stack cursors, config fingerprint - and the
+data iterators' states) in its ``extra`` record, written in the same atomic save.
+:meth:`RunCheckpointer.restore_good` verifies both (a step written before
+``record_checksum`` existed is checked on its state alone); a step whose checksum differs, that cannot be read
 (truncated data, a missing ``_METADATA``, garbage JSON) or that fails the caller's
 check (non-finite parameters) is named, moved aside to ``<directory>.corrupt/`` and
 the previous step is tried; at least two steps are kept, so one bad write never
 loses the run.
 """
 import hashlib
+import json
 import os
 import shutil
 import time
 from typing import Callable, Optional, Tuple
 
-import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 from bissl_jax.convert.stage_output import (  # noqa: F401  (the pipeline's output format)
-    EXPORT_FORMAT, abstract, decode, encode, export, is_export, load_export)
+    EXPORT_FORMAT, abstract, decode, encode, export, is_export, load_export, tree_checksum)
 from bissl_jax.types import PyTree
 
 # The checkpoint item holding data-iterator states (Grain's, JSON), kept apart from
@@ -45,21 +47,21 @@ from bissl_jax.types import PyTree
 ITERATORS = "iterators"
 
 
-def tree_checksum(tree: PyTree) -> Optional[str]:
-  """SHA-256 over every leaf's path, dtype, shape and bytes (None on several hosts).
+# The record's own checksums: never part of what they cover.
+_CHECKSUM_KEYS = ("checksum", "record_checksum")
 
-  Typed PRNG keys are hashed as their key data (:func:`encode`), so a tree and its
-  restored copy hash alike.
+
+def record_checksum(state_checksum: Optional[str], extra: dict, iterators: dict) -> str:
+  """SHA-256 of a step's state checksum, ``extra`` (less its checksums) and iterators.
+
+  Computed on the JSON text (sorted keys), so a record and its read-back copy hash
+  alike.
   """
-  if jax.process_count() > 1:
-    return None  # the arrays are not all addressable from one host
-  digest = hashlib.sha256()
-  leaves, _ = jax.tree_util.tree_flatten_with_path(jax.device_get(encode(tree)))
-  for path, leaf in leaves:
-    x = np.ascontiguousarray(np.asarray(leaf))
-    digest.update(f"{jax.tree_util.keystr(path)}|{x.dtype.str}|{x.shape}|".encode())
-    digest.update(x.tobytes())
-  return digest.hexdigest()
+  body = {"state": state_checksum,
+          "extra": {k: v for k, v in extra.items() if k not in _CHECKSUM_KEYS},
+          "iterators": iterators or {}}
+  text = json.dumps(json.loads(json.dumps(body, sort_keys=True)), sort_keys=True)
+  return hashlib.sha256(text.encode()).hexdigest()
 
 
 class CorruptCheckpointError(ValueError):
@@ -98,10 +100,14 @@ class RunCheckpointer:
     """Saves ``state`` (any pytree of arrays), a JSON ``extra`` and the data
     ``iterators``' states (JSON, see :meth:`restore_iterators`) as ``step``.
 
-    The state's checksum (:func:`tree_checksum`) is stored with ``extra`` and
-    checked (and removed from it) on restore.
+    The state's checksum (:func:`tree_checksum`) and the whole step's
+    (:func:`record_checksum`) are stored with ``extra`` and checked (and removed
+    from it) on restore.
     """
-    extra = dict(extra or {}, checksum=tree_checksum(state))
+    checksum = tree_checksum(state)
+    extra = dict(extra or {}, checksum=checksum)
+    if checksum is not None:
+      extra["record_checksum"] = record_checksum(checksum, extra, iterators or {})
     self._manager.save(int(step), args=ocp.args.Composite(**{
         "state": ocp.args.StandardSave(encode(state)),
         "extra": ocp.args.JsonSave(extra),
@@ -129,9 +135,15 @@ class RunCheckpointer:
     restored = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract(template)), extra=ocp.args.JsonRestore()))
     state, extra = decode(restored["state"], template), dict(restored["extra"] or {})
+    whole = extra.pop("record_checksum", None)
     saved = extra.pop("checksum", None)
     if saved is not None and saved != tree_checksum(state):
       raise CorruptCheckpointError("its checksum does not match the bytes read back")
+    if whole is not None and whole != record_checksum(saved, extra,
+                                                      self.restore_iterators(step)):
+      raise CorruptCheckpointError(
+          "its record (step counter, data positions, iterator states) does not match "
+          "its checksum")
     return state, extra
 
   def restore_good(self, template: PyTree, *, check: Optional[Callable[[PyTree], None]] = None,

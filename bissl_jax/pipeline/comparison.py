@@ -131,7 +131,7 @@ def finetune_and_evaluate(ctx: StageContext, backbone: dict, splits: dict, *, pi
                                         inputs=inputs)
   reuse_output = provenance.reusable(out_dir, prov, mode=_reuse(ctx), name=name,
                                      also=[record_path])
-  record = results_lib.read_json(record_path)
+  record = results_lib.read_record(record_path, name) if reuse_output else None
   if (reuse_output and record is not None
       and (record.get(provenance.RECORD_KEY) or {}).get("digest")
       == provenance.with_lineage(prov, directory).digest):
@@ -152,6 +152,10 @@ def finetune_and_evaluate(ctx: StageContext, backbone: dict, splits: dict, *, pi
     stage_output.export(out_dir, {"params": params, "batch_stats": stats}, meta)
   test = supervised.evaluate(ctx, params, stats, splits["test"])
   ctx.logger.write(name + "/test", meta["best_epoch"], test)
+  field = "finetune.lr" if pipeline == "baseline" else "finetune.bissl_lr"
+  supervised.check_evaluation(
+      test, f"the test evaluation of {name} (its output is in {out_dir})",
+      f"Lower the fine-tuning learning rate (lr={lr:.3g}: config.{field}).", field)
   record = dict(meta, test=test)
   record.pop("format", None)
   results_lib.write_json(record_path, record)
@@ -236,7 +240,7 @@ def run_comparison(ctx: StageContext, splits: dict, pretext_set, *,
                                 seed=seed, directory=ctx.path(f"seed{seed}", "baseline",
                                                               "finetune"),
                                 inputs={"backbone": base_digest}, **hyper["baseline"])
-    per_seed["baseline"][seed] = dict(rec["test"], val=rec["val_score"])
+    per_seed["baseline"][seed] = _seed_row(rec)
     shown["baseline"] = _used_hyperparams(rec)
 
     # BiSSL: head warm-up → BiSSL → fine-tuning from θ_P → test.
@@ -258,7 +262,7 @@ def run_comparison(ctx: StageContext, splits: dict, pretext_set, *,
     rec = finetune_and_evaluate(ctx, theta_p, splits, pipeline="bissl", seed=seed,
                                 directory=os.path.join(bissl_dir, "finetune"),
                                 inputs={"backbone": theta_digest}, **hyper["bissl"])
-    per_seed["bissl"][seed] = dict(rec["test"], val=rec["val_score"])
+    per_seed["bissl"][seed] = _seed_row(rec)
     shown["bissl"] = _used_hyperparams(rec)
 
     # BiSSL variants (other solvers, ...): the same warm-up, seed and fine-tuning.
@@ -274,7 +278,7 @@ def run_comparison(ctx: StageContext, splits: dict, pretext_set, *,
           seed=seed, directory=os.path.join(vdir, "finetune"), inputs={
               "backbone": provenance.digest_of(os.path.join(vdir, "bissl", "output"))},
           **hyper["bissl"])
-      per_seed.setdefault(pipeline, {})[seed] = dict(rec["test"], val=rec["val_score"])
+      per_seed.setdefault(pipeline, {})[seed] = _seed_row(rec)
       shown[pipeline] = _used_hyperparams(rec)
     print(f"[seed {seed}] test {reported_metrics(ctx)[0]}: "
           f"baseline {per_seed['baseline'][seed]['score']:.4f}, "
@@ -290,6 +294,12 @@ def run_comparison(ctx: StageContext, splits: dict, pretext_set, *,
     info["corpus_fingerprint"] = text_sets.corpus_fingerprint(config.data)
   return results_lib.build_results(per_seed, multilabel=ctx.multilabel, hyperparams=shown,
                                    info=info, names=ctx.metric_names)
+
+
+def _seed_row(record: dict) -> dict:
+  """A seed's row of the results: its test metrics and validation score."""
+  test = {k: v for k, v in record["test"].items() if k != "nonfinite"}  # 0: checked
+  return dict(test, val=record["val_score"])
 
 
 def _used_hyperparams(record: dict) -> dict:

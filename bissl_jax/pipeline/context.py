@@ -299,9 +299,11 @@ def build_context(config, workdir: str) -> StageContext:
 
 
 def check_size(num_examples: int, batch_size: int, field: str, what: str) -> int:
-  """Steps per epoch (remainder dropped); raises if the set is smaller than a batch."""
+  """Steps per epoch (remainder dropped); ConfigError if the set is smaller than a batch."""
   if num_examples < batch_size:
-    raise ValueError(
+    from bissl_jax.config_validation import ConfigError  # pylint: disable=g-import-not-at-top
+    raise ConfigError(
         f"config.{field}={batch_size} exceeds the {num_examples} examples of {what}: "
-        f"set config.{field} to at most {num_examples}.")
+        f"set config.{field} to at most {num_examples} (the split sizes follow "
+        f"config.data.max_train_examples and config.data.val_fraction).")
   return num_examples // batch_size

@@ -174,10 +174,15 @@ def reusable(out_dir: str, wanted: Provenance, *, mode: str, name: str,
   if not stage_output.is_export(out_dir):
     return False
   wanted = with_lineage(wanted, stage_dir)
-  _, meta = stage_output.load_export_meta(out_dir)
-  changed = differences(wanted.record(), meta.get(RECORD_KEY))
-  if not changed:
-    return True
+  try:
+    _, meta = stage_output.load_export_meta(out_dir)
+    changed = differences(wanted.record(), meta.get(RECORD_KEY))
+    if not changed:
+      stage_output.load_export(out_dir)  # reads back intact (checksum) and finite
+      return True
+  except Exception as err:  # pylint: disable=broad-except  (any unreadable output)
+    _set_aside_damaged(name, out_dir, err, [out_dir] + list(also))
+    return False
   _refuse_or_set_aside(
       stale_message(name, f"the output in {out_dir}", changed), mode,
       fixes="those values, use a fresh --workdir, or drop --reuse=strict to recompute "
@@ -185,6 +190,17 @@ def reusable(out_dir: str, wanted: Provenance, *, mode: str, name: str,
       directory=stage_dir, paths=[out_dir, os.path.join(stage_dir, "ckpt")] + list(also),
       then="recomputing this stage and everything downstream of it (the old output is kept")
   return False
+
+
+def _set_aside_damaged(name: str, out_dir: str, err: BaseException, paths: list) -> None:
+  """A stage output that does not read back: named, moved aside; the stage recomputes it.
+
+  Its checkpoints stay: a finished stage's last checkpoint re-exports it at once.
+  """
+  first = (str(err).splitlines() or [""])[0][:200]
+  moved = set_aside(os.path.dirname(os.path.abspath(out_dir)), paths)
+  print(f"[{name}] the output in {out_dir} is damaged ({type(err).__name__}: {first}); "
+        f"moved it to {moved} and recomputing this stage.", flush=True)
 
 
 def reusable_record(path: str, wanted: Provenance, *, mode: str, name: str) -> bool:

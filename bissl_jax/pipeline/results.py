@@ -13,6 +13,7 @@ Accuracies are fractions in [0, 1]; the Markdown table shows percentages as
 ``mean ± std`` (sample std, ddof=1, from ``bissl_jax.evaluation.metrics.summarize``) in the
 layout of Table 1 of the paper.
 """
+import hashlib
 import json
 import os
 from typing import Dict, Mapping, Optional
@@ -122,10 +123,9 @@ def to_markdown(results: Mapping[str, object]) -> str:
 
 
 def write_results(workdir: str, results: Mapping[str, object]) -> str:
-  """Writes ``results.json`` and ``results.md``; returns the Markdown text."""
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump(results, f, indent=2, sort_keys=True)
+  """Writes ``results.json`` (checksummed, :func:`write_json`) and ``results.md``;
+  returns the Markdown text."""
+  write_json(os.path.join(workdir, "results.json"), results)
   text = to_markdown(results)
   with open(os.path.join(workdir, "results.md"), "w") as f:
     f.write(text)
@@ -133,15 +133,6 @@ def write_results(workdir: str, results: Mapping[str, object]) -> str:
 
 
 WALL_TIMES_FILE = "wall_times.json"  # one entry per invocation of a comparison run
-
-
-def record_invocation(workdir: str, seconds: float, finished: bool) -> list:
-  """Appends one invocation's wall time to ``workdir/wall_times.json``; returns all."""
-  path = os.path.join(workdir, WALL_TIMES_FILE)
-  entries = (read_json(path) or {}).get("invocations", [])
-  entries.append({"seconds": float(seconds), "finished": bool(finished)})
-  write_json(path, {"invocations": entries})
-  return entries
 
 
 def wall_times(invocations, previous: Optional[Mapping] = None) -> dict:
@@ -154,7 +145,9 @@ def wall_times(invocations, previous: Optional[Mapping] = None) -> dict:
   the original time.
 
   Args:
-    invocations: ``[{'seconds', 'finished'}]`` in order (see :func:`record_invocation`).
+    invocations: ``[{'seconds', 'finished'}]`` in order (written by
+      ``bissl_jax.pipeline.invocation_clock``; a killed invocation's entry holds its
+      time up to its last heartbeat).
     previous: the ``results.json`` already in the workdir, if any. A workdir written
       before invocations were recorded keeps that file's ``wall_time_s``.
 
@@ -174,9 +167,26 @@ def wall_times(invocations, previous: Optional[Mapping] = None) -> dict:
           "resumed_wall_time_s": [e["seconds"] for e in invocations[first + 1:]]}
 
 
+# Every JSON record of a run carries the SHA-256 of its own content under this key.
+CHECKSUM_KEY = "checksum"
+
+
+class DamagedRecordError(ValueError):
+  """A JSON record is not valid JSON or does not match its checksum."""
+
+
+def _record_checksum(record: Mapping) -> str:
+  body = {k: v for k, v in record.items() if k != CHECKSUM_KEY}
+  return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
 def write_json(path: str, record: Mapping) -> None:
-  """Writes ``record`` to ``path`` atomically (a temporary file, then a rename)."""
+  """Writes ``record`` to ``path`` atomically (a temporary file, then a rename), with
+  its checksum (:data:`CHECKSUM_KEY`, checked by :func:`read_json`)."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  # Through JSON first, so the checksum is of what a reader will see (tuples → lists).
+  record = json.loads(json.dumps(dict(record), sort_keys=True))
+  record = dict(record, **{CHECKSUM_KEY: _record_checksum(record)})
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     json.dump(record, f, indent=2, sort_keys=True)
@@ -184,11 +194,41 @@ def write_json(path: str, record: Mapping) -> None:
 
 
 def read_json(path: str) -> Optional[dict]:
-  """The record at ``path``, or None if there is none."""
+  """The record at ``path`` (its checksum checked and removed), or None if there is none.
+
+  Raises:
+    DamagedRecordError: not a JSON object, or it does not match its checksum (a
+      record written before checksums existed has none and is taken as it is).
+  """
   if not os.path.exists(path):
     return None
-  with open(path) as f:
-    return json.load(f)
+  try:
+    with open(path) as f:
+      record = json.load(f)
+  except (ValueError, UnicodeDecodeError) as e:
+    raise DamagedRecordError(f"{path} is not valid JSON ({e})") from e
+  if not isinstance(record, dict):
+    raise DamagedRecordError(f"{path} holds no JSON object")
+  saved = record.pop(CHECKSUM_KEY, None)
+  if saved is not None and saved != _record_checksum(record):
+    raise DamagedRecordError(f"{path} does not match its checksum")
+  return record
+
+
+def read_record(path: str, name: str) -> Optional[dict]:
+  """:func:`read_json`, but a damaged record is named, set aside and treated as absent.
+
+  It goes to ``<its directory>/superseded/<time>/`` (what a stale record gets), so
+  whatever wrote it is recomputed.
+  """
+  try:
+    return read_json(path)
+  except DamagedRecordError as e:
+    from bissl_jax.pipeline import provenance  # pylint: disable=g-import-not-at-top
+    moved = provenance.set_aside(os.path.dirname(os.path.abspath(path)), [path])
+    print(f"[{name}] {e}: it is damaged; moved it to {moved} and recomputing it.",
+          flush=True)
+    return None
 
 
 def plot_curves(workdir: str) -> list:

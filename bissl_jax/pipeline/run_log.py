@@ -68,20 +68,30 @@ class MetricLogger:
     recomputes the steps after it; this keeps one record per step in
     ``metrics.jsonl``. TensorBoard event files are append-only and keep both.
 
+    A line that is not a JSON record (cut short by a kill or a full disk) is
+    named and dropped too, so the next record never lands on its end.
+
     Returns:
       The number of records dropped.
     """
     if not self.enabled or not os.path.exists(self.path):
       return 0
-    with open(self.path) as f:
+    with open(self.path, errors="replace") as f:
       lines = [line for line in f if line.strip()]
-
-    def redone(line):
-      record = json.loads(line)
-      return record["stage"] == stage and record["step"] > step
-
-    kept = [line for line in lines if not redone(line)]
-    if len(kept) != len(lines):
+    kept, damaged = [], []
+    for number, line in enumerate(lines, start=1):
+      try:
+        record = json.loads(line)
+        redone = record["stage"] == stage and record["step"] > step
+      except (ValueError, KeyError, TypeError):
+        damaged.append(number)
+        continue
+      if not redone:
+        kept.append(line if line.endswith("\n") else line + "\n")
+    if damaged:
+      print(f"[{stage}] {self.path}: dropped {len(damaged)} damaged line(s) "
+            f"(line {', '.join(map(str, damaged[:5]))}: a write cut short).", flush=True)
+    if len(kept) != len(lines) or any(not line.endswith("\n") for line in lines):
       tmp = self.path + ".tmp"
       with open(tmp, "w") as f:
         f.writelines(kept)

@@ -36,9 +36,12 @@ from bissl_jax.convert import stage_output
 from bissl_jax.pipeline import branch
 from bissl_jax.pipeline import bissl_stage
 from bissl_jax.pipeline import comparison
+from bissl_jax.pipeline import invocation_clock
+from bissl_jax.pipeline import compile_watch
 from bissl_jax.pipeline.provenance import digest_of
 from bissl_jax.pipeline import results as results_lib
 from bissl_jax.pipeline import supervised
+from bissl_jax.pipeline import workdir_lock
 from bissl_jax.pipeline.context import StageContext, build_context  # noqa: F401
 from bissl_jax.pipeline.datasets import load_data
 from bissl_jax.pipeline.inputs import check_inputs
@@ -82,6 +85,10 @@ def run_single_stage(ctx: StageContext, stage: str, splits, pretext_set) -> dict
     record = {"stage": stage, "checkpoint": config.evaluate.checkpoint,
               "validation": supervised.evaluate(ctx, params, stats, splits["validation"]),
               "test": supervised.evaluate(ctx, params, stats, splits["test"])}
+    for split in ("validation", "test"):
+      supervised.check_evaluation(
+          record[split], f"the {split} evaluation of {config.evaluate.checkpoint}",
+          "The loaded model is diverged or corrupt: evaluate another checkpoint.")
     results_lib.write_json(ctx.path("evaluate", "evaluation.json"), record)
     return record
   raise ValueError(f"Unknown stage {stage!r}.")
@@ -183,14 +190,36 @@ def run(config, workdir: str, *, bissl_callback: Optional[Callable] = None,
   need_pretext, need_downstream = _NEEDS[config.stages]
   # Before anything is written: a missing dataset leaves no workdir behind.
   splits, pretext_set = load_data(config, need_pretext, need_downstream)
+  created = not os.path.exists(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  # One writer per workdir (process 0 writes every file): a second run is refused.
+  lock = workdir_lock.acquire(workdir) if jax.process_index() == 0 else None
+  try:
+    with compile_watch.cleanup_on_exit(lock.release if lock else lambda: None):
+      return _run_stages(config, workdir, start=start, resumed=resumed, splits=splits,
+                         pretext_set=pretext_set, announce=announce,
+                         bissl_callback=bissl_callback, branch_from=branch_from)
+  finally:
+    if lock is not None:
+      lock.release()
+    if created and not os.listdir(workdir):  # refused before writing anything
+      os.rmdir(workdir)
+
+
+def _run_stages(config, workdir: str, *, start: float, resumed: bool, splits, pretext_set,
+                announce: Optional[str], bissl_callback: Optional[Callable],
+                branch_from: Optional[str]) -> dict:
+  """The body of :func:`run` once the workdir is locked."""
   if branch_from is not None:
     resumed = branch.start(branch_from, workdir) or resumed
-  os.makedirs(workdir, exist_ok=True)
   _write_config(workdir, config)
   if announce is not None and jax.process_index() == 0:
     print(banner(config, workdir, source=announce, resumed=resumed), flush=True)
   ctx = build_context(config, workdir)
   finished = False
+  # Written as it runs: a killed invocation's time still counts towards the total.
+  clock = (invocation_clock.InvocationClock(workdir, start)
+           if config.stages == "all" and jax.process_index() == 0 else None)
   try:
     check_inputs(ctx)  # every input checkpoint fits the model, before any compute
     if config.stages != "all":
@@ -203,8 +232,8 @@ def run(config, workdir: str, *, bissl_callback: Optional[Callable] = None,
     if jax.process_index() == 0:
       # The original run's time survives reruns of a finished workdir (which only
       # reload the stage outputs); later invocations are listed separately.
-      previous = results_lib.read_json(os.path.join(workdir, "results.json"))
-      invocations = results_lib.record_invocation(workdir, time.time() - start, True)
+      previous = results_lib.read_record(os.path.join(workdir, "results.json"), "results")
+      invocations = clock.finish(True)
       results.update(results_lib.wall_times(invocations, previous))
     results["devices"] = f"{jax.device_count()} x {jax.devices()[0].platform}"
     if jax.process_index() == 0:
@@ -213,6 +242,6 @@ def run(config, workdir: str, *, bissl_callback: Optional[Callable] = None,
       results["plots"] = results_lib.plot_curves(workdir)
     return results
   finally:
-    if config.stages == "all" and not finished and jax.process_index() == 0:
-      results_lib.record_invocation(workdir, time.time() - start, False)
+    if clock is not None and not finished:
+      clock.finish(False)
     ctx.logger.close()

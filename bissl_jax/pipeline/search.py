@@ -11,14 +11,13 @@ fixed grid instead (8 learning rates × 4 weight decays): :func:`grid_configs`, 
 to :func:`random_search` as ``pairs``.
 """
 import itertools
-import json
 import math
 import os
 from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
-from bissl_jax.pipeline.results import write_json
+from bissl_jax.pipeline.results import read_record, write_json
 
 
 class Trial(NamedTuple):
@@ -64,12 +63,12 @@ def grid_configs(lrs: Sequence[float], weight_decays: Sequence[float]
 def select(trials: Sequence[Trial]) -> Trial:
   """The trial with the highest validation score; ties go to the lower validation loss.
 
-  Non-finite scores (diverged runs) never win unless every trial diverged.
+  A diverged trial (a non-finite score or validation loss: a score from NaN outputs
+  is no score) never wins unless every trial diverged.
   """
   def key(t: Trial):
-    score = t.val_score if math.isfinite(t.val_score) else -math.inf
-    loss = t.val_loss if math.isfinite(t.val_loss) else math.inf
-    return (score, -loss)
+    finite = math.isfinite(t.val_score) and math.isfinite(t.val_loss)
+    return (finite, t.val_score if finite else -math.inf, -t.val_loss if finite else 0.0)
   return max(trials, key=key)
 
 
@@ -115,10 +114,12 @@ def random_search(evaluate: Callable[[float, float], Tuple[float, float]], *,
 
 def load_trials(path: str) -> List[Trial]:
   """Trials saved by :func:`random_search` (empty if the file does not exist)."""
-  if not path or not os.path.exists(path):
+  record = read_record(path, "search") if path else None
+  try:
+    return [Trial(**t) for t in (record or {}).get("trials", [])]
+  except TypeError:  # valid JSON of another shape: start the search afresh
+    print(f"[search] {path} holds no trials; ignoring it.", flush=True)
     return []
-  with open(path) as f:
-    return [Trial(**t) for t in json.load(f)["trials"]]
 
 
 def _save_trials(path: str, trials: Sequence[Trial]) -> None:

@@ -8,10 +8,12 @@
 * **progress** with rate and ETA (:class:`~bissl_jax.pipeline.run_log.Progress`) and
   **metric logging** every ``log_every`` steps and at the last one (records of steps
   that a resume redoes are dropped first, so each step has one record);
-* **non-finite stop**: the loss (on every logged step) and the parameters (at every
-  epoch end, so before every checkpoint) must be finite; otherwise
+* **non-finite stop**: the loss (on every logged step), the parameters and the
+  whole state - statistics such as BatchNorm running variances, optimizer state,
+  tracked values such as the best validation loss (at every epoch end, so before
+  every checkpoint) - must be finite; otherwise
   :class:`~bissl_jax.runtime.errors.NonFiniteError` names the stage, the step, what became
-  non-finite and the field to change. Nothing non-finite is ever saved;
+  non-finite and the field to change. Nothing non-finite is ever saved or resumed;
 * **checkpoints** every ``checkpoint_every`` epochs (and after the last step with
   ``save_last``), and **on interrupt**: Ctrl-C or SIGTERM asks the loop to stop after
   the current step; it saves that step, says how to resume and re-raises
@@ -41,10 +43,12 @@ from typing import Any, Callable, Mapping, NamedTuple, Optional, Protocol, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from bissl_jax.runtime.errors import NonFiniteError
 from bissl_jax.pipeline import branch
 from bissl_jax.pipeline import checkpoint
+from bissl_jax.pipeline import compile_watch
 from bissl_jax.pipeline import run_log
 from bissl_jax.types import PyTree
 
@@ -180,6 +184,10 @@ class Stage:
       must stay finite, the advice when one does not and the config field to blame
       (default: the first ``config.<field>`` the advice names). Also checked on every
       restored checkpoint, which is never resumed when it fails.
+    state_to_check: ``fn(state) -> tree``: the part of the state that must be
+      finite, beyond the parameters, before every save and in every restored
+      checkpoint (default: the whole state; fine-tuning leaves out its "no best
+      epoch yet" -inf/inf record). Only floating-point leaves are checked.
     loss_key: metric that must stay finite on logged steps (None: not checked).
     loss_fix: advice when it does not.
     on_divergence: if given, a non-finite value stops the stage quietly:
@@ -206,6 +214,7 @@ class Stage:
   reuse: str = "strict"
   place: Callable[[Any], Any] = lambda state: state
   params_to_check: Optional[Callable[[Any], Mapping[str, Tuple[PyTree, str]]]] = None
+  state_to_check: Optional[Callable[[Any], PyTree]] = None
   loss_key: Optional[str] = "loss"
   loss_fix: str = ""
   on_divergence: Optional[Callable[[Any, NonFiniteError], None]] = None
@@ -234,15 +243,36 @@ class StopRequested(KeyboardInterrupt):
   """A SIGINT/SIGTERM asked the running stage to stop after its current step."""
 
 
+def _inexact(x) -> bool:
+  # Integer counters and typed PRNG keys are always "finite" (and isfinite rejects keys).
+  return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+
+
 @jax.jit
 def _all_finite(tree) -> jax.Array:
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree) if _inexact(x)]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
 def is_finite(tree: PyTree) -> bool:
-  """True if every entry of every leaf of ``tree`` is finite."""
+  """True if every entry of every floating-point leaf of ``tree`` is finite."""
   return bool(jax.device_get(_all_finite(tree)))
+
+
+def nonfinite_parts(tree: PyTree, limit: int = 3) -> str:
+  """Names the leaves of ``tree`` holding NaN/Inf: ``"['bn']['var'] (11 of 64 entries, inf)"``."""
+  found = []
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    if not _inexact(leaf):
+      continue
+    x = np.asarray(jax.device_get(leaf))
+    bad = ~np.isfinite(x)
+    if bad.any():
+      kinds = "/".join(k for k, m in (("nan", np.isnan(x)), ("inf", np.isinf(x))) if m.any())
+      found.append(f"{jax.tree_util.keystr(path) or 'value'} ({int(bad.sum())} of {x.size} "
+                   f"entries, {kinds})")
+  more = f" and {len(found) - limit} more" if len(found) > limit else ""
+  return ", ".join(found[:limit]) + more
 
 
 # Signals received and not yet honoured (process-wide): a handler only records them,
@@ -264,13 +294,15 @@ def install_stop_handlers() -> None:
   """Makes SIGINT/SIGTERM of the whole process requests that every stage loop honours.
 
   The first signal is recorded and the running (or next) stage stops after its
-  current step, saving it; a second one raises ``KeyboardInterrupt`` at once. The
-  entry points call this once; :func:`run_stage` installs the same handlers while
-  it runs.
+  current step, saving it; a second one raises ``KeyboardInterrupt`` at once. While
+  a stage's first step of a session compiles (nothing unsaved), a signal exits at
+  once with status 130 (:mod:`bissl_jax.pipeline.compile_watch`). The entry points
+  call this once; :func:`run_stage` installs the same handlers while it runs.
   """
   if threading.current_thread() is threading.main_thread():
     for sig in (signal.SIGINT, signal.SIGTERM):
       signal.signal(sig, _record_signal)
+    compile_watch.enable()  # a signal during a first step's compilation stops at once
 
 
 @contextlib.contextmanager
@@ -330,14 +362,19 @@ def _check_params(stage: Stage, state, where: str, source: Optional[str] = None)
   ``source`` (e.g. a loaded checkpoint) replaces the stage's advice: then the
   learning rates are not to blame.
   """
-  if stage.params_to_check is None:
-    return
-  for what, (tree, fix, *field) in stage.params_to_check(state).items():
+  checks = dict(stage.params_to_check(state)) if stage.params_to_check is not None else {}
+  # Then the rest of the state (statistics, optimizer state, tracked losses): a
+  # checkpoint with inf BatchNorm variances is no "last good checkpoint".
+  rest = state if stage.state_to_check is None else stage.state_to_check(state)
+  checks["values in the state"] = (rest, stage.loss_fix)
+  for what, (tree, fix, *field) in checks.items():
     if not is_finite(tree):
+      parts = nonfinite_parts(tree)
       if source is not None:
-        raise NonFiniteError(f"Non-finite {what} {where} of {stage.name}: {source}.")
-      raise NonFiniteError(f"Non-finite {what} {where} of {stage.name}; nothing of it was "
-                           f"saved. {fix}".rstrip(), field=(field or [_field_in(fix)])[0])
+        raise NonFiniteError(f"Non-finite {what} {where} of {stage.name} ({parts}): {source}.")
+      raise NonFiniteError(f"Non-finite {what} {where} of {stage.name} ({parts}); nothing "
+                           f"of it was saved. {fix}".rstrip(),
+                           field=(field or [_field_in(fix)])[0])
 
 
 def _field_in(fix: str) -> Optional[str]:
@@ -430,7 +467,10 @@ def run_stage(stage: Stage, state: PyTree) -> StageResult:
           raise StopRequested(f"stop requested before {unit} {committed[0] + 1}")
         while committed[0] < total:
           i, state, _ = committed
-          state, metrics = stage.step(state, i, stage.data.batch(i))
+          # The session's first step compiles; nothing since the checkpoint is unsaved.
+          with (compile_watch.nothing_unsaved(stage.name) if i == resumed_from
+                else contextlib.nullcontext()):
+            state, metrics = stage.step(state, i, stage.data.batch(i))
           n = i + 1
           postfix = {}
           if n % stage.log_every == 0 or n == total:

@@ -53,8 +53,10 @@ from bissl_jax.pipeline import stage_loop
 from bissl_jax.pipeline.context import StageContext, check_size
 from bissl_jax.core.state import LevelState
 from bissl_jax.data import process_shard
+from bissl_jax.runtime.errors import NonFiniteError
 from bissl_jax.runtime.seeds import derive_seed
 from bissl_jax.types import PyTree
+
 
 
 class FinetuneResult(NamedTuple):
@@ -169,19 +171,44 @@ def evaluate(ctx: StageContext, params: PyTree, batch_stats: PyTree, dataset) ->
   """The paper's metrics on ``dataset`` plus the loss.
 
   Returns:
-    ``{'top1', 'top5', 'score', 'loss'}``, or ``{'map', 'score', 'loss'}`` for
-    multi-label sets, or what ``ctx.scorer`` gives (text: the GLUE metric and
-    accuracy); 'score' is the model-selection metric.
+    ``{'top1', 'top5', 'score', 'loss', 'nonfinite'}``, or ``{'map', 'score', 'loss',
+    'nonfinite'}`` for multi-label sets, or what ``ctx.scorer`` gives (text: the GLUE
+    metric and accuracy) with 'nonfinite'; 'score' is the model-selection metric and
+    'nonfinite' the number of predictions with a NaN or infinite output (counted
+    wrong; see :func:`check_evaluation`).
   """
   logits = predict(ctx, params, batch_stats, dataset)
   if ctx.scorer is not None:
-    return ctx.scorer(logits, dataset.labels)
-  out = metrics_lib.classification_metrics(
-      logits, dataset.labels, multilabel=ctx.multilabel,
-      ignore=getattr(dataset, "difficult", None))
-  out["loss"] = float(downstream_lib.classification_loss(
-      jnp.asarray(logits), jnp.asarray(dataset.labels), ctx.multilabel))
+    out = ctx.scorer(logits, dataset.labels)
+  else:
+    out = metrics_lib.classification_metrics(
+        logits, dataset.labels, multilabel=ctx.multilabel,
+        ignore=getattr(dataset, "difficult", None))
+    out["loss"] = float(downstream_lib.classification_loss(
+        jnp.asarray(logits), jnp.asarray(dataset.labels), ctx.multilabel))
+  out["nonfinite"] = metrics_lib.nonfinite_rows(logits)
   return out
+
+
+def nonfinite_evaluation(scores: dict) -> Optional[str]:
+  """What is non-finite in an evaluation of :func:`evaluate` (None: all finite)."""
+  bad = [k for k in ("score", "loss") if k in scores and not math.isfinite(float(scores[k]))]
+  parts = ([f"{scores['nonfinite']} non-finite predictions"] if scores.get("nonfinite")
+           else []) + [f"{k} {float(scores[k])}" for k in bad]
+  return ", ".join(parts) or None
+
+
+def check_evaluation(scores: dict, where: str, fix: str = "", field: Optional[str] = None
+                     ) -> None:
+  """Raises NonFiniteError when an evaluation holds a non-finite prediction, score or loss.
+
+  A diverged model's scores are never reported (its NaN outputs would be counted
+  wrong, but a table of them is no result).
+  """
+  found = nonfinite_evaluation(scores)
+  if found:
+    raise NonFiniteError(f"The model diverged: {where} has {found}; nothing of it was "
+                         f"recorded. {fix}".rstrip(), field=field)
 
 
 def fresh_head(ctx: StageContext, seed: int) -> PyTree:
@@ -275,6 +302,14 @@ def warmup_head(ctx: StageContext, backbone: dict, train_set, *, seed: int, name
   return stage_loop.run_stage(stage, fresh).state.params["downstream_head"]
 
 
+def _checked_finetune_state(state: dict) -> dict:
+  """All of a fine-tuning state that must be finite: the record only once it holds an
+  epoch (before, its best score and loss are the -inf/inf of "none yet")."""
+  record = state["record"]
+  return {"level": state["level"], "best": state["best"],
+          "record": dict(record) if int(np.asarray(record["best_epoch"])) >= 0 else {}}
+
+
 def finetune(ctx: StageContext, backbone: dict, splits: dict, *, lr: float,
              weight_decay: float, epochs: int, seed: int, name: str,
              directory: Optional[str] = None, stop_on_nonfinite: bool = False,
@@ -339,6 +374,8 @@ def finetune(ctx: StageContext, backbone: dict, splits: dict, *, lr: float,
     level = state["level"]
     val = evaluate(ctx, level.params, level.batch_stats, splits["validation"])
     ctx.logger.write(name + "/val", epoch, val)
+    # Finite parameters can still give NaN outputs (infinite BatchNorm statistics).
+    check_evaluation(val, f"the validation of epoch {epoch} of {name}", fix, field)
     if val["score"] <= state["record"]["best_score"]:
       return state
     return dict(state, best={"params": level.params, "batch_stats": level.batch_stats},
@@ -365,6 +402,7 @@ def finetune(ctx: StageContext, backbone: dict, splits: dict, *, lr: float,
       reuse=ctx.config.get("reuse", "recompute"),
       place=lambda s: dict(s, level=ctx.replicate(s["level"])),
       params_to_check=lambda s: {"fine-tuning parameters": (s["level"].params, fix, field)},
+      state_to_check=_checked_finetune_state,
       loss_fix=fix, on_divergence=keep_best if stop_on_nonfinite else None,
       show={}, items_per_step=cfg.batch_size)
   state = stage_loop.run_stage(stage, fresh).state

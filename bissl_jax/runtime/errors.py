@@ -13,8 +13,16 @@ class NonFiniteError(FloatingPointError):
     field: the dotted config field to change (e.g. ``'bissl.lower_lr'``), or None
       when no hyperparameter is to blame (a corrupt checkpoint, NaN data); the
       command line offers a branch of the run with that field changed.
+    suggestion: the value the evidence suggests for ``field`` (None: the command
+      line proposes a tenth of the current one).
   """
 
-  def __init__(self, message: str, *, field: Optional[str] = None):
+  def __init__(self, message: str, *, field: Optional[str] = None,
+               suggestion: Optional[float] = None):
     super().__init__(message)
     self.field = field
+    self.suggestion = suggestion
+
+
+class WorkdirInUseError(RuntimeError):
+  """Another live run holds the workdir's lock (:mod:`bissl_jax.pipeline.workdir_lock`)."""

@@ -118,7 +118,7 @@ class Stop(KeyboardInterrupt):
 
 
 def _without_times(record):
-  return {k: v for k, v in record.items() if "wall_time" not in k}
+  return {k: v for k, v in record.items() if "wall_time" not in k and k != "checksum"}
 
 
 def _quiet(fn, *args, **kwargs):
