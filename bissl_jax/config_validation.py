@@ -480,8 +480,9 @@ def validate_config(config: Any, *, num_devices: Optional[int] = None) -> Any:
       validate_config(with_bissl_overrides(config, overrides, variants=False),
                       num_devices=n_dev)
     except ConfigError as e:
+      # A problem of the shared fields is the base config's, named once above.
       errors.extend(f"in config.bissl_variants.{name}: {line.strip()}"
-                    for line in str(e).splitlines()[1:])
+                    for line in str(e).splitlines()[1:] if line.strip() not in errors)
 
   if errors:
     raise ConfigError("Invalid config (nothing was computed):\n  " + "\n  ".join(errors))

@@ -36,6 +36,7 @@ from bissl_jax.convert import stage_output
 from bissl_jax.pipeline import branch
 from bissl_jax.pipeline import bissl_stage
 from bissl_jax.pipeline import comparison
+from bissl_jax.pipeline import preflight
 from bissl_jax.pipeline.provenance import digest_of
 from bissl_jax.pipeline import results as results_lib
 from bissl_jax.pipeline import supervised
@@ -87,9 +88,7 @@ def run_single_stage(ctx: StageContext, stage: str, splits, pretext_set) -> dict
   raise ValueError(f"Unknown stage {stage!r}.")
 
 
-_NEEDS = {  # stage -> (pretext data, downstream data)
-    "all": (True, True), "pretext": (True, False), "head_warmup": (False, True),
-    "bissl": (True, True), "finetune": (False, True), "evaluate": (False, True)}
+_NEEDS = preflight.NEEDS  # stage -> (pretext data, downstream data)
 
 
 def with_reuse(config, reuse: str):
@@ -165,8 +164,9 @@ def run(config, workdir: str, *, bissl_callback: Optional[Callable] = None,
     ``results.md``); for a single stage a record of its outputs.
 
   Raises:
-    ConfigError: an invalid config field (before any compute).
-    DatasetNotFoundError: a dataset is not prepared locally (before any compute).
+    ConfigError: an invalid config field (before any compute), or
+      ``preflight.InputsError``: an unusable workdir, missing datasets, weights or
+      tokenizer, all named together before anything is written.
     NonFiniteError: training diverged; the last good checkpoint is kept.
     KeyboardInterrupt: Ctrl-C/SIGTERM; the running stage saved its last step.
   """
@@ -181,7 +181,9 @@ def run(config, workdir: str, *, bissl_callback: Optional[Callable] = None,
   workdir = os.path.abspath(workdir)
   resumed = _has_earlier_run(workdir)
   need_pretext, need_downstream = _NEEDS[config.stages]
-  # Before anything is written: a missing dataset leaves no workdir behind.
+  # Before the banner and before anything is written: every problem with the workdir,
+  # the data, the weights and the tokenizer, named together (no workdir is left behind).
+  preflight.check(config, workdir, branch_from=branch_from)
   splits, pretext_set = load_data(config, need_pretext, need_downstream)
   if branch_from is not None:
     resumed = branch.start(branch_from, workdir) or resumed
