@@ -5,6 +5,8 @@
   bissl-jax run [--config=FILE[:ARGS]] [--workdir=DIR] [--config.<field>=VALUE ...]
                 [--reuse=strict] [--branch_from=PARENT_DIR]
   bissl-jax run --help          # every config field with its value and meaning
+  bissl-jax study [--config=FILE] [--workdir=DIR] ...   # the few-label study
+  bissl-jax gessl [--config=FILE[:ARGS]] [--workdir=DIR] [--config.<field>=VALUE ...]
   bissl-jax visualize ...       # t-SNE and k-NN of exported backbones
   bissl-jax convert ...         # PyTorch weights <-> converted directories
 
@@ -237,7 +239,7 @@ def check_overrides(argv: Sequence[str], config) -> None:
   check_field_names(config, names, hint="`bissl-jax run --help` lists every field.")
 
 
-def help_text(spec: str = DEFAULT_CONFIG) -> str:
+def help_text(spec: str = DEFAULT_CONFIG, prog: str = "bissl-jax run") -> str:
   """Usage, flags and every config field with its value in ``spec`` and its meaning."""
   # pylint: disable=g-import-not-at-top
   from configs import common
@@ -252,14 +254,22 @@ def help_text(spec: str = DEFAULT_CONFIG) -> str:
         node = node[part]
       fields[name] = node
   choices = _choices()
+  gessl = prog.endswith("gessl")
   lines = [
-      "usage: bissl-jax run [--config=FILE[:ARGS]] [--workdir=DIR] "
+      f"usage: {prog} [--config=FILE[:ARGS]] [--workdir=DIR] "
       "[--config.<field>=VALUE ...] [--debug]",
-      "       (same as: python -m experiments.main ...)",
+      "       (same as: " + ("python -m bissl_jax.pipeline.gessl_comparison" if gessl
+                           else "python -m experiments.main") + " ...)",
       "",
+  ] + ([
+      "Pretrains with the pretext task alone and wrapped in GeSSL, then scores both by a",
+      "linear probe and few-shot episodes; rerunning with the same --workdir resumes.",
+      "See docs/gessl.md.",
+  ] if gessl else [
       "Runs the BiSSL pipeline: pretext -> head warm-up -> BiSSL -> fine-tuning -> test,",
       "for the conventional and the BiSSL pipeline; rerunning with the same --workdir",
       "resumes. See docs/pipeline.md.",
+  ]) + [
       "",
       "flags:",
       f"  --config=FILE[:ARGS]  config file (default {os.path.relpath(DEFAULT_CONFIG, _ROOT)});"
@@ -293,7 +303,7 @@ def _parse_run_flags(argv: Sequence[str]) -> List[str]:
   with error_boundary(debug_requested(argv)):
     argv = _with_config_file(argv)
     if any(a in _HELP_ARGS for a in argv[1:]):
-      print(help_text(_config_spec(argv)), end="")
+      print(help_text(_config_spec(argv), prog=argv[0]), end="")
       sys.exit(0)
     _PARSED["config"] = _config_spec(argv)
     _PARSED["argv"] = list(argv)
@@ -358,9 +368,55 @@ def run_command(argv: Sequence[str]) -> None:
   app.run(_run_main, argv=list(argv), flags_parser=_parse_run_flags)
 
 
+GESSL_CONFIG = os.path.join(_ROOT, "configs", "digits_gessl.py")
+GESSL_WORKDIR = "runs/digits_gessl"
+
+
+def _gessl_main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  from bissl_jax import determinism  # pylint: disable=g-import-not-at-top
+  from bissl_jax.pipeline import gessl_comparison  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  determinism.pin()
+  with error_boundary(_DEBUG.value or debug_requested()):
+    config = _CONFIG.value
+    apply_cpu_kernels(config)
+    print(gessl_comparison.to_markdown(gessl_comparison.run(config, _WORKDIR.value)),
+          flush=True)
+
+
+def gessl_command(argv: Sequence[str]) -> None:
+  """``bissl-jax gessl``: the GeSSL comparison (``configs/digits_gessl.py`` by default)
+  with the flags of ``run`` (``--config=FILE[:ARGS]``, ``--workdir``, ``--config.<field>``)."""
+  argv = list(argv)
+  if not any(a == "--config" or a.startswith("--config=") for a in argv[1:]):
+    argv.insert(1, f"--config={GESSL_CONFIG}")
+  if not any(a == "--workdir" or a.startswith("--workdir=") for a in argv[1:]):
+    argv.insert(1, f"--workdir={GESSL_WORKDIR}")
+  app.run(_gessl_main, argv=argv, flags_parser=_parse_run_flags)
+
+
+def study_command(argv: Sequence[str]) -> None:
+  """``bissl-jax study``: the few-label study (``python -m experiments.study``)."""
+  from bissl_jax import study_cli  # pylint: disable=g-import-not-at-top  (sets its defaults)
+  if any(a in _HELP_ARGS for a in argv[1:]):
+    print(f"usage: {argv[0]} [--config=FILE] [--workdir=DIR] [--results=FILE] "
+          "[--part=all|grid|sensitivity|report] [--config.<field>=VALUE ...] [--debug]\n"
+          + (sys.modules["experiments.study"].__doc__ if "experiments.study" in sys.modules
+             else study_cli.__doc__))
+    return
+  study_cli.run(argv)
+
+
 _COMMANDS = {
     "run": "the pipeline (python -m experiments.main); `bissl-jax run --help` lists "
            "every config field",
+    "study": "the few-label study (python -m experiments.study), "
+             "configs/study_digits.py by default",
+    "gessl": "a pretext task against it + GeSSL, linear probe and few-shot "
+             "(configs/digits_gessl.py by default)",
     "visualize": "t-SNE figure and k-NN accuracy of exported backbones "
                  "(python -m bissl_jax.visualize_main)",
     "convert": "PyTorch weights <-> converted directories (python -m bissl_jax.convert)",
@@ -380,8 +436,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(_usage(), end="")
     return 0 if len(argv) >= 2 else USER_ERROR_STATUS
   command, rest = argv[1], argv[2:]
-  if command == "run":
-    run_command([f"{os.path.basename(argv[0])} run"] + rest)
+  runners = {"run": run_command, "gessl": gessl_command, "study": study_command}
+  if command in runners:
+    prog = os.path.basename(argv[0])
+    prog = "bissl-jax" if prog in ("__main__.py", "-c") else prog  # python -m bissl_jax
+    runners[command]([f"{prog} {command}"] + rest)
     return 0
   if command in ("visualize", "convert"):
     # pylint: disable=g-import-not-at-top

@@ -5,7 +5,7 @@ Both follow the registry signature of :mod:`bissl_jax.solvers`,
 and are registered there as ``'minres'`` and ``'jax_cg'``.
 
 **Why MINRES.** BiSSL's damped operator ``A = I + H/(λ+δ)`` is often indefinite
-(SPEC §9: pretext Hessians have eigenvalues far below −(λ+δ)). CG assumes a
+(docs/solvers.md: pretext Hessians have eigenvalues far below −(λ+δ)). CG assumes a
 positive-definite ``A``; on an indefinite one its residual can grow without bound.
 MINRES (Paige & Saunders, 1975) needs only a symmetric ``A``: iteration ``k``
 returns the point of the Krylov space ``K_k(A, r_0)`` with the smallest residual
@@ -147,7 +147,7 @@ def jax_cg(matvec: MatVec, b: PyTree, *, init: Optional[PyTree] = None, maxiter:
   For comparing the library's upper step against the stock JAX solver (the call
   the project's design names). Same recurrence and stopping rule as
   ``solvers.cg``; differences: it has only a ``while_loop`` driver (``unroll`` is
-  accepted and ignored, so on CPU it meets the XLA:CPU loop cliff of SPEC §3) and
+  accepted and ignored, so on CPU it meets the XLA:CPU loop cliff, docs/implicit_grad.md) and
   it always spends a product on ``A·x0``, also for ``x0 = 0``.
 
   ``SolveInfo`` is computed from its result: ``iterations`` is ``maxiter``, an

@@ -1,4 +1,4 @@
-"""Pretext tasks L_P of BiSSL: SimCLR (NT-Xent) and BYOL (SPEC §4).
+"""Pretext tasks L_P of BiSSL: SimCLR (NT-Xent) and BYOL (BiSSL paper §4.2.1).
 
 Every task follows :class:`bissl_jax.protocols.PretextTask`: ``prepare(rng, images)``
 turns a raw uint8 batch into the loss inputs (here, two augmented views) and

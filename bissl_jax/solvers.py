@@ -1,4 +1,4 @@
-"""Matrix-free linear solvers for ``A x = b`` on pytrees (SPEC §3).
+"""Matrix-free linear solvers for ``A x = b`` on pytrees (BiSSL paper §4.2.2 and Algorithm 2; docs/implicit_grad.md).
 
 Every solver has the signature
 

@@ -1,4 +1,4 @@
-"""``run(config, workdir)``: from a config to a finished run (SPEC §1, §6).
+"""``run(config, workdir)``: from a config to a finished run (BiSSL paper Fig. 1, §4.2).
 
 ``run`` validates and resolves the config, opens the data (a missing dataset fails
 here, before any compute), builds the context and runs ``config.stages``:
