@@ -75,7 +75,8 @@ def test_missing_weights_and_missing_data_named_together(tmp_path):
                f"--config.pretext.checkpoint={tmp_path / 'weights.pth'}"], tmp_path)
   _assert_stopped_up_front(proc)
   assert "'dtd' (downstream" in proc.stderr and "tfds build dtd" in proc.stderr
-  assert f"config.pretext.checkpoint={tmp_path / 'weights.pth'}: no such file" in proc.stderr
+  assert (f"config.pretext.checkpoint={tmp_path / 'weights.pth'}: no such file or directory"
+          in proc.stderr)
   assert not workdir.exists()
 
 
@@ -115,3 +116,7 @@ def test_tokenizer_dir_and_torch_weights_checked_on_the_files(tmp_path, monkeypa
   monkeypatch.setattr(preflight, "_torch_installed", lambda: False)
   [problem] = preflight.weight_problems(config)
   assert "torch is not installed" in problem and "--from-torch" in problem
+  head = tmp_path / "head.pth"  # the official files come as backbone.pth,head.pth
+  config.pretext.checkpoint = f"{weights},{head}"
+  problems = preflight.weight_problems(config)
+  assert len(problems) == 2 and f"no such file or directory {head}" in problems[0]

@@ -128,16 +128,18 @@ def weight_problems(config) -> List[str]:
     path = _get(config, field)
     if not path:
       continue
-    path = str(path)
-    if not os.path.exists(path):
-      problems.append(f"config.{field}={path}: no such file or directory; point it at the "
-                      "weights (a stage output, a converted directory, or a .pth file: "
-                      "docs/pretrained.md), or unset it to pretrain.")
-    elif path.endswith(TORCH_SUFFIXES) and not _torch_installed():
-      problems.append(f"config.{field}={path} is a PyTorch file and torch is not installed: "
-                      "pip install -e '.[torch]', or convert it once where torch is "
-                      f"(python -m bissl_jax.convert --from-torch {path} --out DIR) and "
-                      "point the field at DIR.")
+    files = [p.strip() for p in str(path).split(",") if p.strip()]  # backbone.pth,head.pth
+    for missing in [p for p in files if not os.path.exists(p)]:
+      problems.append(f"config.{field}={path}: no such file or directory {missing}; point "
+                      "it at the weights (a stage output, a converted directory, or .pth "
+                      "files: docs/pretrained.md), or unset it to pretrain.")
+    torch_files = [p for p in files if p.endswith(TORCH_SUFFIXES) and os.path.exists(p)]
+    if torch_files and not _torch_installed():
+      problems.append(f"config.{field}={path} holds PyTorch files and torch is not "
+                      "installed: pip install -e '.[torch]', or convert them once where "
+                      f"torch is (python -m bissl_jax.convert --from-torch "
+                      f"{' '.join(torch_files)} --arch ARCH --out DIR) and point the field "
+                      "at DIR.")
   if (config.model.arch == "gpt" and config.stages in ("all", "head_warmup")
       and _is_glue(config) and not config.pretext.checkpoint):
     problems.append("config.pretext.checkpoint is unset: the original GPT's GLUE runs start "
