@@ -62,7 +62,7 @@ def test_a_missing_or_flat_folder_is_named_before_the_run(tmp_path):
 @pytest.mark.slow
 def test_the_pipeline_runs_end_to_end_on_a_folder_of_images(tmp_path):
   root = tmp_path / "my_images"
-  _write_images(str(root), per_class=16)
+  _write_images(str(root), per_class=24)  # about 46 training images: batch 32 fits
   workdir = tmp_path / "run"
   proc = subprocess.run(
       [sys.executable, "-m", "bissl_jax", "run", "--config=configs/digits_simclr.py:runlocal",
