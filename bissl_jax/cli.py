@@ -429,8 +429,20 @@ def _usage() -> str:
           f"commands:\n{rows}\n\n`bissl-jax COMMAND --help` describes each.\n")
 
 
+def line_buffered_output() -> None:
+  """Line-buffers stdout, so that redirected output keeps its order with stderr.
+
+  Redirected to a file or a pipe, stdout is block-buffered: a results line printed
+  before an interrupt would land after the interrupt's messages on stderr.
+  """
+  reconfigure = getattr(sys.stdout, "reconfigure", None)
+  if reconfigure is not None:
+    reconfigure(line_buffering=True)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
   """The console script: dispatches to a subcommand; returns the exit status."""
+  line_buffered_output()
   argv = list(sys.argv if argv is None else argv)
   if len(argv) < 2 or argv[1] in _HELP_ARGS:
     print(_usage(), end="")

@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from bissl_jax.solvers import SOLVERS, SolveInfo, finish
+from bissl_jax.solver_base import UNKNOWN_ITERATIONS
 from bissl_jax.tree_math import tree_axpy
 
 PyTree = Any
@@ -138,7 +139,9 @@ def _wrap_user_solver(fn: Callable) -> Callable:
     out = fn(matvec, b, **kwargs)
     if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], SolveInfo):
       return out
-    return out, finish(matvec, b, out, out, maxiter, float("inf"), curvature_tracked=False)
+    # A bare x says nothing about its iterations: report them as unknown, not maxiter.
+    return out, finish(matvec, b, out, out, UNKNOWN_ITERATIONS, float("inf"),
+                       curvature_tracked=False)
   return solver
 
 

@@ -120,3 +120,23 @@ def test_tokenizer_dir_and_torch_weights_checked_on_the_files(tmp_path, monkeypa
   config.pretext.checkpoint = f"{weights},{head}"
   problems = preflight.weight_problems(config)
   assert len(problems) == 2 and f"no such file or directory {head}" in problems[0]
+
+
+def test_banner_says_resumed_only_when_something_was_saved(tmp_path):
+  from bissl_jax.pipeline import runner
+  assert not runner._has_earlier_run(str(tmp_path))
+  (tmp_path / "config.json").write_text("{}")  # a run stopped before its first save
+  (tmp_path / "metrics.jsonl").write_text("")
+  (tmp_path / "seed0" / "pretext" / "ckpt").mkdir(parents=True)  # an empty checkpoint dir
+  assert not runner._has_earlier_run(str(tmp_path))
+  (tmp_path / "seed0" / "pretext" / "ckpt" / "3").mkdir()
+  assert runner._has_earlier_run(str(tmp_path))
+
+
+def test_redirected_stdout_keeps_its_order_with_stderr():
+  script = ("import sys; from bissl_jax import cli; cli.line_buffered_output(); "
+            "print('first'); print('second', file=sys.stderr); print('third')")
+  proc = subprocess.run([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                        stderr=subprocess.STDOUT, text=True, timeout=120,
+                        env=dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu"))
+  assert proc.stdout.split() == ["first", "second", "third"]

@@ -107,8 +107,18 @@ def _write_config(workdir: str, config) -> None:
 
 
 def _has_earlier_run(workdir: str) -> bool:
-  return any(os.path.exists(os.path.join(workdir, name))
-             for name in ("config.json", "metrics.jsonl", results_lib.WALL_TIMES_FILE))
+  """Whether ``workdir`` holds saved work to resume: a checkpoint or a stage output.
+
+  A config.json or a metrics log alone (a run stopped before its first save) is
+  nothing to resume from, so the banner says "fresh" then.
+  """
+  if os.path.exists(os.path.join(workdir, "results.json")):
+    return True
+  for root, dirs, _ in os.walk(workdir):
+    if any(name in ("output", "ckpt") and os.listdir(os.path.join(root, name))
+           for name in dirs):
+      return True
+  return False
 
 
 def banner(config, workdir: str, *, source: str, resumed: bool) -> str:
