@@ -138,5 +138,6 @@ def test_redirected_stdout_keeps_its_order_with_stderr():
             "print('first'); print('second', file=sys.stderr); print('third')")
   proc = subprocess.run([sys.executable, "-c", script], stdout=subprocess.PIPE,
                         stderr=subprocess.STDOUT, text=True, timeout=120,
-                        env=dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu"))
+                        env={**{k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"},
+                             "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"})
   assert proc.stdout.split() == ["first", "second", "third"]
