@@ -368,48 +368,6 @@ def run_command(argv: Sequence[str]) -> None:
   app.run(_run_main, argv=list(argv), flags_parser=_parse_run_flags)
 
 
-GESSL_CONFIG = os.path.join(_ROOT, "configs", "digits_gessl.py")
-GESSL_WORKDIR = "runs/digits_gessl"
-
-
-def _gessl_main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  from bissl_jax import determinism  # pylint: disable=g-import-not-at-top
-  from bissl_jax.pipeline import gessl_comparison  # pylint: disable=g-import-not-at-top
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
-  determinism.pin()
-  with error_boundary(_DEBUG.value or debug_requested()):
-    config = _CONFIG.value
-    apply_cpu_kernels(config)
-    print(gessl_comparison.to_markdown(gessl_comparison.run(config, _WORKDIR.value)),
-          flush=True)
-
-
-def gessl_command(argv: Sequence[str]) -> None:
-  """``bissl-jax gessl``: the GeSSL comparison (``configs/digits_gessl.py`` by default)
-  with the flags of ``run`` (``--config=FILE[:ARGS]``, ``--workdir``, ``--config.<field>``)."""
-  argv = list(argv)
-  if not any(a == "--config" or a.startswith("--config=") for a in argv[1:]):
-    argv.insert(1, f"--config={GESSL_CONFIG}")
-  if not any(a == "--workdir" or a.startswith("--workdir=") for a in argv[1:]):
-    argv.insert(1, f"--workdir={GESSL_WORKDIR}")
-  app.run(_gessl_main, argv=argv, flags_parser=_parse_run_flags)
-
-
-def study_command(argv: Sequence[str]) -> None:
-  """``bissl-jax study``: the few-label study (``python -m experiments.study``)."""
-  from bissl_jax import study_cli  # pylint: disable=g-import-not-at-top  (sets its defaults)
-  if any(a in _HELP_ARGS for a in argv[1:]):
-    print(f"usage: {argv[0]} [--config=FILE] [--workdir=DIR] [--results=FILE] "
-          "[--part=all|grid|sensitivity|report] [--config.<field>=VALUE ...] [--debug]\n"
-          + (sys.modules["experiments.study"].__doc__ if "experiments.study" in sys.modules
-             else study_cli.__doc__))
-    return
-  study_cli.run(argv)
-
-
 _COMMANDS = {
     "run": "the pipeline (python -m experiments.main); `bissl-jax run --help` lists "
            "every config field",
@@ -448,7 +406,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(_usage(), end="")
     return 0 if len(argv) >= 2 else USER_ERROR_STATUS
   command, rest = argv[1], argv[2:]
-  runners = {"run": run_command, "gessl": gessl_command, "study": study_command}
+  from bissl_jax import more_commands  # pylint: disable=g-import-not-at-top
+  runners = {"run": run_command, "gessl": more_commands.gessl_command,
+             "study": more_commands.study_command}
   if command in runners:
     prog = os.path.basename(argv[0])
     prog = "bissl-jax" if prog in ("__main__.py", "-c") else prog  # python -m bissl_jax
