@@ -303,7 +303,8 @@ def _parse_run_flags(argv: Sequence[str]) -> List[str]:
   with error_boundary(debug_requested(argv)):
     argv = _with_config_file(argv)
     if any(a in _HELP_ARGS for a in argv[1:]):
-      print(help_text(_config_spec(argv), prog=argv[0]), end="")
+      prog = argv[0] if argv[0].startswith("bissl-jax ") else "bissl-jax run"
+      print(help_text(_config_spec(argv), prog=prog), end="")
       sys.exit(0)
     _PARSED["config"] = _config_spec(argv)
     _PARSED["argv"] = list(argv)
