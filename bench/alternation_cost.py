@@ -1,4 +1,4 @@
-"""Wall time of one BiSSL alternation in plain pretext steps, with a breakdown (SPEC §2).
+"""Wall time of one BiSSL alternation in plain pretext steps, with a breakdown (BiSSL paper Algorithm 1).
 
 One alternation is N_L lower steps and one upper stage of N_U steps with
 ``cg_iters`` solver iterations each (paper: 20, 8, 5). The unit is one plain SimCLR

@@ -1,4 +1,4 @@
-"""How well do 1–20 solver iterations solve BiSSL's system, cold and warm-started? (SPEC §3)
+"""How well do 1–20 solver iterations solve BiSSL's system, cold and warm-started? (docs/implicit_grad.md)
 
 At a briefly pretrained point (a few dozen SimCLR steps on the digits), with the
 Hessian H of the pretext loss on one augmented pretext batch and φ_P fixed, the
@@ -11,7 +11,7 @@ Reported, per iteration count:
 * 'cg' warm-started from the previous downstream batch's solution (each chain runs
   the same iteration count at every step, as BiSSL's ``warm_start`` does; the first
   step of a chain starts cold and is not counted). 'layerwise_cg' always starts at
-  zero (SPEC §3);
+  zero (the layer-wise CG of the reference code, docs/implicit_grad.md);
 * ``‖x − x*‖/‖x*‖`` against the most accurate solution found (cold 'cg' after the
   largest iteration count).
 

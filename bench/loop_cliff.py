@@ -1,4 +1,4 @@
-"""The XLA:CPU loop cliff: conv-net derivatives inside lax loops vs unrolled (SPEC §3).
+"""The XLA:CPU loop cliff: conv-net derivatives inside lax loops vs unrolled (docs/implicit_grad.md).
 
 A small conv net (three 3×3 stride-2 convolutions, ReLU, global pool, a linear layer;
 softmax cross-entropy on the digits) is differentiated in straight-line code and

@@ -1,4 +1,4 @@
-"""Peak memory of one upper stage, 'linearize' vs 'jvp' Hessian mode (SPEC §2).
+"""Peak memory of one upper stage, 'linearize' vs 'jvp' Hessian mode (docs/implicit_grad.md).
 
 Figures come from XLA's compiled memory analysis
 (``jax.jit(f).lower(...).compile().memory_analysis()``, a ``CompiledMemoryStats``):

@@ -1,4 +1,4 @@
-"""How close is each solver's v_IG to the exact implicit gradient? (SPEC §3, §9)
+"""How close is each solver's v_IG to the exact implicit gradient? (docs/solvers.md)
 
 On a one-block ResNet small enough for a dense Hessian (≈2,400 backbone
 parameters by default), at a point reached by a short SimCLR pretraining and N_L

@@ -5,6 +5,8 @@
   bissl-jax run [--config=FILE[:ARGS]] [--workdir=DIR] [--config.<field>=VALUE ...]
                 [--reuse=strict] [--branch_from=PARENT_DIR]
   bissl-jax run --help          # every config field with its value and meaning
+  bissl-jax study [--config=FILE] [--workdir=DIR] ...   # the few-label study
+  bissl-jax gessl [--config=FILE[:ARGS]] [--workdir=DIR] [--config.<field>=VALUE ...]
   bissl-jax visualize ...       # t-SNE and k-NN of exported backbones
   bissl-jax convert ...         # PyTorch weights <-> converted directories
 
@@ -277,7 +279,7 @@ def check_overrides(argv: Sequence[str], config) -> None:
   check_field_names(config, names, hint="`bissl-jax run --help` lists every field.")
 
 
-def help_text(spec: str = DEFAULT_CONFIG) -> str:
+def help_text(spec: str = DEFAULT_CONFIG, prog: str = "bissl-jax run") -> str:
   """Usage, flags and every config field with its value in ``spec`` and its meaning."""
   # pylint: disable=g-import-not-at-top
   from configs import common
@@ -292,14 +294,22 @@ def help_text(spec: str = DEFAULT_CONFIG) -> str:
         node = node[part]
       fields[name] = node
   choices = _choices()
+  gessl = prog.endswith("gessl")
   lines = [
-      "usage: bissl-jax run [--config=FILE[:ARGS]] [--workdir=DIR] "
+      f"usage: {prog} [--config=FILE[:ARGS]] [--workdir=DIR] "
       "[--config.<field>=VALUE ...] [--debug]",
-      "       (same as: python -m experiments.main ...)",
+      "       (same as: " + ("python -m bissl_jax.pipeline.gessl_comparison" if gessl
+                           else "python -m experiments.main") + " ...)",
       "",
+  ] + ([
+      "Pretrains with the pretext task alone and wrapped in GeSSL, then scores both by a",
+      "linear probe and few-shot episodes; rerunning with the same --workdir resumes.",
+      "See docs/gessl.md.",
+  ] if gessl else [
       "Runs the BiSSL pipeline: pretext -> head warm-up -> BiSSL -> fine-tuning -> test,",
       "for the conventional and the BiSSL pipeline; rerunning with the same --workdir",
       "resumes. See docs/pipeline.md.",
+  ]) + [
       "",
       "flags:",
       f"  --config=FILE[:ARGS]  config file (default {os.path.relpath(DEFAULT_CONFIG, _ROOT)});"
@@ -350,7 +360,8 @@ def _parse_run_flags(argv: Sequence[str]) -> List[str]:
   with error_boundary(debug_requested(argv)):
     argv = _last_override_wins(_with_config_file(argv))
     if any(a in _HELP_ARGS for a in argv[1:]):
-      print(help_text(_config_spec(argv)), end="")
+      prog = argv[0] if argv[0].startswith("bissl-jax ") else "bissl-jax run"
+      print(help_text(_config_spec(argv), prog=prog), end="")
       sys.exit(0)
     _PARSED["config"] = _config_spec(argv)
     _PARSED["argv"] = list(argv)
@@ -418,6 +429,10 @@ def run_command(argv: Sequence[str]) -> None:
 _COMMANDS = {
     "run": "the pipeline (python -m experiments.main); `bissl-jax run --help` lists "
            "every config field",
+    "study": "the few-label study (python -m experiments.study), "
+             "configs/study_digits.py by default",
+    "gessl": "a pretext task against it + GeSSL, linear probe and few-shot "
+             "(configs/digits_gessl.py by default)",
     "visualize": "t-SNE figure and k-NN accuracy of exported backbones "
                  "(python -m bissl_jax.evaluation.visualize_run)",
     "convert": "PyTorch weights <-> converted directories (python -m bissl_jax.convert)",
@@ -430,15 +445,32 @@ def _usage() -> str:
           f"commands:\n{rows}\n\n`bissl-jax COMMAND --help` describes each.\n")
 
 
+def line_buffered_output() -> None:
+  """Line-buffers stdout, so that redirected output keeps its order with stderr.
+
+  Redirected to a file or a pipe, stdout is block-buffered: a results line printed
+  before an interrupt would land after the interrupt's messages on stderr.
+  """
+  reconfigure = getattr(sys.stdout, "reconfigure", None)
+  if reconfigure is not None:
+    reconfigure(line_buffering=True)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
   """The console script: dispatches to a subcommand; returns the exit status."""
+  line_buffered_output()
   argv = list(sys.argv if argv is None else argv)
   if len(argv) < 2 or argv[1] in _HELP_ARGS:
     print(_usage(), end="")
     return 0 if len(argv) >= 2 else USER_ERROR_STATUS
   command, rest = argv[1], argv[2:]
-  if command == "run":
-    run_command([f"{os.path.basename(argv[0])} run"] + rest)
+  from bissl_jax import more_commands  # pylint: disable=g-import-not-at-top
+  runners = {"run": run_command, "gessl": more_commands.gessl_command,
+             "study": more_commands.study_command}
+  if command in runners:
+    prog = os.path.basename(argv[0])
+    prog = "bissl-jax" if prog in ("__main__.py", "-c") else prog  # python -m bissl_jax
+    runners[command]([f"{prog} {command}"] + rest)
     return 0
   if command in ("visualize", "convert"):
     # pylint: disable=g-import-not-at-top

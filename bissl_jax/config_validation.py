@@ -108,8 +108,8 @@ def _absent(config, dotted: str) -> bool:
 
 def _is_known_dataset(name) -> bool:
   from bissl_jax.data import catalogue, text_sets
-  if text_sets.is_text_dataset(name):
-    return True
+  if text_sets.is_text_dataset(name) or str(name).startswith("folder:"):
+    return True  # a folder of your own images: its files are checked before the run
   try:
     catalogue.get_spec(str(name))  # catalogue names, TFDS names and aliases
   except ValueError:
@@ -316,8 +316,8 @@ def validate_config(config: Any, *, num_devices: Optional[int] = None) -> Any:
   from bissl_jax.data import text_sets
   for field in ("data.pretext_dataset", "data.downstream_dataset"):
     if not missing(field) and not _is_known_dataset(_get(config, field)):
-      bad(field, f"unknown dataset; choose one of {tuple(catalogue.CATALOGUE)} (images) "
-                 f"or {text_sets.TEXT_DATASETS} (text).")
+      bad(field, f"unknown dataset; choose one of {tuple(catalogue.CATALOGUE)} (images), "
+                 f"folder:<path> (your own images) or {text_sets.TEXT_DATASETS} (text).")
   positive("data.context")
   positive("data.vocab_size")
   positive("data.max_chars")
@@ -534,8 +534,9 @@ def validate_config(config: Any, *, num_devices: Optional[int] = None) -> Any:
       validate_config(with_bissl_overrides(config, overrides, variants=False),
                       num_devices=n_dev)
     except ConfigError as e:
+      # A problem of the shared fields is the base config's, named once above.
       errors.extend(f"in config.bissl_variants.{name}: {line.strip()}"
-                    for line in str(e).splitlines()[1:])
+                    for line in str(e).splitlines()[1:] if line.strip() not in errors)
 
   if errors:
     raise ConfigError("Invalid config (nothing was computed):\n  " + "\n  ".join(errors))

@@ -1,6 +1,6 @@
 """Shared defaults of every experiment config and the paper's hyperparameter tables.
 
-``base_config()`` holds the paper's settings (SPEC §1, §2, §6; paper §4.2 and
+``base_config()`` holds the paper's settings (BiSSL paper §4.2 and
 Appendix B): ResNet-50, 96 px, SimCLR τ=0.5, LARS pretraining for 500 epochs at
 peak LR 4.8 with batch 1024, a 20-epoch head warm-up at constant LR, BiSSL with
 λ=0.001, δ=10, 5 layer-wise CG iterations, N_L=20, N_U=8, T=500, and 400 epochs of
@@ -16,7 +16,7 @@ Fields set to ``None`` are resolved by the pipeline
 (``bissl_jax.config_validation.resolve_config``):
   * ``bissl.upper_lr`` / ``bissl.upper_weight_decay``: the head warm-up values
     (Table 4: the same numbers serve both).
-  * ``bissl.unroll``: unrolled loops on CPU only (the XLA:CPU loop cliff, SPEC §3).
+  * ``bissl.unroll``: unrolled loops on CPU only (the XLA:CPU loop cliff, docs/implicit_grad.md).
   * ``data.data_dir``: the TFDS default directory.
   * ``model.predictor``: the projector spec for BYOL, none for SimCLR.
 """

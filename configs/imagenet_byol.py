@@ -1,13 +1,15 @@
 r"""The paper's BYOL setup: BYOL on ImageNet, ResNet-50, one downstream dataset.
 
-Run (TFDS data prepared under --config.data.data_dir; see docs/datasets.md)::
+Run (ImageNet and the downstream set prepared under /data/tfds; docs/reproduce_paper.md)::
 
-  python -m experiments.main --workdir=runs/byol_birds \
+  # From the authors' BYOL weights, converted to pretrained/byol_r50 (docs/pretrained.md):
+  bissl-jax run --workdir=runs/byol_birds \
       --config=configs/imagenet_byol.py:downstream=caltech_birds2011 \
-      --config.data.data_dir=/data/tfds
+      --config.data.data_dir=/data/tfds --config.pretext.checkpoint=pretrained/byol_r50
 
   # Smoke test of the code path on the real data (tiny model, numbers meaningless):
-  python -m experiments.main --config=configs/imagenet_byol.py:downstream=dtd,runlocal
+  bissl-jax run --workdir=runs/smoke --config=configs/imagenet_byol.py:downstream=dtd,runlocal \
+      --config.data.data_dir=/data/tfds
 
 Same as configs/imagenet_simclr.py except the pretext task: BYOL with EMA decay
 0.9995, a 256-256-256 predictor on the 256-256-256 projector, the ``2 − 2·cos`` loss

@@ -12,7 +12,9 @@ docs/datasets.md)::
   # with the matching mae_pretrain_vit_{large,huge}_full.pth.
 
   # Smoke test of the code path on the real downstream data (test ViT, random base):
-  python -m experiments.main --config=configs/imagenet_mae_lora.py:downstream=dtd,runlocal
+  python -m experiments.main --workdir=runs/smoke \
+      --config=configs/imagenet_mae_lora.py:downstream=dtd,runlocal \
+      --config.data.data_dir=/data/tfds
 
 ``downstream`` is one of BiSSLight's dtd, oxford_iiit_pet, oxford_flowers102,
 fgvc_aircraft, caltech_birds2011 (CUB-200), voc2007 (default dtd); any catalogue

@@ -1,17 +1,24 @@
 r"""The paper's main setup: SimCLR on ImageNet, ResNet-50, one downstream dataset.
 
-Run (TFDS data prepared under --config.data.data_dir; see docs/datasets.md)::
+Run (ImageNet and the downstream set prepared under /data/tfds; step by step, from an
+empty GPU or TPU machine: docs/reproduce_paper.md)::
 
-  python -m experiments.main --workdir=runs/simclr_pets \
+  # From the authors' ImageNet-pretrained SimCLR weights, converted once with
+  # `bissl-jax convert --from-torch <backbone>.pth <head>.pth --arch resnet50
+  # --out pretrained/simclr_r50` (docs/pretrained.md); stage 1 is skipped:
+  bissl-jax run --workdir=runs/simclr_pets \
+      --config=configs/imagenet_simclr.py:downstream=oxford_iiit_pet \
+      --config.data.data_dir=/data/tfds --config.pretext.checkpoint=pretrained/simclr_r50
+
+  # Everything, pretraining included (500 ImageNet epochs first):
+  bissl-jax run --workdir=runs/simclr_pets_full \
       --config=configs/imagenet_simclr.py:downstream=oxford_iiit_pet \
       --config.data.data_dir=/data/tfds
 
-  # Reuse a pretrained backbone (e.g. a converted PyTorch checkpoint) and skip stage 1:
-  python -m experiments.main --config=configs/imagenet_simclr.py:downstream=dtd \
-      --config.pretext.checkpoint=/ckpt/simclr_r50_500ep.pth
-
   # Smoke test of the code path on the real data (tiny model, numbers meaningless):
-  python -m experiments.main --config=configs/imagenet_simclr.py:downstream=dtd,runlocal
+  bissl-jax run --workdir=runs/smoke \
+      --config=configs/imagenet_simclr.py:downstream=dtd,runlocal \
+      --config.data.data_dir=/data/tfds
 
 ``downstream`` is one of food101, cifar10, cifar100, caltech_birds2011, sun397,
 cars196, fgvc_aircraft, voc2007, dtd, oxford_iiit_pet, caltech101, oxford_flowers102

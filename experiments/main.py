@@ -34,4 +34,5 @@ main = cli._run_main  # pylint: disable=protected-access  (the absl main, flags 
 
 
 if __name__ == "__main__":
+  cli.line_buffered_output()
   cli.run_command(sys.argv)

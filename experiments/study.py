@@ -23,4 +23,6 @@ main = study_cli.main
 
 
 if __name__ == "__main__":
+  from bissl_jax import cli  # noqa: E402
+  cli.line_buffered_output()
   study_cli.run(sys.argv)

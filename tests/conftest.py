@@ -1,5 +1,6 @@
-"""Test-session settings: small CPU compile times and float32 everywhere."""
+"""Test-session settings: small CPU compile times and float32 everywhere; torch is optional."""
 import gc
+import importlib.util
 import os
 import shutil
 import sys
@@ -31,9 +32,34 @@ def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
+TORCH_SKIP_REASON = "needs PyTorch, an optional extra: pip install -e '.[torch]'"
+
+
+def torch_available() -> bool:
+  """Whether ``import torch`` would work, without importing it (seconds, and memory)."""
+  try:
+    return importlib.util.find_spec("torch") is not None
+  except ImportError:  # an import hook that hides torch (tests/convert/test_optional_torch.py)
+    return False
+
+
 def pytest_configure(config):
   config.addinivalue_line(
       "markers", "slow: takes more than ~20 s (end-to-end runs); skip with -m 'not slow'")
+  config.addinivalue_line(
+      "markers", "torch: needs PyTorch (the [torch] extra); skipped without it, and "
+      "CI's second stage runs exactly these with -m torch")
+
+
+def pytest_collection_modifyitems(config, items):
+  """Without torch, every test marked ``torch`` skips with the install command as reason."""
+  del config
+  if torch_available():
+    return
+  skip = pytest.mark.skip(reason=TORCH_SKIP_REASON)
+  for item in items:
+    if item.get_closest_marker("torch") is not None:
+      item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -1,4 +1,4 @@
-"""Thesis variants of the regularisation weight λ (SPEC §7): schedules and learnable λ.
+"""Thesis variants of the regularisation weight λ (BiSSL thesis §5.2): schedules and learnable λ.
 
 Schedules over alternations t = 0..T−1:
 ``λ(t) = (λmax − λmin)·f(t) + λmin`` with ``λmin = 1e-8`` and

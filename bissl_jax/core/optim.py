@@ -1,4 +1,4 @@
-"""Optimizers and learning-rate schedules used by BiSSL's two levels (SPEC §2).
+"""Optimizers and learning-rate schedules used by BiSSL's two levels (BiSSL paper §4.2, Appendix B).
 
 Both levels clip the global gradient norm to 10 before their optimizer. The lower
 level uses LARS as in Bardes et al. (2022); the upper level and fine-tuning use SGD

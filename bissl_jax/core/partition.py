@@ -1,4 +1,4 @@
-"""The parameter partition of BiSSL: one tree, named top-level groups (SPEC §4).
+"""The parameter partition of BiSSL: one tree, named top-level groups (docs/architecture.md).
 
 ``params = {'backbone': θ, 'pretext_head': φ_P, 'downstream_head': φ_D}``, plus
 ``'lam_rho'`` (λ = softplus(ρ)) in the upper level when λ is learnable. Every leaf

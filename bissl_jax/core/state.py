@@ -1,4 +1,4 @@
-"""Static setup and explicit state of a BiSSL run (SPEC §1, §2).
+"""Static setup and explicit state of a BiSSL run (BiSSL paper §3.2, Algorithm 1).
 
 :class:`BisslSetup` holds everything static: model, pretext and downstream tasks and
 hyperparameters, frozen and hashable so jitted functions close over it. It has no

@@ -1,4 +1,4 @@
-"""Datasets, splits and batch stacks (SPEC §2 "Data stacks", §5).
+"""Datasets, splits and batch stacks (docs/sources.md, "Data stacks"; BiSSL paper §4.1).
 
 - ``arrays``: :class:`ArrayDataset` (uint8 images at one square size) and the
   host-side resize / stratified split helpers.

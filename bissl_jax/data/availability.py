@@ -22,7 +22,7 @@ def tfds_data_dir(data_dir: Optional[str]) -> str:
 
 def is_prepared(spec: DatasetSpec, data_dir: Optional[str]) -> bool:
   """Whether ``spec`` can be read from ``data_dir`` (looks at the files only)."""
-  if spec.source == "sklearn":
+  if spec.source in ("sklearn", "imagefolder"):  # imagefolder: checked by get_spec
     return True
   if spec.source == "folder":
     try:
@@ -61,8 +61,15 @@ def check_prepared(datasets: Sequence[Tuple[str, str]], data_dir: Optional[str])
       ('downstream', 'dtd')]``; a dataset listed twice is reported once.
     data_dir: ``config.data.data_dir``.
   """
+  from bissl_jax.data import image_folder  # pylint: disable=g-import-not-at-top
   missing, seen = [], set()
   for role, name in datasets:
+    if image_folder.is_folder_name(name):  # your own images: the layout is the check
+      err = image_folder.problem(image_folder.root_of(name))
+      if err and name not in seen:
+        missing.append(f"  - {name!r} ({role}): {err}.\n    {image_folder.LAYOUT_HINT}")
+      seen.add(name)
+      continue
     spec = get_spec(name)
     if spec.name in seen:
       continue

@@ -35,7 +35,8 @@ class DatasetSpec:
     image_key: feature holding the image.
     label_key: feature holding the label(s).
     manual_download: the source files must be fetched by hand (imagenet2012).
-    source: 'tfds', 'folder' (FGVC-Aircraft) or 'sklearn' (digits).
+    source: 'tfds', 'folder' (FGVC-Aircraft), 'sklearn' (digits) or 'imagefolder'
+      (your own images, ``folder:<path>``: bissl_jax/data/image_folder.py).
     pretext_split: split used for self-supervised pretraining (default: the
       training split).
     unlabelled_splits: splits without labels (their labels are stored as -1).
@@ -55,7 +56,7 @@ class DatasetSpec:
   unlabelled_splits: tuple[str, ...] = ()
 
   def __post_init__(self):
-    if self.source not in ('tfds', 'folder', 'sklearn'):
+    if self.source not in ('tfds', 'folder', 'sklearn', 'imagefolder'):
       raise ValueError(f'DatasetSpec {self.name!r}: unknown source '
                        f'{self.source!r}; use tfds, folder or sklearn.')
     if self.pretext_split is None:
@@ -111,7 +112,7 @@ def get_spec(name: str) -> DatasetSpec:
 
   Args:
     name: e.g. 'oxford_iiit_pet', 'pets', 'voc/2007' or 'digits'
-      (case-insensitive).
+      (case-insensitive), or ``folder:<path>`` for a folder of your own images.
 
   Returns:
     The :class:`DatasetSpec`.
@@ -119,6 +120,9 @@ def get_spec(name: str) -> DatasetSpec:
   Raises:
     ValueError: for an unknown name; the message lists the valid choices.
   """
+  from bissl_jax.data import image_folder  # pylint: disable=g-import-not-at-top  (imports us)
+  if image_folder.is_folder_name(name):
+    return image_folder.spec_of(name)
   key = name.strip().lower()
   key = ALIASES.get(key, key)
   if key not in CATALOGUE:

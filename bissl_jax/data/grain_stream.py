@@ -1,7 +1,7 @@
 """Streamed batches on Grain: decoding in worker processes, resumable mid-epoch.
 
 The order of the examples is the batch stacks' (:mod:`bissl_jax.data.stacks`,
-SPEC §2): a stage plans its whole future with :meth:`BatchStack.plan` (the
+docs/sources.md, "Data stacks"): a stage plans its whole future with :meth:`BatchStack.plan` (the
 ``(epoch, position)`` of every batch it will take, in take order), so a
 streamed level draws exactly the batches the in-memory path draws. Grain does
 the work: a ``MapDataset`` whose element ``k`` is batch ``k`` of that plan,
@@ -34,7 +34,7 @@ from bissl_jax.data.stacks import BatchStack, process_shard
 def plan_takes(stack: BatchStack, takes: Sequence[int]) -> np.ndarray:
   """``(epoch, position)`` of every batch of ``stack.take(n) for n in takes``.
 
-  Advances ``stack`` as those takes would (the SPEC's reshuffle rule is
+  Advances ``stack`` as those takes would (the reshuffle rule of docs/sources.md is
   :meth:`BatchStack.plan`'s).
   """
   return np.concatenate([stack.plan(int(n)) for n in takes])

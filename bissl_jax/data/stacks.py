@@ -1,6 +1,6 @@
 """Batch stacks: per-level iterators that survive across BiSSL alternations.
 
-SPEC §2 "Data stacks" and paper appendix B.4: each level draws its batches from
+BiSSL paper Appendix B.4 and docs/sources.md, "Data stacks": each level draws its batches from
 its own stack. A stage of ``n`` steps takes ``n`` batches at once; the stack is
 reshuffled only when fewer than ``n`` full batches remain in the current epoch,
 and the leftover tail is skipped. With 10 batches per epoch and stages of 4,

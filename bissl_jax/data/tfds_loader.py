@@ -26,6 +26,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from bissl_jax.data import folder
+from bissl_jax.data import image_folder
 from bissl_jax.data.arrays import (ArrayDataset, resize_image, split_strata,
                                    stratified_split)
 from bissl_jax.data.catalogue import DatasetNotFoundError, DatasetSpec, get_spec
@@ -326,6 +327,11 @@ def load_splits(name: str, *, data_dir: Optional[str] = None, image_size: int,
   if spec.source == 'sklearn':
     return load_digits_splits(image_size=image_size, val_fraction=val_fraction,
                               seed=seed)
+  if spec.source == 'imagefolder':
+    return image_folder.load_splits(name, image_size=image_size,
+                                    val_fraction=val_fraction, seed=seed,
+                                    split_off=_split_off_validation,
+                                    max_examples=max_examples)
   if spec.source == 'folder':
     root = folder.find_fgvc_root(data_dir or '.')
     read = lambda split: folder.load_fgvc_aircraft(
@@ -362,6 +368,9 @@ def load_pretext_split(name: str, *, data_dir: Optional[str] = None,
   spec = get_spec(name)
   if spec.source == 'sklearn':
     return load_digits_splits(image_size=image_size)['train']
+  if spec.source == 'imagefolder':
+    return image_folder.load_pretext(name, image_size=image_size,
+                                     max_examples=max_examples)
   if spec.source == 'folder':
     return folder.load_fgvc_aircraft(data_dir or '.', spec.pretext_split,
                                      image_size=image_size,

@@ -1,4 +1,4 @@
-"""Implicit gradients of proximally regularised lower problems (SPEC §1, §3).
+"""Implicit gradients of proximally regularised lower problems (BiSSL paper §3.3, Appendix A.1; solvers §4.2.2).
 
 For a lower problem ``θ*(ξ) = argmin_θ L(θ) + (λ/2)·‖θ − ξ‖²`` the stationarity
 condition ``∇L(θ*) + λ(θ* − ξ) = 0`` gives ``dθ*/dξ = (I + H/λ)⁻¹`` with ``H =
@@ -9,7 +9,7 @@ of layerwise CG). ``implicit_grad`` computes that product for any pytrees and an
 user-supplied lower loss; it needs no BiSSL-specific types.
 
 Hessian-vector products are forward-over-reverse (``jax.jvp`` of ``jax.grad``),
-never grad-of-grad (which cost 9.6 gradients against 1.7 on CPU, SPEC §1).
+never grad-of-grad (which cost 9.6 gradients against 1.7 on CPU, docs/benchmarks.md).
 """
 import inspect
 from typing import Any, Callable, Optional, Tuple, Union
@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from bissl_jax.implicit.solvers import SOLVERS, SolveInfo, finish
+from bissl_jax.implicit.solvers.base import UNKNOWN_ITERATIONS
 from bissl_jax.implicit.tree_math import tree_axpy
 from bissl_jax.types import PyTree
 
@@ -52,7 +53,7 @@ def hessian_operator(loss_fn: Callable[[PyTree], Any], params: PyTree, *,
       reuses its stored residuals: build it once, solve many systems against it.
       ``'jvp'`` recomputes ``hvp`` on every call: no stored residuals, so less
       memory, at the price of the primal work per product (inside one ``jit`` XLA
-      shares much of it anyway, SPEC §3).
+      shares much of it anyway, docs/benchmarks.md).
 
   Returns:
     A function mapping a pytree shaped like ``params`` to ``H`` times it.
@@ -138,7 +139,9 @@ def _wrap_user_solver(fn: Callable) -> Callable:
     out = fn(matvec, b, **kwargs)
     if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], SolveInfo):
       return out
-    return out, finish(matvec, b, out, out, maxiter, float("inf"), curvature_tracked=False)
+    # A bare x says nothing about its iterations: report them as unknown, not maxiter.
+    return out, finish(matvec, b, out, out, UNKNOWN_ITERATIONS, float("inf"),
+                       curvature_tracked=False)
   return solver
 
 

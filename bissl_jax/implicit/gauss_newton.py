@@ -8,7 +8,7 @@ Gauss–Newton matrix keeps the first term only:
 
 positive semi-definite whenever ℓ is convex, so ``A = I + G/(λ+δ)`` is positive
 definite and CG is valid on it, where BiSSL's ``I + H/(λ+δ)`` is often indefinite
-(SPEC §9). For a least-squares loss with f linear in θ, G is the Hessian.
+(docs/solvers.md). For a least-squares loss with f linear in θ, G is the Hessian.
 
 A product ``G v`` is one JVP through the network, one HVP of ℓ at the outputs
 (cheap: ℓ acts on outputs only) and one VJP: about the cost of one HVP of L. The

@@ -1,7 +1,7 @@
 """The one loop primitive of bissl_jax: unrolled on XLA:CPU, ``lax`` loops elsewhere.
 
 XLA:CPU runs convolution *gradients* about 15–40× slower inside ``while_loop``,
-``fori_loop`` or ``scan`` bodies than in straight-line code (SPEC §3; measured in
+``fori_loop`` or ``scan`` bodies than in straight-line code (measured in
 ``bench/loop_cliff.py``). Every fixed-length loop over gradients or Hessian-vector
 products in the library (solver iterations, the lower steps and the upper steps of
 a stage, GeSSL's inner steps) therefore goes through :func:`scan`/:func:`fori`,

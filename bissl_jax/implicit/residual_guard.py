@@ -3,7 +3,7 @@
 BiSSL's damped operator is often indefinite, and 5 iterations of (layer-wise) CG
 then regularly return an ``x`` with ``‖A x − v‖/‖v‖ > 1``: further from solving
 ``A x = v`` than ``x = 0`` is, and than the first-order answer ``x = v`` often is
-too (SPEC §9). The guard (``config.bissl.residual_guard``, off by default to stay
+too (docs/solvers.md). The guard (``config.bissl.residual_guard``, off by default to stay
 faithful to the paper) replaces such a solution with the right-hand side ``v``.
 """
 from typing import Tuple

@@ -1,4 +1,4 @@
-"""Networks of BiSSL: ResNet backbones, MLP projector/predictor, linear classifier (SPEC §4).
+"""Networks of BiSSL: ResNet backbones, MLP projector/predictor, linear classifier (BiSSL paper §4.2.1).
 
 Module and parameter names follow timm/torchvision so PyTorch checkpoints map one to
 one onto the Flax tree:

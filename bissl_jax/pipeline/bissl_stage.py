@@ -1,4 +1,4 @@
-"""Stage 3: the BiSSL loop, T alternations with per-level data stacks (SPEC §2).
+"""Stage 3: the BiSSL loop, T alternations with per-level data stacks (BiSSL paper Algorithm 1, Appendix B.4).
 
 Each alternation takes N_L pretext batches and then one more (the HVP batch of the
 upper stage) from the lower level's stack, and N_U downstream batches from the
@@ -102,7 +102,7 @@ class _StackLevel:
 
 
 class AlternationData:
-  """Both levels' batch stacks (SPEC §2): the data of one alternation per step.
+  """Both levels' batch stacks (docs/sources.md, "Data stacks"): the data of one alternation per step.
 
   A level whose dataset is streamed (``bissl_jax.data.ImageRecords``) is a
   ``grain_stream.BatchStream`` planned with the same takes (``[N_L, 1] * T`` below,

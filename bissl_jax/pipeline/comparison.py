@@ -1,4 +1,4 @@
-"""The baseline-vs-BiSSL comparison (SPEC §1, §6) and the stage chains it is made of.
+"""The baseline-vs-BiSSL comparison (BiSSL paper Fig. 1, §4.2) and the stage chains it is made of.
 
 For every seed in ``config.seeds``: pretext pretraining → baseline fine-tuning →
 test evaluation, and head warm-up → BiSSL → fine-tuning from θ_P → test evaluation.

@@ -21,8 +21,10 @@ is its mean over episodes, with its 95% interval kept in ``results.json``) go to
 ``<workdir>/results.md`` and ``results.json``; each method's runs live in
 ``<workdir>/<method>/``, so a rerun resumes or reuses them.
 
-Run: ``python -m bissl_jax.pipeline.gessl_comparison --config configs/digits_gessl.py
---workdir runs/digits_gessl``.
+Run: ``bissl-jax gessl --config=configs/digits_gessl.py --workdir=runs/digits_gessl``
+(the flags of ``bissl-jax run``); ``python -m bissl_jax.pipeline.gessl_comparison
+--config configs/digits_gessl.py --workdir runs/digits_gessl`` (``--set FIELD=VALUE``
+for overrides) does the same.
 """
 import argparse
 import ast
@@ -189,7 +191,8 @@ def main(argv=None):
   parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                       help="override a config field, e.g. --set gessl.inner_params=all.")
   args = parser.parse_args(argv)
-  cfg = load_config(args.config, args.config_arg)
+  path, _, arg = args.config.partition(":")  # --config=FILE:ARGS, as bissl-jax gessl takes
+  cfg = load_config(path, args.config_arg or arg)
   for item in args.set:
     override(cfg, item)
   from bissl_jax import cli  # pylint: disable=import-outside-toplevel

@@ -1,4 +1,4 @@
-"""``run(config, workdir)``: from a config to a finished run (SPEC §1, §6).
+"""``run(config, workdir)``: from a config to a finished run (BiSSL paper Fig. 1, §4.2).
 
 ``run`` validates and resolves the config, opens the data (a missing dataset fails
 here, before any compute), builds the context and runs ``config.stages``:
@@ -38,6 +38,7 @@ from bissl_jax.pipeline import bissl_stage
 from bissl_jax.pipeline import comparison
 from bissl_jax.pipeline import invocation_clock
 from bissl_jax.pipeline import compile_watch
+from bissl_jax.pipeline import preflight
 from bissl_jax.pipeline.provenance import digest_of
 from bissl_jax.pipeline import results as results_lib
 from bissl_jax.pipeline import supervised
@@ -94,9 +95,7 @@ def run_single_stage(ctx: StageContext, stage: str, splits, pretext_set) -> dict
   raise ValueError(f"Unknown stage {stage!r}.")
 
 
-_NEEDS = {  # stage -> (pretext data, downstream data)
-    "all": (True, True), "pretext": (True, False), "head_warmup": (False, True),
-    "bissl": (True, True), "finetune": (False, True), "evaluate": (False, True)}
+_NEEDS = preflight.NEEDS  # stage -> (pretext data, downstream data)
 
 
 def with_reuse(config, reuse: str):
@@ -115,8 +114,18 @@ def _write_config(workdir: str, config) -> None:
 
 
 def _has_earlier_run(workdir: str) -> bool:
-  return any(os.path.exists(os.path.join(workdir, name))
-             for name in ("config.json", "metrics.jsonl", results_lib.WALL_TIMES_FILE))
+  """Whether ``workdir`` holds saved work to resume: a checkpoint or a stage output.
+
+  A config.json or a metrics log alone (a run stopped before its first save) is
+  nothing to resume from, so the banner says "fresh" then.
+  """
+  if os.path.exists(os.path.join(workdir, "results.json")):
+    return True
+  for root, dirs, _ in os.walk(workdir):
+    if any(name in ("output", "ckpt") and os.listdir(os.path.join(root, name))
+           for name in dirs):
+      return True
+  return False
 
 
 def banner(config, workdir: str, *, source: str, resumed: bool) -> str:
@@ -172,8 +181,9 @@ def run(config, workdir: str, *, bissl_callback: Optional[Callable] = None,
     ``results.md``); for a single stage a record of its outputs.
 
   Raises:
-    ConfigError: an invalid config field (before any compute).
-    DatasetNotFoundError: a dataset is not prepared locally (before any compute).
+    ConfigError: an invalid config field (before any compute), or
+      ``preflight.InputsError``: an unusable workdir, missing datasets, weights or
+      tokenizer, all named together before anything is written.
     NonFiniteError: training diverged; the last good checkpoint is kept.
     KeyboardInterrupt: Ctrl-C/SIGTERM; the running stage saved its last step.
   """
@@ -188,7 +198,9 @@ def run(config, workdir: str, *, bissl_callback: Optional[Callable] = None,
   workdir = os.path.abspath(workdir)
   resumed = _has_earlier_run(workdir)
   need_pretext, need_downstream = _NEEDS[config.stages]
-  # Before anything is written: a missing dataset leaves no workdir behind.
+  # Before the banner and before anything is written: every problem with the workdir,
+  # the data, the weights and the tokenizer, named together (no workdir is left behind).
+  preflight.check(config, workdir, branch_from=branch_from)
   splits, pretext_set = load_data(config, need_pretext, need_downstream)
   created = not os.path.exists(workdir)
   os.makedirs(workdir, exist_ok=True)

@@ -1,4 +1,4 @@
-"""Random search of fine-tuning hyperparameters (SPEC §6).
+"""Random search of fine-tuning hyperparameters (BiSSL paper §4.2.1, Appendix B.2).
 
 The paper samples 100 (learning rate, weight decay) pairs log-uniformly, LR in
 [1e-4, 1] and weight decay in [1e-5, 1e-2], fine-tunes one model per pair and keeps

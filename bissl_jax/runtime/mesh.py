@@ -1,4 +1,4 @@
-"""Data parallelism over every local device with a one-axis mesh (SPEC §8).
+"""Data parallelism over every local device with a one-axis mesh (docs/sources.md, "Multi-device").
 
 Step functions are written for the *global* batch. Placing the batch with a
 ``NamedSharding`` over the ``'data'`` axis and the parameters replicated lets

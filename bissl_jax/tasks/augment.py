@@ -1,4 +1,4 @@
-"""On-device image augmentations for BiSSL (SPEC §5), pure JAX and jit-able.
+"""On-device image augmentations for BiSSL (BiSSL paper §4.2.1; docs/sources.md), pure JAX and jit-able.
 
 Each view is produced in two pure steps, so the random decisions can be inspected:
 

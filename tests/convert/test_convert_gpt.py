@@ -7,6 +7,7 @@ import pytest
 from bissl_jax.models import gpt
 from bissl_jax.convert import gpt as convert
 
+pytestmark = pytest.mark.torch
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 

@@ -4,6 +4,7 @@ import functools
 
 import pytest
 
+pytestmark = pytest.mark.torch
 torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 

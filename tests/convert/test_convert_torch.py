@@ -3,6 +3,7 @@ import collections
 
 import pytest
 
+pytestmark = pytest.mark.torch
 torch = pytest.importorskip(
     "torch", reason="the PyTorch converter tests need the [torch] extra: pip install -e '.[torch]'")
 from torch import nn  # noqa: E402

@@ -1,4 +1,4 @@
-"""Tests for the per-level batch stacks (SPEC §2 "Data stacks", paper B.4)."""
+"""Tests for the per-level batch stacks (BiSSL paper Appendix B.4; docs/sources.md, "Data stacks")."""
 import numpy as np
 import pytest
 

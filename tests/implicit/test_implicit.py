@@ -7,6 +7,7 @@ from jax.flatten_util import ravel_pytree
 
 from bissl_jax import implicit
 from bissl_jax.implicit.solvers import SOLVERS
+from bissl_jax.implicit.solvers.base import UNKNOWN_ITERATIONS
 
 SHAPES = {"bias": (3,), "kernel": (2, 2)}   # 7 entries
 ALL_SOLVERS = sorted(SOLVERS)
@@ -278,6 +279,7 @@ def test_callable_solver_and_prebuilt_operator():
                                    solver=stock_cg, maxiter=100, tol=1e-7)
   np.testing.assert_allclose(flat(x), expected, rtol=1e-4, atol=1e-5)
   assert float(info.residual) < 1e-4  # diagnostics computed for a bare-x solver
+  assert int(info.iterations) == UNKNOWN_ITERATIONS  # not maxiter: the solver did not say
 
   # The prebuilt-operator entry point gives the registry solver's answer.
   hessian = implicit.hessian_operator(loss, theta)

@@ -103,7 +103,7 @@ def test_imagenet_config_has_bisslight_defaults():
   validate_config(small)
 
 
-@pytest.mark.parametrize("fmt", ["pth", "stage_output"])
+@pytest.mark.parametrize("fmt", [pytest.param("pth", marks=pytest.mark.torch), "stage_output"])
 def test_pretext_checkpoint_loads_into_the_lora_model(tmp_path, fmt):
   """``pretext.checkpoint``: base weights as saved, fresh adapters (B = 0)."""
   from bissl_jax.convert import mae as convert_mae

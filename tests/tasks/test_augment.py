@@ -15,8 +15,7 @@ try:  # optional ([torch] extra): only the PyTorch-reference tests need it
 except ImportError:
   torch = F = None
 
-requires_torch = pytest.mark.skipif(
-    torch is None, reason="needs PyTorch for the reference: pip install -e '.[torch]'")
+requires_torch = pytest.mark.torch  # skipped without torch (tests/conftest.py)
 
 
 def _images(batch=3, height=20, width=16, channels=3, seed=0):

@@ -19,6 +19,9 @@ from bissl_jax.types import PyTree
 MatVec = Callable[[PyTree], PyTree]
 
 
+UNKNOWN_ITERATIONS = -1  # a callable solver that returned a bare x did not report them
+
+
 class SolveInfo(NamedTuple):
   """Diagnostics of one solve, all arrays (usable inside ``jit``/``vmap``).
 
@@ -26,6 +29,8 @@ class SolveInfo(NamedTuple):
     iterations: int32, operator products spent on iterations (the extra product
       for ``init`` and the one for ``residual`` are not counted). ``cg`` stops
       early once ``‖r‖ ≤ tol·‖b‖`` (with ``tol = 0``: once ``r`` is exactly 0).
+      ``-1`` (:data:`UNKNOWN_ITERATIONS`): a user's solver returned a bare ``x``
+      and did not say.
     residual: float32, ``‖A x − b‖ / ‖b‖`` recomputed with the true operator on the
       returned ``x`` (one extra product; ``jit`` removes it when unused, which is
       why ``nonfinite`` does not read it). Plain ``‖A x − b‖`` when ``b = 0``.

@@ -18,7 +18,7 @@ def jax_cg(matvec: MatVec, b: PyTree, *, init: Optional[PyTree] = None, maxiter:
   For comparing the library's upper step against the stock JAX solver (the call
   the project's design names). Same recurrence and stopping rule as
   ``solvers.cg.cg``; differences: it has only a ``while_loop`` driver (``unroll`` is
-  accepted and ignored, so on CPU it meets the XLA:CPU loop cliff of SPEC §3) and
+  accepted and ignored, so on CPU it meets the XLA:CPU loop cliff, docs/implicit_grad.md) and
   it always spends a product on ``A·x0``, also for ``x0 = 0``.
 
   ``SolveInfo`` is computed from its result: ``iterations`` is ``maxiter``, an

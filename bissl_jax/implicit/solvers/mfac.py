@@ -1,4 +1,4 @@
-"""M-FAC implicit gradients from stored pretext gradients (BiSSLight; SPEC §9).
+"""M-FAC implicit gradients from stored pretext gradients (BiSSLight; docs/solvers.md).
 
 BiSSLight replaces the Hessian of the lower problem by the empirical Fisher of the
 last m pretext gradients g_1..g_m (of L_P alone, without the proximal term),

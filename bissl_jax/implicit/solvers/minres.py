@@ -4,7 +4,7 @@ It follows the registry signature of :mod:`bissl_jax.implicit.solvers`,
 ``fn(matvec, b, *, init=None, maxiter=5, tol=0.0, unroll=None) -> (x, SolveInfo)``.
 
 **Why MINRES.** BiSSL's damped operator ``A = I + H/(λ+δ)`` is often indefinite
-(SPEC §9: pretext Hessians have eigenvalues far below −(λ+δ)). CG assumes a
+(docs/solvers.md: pretext Hessians have eigenvalues far below −(λ+δ)). CG assumes a
 positive-definite ``A``; on an indefinite one its residual can grow without bound.
 MINRES (Paige & Saunders, 1975) needs only a symmetric ``A``: iteration ``k``
 returns the point of the Krylov space ``K_k(A, r_0)`` with the smallest residual

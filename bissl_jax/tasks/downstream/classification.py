@@ -1,4 +1,4 @@
-"""Downstream tasks L_D: image classification, single- and multi-label (SPEC §1, §5).
+"""Downstream tasks L_D: image classification, single- and multi-label (BiSSL paper §3.2, §4.1).
 
 One implementation serves the upper level of BiSSL, the head warm-up, fine-tuning
 and evaluation, so the loss the upper level differentiates is the loss the

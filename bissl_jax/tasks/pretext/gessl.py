@@ -214,7 +214,7 @@ class GeSSL:
     """B-way logits of the classifier on the projector, training-mode BatchNorm.
 
     The batch statistics of these forwards are discarded: running statistics follow
-    the base loss's forward only (SPEC §4: no update from auxiliary passes).
+    the base loss's forward only (docs/sources.md: no update from auxiliary passes).
     """
     model = self.model
     head = params["pretext_head"]
