@@ -59,7 +59,7 @@ def read_state_dict(path: Union[str, os.PathLike]) -> dict:
   if path.endswith(".safetensors"):
     from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
     return dict(load_file(path))
-  from bissl_jax.convert.torch import load_state_dict  # pylint: disable=import-outside-toplevel
+  from bissl_jax.convert.torch_files import load_state_dict  # pylint: disable=import-outside-toplevel
   try:
     return dict(load_state_dict(path))
   except ValueError:
@@ -84,14 +84,14 @@ def _is_causal_buffer(key: str, value: np.ndarray) -> bool:
 
 
 def _normalise_keys(state_dict: Mapping[str, Any]) -> dict:
-  from bissl_jax.convert.torch import _to_numpy  # pylint: disable=import-outside-toplevel
+  from bissl_jax.convert.torch_files import to_numpy  # pylint: disable=import-outside-toplevel
   out = {}
   for key, value in state_dict.items():
     key = str(key)
     short = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
     if short in out:
       raise ValueError(f"{key} appears twice (with and without the {_PREFIX!r} prefix).")
-    out[short] = _to_numpy(value, key)
+    out[short] = to_numpy(value, key)
   return out
 
 

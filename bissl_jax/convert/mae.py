@@ -21,7 +21,7 @@ the converted weights into a freshly initialised :class:`~bissl_jax.models.vit_b
 tree and keeps those.
 
 Reading goes through :mod:`bissl_jax.convert.torch` (``torch.load(weights_only=True)``,
-``strip_prefix``); its ``_load_one`` unwraps ``{'state_dict': ...}`` but not MAE's
+``strip_prefix``); its loader unwraps ``{'state_dict': ...}`` but not MAE's
 ``{'model': ...}``, so that unwrapping is done here.
 """
 import collections
@@ -34,8 +34,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bissl_jax.convert.torch import LayoutEntry, check_torch_file, load_state_dict, strip_prefix
-from bissl_jax.convert.torch import _import_torch
+from bissl_jax.convert.torch import LayoutEntry
+from bissl_jax.convert.torch_files import (check_torch_file, import_torch, load_state_dict,
+                                           strip_prefix)
 from bissl_jax.convert.torch import _to_flax_layout, _to_torch_layout
 from bissl_jax.types import PyTree
 
@@ -66,7 +67,7 @@ def read_checkpoint(source: Union[Mapping[str, Any], str, os.PathLike]
     if not os.path.isfile(path):
       raise FileNotFoundError(f"no MAE checkpoint at {path!r}")
     check_torch_file(path)  # e.g. mae_pretrain_vit_base_full.pth of the official release
-    torch = _import_torch()
+    torch = import_torch()
     try:
       raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pylint: disable=broad-except
@@ -258,7 +259,7 @@ def flax_to_mae_numpy(params: PyTree) -> "collections.OrderedDict[str, np.ndarra
 
 def save_mae_torch(params: PyTree, path: Union[str, os.PathLike]) -> None:
   """Writes :func:`flax_to_mae_numpy` as ``{'model': state_dict}`` (the MAE format)."""
-  torch = _import_torch()
+  torch = import_torch()
   state_dict = {k: torch.from_numpy(v) for k, v in flax_to_mae_numpy(params).items()}
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   torch.save({"model": state_dict}, os.fspath(path))
