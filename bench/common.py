@@ -10,8 +10,8 @@ Every benchmark script has three sizes:
 Timings on a shared machine drift, so contenders are timed *interleaved*: each round
 runs every contender once, and ratios are medians of per-round ratios. Each script
 prints its tables and, unless ``--no-record``, inserts them with the device, JAX
-version, command and date into ``docs/benchmarks.md`` between the markers
-``<!-- records: NAME -->`` and ``<!-- end records: NAME -->``.
+version, command and date into its dated records, ``docs/benchmarks/runs/NAME.md``,
+between the markers ``<!-- records: NAME -->`` and ``<!-- end records: NAME -->``.
 """
 import argparse
 import dataclasses
@@ -36,7 +36,7 @@ from bissl_jax.tasks import pretext
 PyTree = Any
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DOC_PATH = os.path.join(REPO_ROOT, "docs", "benchmarks.md")
+RUNS_DIR = os.path.join(REPO_ROOT, "docs", "benchmarks", "runs")
 NUM_CLASSES = 10  # the digits
 
 
@@ -111,8 +111,10 @@ def parse_args(argv: Optional[Sequence[str]], description: str,
                       help="timing rounds (medians are reported).")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--no-record", action="store_true",
-                      help="print only; do not write to docs/benchmarks.md.")
-  parser.add_argument("--doc", default=DOC_PATH, help="the markdown file to record into.")
+                      help="print only; do not write to docs/benchmarks/runs/.")
+  parser.add_argument("--doc", default=None,
+                      help="the markdown file to record into (default: "
+                           "docs/benchmarks/runs/SCRIPT.md).")
   if add_arguments is not None:
     add_arguments(parser)
   args = parser.parse_args(argv)
@@ -436,12 +438,14 @@ def render_record(script: str, tables: Sequence[Table], argv: Sequence[str],
 
 
 def record(script: str, tables: Sequence[Table], argv: Sequence[str],
-           doc_path: str = DOC_PATH) -> None:
-  """Inserts a run's tables into ``doc_path`` in the script's section.
+           doc_path: Optional[str] = None) -> None:
+  """Inserts a run's tables into ``doc_path`` (default: the script's dated records,
+  ``docs/benchmarks/runs/SCRIPT.md``) in the script's section.
 
   The block goes just before ``<!-- end records: SCRIPT -->``; when the markers are
   missing, a new section with both markers is appended at the end of the file.
   """
+  doc_path = doc_path or os.path.join(RUNS_DIR, f"{script}.md")
   block_md = render_record(script, tables, argv, environment())
   start, end = f"<!-- records: {script} -->", f"<!-- end records: {script} -->"
   text = ""
@@ -464,5 +468,5 @@ def finish(script: str, tables: Sequence[Table], args: argparse.Namespace) -> Li
     print(table.to_markdown(), end="\n\n", flush=True)
   if not args.no_record:
     record(script, tables, args.argv, args.doc)
-    print(f"Recorded in {args.doc}.")
+    print(f"Recorded in {args.doc or os.path.join(RUNS_DIR, script + '.md')}.")
   return list(tables)

@@ -70,7 +70,7 @@ def add_arguments(parser) -> None:
   parser.add_argument("--no-mfac", action="store_true", help="leave out the mfac alternation.")
   parser.add_argument("--cpu-kernels", choices=cpu_kernels.KERNELS, default=None,
                       help="bissl_jax's XLA:CPU kernels (config.model.cpu_kernels; default: "
-                           "the library's, as bissl-jax run sets them; docs/benchmarks.md §9).")
+                           "the library's, as bissl-jax run sets them; docs/benchmarks/cpu_conv.md).")
 
 
 def compare_size(args) -> common.Size:

@@ -1,6 +1,6 @@
 """Each convolution of ResNet-18 alone: its gradient under XLA's kernels and PyTorch's.
 
-Part of ``bench/cpu_conv.py`` (docs/benchmarks.md §9): the network's pretext gradient
+Part of ``bench/cpu_conv.py`` (docs/benchmarks/cpu_conv.md): the network's pretext gradient
 there is slower than PyTorch's, and this splits the convolutions' share of it by layer
 shape (stem, the four stages, the 1×1 downsampling convolutions), each timed as
 ``∇_{x,w} sum(conv(x, w)²)`` (the forward and both backward convolutions) in the

@@ -54,7 +54,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   parser.add_argument("--dtype", default="float32")
   parser.add_argument("--remat", action="store_true")
   parser.add_argument("--no-record", action="store_true")
-  parser.add_argument("--doc", default=common.DOC_PATH)
+  parser.add_argument("--doc", default=None)
   args = parser.parse_args(argv)
   args.size = "tiny" if args.tiny else "small" if args.small else "full"
   args.repeats = args.repeats or {"tiny": 1, "small": 5, "full": 10}[args.size]

@@ -1,4 +1,4 @@
-"""Cost of one Hessian-vector product of the SimCLR pretext loss, in gradients (docs/benchmarks.md).
+"""Cost of one Hessian-vector product of the SimCLR pretext loss, in gradients (docs/benchmarks/hvp_cost.md).
 
 Everything is measured side by side in one run, on one batch and one backbone:
 

@@ -145,8 +145,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--repeats', type=int, default=2, help='interleaved rounds.')
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--no-record', action='store_true',
-                      help='print only; do not write to docs/benchmarks.md.')
-  parser.add_argument('--doc', default=common.DOC_PATH, help='the markdown file to record into.')
+                      help='print only; do not write to docs/benchmarks/runs/.')
+  parser.add_argument('--doc', default=None, help='the markdown file to record into (default: docs/benchmarks/runs/input_pipeline.md).')
 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[common.Table]:

@@ -104,7 +104,7 @@ def parse_args(argv):
   parser.add_argument("--repeats", type=int, default=None)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--no-record", action="store_true")
-  parser.add_argument("--doc", default=common.DOC_PATH)
+  parser.add_argument("--doc", default=None)
   args = parser.parse_args(argv)
   args.size = SIZES["tiny" if args.tiny else "small" if args.small else "full"]
   if args.repeats is None:

@@ -172,7 +172,7 @@ def base_config() -> config_dict.ConfigDict:
   config.model.dropout = 0.1               # GPT: dropout before the output layer
   # XLA:CPU kernels (bissl_jax/runtime/cpu_kernels.py): 'fast' runs convolutions on XLA's own
   # kernels with YNNPACK fusions, 0.67-0.81x the pretext gradient's time on a 2-core
-  # CPU but other rounding than 'default' (jaxlib's choice); docs/benchmarks.md §9.
+  # CPU but other rounding than 'default' (jaxlib's choice); docs/benchmarks/cpu_conv.md.
   config.model.cpu_kernels = "fast"
 
   config.pretext = config_dict.ConfigDict()
@@ -535,7 +535,7 @@ FIELD_HELP = {
     "data.labels_per_class": "keep this many labelled downstream training images per class "
                              "(None: all; drawn with seed); pretext data keeps all",
     "data.loader_workers": ("Grain worker processes decoding the streamed pretext set (ImageNet; "
-                            "0: decode in the training process); docs/benchmarks.md has images/s per worker"),
+                            "0: decode in the training process); docs/benchmarks/input_pipeline.md has images/s per worker"),
     "data.device_prefetch": ("streamed (Grain) batches copied to the devices ahead of the step "
                              "that uses them (0: none); a resume still starts on the first "
                              "batch not trained on"),

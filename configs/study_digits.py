@@ -46,7 +46,7 @@ def get_config(arg: str = ""):
   # (docs/results.md), so it pays for one on every upper step; and its recorded cells
   # (about two hours on the 2-core CPU) were computed with jaxlib's default CPU
   # kernels, which it keeps so that rerunning it reproduces docs/results.md to the
-  # digit (the 'fast' kernels round differently; docs/benchmarks.md §9).
+  # digit (the 'fast' kernels round differently; docs/benchmarks/cpu_conv.md).
   pipeline.bissl.residual_every = 1
   pipeline.model.cpu_kernels = "default"
   pipeline.bissl_variants = {"cg": {"solver": "cg"}, "minres": {"solver": "minres"},

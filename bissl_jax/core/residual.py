@@ -43,7 +43,7 @@ class ResidualPolicy:
     True when only some steps check (``every`` > 1, no guard, not free). XLA:CPU runs
     the operator product several times slower inside a ``lax.cond`` branch than
     outside one (a checked step cost 6.5× an unchecked one, against 1.05× for the same
-    product outside a branch; docs/benchmarks.md §8), so the step is compiled without
+    product outside a branch; docs/benchmarks/compare_reference.md), so the step is compiled without
     the product (:func:`bissl_jax.core.upper.upper_step_deferred`) and the due steps
     are checked by :func:`bissl_jax.core.upper.deferred_residual`.
     """

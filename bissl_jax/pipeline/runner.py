@@ -147,7 +147,7 @@ def banner(config, workdir: str, *, source: str, resumed: bool) -> str:
       f"{size}, seeds {tuple(config.seeds)})",
       f"  workdir  {workdir} ({state})"]
       + ([f"  kernels  XLA:CPU {config.model.cpu_kernels} (config.model.cpu_kernels; "
-          "docs/benchmarks.md §9)"] if jax.default_backend() == "cpu" else []))
+          "docs/benchmarks/cpu_conv.md)"] if jax.default_backend() == "cpu" else []))
 
 
 def _text_datasets():

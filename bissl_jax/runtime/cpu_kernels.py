@@ -1,6 +1,6 @@
 """XLA:CPU kernels for a run: the fast convolution path, set where it takes effect.
 
-docs/benchmarks.md §9 times the pretext gradient (ResNet-18, CIFAR stem, width 64,
+docs/benchmarks/cpu_conv.md times the pretext gradient (ResNet-18, CIFAR stem, width 64,
 2×16 images of 32 px) under every XLA:CPU flag that jaxlib 0.10.2 accepts. One flag
 changes the speed: ``--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce``
 (YNNPACK fusions of matrix products, elementwise ops and reductions). Naming the
