@@ -79,6 +79,7 @@ class RunCheckpointer:
   def __init__(self, directory: str, *, max_to_keep: int = 2):
     self.directory = os.path.abspath(directory)
     self._max_to_keep = max(2, int(max_to_keep))  # one bad step never loses the run
+    self._iterators = None  # (step, iterator states) of the last restore
     self._open()
 
   def _open(self) -> None:
@@ -104,6 +105,7 @@ class RunCheckpointer:
     (:func:`record_checksum`) are stored with ``extra`` and checked (and removed
     from it) on restore.
     """
+    self._iterators = None  # a step number may be written again
     checksum = tree_checksum(state)
     extra = dict(extra or {}, checksum=checksum)
     if checksum is not None:
@@ -132,15 +134,19 @@ class RunCheckpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"No checkpoint in {self.directory}.")
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract(template)), extra=ocp.args.JsonRestore()))
+    items = dict(state=ocp.args.StandardRestore(abstract(template)),
+                 extra=ocp.args.JsonRestore())
+    if self._has_iterators(step):  # read in the same call: one restore per step
+      items[ITERATORS] = ocp.args.JsonRestore()
+    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     state, extra = decode(restored["state"], template), dict(restored["extra"] or {})
+    iterators = dict(restored[ITERATORS] or {}) if ITERATORS in items else {}
+    self._iterators = (step, iterators)  # what restore_iterators(step) hands out
     whole = extra.pop("record_checksum", None)
     saved = extra.pop("checksum", None)
     if saved is not None and saved != tree_checksum(state):
       raise CorruptCheckpointError("its checksum does not match the bytes read back")
-    if whole is not None and whole != record_checksum(saved, extra,
-                                                      self.restore_iterators(step)):
+    if whole is not None and whole != record_checksum(saved, extra, iterators):
       raise CorruptCheckpointError(
           "its record (step counter, data positions, iterator states) does not match "
           "its checksum")
@@ -185,18 +191,29 @@ class RunCheckpointer:
     target = os.path.join(self.directory + ".corrupt", f"{step}-{int(time.time() * 1000)}")
     os.makedirs(os.path.dirname(target), exist_ok=True)
     shutil.move(os.path.join(self.directory, str(step)), target)
-    self._manager.close()
+    self.close()
     self._open()  # the manager caches its list of steps
     return target
 
   def restore_iterators(self, step: Optional[int] = None) -> dict:
     """The data-iterator states saved with ``step`` (default: latest); ``{}`` if none."""
     step = self.latest_step() if step is None else step
-    if step is None or not os.path.isdir(os.path.join(self.directory, str(step), ITERATORS)):
+    if step is None or not self._has_iterators(step):
       return {}  # none saved (or a checkpoint from before iterator states were kept)
+    if self._iterators is not None and self._iterators[0] == step:
+      return dict(self._iterators[1])  # read (and checked) by restore
     restored = self._manager.restore(step, args=ocp.args.Composite(**{
         ITERATORS: ocp.args.JsonRestore()}))
     return dict(restored[ITERATORS] or {})
 
+  def _has_iterators(self, step: int) -> bool:
+    return os.path.isdir(os.path.join(self.directory, str(step), ITERATORS))
+
   def close(self) -> None:
+    # The manager cleans leftover temporary directories in a background thread
+    # started when it opens, and its close() does not wait for it: a stage stopped
+    # right at its start would exit under that thread (a traceback at shutdown).
+    await_cleanup = getattr(self._manager, "_maybe_await_cleanup_tmp_directory", None)
+    if await_cleanup is not None:
+      await_cleanup()
     self._manager.close()
