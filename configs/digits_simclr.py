@@ -40,7 +40,7 @@ one machine, not across CPU models or kernels)::
   | Pipeline          | Test top-1 (%) | Test top-5 (%) | Seeds | FT lr | FT wd  |
   | Only FT           | 96.8 ± 0.6     | 100.0 ± 0.0    | 3     | 0.05  | 0.0005 |
   | BiSSL+FT          | 95.4 ± 1.5     | 100.0 ± 0.0    | 3     | 0.05  | 0.0005 |
-  | BiSSL+FT (mfac)   | 96.2 ± 0.6     | 100.0 ± 0.0    | 3     | 0.05  | 0.0005 |
+  | BiSSL+FT (mfac)   | 96.5 ± 0.4     | 100.0 ± 0.0    | 3     | 0.05  | 0.0005 |
   | BiSSL+FT (minres) | 96.0 ± 0.2     | 100.0 ± 0.0    | 3     | 0.05  | 0.0005 |
 
 At this scale the pipelines are within noise of each other: the config exercises and

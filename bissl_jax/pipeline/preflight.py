@@ -132,7 +132,8 @@ def weight_problems(config) -> List[str]:
     for missing in [p for p in files if not os.path.exists(p)]:
       problems.append(f"config.{field}={path}: no such file or directory {missing}; point "
                       "it at the weights (a stage output, a converted directory, or .pth "
-                      "files: docs/pretrained.md), or unset it to pretrain.")
+                      "files: docs/pretrained.md)"
+                      + (", or unset it to pretrain." if field == "pretext.checkpoint" else "."))
     torch_files = [p for p in files if p.endswith(TORCH_SUFFIXES) and os.path.exists(p)]
     if torch_files and not _torch_installed():
       problems.append(f"config.{field}={path} holds PyTorch files and torch is not "

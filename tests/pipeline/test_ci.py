@@ -30,6 +30,6 @@ def test_ci_starts_with_the_readme_commands_verbatim():
   ci = _ci_commands()
   positions = [ci.index(command) for command in readme]  # ValueError: not verbatim
   assert positions == sorted(positions)
-  torch_install = next(i for i, line in enumerate(ci) if "pip install" in line and "torch" in line)
-  assert positions[-1] < torch_install, "the torch extra must come after the README's tests"
-  assert ci[torch_install + 1:] and "-m torch" in " ".join(ci[torch_install + 1:])
+  extra_stage = next(i for i, line in enumerate(ci) if "pip install" in line and "torch" in line)
+  assert positions[-1] < extra_stage, "the torch extra must come after the README's tests"
+  assert ci[extra_stage + 1:] and "-m torch" in " ".join(ci[extra_stage + 1:])

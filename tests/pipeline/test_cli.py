@@ -85,6 +85,7 @@ def test_every_missing_dataset_in_one_message(tmp_path):
 
 
 def test_weights_that_do_not_load_are_a_message(tmp_path):
+  (tmp_path / "nothing").mkdir()  # there, but no weights in it (a missing path stops earlier)
   proc = _run(["-m", "bissl_jax", "run", "--config=configs/digits_simclr.py:runlocal",
                "--config.stages=finetune",
                f"--config.finetune.init_checkpoint={tmp_path / 'nothing'}",

@@ -53,4 +53,6 @@ def test_gessl_command_and_the_old_entry_point_give_one_table(tmp_path):
               "configs/digits_gessl.py", "--config-arg", "runlocal", "--workdir",
               str(workdir)], REPO)
   assert old.returncode == 0, old.stderr[-3000:]
-  assert old.stdout[old.stdout.index("| Method"):].split("\n")[:4] == table.split("\n")[:4]
+  def scores(text):  # each row without its last cell (the method's seconds)
+    return [row.rsplit("|", 2)[0] for row in text[text.index("| Method"):].split("\n")[:4]]
+  assert scores(old.stdout) == scores(table)
