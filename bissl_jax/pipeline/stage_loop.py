@@ -37,9 +37,7 @@ import dataclasses
 import json
 import os
 import re
-import signal
-import threading
-from typing import Any, Callable, Mapping, NamedTuple, Optional, Protocol, Tuple
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -50,110 +48,11 @@ from bissl_jax.pipeline import branch
 from bissl_jax.pipeline import checkpoint
 from bissl_jax.pipeline import compile_watch
 from bissl_jax.pipeline import run_log
+from bissl_jax.pipeline.epoch_data import (EpochData, StageData, epoch_data,  # noqa: F401
+                                          restore_stack, stack_position)
+from bissl_jax.pipeline import stop_signals
+from bissl_jax.pipeline.stop_signals import StopRequested, install_stop_handlers  # noqa: F401
 from bissl_jax.types import PyTree
-
-
-class StageData(Protocol):
-  """Where a stage's batches come from, resumable at any step."""
-
-  def batch(self, step: int) -> Any:
-    """The host batch of step ``step`` (0-based)."""
-
-  def position(self, steps_done: int) -> dict:
-    """A JSON record from which :meth:`restore` continues after ``steps_done`` steps."""
-
-  def restore(self, position: dict, steps_done: int) -> None:
-    """Continues from a record written by :meth:`position`."""
-
-
-class EpochData:
-  """Batches of one dataset, a fresh permutation per epoch, the remainder dropped.
-
-  Each process reads only its rows of every global batch
-  (:func:`bissl_jax.data.process_shard`); ``parallel.shard_batch`` assembles the
-  global array. With one process that is the whole batch.
-
-  Args:
-    dataset: anything with ``__len__`` and ``batch(indices) -> dict``.
-    batch_size: examples per step (global, over all processes).
-    seed: seed of the permutations.
-    steps_per_epoch: batches per epoch (at most ``len(dataset) // batch_size``).
-    process_index, process_count: this process's shard (default: JAX's).
-  """
-
-  def __init__(self, dataset, batch_size: int, *, seed: int, steps_per_epoch: int,
-               process_index: Optional[int] = None, process_count: Optional[int] = None):
-    from bissl_jax.data import BatchStack, process_shard  # pylint: disable=g-import-not-at-top
-    self._new_stack = lambda state=None: BatchStack(len(dataset), batch_size, seed=seed,
-                                                    state=state)
-    first, rows = process_shard(batch_size, process_index, process_count)
-    self._local = slice(first, first + rows)
-    self.dataset, self.steps_per_epoch = dataset, int(steps_per_epoch)
-    self.stack = self._new_stack()
-    self._epoch_start, self._rows = stack_position(self.stack), None
-
-  def batch(self, step: int) -> dict:
-    i = step % self.steps_per_epoch
-    if i == 0 or self._rows is None:
-      self._epoch_start = stack_position(self.stack)
-      self._rows = self.stack.take(self.steps_per_epoch)
-    return self.dataset.batch(self._rows[i][self._local])
-
-  def position(self, steps_done: int) -> dict:
-    # Mid-epoch, the current epoch's rows are re-drawn from its start position.
-    if steps_done % self.steps_per_epoch == 0:
-      return {"stack": stack_position(self.stack)}
-    return {"stack": self._epoch_start}
-
-  def restore(self, position: dict, steps_done: int) -> None:
-    self.stack = restore_stack(self._new_stack, position["stack"])
-    self._rows = None
-    if steps_done % self.steps_per_epoch:
-      self._epoch_start = position["stack"]
-      self._rows = self.stack.take(self.steps_per_epoch)
-
-
-def epoch_data(dataset, batch_size: int, *, seed: int, steps_per_epoch: int,
-               total_steps: int, place: Optional[Callable[[Any], Any]] = None,
-               device_prefetch: int = 0, process_index: Optional[int] = None,
-               process_count: Optional[int] = None):
-  """The data of an epoch-based stage.
-
-  :class:`EpochData` for an in-memory dataset; ``grain_stream.StreamedEpochData``
-  (the same batches, decoded by Grain's worker processes, resumable from Grain's
-  iterator state) for streamed ``bissl_jax.data.ImageRecords``. Either way each
-  process reads only its rows of the global batch.
-
-  Args:
-    dataset: the dataset.
-    batch_size, seed, steps_per_epoch, total_steps: as :class:`EpochData`.
-    place: puts a host batch on the devices (``StageContext.shard``); with
-      ``device_prefetch > 0`` a streamed dataset's next ``device_prefetch``
-      batches are placed ahead (``bissl_jax.data.prefetch.PrefetchedData``).
-    device_prefetch: batches placed ahead (``config.data.device_prefetch``).
-    process_index, process_count: this process's shard (default: JAX's).
-  """
-  from bissl_jax.data import grain_stream, image_records, prefetch  # pylint: disable=g-import-not-at-top
-  shard = dict(process_index=process_index, process_count=process_count)
-  if not isinstance(dataset, image_records.ImageRecords):
-    return EpochData(dataset, batch_size, seed=seed, steps_per_epoch=steps_per_epoch, **shard)
-  data = grain_stream.StreamedEpochData(
-      dataset, batch_size, seed=seed, steps_per_epoch=steps_per_epoch,
-      total_steps=total_steps, **shard)
-  if place is None or not device_prefetch:
-    return data
-  return prefetch.PrefetchedData(data, place, size=device_prefetch, total_steps=total_steps)
-
-
-def stack_position(stack) -> dict:
-  """A :class:`bissl_jax.data.BatchStack`'s position as JSON ``{'epoch', 'cursor'}``."""
-  return {"epoch": int(stack.state.epoch), "cursor": int(stack.state.cursor)}
-
-
-def restore_stack(new_stack: Callable, position: dict):
-  """``new_stack(state)`` at a position written by :func:`stack_position`."""
-  from bissl_jax.data import StackState  # pylint: disable=g-import-not-at-top
-  return new_stack(StackState(int(position["epoch"]), int(position["cursor"])))
 
 
 @dataclasses.dataclass
@@ -239,10 +138,6 @@ class StageResult(NamedTuple):
   diverged: Optional[NonFiniteError]
 
 
-class StopRequested(KeyboardInterrupt):
-  """A SIGINT/SIGTERM asked the running stage to stop after its current step."""
-
-
 def _inexact(x) -> bool:
   # Integer counters and typed PRNG keys are always "finite" (and isfinite rejects keys).
   return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
@@ -273,60 +168,6 @@ def nonfinite_parts(tree: PyTree, limit: int = 3) -> str:
                    f"entries, {kinds})")
   more = f" and {len(found) - limit} more" if len(found) > limit else ""
   return ", ".join(found[:limit]) + more
-
-
-# Signals received and not yet honoured (process-wide): a handler only records them,
-# so no signal can be lost inside a callback that swallows exceptions (JAX's
-# garbage-collection hook) or interrupt XLA's compiler half-way.
-_PENDING_STOP: list = []
-
-
-def _record_signal(signum, frame) -> None:
-  del frame
-  if _PENDING_STOP:
-    raise KeyboardInterrupt(f"{signal.Signals(signum).name} received twice")
-  _PENDING_STOP.append(signum)
-  print(f"\n{signal.Signals(signum).name} received: stopping after the current step and "
-        f"saving it (send it again to stop at once).", flush=True)
-
-
-def install_stop_handlers() -> None:
-  """Makes SIGINT/SIGTERM of the whole process requests that every stage loop honours.
-
-  The first signal is recorded and the running (or next) stage stops after its
-  current step, saving it; a second one raises ``KeyboardInterrupt`` at once. While
-  a stage's first step of a session compiles (nothing unsaved), a signal exits at
-  once with status 130 (:mod:`bissl_jax.pipeline.compile_watch`). The entry points
-  call this once; :func:`run_stage` installs the same handlers while it runs.
-  """
-  if threading.current_thread() is threading.main_thread():
-    for sig in (signal.SIGINT, signal.SIGTERM):
-      signal.signal(sig, _record_signal)
-    compile_watch.enable()  # a signal during a first step's compilation stops at once
-
-
-@contextlib.contextmanager
-def deferred_signals(name: str):
-  """Turns the first SIGINT/SIGTERM into a request the loop reads between steps.
-
-  Yields a function that returns True once a stop was requested (also one received
-  before this stage started). A signal never interrupts a step half-way (or XLA's
-  compiler, or a checkpoint write); a second signal raises ``KeyboardInterrupt`` at
-  once. Outside the main thread signals cannot be caught, and the function always
-  returns False.
-  """
-  del name
-  if threading.current_thread() is not threading.main_thread():
-    yield lambda: False
-    return
-  previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-  for sig in previous:
-    signal.signal(sig, _record_signal)
-  try:
-    yield lambda: bool(_PENDING_STOP)
-  finally:
-    for sig, old in previous.items():
-      signal.signal(sig, old)
 
 
 def _normalise(record) -> Any:
@@ -403,41 +244,19 @@ def run_stage(stage: Stage, state: PyTree) -> StageResult:
     KeyboardInterrupt: Ctrl-C or SIGTERM; the last completed step was saved.
     ConfigError: the checkpoint was written with another config fingerprint.
   """
-  total, spe, unit = int(stage.total_steps), max(1, int(stage.steps_per_epoch)), stage.unit
+  total, unit = int(stage.total_steps), stage.unit
   ckpt = checkpoint.RunCheckpointer(stage.checkpoint_dir) if stage.checkpoint_dir else None
   fingerprint = None if stage.fingerprint is None else _normalise(dict(stage.fingerprint))
   stage_dir = os.path.dirname(os.path.abspath(stage.checkpoint_dir or "."))
   if fingerprint is not None and branch.lineage(stage_dir) is not None:
     fingerprint["branch"] = branch.lineage(stage_dir)  # resumed from a parent run's step
-  done, last_saved = 0, -1
+  last_saved = -1
   progress = None
   completed, diverged = False, None
   try:
-    good = None
-    if ckpt is not None and ckpt.latest_step() is not None:
-      # A step that does not read back intact, or holds non-finite parameters, is
-      # set aside and the previous one tried (never resumed into).
-      good = ckpt.restore_good(state, name=stage.name, check=lambda s: _check_params(
-          stage, s, "in the checkpoint", "a corrupt or diverged checkpoint"))
-    changed = [] if good is None else _fingerprint_changes(fingerprint, good[2])
-    adopted = changed and branch.adopt(stage_dir, good[0], changed)
-    if adopted:
-      fingerprint["branch"] = _normalise(adopted)
-      print(f"[{stage.name}] branch: resuming the parent's {unit} {good[0]} "
-            f"({adopted['parent']}) with new values of {changed}.", flush=True)
-    elif changed:
-      ckpt.close()
-      _refuse_or_set_aside(stage, changed, ckpt.directory)
-      ckpt, good = checkpoint.RunCheckpointer(stage.checkpoint_dir), None
-    if good is not None:
-      good_step, restored, extra = good
-      state, done = restored, int(extra["steps"])
-      # The iterators of the step that read back intact (maybe an earlier fallback).
-      stage.data.restore(_join_iterators(extra["data"], ckpt.restore_iterators(good_step)),
-                         done)
+    ckpt, state, done, resumed = _resume(stage, ckpt, state, fingerprint, stage_dir)
+    if resumed:
       last_saved = done
-      print(f"[{stage.name}] resuming at {unit} {done} of {total} from {ckpt.directory}",
-            flush=True)
     resumed_from = done
     if stage.logger is not None:
       stage.logger.forget_after(stage.name, done)  # steps past the checkpoint are redone
@@ -446,13 +265,11 @@ def run_stage(stage: Stage, state: PyTree) -> StageResult:
     # so whatever stops the loop sees a consistent triple to save.
     committed = (done, state, stage.data.position(done))
 
-    def record(count, position):
-      return {"steps": count, "data": position, "config": fingerprint}
-
     def save(count, saved_state, position):
       nonlocal last_saved
       position, iterators = _split_iterators(position)
-      ckpt.save(count, saved_state, record(count, position), iterators=iterators)
+      ckpt.save(count, saved_state, {"steps": count, "data": position, "config": fingerprint},
+                iterators=iterators)
       last_saved = count
 
     def check_params(saved_state, count):
@@ -460,47 +277,15 @@ def run_stage(stage: Stage, state: PyTree) -> StageResult:
 
     progress = run_log.Progress(total, stage.name, initial=done, unit=unit,
                                 items_per_step=stage.items_per_step)
-    with deferred_signals(stage.name) as stop_requested:
+    with stop_signals.deferred_signals(stage.name) as stop_requested:
       try:
-        if stop_requested():  # received between stages (maybe swallowed where raised)
-          _PENDING_STOP.clear()
+        if stop_requested() and stop_signals.take_pending():  # received between stages
           raise StopRequested(f"stop requested before {unit} {committed[0] + 1}")
         while committed[0] < total:
-          i, state, _ = committed
-          # The session's first step compiles; nothing since the checkpoint is unsaved.
-          with (compile_watch.nothing_unsaved(stage.name) if i == resumed_from
-                else contextlib.nullcontext()):
-            state, metrics = stage.step(state, i, stage.data.batch(i))
-          n = i + 1
-          postfix = {}
-          if n % stage.log_every == 0 or n == total:
-            metrics = jax.device_get(metrics)
-            if stage.loss_key is not None and not is_finite(metrics[stage.loss_key]):
-              raise NonFiniteError(
-                  f"Non-finite {stage.loss_key} at {unit} {n} of {total} of {stage.name}; "
-                  f"nothing of it was saved. {stage.loss_fix}".rstrip(),
-                  field=_field_in(stage.loss_fix))
-            if stage.logger is not None:
-              stage.logger.write(stage.name, n, metrics)
-            postfix = {label: metrics[key] for label, key in stage.show.items()
-                       if key in metrics}
-          committed = (n, state, stage.data.position(n))
-          progress.update(1, **postfix)
-          if n % spe == 0:
-            check_params(state, n)
-            if stage.end_of_epoch is not None:
-              state = stage.end_of_epoch(state, n // spe)
-              committed = (n, state, committed[2])
-            epochs = n // spe
-            if ckpt is not None and (
-                (stage.checkpoint_every and epochs % stage.checkpoint_every == 0 and n < total)
-                or (stage.save_last and n == total)):
-              save(n, state, committed[2])
-          if stage.callback is not None:
-            stage.callback(n, state, metrics)
-          if stop_requested():
-            _PENDING_STOP.clear()  # honoured here
-            raise StopRequested(f"stop requested after {unit} {n}")
+          committed = _one_step(stage, committed, resumed_from, progress, ckpt, save,
+                                check_params)
+          if stop_requested() and stop_signals.take_pending():  # honoured here
+            raise StopRequested(f"stop requested after {unit} {committed[0]}")
         completed = True
       except NonFiniteError as err:
         if stage.on_divergence is None:
@@ -518,6 +303,79 @@ def run_stage(stage: Stage, state: PyTree) -> StageResult:
     if hasattr(stage.data, "close"):  # streamed data: stop its worker processes
       stage.data.close()
   return StageResult(committed[1], committed[0], resumed_from, diverged)
+
+
+def _resume(stage: Stage, ckpt, state, fingerprint, stage_dir):
+  """``(checkpointer, state, steps done, resumed)``: the latest good checkpoint, else the
+  fresh state.
+
+  A step that does not read back intact, or holds non-finite parameters, is set aside
+  and the previous one tried (never resumed into). A step of another config is adopted
+  as a branch, or refused or set aside (``config.reuse``).
+  """
+  good = None
+  if ckpt is not None and ckpt.latest_step() is not None:
+    good = ckpt.restore_good(state, name=stage.name, check=lambda s: _check_params(
+        stage, s, "in the checkpoint", "a corrupt or diverged checkpoint"))
+  changed = [] if good is None else _fingerprint_changes(fingerprint, good[2])
+  adopted = changed and branch.adopt(stage_dir, good[0], changed)
+  if adopted:
+    fingerprint["branch"] = _normalise(adopted)
+    print(f"[{stage.name}] branch: resuming the parent's {stage.unit} {good[0]} "
+          f"({adopted['parent']}) with new values of {changed}.", flush=True)
+  elif changed:
+    ckpt.close()
+    _refuse_or_set_aside(stage, changed, ckpt.directory)
+    ckpt, good = checkpoint.RunCheckpointer(stage.checkpoint_dir), None
+  if good is None:
+    return ckpt, state, 0, False
+  good_step, restored, extra = good
+  done = int(extra["steps"])
+  # The iterators of the step that read back intact (maybe an earlier fallback).
+  stage.data.restore(_join_iterators(extra["data"], ckpt.restore_iterators(good_step)), done)
+  print(f"[{stage.name}] resuming at {stage.unit} {done} of {int(stage.total_steps)} from "
+        f"{ckpt.directory}", flush=True)
+  return ckpt, restored, done, True
+
+
+def _one_step(stage: Stage, committed, resumed_from: int, progress, ckpt, save, check_params):
+  """Step ``committed[0] + 1``: the step, its log line, and the epoch's end when it is one.
+
+  Returns the new committed ``(steps done, state, data position)``.
+  """
+  total, spe, unit = int(stage.total_steps), max(1, int(stage.steps_per_epoch)), stage.unit
+  i, state, _ = committed
+  # The session's first step compiles; nothing since the checkpoint is unsaved.
+  with (compile_watch.nothing_unsaved(stage.name) if i == resumed_from
+        else contextlib.nullcontext()):
+    state, metrics = stage.step(state, i, stage.data.batch(i))
+  n = i + 1
+  postfix = {}
+  if n % stage.log_every == 0 or n == total:
+    metrics = jax.device_get(metrics)
+    if stage.loss_key is not None and not is_finite(metrics[stage.loss_key]):
+      raise NonFiniteError(
+          f"Non-finite {stage.loss_key} at {unit} {n} of {total} of {stage.name}; "
+          f"nothing of it was saved. {stage.loss_fix}".rstrip(),
+          field=_field_in(stage.loss_fix))
+    if stage.logger is not None:
+      stage.logger.write(stage.name, n, metrics)
+    postfix = {label: metrics[key] for label, key in stage.show.items() if key in metrics}
+  committed = (n, state, stage.data.position(n))
+  progress.update(1, **postfix)
+  if n % spe == 0:
+    check_params(state, n)
+    if stage.end_of_epoch is not None:
+      state = stage.end_of_epoch(state, n // spe)
+      committed = (n, state, committed[2])
+    epochs = n // spe
+    if ckpt is not None and (
+        (stage.checkpoint_every and epochs % stage.checkpoint_every == 0 and n < total)
+        or (stage.save_last and n == total)):
+      save(n, state, committed[2])
+  if stage.callback is not None:
+    stage.callback(n, state, metrics)
+  return committed
 
 
 # Streamed data (``bissl_jax.data.grain_stream``) puts its iterators' states under this
