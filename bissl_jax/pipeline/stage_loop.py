@@ -261,9 +261,10 @@ def run_stage(stage: Stage, state: PyTree) -> StageResult:
     if stage.logger is not None:
       stage.logger.forget_after(stage.name, done)  # steps past the checkpoint are redone
     state = stage.place(state)
-    # (steps done, state, data position) always change together in one assignment,
-    # so whatever stops the loop sees a consistent triple to save.
-    committed = (done, state, stage.data.position(done))
+    # (steps done, state, data position) always change together in one assignment (of
+    # cell[0]), so whatever stops the loop, inside a step's epoch end or callback too,
+    # sees a consistent triple to save.
+    cell = [(done, state, stage.data.position(done))]
 
     def save(count, saved_state, position):
       nonlocal last_saved
@@ -280,20 +281,19 @@ def run_stage(stage: Stage, state: PyTree) -> StageResult:
     with stop_signals.deferred_signals(stage.name) as stop_requested:
       try:
         if stop_requested() and stop_signals.take_pending():  # received between stages
-          raise StopRequested(f"stop requested before {unit} {committed[0] + 1}")
-        while committed[0] < total:
-          committed = _one_step(stage, committed, resumed_from, progress, ckpt, save,
-                                check_params)
+          raise StopRequested(f"stop requested before {unit} {done + 1}")
+        while cell[0][0] < total:
+          _one_step(stage, cell, resumed_from, progress, ckpt, save, check_params)
           if stop_requested() and stop_signals.take_pending():  # honoured here
-            raise StopRequested(f"stop requested after {unit} {committed[0]}")
+            raise StopRequested(f"stop requested after {unit} {cell[0][0]}")
         completed = True
       except NonFiniteError as err:
         if stage.on_divergence is None:
           raise
         diverged = err
-        stage.on_divergence(committed[1], err)
+        stage.on_divergence(cell[0][1], err)
       except KeyboardInterrupt:
-        _save_on_interrupt(stage, ckpt, committed, last_saved, save, check_params)
+        _save_on_interrupt(stage, ckpt, cell[0], last_saved, save, check_params)
         raise
   finally:
     if progress is not None:
@@ -302,7 +302,7 @@ def run_stage(stage: Stage, state: PyTree) -> StageResult:
       ckpt.close()
     if hasattr(stage.data, "close"):  # streamed data: stop its worker processes
       stage.data.close()
-  return StageResult(committed[1], committed[0], resumed_from, diverged)
+  return StageResult(cell[0][1], cell[0][0], resumed_from, diverged)
 
 
 def _resume(stage: Stage, ckpt, state, fingerprint, stage_dir):
@@ -338,13 +338,15 @@ def _resume(stage: Stage, ckpt, state, fingerprint, stage_dir):
   return ckpt, restored, done, True
 
 
-def _one_step(stage: Stage, committed, resumed_from: int, progress, ckpt, save, check_params):
-  """Step ``committed[0] + 1``: the step, its log line, and the epoch's end when it is one.
+def _one_step(stage: Stage, cell: list, resumed_from: int, progress, ckpt, save,
+              check_params) -> None:
+  """Step ``cell[0][0] + 1``: the step, its log line, and the epoch's end when it is one.
 
-  Returns the new committed ``(steps done, state, data position)``.
+  ``cell[0]`` is the committed ``(steps done, state, data position)``, updated as soon as
+  each part is done (before the epoch-end checks and hooks, as before the callback).
   """
   total, spe, unit = int(stage.total_steps), max(1, int(stage.steps_per_epoch)), stage.unit
-  i, state, _ = committed
+  i, state, _ = cell[0]
   # The session's first step compiles; nothing since the checkpoint is unsaved.
   with (compile_watch.nothing_unsaved(stage.name) if i == resumed_from
         else contextlib.nullcontext()):
@@ -361,21 +363,20 @@ def _one_step(stage: Stage, committed, resumed_from: int, progress, ckpt, save, 
     if stage.logger is not None:
       stage.logger.write(stage.name, n, metrics)
     postfix = {label: metrics[key] for label, key in stage.show.items() if key in metrics}
-  committed = (n, state, stage.data.position(n))
+  cell[0] = (n, state, stage.data.position(n))
   progress.update(1, **postfix)
   if n % spe == 0:
     check_params(state, n)
     if stage.end_of_epoch is not None:
       state = stage.end_of_epoch(state, n // spe)
-      committed = (n, state, committed[2])
+      cell[0] = (n, state, cell[0][2])
     epochs = n // spe
     if ckpt is not None and (
         (stage.checkpoint_every and epochs % stage.checkpoint_every == 0 and n < total)
         or (stage.save_last and n == total)):
-      save(n, state, committed[2])
+      save(n, state, cell[0][2])
   if stage.callback is not None:
     stage.callback(n, state, metrics)
-  return committed
 
 
 # Streamed data (``bissl_jax.data.grain_stream``) puts its iterators' states under this

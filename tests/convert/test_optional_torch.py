@@ -21,7 +21,6 @@ class HideTorch(importlib.abc.MetaPathFinder):
 
 sys.meta_path.insert(0, HideTorch())
 import pytest
-from config_helpers import REPO_ROOT
 sys.exit(pytest.main(sys.argv[1:]))
 """
 
@@ -56,10 +55,14 @@ _TORCH_WORD = re.compile(r"(^|_)torch($|_)")
 
 
 def _test_modules():
-  for name in sorted(os.listdir(TESTS)):
-    if name.startswith("test_") and name.endswith(".py") and name != "test_optional_torch.py":
-      with open(os.path.join(TESTS, name)) as f:
-        yield name, ast.parse(f.read())
+  found = 0
+  for root, _, files in sorted(os.walk(TESTS)):
+    for name in sorted(files):
+      if name.startswith("test_") and name.endswith(".py") and name != "test_optional_torch.py":
+        found += 1
+        with open(os.path.join(root, name)) as f:
+          yield os.path.relpath(os.path.join(root, name), TESTS), ast.parse(f.read())
+  assert found > 50, f"only {found} test files found under {TESTS}"
 
 
 def _is_torch_mark(node, aliases) -> bool:

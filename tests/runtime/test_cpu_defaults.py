@@ -100,7 +100,6 @@ if sys.argv[1] == "fast":
   assert cpu_kernels.enable_fast_cpu_convolutions() == "applied"
 import jax, jax.numpy as jnp
 from bissl_jax.implicit.solvers import mfac
-from config_helpers import REPO_ROOT
 rs = np.random.RandomState(0)
 m, shapes = 20, [(3, 3, 8, 8), (8,), (8,), (16, 8), (5,)] * 12  # the failure needed this many
 v = [rs.randn(*s).astype(np.float32) for s in shapes]

@@ -6,6 +6,7 @@ import pytest
 
 from bissl_jax.models import resnet
 from bissl_jax.tasks import pretext
+from config_helpers import REPO_ROOT
 
 
 def _numpy_nt_xent(z1, z2, tau):
@@ -214,7 +215,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 jax.config.update("jax_disable_most_optimizations", True)
 from bissl_jax.models import resnet
 from bissl_jax.tasks import pretext
-from config_helpers import REPO_ROOT
 
 assert len(jax.devices()) == 2
 model = resnet.BisslModel(
