@@ -48,7 +48,8 @@ def test_choices_come_from_the_registries(monkeypatch):
   config = _config(**{"bissl.solver": "my_solver"})
   with pytest.raises(ConfigError, match="bissl.solver"):
     validate_config(config, num_devices=1)
-  monkeypatch.setitem(solvers.SOLVERS, "my_solver", solvers.SOLVERS["cg"])
+  spec = solvers.SolverSpec(name="my_solver", solve=solvers.SOLVERS["cg"])
+  monkeypatch.setitem(solvers.REGISTRY, "my_solver", spec)
   validate_config(config, num_devices=1)  # registered: now valid
 
 

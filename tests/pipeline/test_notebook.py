@@ -77,7 +77,7 @@ def test_notebook_structure():
       compile(c.source, "<cell>", "exec")  # every cell is valid Python
   sources = "\n".join(c.source for c in nb.cells)
   for needle in ("pipeline.run(config, WORKDIR)", "implicit_grad", "jax.default_backend()",
-                 "plots.plot_run", "visualize_main.visualize_run", "imagenet_simclr.py",
+                 "plots.plot_run", "visualize_run.visualize_run", "imagenet_simclr.py",
                  "if INSTALL"):
     assert needle in sources, needle
 
