@@ -59,9 +59,15 @@ def upper_keys(upper_rng, steps: int) -> Tuple[jax.Array, jax.Array]:
   return hvp_rng, jax.random.split(step_rng, steps)
 
 
+def stage_keys(rng) -> Tuple[jax.Array, jax.Array]:
+  """``(lower stage key, upper stage key)`` of one alternation from its key."""
+  lower_rng, upper_rng = jax.random.split(rng)
+  return lower_rng, upper_rng
+
+
 def alternation_keys(rng, lower_steps: int, upper_steps: int) -> AlternationKeys:
   """Every key of one alternation from its key: the lower stage's, then the upper's."""
-  lower_rng, upper_rng = jax.random.split(rng)
+  lower_rng, upper_rng = stage_keys(rng)
   hvp, upper = upper_keys(upper_rng, upper_steps)
   return AlternationKeys(lower=lower_keys(lower_rng, lower_steps), hvp=hvp, upper=upper)
 
@@ -132,7 +138,7 @@ def summarize_metrics(lower: dict, upper: dict, state: BilevelState) -> dict:
 def alternation(setup: BisslSetup, state: BilevelState, batches: AlternationBatches, rng
                 ) -> Tuple[BilevelState, dict]:
   """One whole alternation: N_L lower steps, one upper stage, the counter, the summary."""
-  lower_rng, upper_rng = jax.random.split(rng)  # as alternation_keys
+  lower_rng, upper_rng = stage_keys(rng)
   state, lower_metrics = lower_stage(setup, state, batches.pretext, lower_rng)
   state, upper_metrics = upper_stage(setup, state, batches.hvp, batches.downstream_images,
                                      batches.downstream_labels, upper_rng)
