@@ -24,6 +24,11 @@ import pytest  # noqa: E402
 
 # Tiny models: compile time dominates, so cut XLA's optimisation passes.
 jax.config.update("jax_disable_most_optimizations", True)
+# Start the backend now, with the environment above, so that every test in this process
+# computes with the same XLA:CPU kernels: a command run in-process (`bissl-jax run`'s
+# main) would otherwise add the fast-kernel flag if it happened to run first, and the
+# rest of the suite would round differently depending on test order.
+jax.devices()
 
 
 def pytest_sessionfinish(session, exitstatus):

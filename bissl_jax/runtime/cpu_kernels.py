@@ -24,7 +24,7 @@ GPU and TPU the field changes nothing.
 import os
 from typing import MutableMapping, Optional
 
-FAST_CPU_FLAG = "--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce"
+FAST_CPU_FLAG = "--xla_cpu_experimental_ynn_fusion_type=eltwise,reduce"
 KERNELS = ("fast", "default")
 _FLAG_NAME = FAST_CPU_FLAG.split("=", 1)[0]
 

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 
 from bissl_jax.runtime import cpu_kernels
@@ -125,3 +126,78 @@ def test_mfac_solves_under_both_cpu_kernels(kernels):
   assert proc.returncode == 0, proc.stderr[-2000:]
   err, residual = map(float, proc.stdout.split())
   assert err < 1e-4 and residual < 1e-4
+
+
+# One BiSSL alternation on a tiny MLP whose implicit-gradient solver starts from a
+# constant zero (a Richardson iteration written as a Python loop, so XLA sees the whole
+# unrolled chain of Hessian-vector products). Under jaxlib 0.10.2's YNNPACK *dot*
+# fusions (`--xla_cpu_experimental_ynn_fusion_type=dot,...`, this library's fast flag
+# until it was found) this program returned inf or NaN implicit gradients, or different
+# numbers from one process to the next; the fast flag now leaves the matrix products to
+# XLA. The default kernels are the reference.
+ZERO_START_PROBE = """
+import sys
+import numpy as np
+from bissl_jax.runtime import cpu_kernels
+if sys.argv[1] == "fast":
+  assert cpu_kernels.enable_fast_cpu_convolutions() == "applied"
+import flax.linen as nn
+import jax, jax.numpy as jnp
+from bissl_jax.core import alternation, state as bilevel
+from bissl_jax.implicit import solvers
+from bissl_jax.implicit.solvers.base import finish
+from bissl_jax.implicit.solvers.spec import SolverSpec
+from bissl_jax.models import resnet
+from bissl_jax.tasks import pretext
+from bissl_jax.tasks.downstream import classification
+from configs import common
+
+def richardson(matvec, b, *, init=None, maxiter=4, tol=0.0, unroll=None):
+  x = jax.tree_util.tree_map(jnp.zeros_like, b)
+  for _ in range(maxiter):
+    x = jax.tree_util.tree_map(lambda xi, bi, ai: xi + 0.5 * (bi - ai), x, b, matvec(x))
+  return x, finish(matvec, b, x, x, maxiter, jnp.inf, curvature_tracked=False)
+
+solvers.register(SolverSpec(name="zero_start", solve=richardson, summary="a probe"))
+
+class Backbone(nn.Module):
+  @nn.compact
+  def __call__(self, x, *, train):
+    x = nn.Dense(6)(x.reshape((x.shape[0], -1)))
+    return nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(x))
+
+model = resnet.BisslModel(backbone=Backbone(), projector=resnet.MLPHead((8, 8, 4)),
+                          predictor=None, classifier=resnet.LinearHead(3))
+cfg = common.base_config().bissl.to_dict()
+cfg.update(lam=1e-3, damping=100.0, solver="zero_start", cg_iters=4, lower_steps=2,
+           upper_steps=2, alternations=4, lower_lr=0.5, upper_lr=0.05, upper_weight_decay=0.0,
+           residual_every=1)
+setup = bilevel.BisslSetup.from_config(model, pretext.SimCLR(model), cfg,
+                                       downstream=classification.Classification(model, 4))
+state = bilevel.init_bilevel_state(setup, *model.init(jax.random.PRNGKey(0), 4))
+leaves, tdef = jax.tree_util.tree_flatten(state.lower.params["backbone"])
+keys = jax.random.split(jax.random.PRNGKey(100), len(leaves))
+moved = [l + 0.05 * jax.random.normal(k, l.shape) for l, k in zip(leaves, keys)]
+state = state.replace(lower=state.lower.replace(params={
+    **state.lower.params, "backbone": jax.tree_util.tree_unflatten(tdef, moved)}))
+rng = np.random.default_rng(0)
+img = lambda *s: rng.integers(0, 256, size=s + (4, 4, 3), dtype=np.uint8)
+batches = bilevel.AlternationBatches(
+    pretext=img(2, 8), hvp=img(8), downstream_images=img(2, 6),
+    downstream_labels=rng.integers(0, 3, size=(2, 6)).astype(np.int32))
+_, metrics = alternation.make_alternation_fn(setup)(state, batches, jax.random.PRNGKey(1))
+print(float(metrics["v_ig_norm"]), float(metrics["cg_residual"]))
+"""
+
+
+def test_the_fast_kernels_agree_with_the_default_on_a_zero_start_solve():
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  runs = {}
+  for kernels in ("default", "fast"):
+    proc = subprocess.run([sys.executable, "-c", ZERO_START_PROBE, kernels], env=env,
+                          cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    runs[kernels] = np.array(proc.stdout.split(), dtype=np.float64)
+  assert np.all(np.isfinite(runs["default"])) and runs["default"][1] < 1.0
+  np.testing.assert_allclose(runs["fast"], runs["default"], rtol=1e-4)
