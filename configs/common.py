@@ -170,8 +170,8 @@ def base_config() -> config_dict.ConfigDict:
   config.model.dtype = "float32"           # compute dtype ('bfloat16' on accelerators)
   config.model.lm_weight = 0.5             # GPT: ν of the auxiliary LM loss (thesis §7.1.2)
   config.model.dropout = 0.1               # GPT: dropout before the output layer
-  # XLA:CPU kernels (bissl_jax/runtime/cpu_kernels.py): 'fast' runs convolutions on XLA's own
-  # kernels with YNNPACK fusions, 0.67-0.81x the pretext gradient's time on a 2-core
+  # XLA:CPU kernels (bissl_jax/runtime/cpu_kernels.py): 'fast' = XLA's own convolutions and
+  # YNNPACK elementwise/reduce fusions (no dots), ~0.64x the pretext gradient's time on a 2-core
   # CPU but other rounding than 'default' (jaxlib's choice); docs/benchmarks/cpu_conv.md.
   config.model.cpu_kernels = "fast"
 

@@ -36,8 +36,8 @@ Protocol: the full comparison with 3 seeds; the seeds differ in the head
 initialisation, data order, dropout and BiSSL's batches, and both pipelines of a
 seed share them. Results: ``<workdir>/results.md``.
 
-Cost (the command above, 2026-12-01, Python 3.11.7, the 2-core AMD EPYC
-development CPU beside a test run): 215 s wall time.
+Cost (the command above, Python 3.11.7, beside a test run): 215 s on a 2-core AMD EPYC
+(2026-12-01), 329 s on a 2-core Intel Xeon (2026-12-06, the same table).
 
 Result (3 seeds, test accuracy; corpus sha256 78c06ba3…)::
 

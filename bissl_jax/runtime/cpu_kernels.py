@@ -1,15 +1,17 @@
 """XLA:CPU kernels for a run: the fast convolution path, set where it takes effect.
 
 docs/benchmarks/cpu_conv.md times the pretext gradient (ResNet-18, CIFAR stem, width 64,
-2×16 images of 32 px) under every XLA:CPU flag that jaxlib 0.10.2 accepts. One flag
-changes the speed: ``--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce``
-(YNNPACK fusions of matrix products, elementwise ops and reductions). Naming the
-fusion types replaces jaxlib's default list, which holds the convolutions, so the
-convolutions go back to XLA's own kernels, which are faster here (one 3×3 layer's
-gradient 0.58× YNNPACK's time). The whole gradient takes 0.67–0.81× the default's
-time, rounds differently (max |Δ|/max |g| 6e-4 to 7e-3 on a SimCLR gradient at
-initialisation), is no less accurate against float64, and is bit-identical from one
-process to the next.
+2×16 images of 32 px) under every XLA:CPU flag that jaxlib 0.10.2 accepts. One setting
+changes the speed: naming the YNNPACK fusion types, which replaces jaxlib's default list.
+That list holds the convolutions, so they go back to XLA's own kernels, which are faster
+here (one 3×3 layer's gradient 0.58× YNNPACK's time). ``FAST_CPU_FLAG`` names
+``eltwise,reduce`` (elementwise ops and reductions): the whole gradient took 0.64× the
+default's time, the same as with ``dot`` added (0.68×). ``dot`` is left out on purpose:
+jaxlib 0.10.2's YNNPACK *dot* fusions returned inf or NaN, or different numbers from one
+process to the next, for an implicit-gradient solve that starts from a constant zero
+(``tests/runtime/test_cpu_defaults.py`` keeps that program as a check against the default
+kernels). The fast kernels round differently from the default (about 7e-3 max |Δ|/max |g|
+on a SimCLR gradient at initialisation) and are no less accurate against float64.
 
 Because it changes the bits, it is a *run* setting, never an import-time one:
 ``config.model.cpu_kernels`` (``'fast'`` by default, or ``'default'``: jaxlib's own
