@@ -28,9 +28,15 @@ print("ynn" if "__ynn_fusion" in text else "xla")
 """
 
 
-def _probe(mode):
+def _fresh_cpu_env():
+  """This environment without XLA_FLAGS: a probe process picks its kernels itself."""
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  return env
+
+
+def _probe(mode):
+  env = _fresh_cpu_env()
   out = subprocess.run([sys.executable, "-c", PROBE, mode], env=env, cwd=ROOT, check=True,
                        capture_output=True, text=True, timeout=120).stdout.split()
   return out
@@ -119,8 +125,7 @@ print(err, float(info.residual))
 
 @pytest.mark.parametrize("kernels", ["default", "fast"])
 def test_mfac_solves_under_both_cpu_kernels(kernels):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  env = _fresh_cpu_env()
   proc = subprocess.run([sys.executable, "-c", MFAC_PROBE, kernels], env=env, cwd=ROOT,
                         capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr[-2000:]
@@ -191,8 +196,7 @@ print(float(metrics["v_ig_norm"]), float(metrics["cg_residual"]))
 
 
 def test_the_fast_kernels_agree_with_the_default_on_a_zero_start_solve():
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  env = _fresh_cpu_env()
   runs = {}
   for kernels in ("default", "fast"):
     proc = subprocess.run([sys.executable, "-c", ZERO_START_PROBE, kernels], env=env,
