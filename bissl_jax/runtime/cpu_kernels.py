@@ -5,8 +5,8 @@ docs/benchmarks/cpu_conv.md times the pretext gradient (ResNet-18, CIFAR stem, w
 changes the speed: naming the YNNPACK fusion types, which replaces jaxlib's default list.
 That list holds the convolutions, so they go back to XLA's own kernels, which are faster
 here (one 3×3 layer's gradient 0.58× YNNPACK's time). ``FAST_CPU_FLAG`` names
-``eltwise,reduce`` (elementwise ops and reductions): the whole gradient took 0.64× the
-default's time, the same as with ``dot`` added (0.68×). ``dot`` is left out on purpose:
+``eltwise,reduce`` (elementwise ops and reductions): the whole gradient took 0.56–0.64× the
+default's time, as fast as with ``dot`` added (0.68×). ``dot`` is left out on purpose:
 jaxlib 0.10.2's YNNPACK *dot* fusions returned inf or NaN, or different numbers from one
 process to the next, for an implicit-gradient solve that starts from a constant zero
 (``tests/runtime/test_cpu_defaults.py`` keeps that program as a check against the default
