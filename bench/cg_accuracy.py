@@ -96,7 +96,7 @@ def fit_head(problem, backbone, stats, pool, seed, steps=200):
   head = problem.params["downstream_head"]
 
   def loss_fn(h):
-    logits = problem.model.classify(h, feats)
+    logits = problem.downstream.head_outputs(h, feats)
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
   @jax.jit

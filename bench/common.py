@@ -141,6 +141,21 @@ class Problem(NamedTuple):
   task: Any
   params: PyTree
   batch_stats: PyTree
+  downstream: Any = None
+
+
+def downstream_task(model, image_size: int):
+  """The benches' downstream task: 10-way classification with its linear head."""
+  from bissl_jax.tasks.downstream import classification  # pylint: disable=g-import-not-at-top
+  return classification.Classification(model, image_size, num_classes=NUM_CLASSES)
+
+
+def init_problem(size: Size, model, task, seed: int) -> "Problem":
+  """A :class:`Problem` with every parameter group (the head is the downstream task's)."""
+  from bissl_jax.core.params import init_params  # pylint: disable=g-import-not-at-top
+  down = downstream_task(model, size.image_size)
+  params, batch_stats = init_params(model, down, jax.random.PRNGKey(seed), size.image_size)
+  return Problem(size, model, task, params, batch_stats, down)
 
 
 def build_model(size: Size) -> resnet.BisslModel:
@@ -148,9 +163,9 @@ def build_model(size: Size) -> resnet.BisslModel:
   if size.arch == "mini_resnet":
     backbone = resnet.ResNet(stage_sizes=(1,), block="basic",
                              width=max(1, int(round(64 * size.width))))
-    base = resnet.build_model("resnet18", num_classes=NUM_CLASSES)
+    base = resnet.build_model("resnet18")
     return dataclasses.replace(base, backbone=backbone)
-  return resnet.build_model(size.arch, num_classes=NUM_CLASSES, width_multiplier=size.width)
+  return resnet.build_model(size.arch, width_multiplier=size.width)
 
 
 @functools.lru_cache(maxsize=4)
@@ -158,14 +173,12 @@ def build_problem(size: Size, seed: int = 0) -> Problem:
   """Builds the model, the SimCLR task and initial parameters for ``size`` (cached)."""
   model = build_model(size)
   task = pretext.make_pretext_task("simclr", model, image_size=size.image_size)
-  params, batch_stats = model.init(jax.random.PRNGKey(seed), size.image_size)
-  return Problem(size, model, task, params, batch_stats)
+  return init_problem(size, model, task, seed)
 
 
 def make_setup(problem: Problem, **overrides):
   """A ``BisslSetup`` for ``problem``: the configs' BiSSL defaults with ``overrides``."""
   from bissl_jax.core import state as bilevel
-  from bissl_jax.tasks.downstream import classification
   from configs import common as config_common
   config = config_common.base_config()
   cfg = config.bissl.to_dict()
@@ -174,7 +187,7 @@ def make_setup(problem: Problem, **overrides):
   cfg.update(overrides)
   return bilevel.BisslSetup.from_config(
       problem.model, problem.task, cfg,
-      downstream=classification.Classification(problem.model, problem.size.image_size))
+      downstream=problem.downstream or downstream_task(problem.model, problem.size.image_size))
 
 
 class ImagePool(NamedTuple):

@@ -87,11 +87,9 @@ def uses_cifar_stem(args, size: common.Size) -> bool:
 
 def build_problem(size: common.Size, cifar_stem: bool, seed: int) -> common.Problem:
   """As ``common.build_problem``, with the stem chosen here."""
-  model = resnet.build_model(size.arch, num_classes=common.NUM_CLASSES,
-                             width_multiplier=size.width, cifar_stem=cifar_stem)
+  model = resnet.build_model(size.arch, width_multiplier=size.width, cifar_stem=cifar_stem)
   task = pretext_lib.make_pretext_task("simclr", model, image_size=size.image_size)
-  params, batch_stats = model.init(jax.random.PRNGKey(seed), size.image_size)
-  return common.Problem(size, model, task, params, batch_stats)
+  return common.init_problem(size, model, task, seed)
 
 
 def write_reference_batches(path: str, batches: bilevel.AlternationBatches, size: common.Size,

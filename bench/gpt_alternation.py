@@ -28,6 +28,7 @@ import optax
 
 from bench import common
 from bissl_jax import implicit
+from bissl_jax.core.params import init_params
 from bissl_jax.models import gpt
 from bissl_jax.implicit import tree_math
 from bissl_jax.tasks.pretext.next_token import NextToken
@@ -67,9 +68,9 @@ def main(argv: Optional[Sequence[str]] = None) -> List[common.Table]:
   args = parse_args(argv)
   name, vocab, context, pretext_batch, downstream_batch = SIZES[args.size]
   model = gpt.GPT(gpt.gpt_config(name, vocab_size=vocab, context=context), num_special=3,
-                  num_outputs=2, dtype=args.dtype, remat=args.remat)
+                  dtype=args.dtype, remat=args.remat)
   pretext, task = NextToken(model), TextTask(model, "entailment")
-  params, stats = jax.jit(model.init)(jax.random.PRNGKey(0))
+  params, stats = jax.jit(lambda k: init_params(model, task, k, 0))(jax.random.PRNGKey(0))
   rng = np.random.default_rng(0)
   lm_tokens = jnp.asarray(rng.integers(0, vocab, (pretext_batch, context)), jnp.int32)
   ds_tokens = jnp.asarray(rng.integers(0, vocab, (downstream_batch, context)), jnp.int32)

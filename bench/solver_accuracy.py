@@ -128,7 +128,7 @@ def fit_head(problem, backbone, stats, pool, seed, steps=100):
   @jax.jit
   def step(h, s):
     g = jax.grad(lambda h: optax.softmax_cross_entropy_with_integer_labels(
-        problem.model.classify(h, feats), labels).mean())(h)
+        problem.downstream.head_outputs(h, feats), labels).mean())(h)
     u, s = tx.update(g, s, h)
     return optax.apply_updates(h, u), s
 
@@ -152,7 +152,7 @@ class Batch:
     self.views = common.make_views(hvp_images, image_size=size,
                                    seed=int(jax.random.randint(k_views, (), 0, 2**30)))
     self.hessian, self.gn = _operators(problem.task, lower, stats, self.views)
-    self.v = _downstream_grad(problem.model, size, lower["backbone"], head, stats["backbone"],
+    self.v = _downstream_grad(problem.downstream, size, lower["backbone"], head, stats["backbone"],
                               images, labels, k_down)
 
 
@@ -165,13 +165,13 @@ def _operators(task, lower, stats, views):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _downstream_grad(model, size, theta, head, stats, images, labels, key):
+def _downstream_grad(downstream, size, theta, head, stats, images, labels, key):
   x = augment.downstream_train_view(key, images, size=size)
 
   def loss(theta):
-    feats, _ = model.features(theta, stats, x, train=True)
+    feats, _ = downstream.model.features(theta, stats, x, train=True)
     return optax.softmax_cross_entropy_with_integer_labels(
-        model.classify(head, feats), labels).mean()
+        downstream.head_outputs(head, feats), labels).mean()
   return jax.grad(loss)(theta)
 
 

@@ -45,7 +45,8 @@ from bissl_jax.models.lora import LoRAConfig
 from bissl_jax.models.mae_decoder import MAEDecoder
 from bissl_jax.tasks.pretext.mae import MAE
 from bissl_jax.models.vit import ViT
-from bissl_jax.models.vit_bundle import LinearClassifier, ViTModel
+from bissl_jax.core.params import init_params
+from bissl_jax.models.vit_bundle import ViTModel
 
 LAM = 1e-3
 
@@ -81,13 +82,20 @@ def build(s: ViTSize, seed: int = 0):
                 lora=LoRAConfig(s.rank))
   decoder = MAEDecoder(patch_size=s.patch, width=s.decoder[0], depth=s.decoder[1],
                        num_heads=s.decoder[2])
-  model = ViTModel(encoder, decoder, LinearClassifier(10))
-  params, stats = jax.jit(model.init, static_argnums=1)(jax.random.key(seed), s.image_size)
+  model = ViTModel(encoder, decoder)
+  params, stats = jax.jit(lambda k: init_params(model, downstream_task(model, s.image_size), k,
+                                                s.image_size))(jax.random.key(seed))
   task = MAE(model, image_size=s.image_size)
   images = np.random.default_rng(seed).integers(
       0, 256, (s.batch, s.image_size, s.image_size, 3), dtype=np.uint8)
   inputs = jax.jit(task.prepare)(jax.random.key(seed + 1), images)
   return model, task, params, stats, inputs
+
+
+def downstream_task(model, image_size: int):
+  """10-way classification with a ViT's head initialisation."""
+  return downstream_lib.Classification(model, image_size, num_classes=10,
+                                       head_init="trunc_normal")
 
 
 def parse_args(argv):
@@ -124,7 +132,7 @@ def alternation_setups(model, task, image_size: int, args) -> dict:
   cfg.update(upper_lr=config.head_warmup.lr, upper_weight_decay=config.head_warmup.weight_decay,
              lam=LAM, lower_steps=args.lower_steps, upper_steps=args.upper_steps,
              cg_iters=args.cg_iters, stage_driver="per_step")
-  down = downstream_lib.Classification(model, image_size)
+  down = downstream_task(model, image_size)
   variants = {"mfac": dict(solver="mfac", damping=0.0, mfac_blocks="per_layer"),
               "layerwise_cg": dict(solver="layerwise_cg", damping=10.0)}
   return {name: bilevel.BisslSetup.from_config(model, task, dict(cfg, **v), downstream=down)

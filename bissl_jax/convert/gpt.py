@@ -141,18 +141,23 @@ def hf_to_flax(state_dict: Mapping[str, Any], model: GPT) -> Tuple[PyTree, Optio
   return backbone, (np.asarray(table[cfg.vocab_size:], np.float32) if extra else None)
 
 
-def load_hf_gpt(source: Union[str, os.PathLike, Mapping[str, Any]], model: GPT, *,
-                rng: Optional[jax.Array] = None) -> Tuple[PyTree, PyTree]:
+def load_hf_gpt(source: Union[str, os.PathLike, Mapping[str, Any]], model: GPT,
+                downstream: Any = None, *, rng: Optional[jax.Array] = None
+                ) -> Tuple[PyTree, PyTree]:
   """Full ``(params, batch_stats)`` for ``model`` with the pretrained backbone.
 
-  The downstream head (special rows unless the checkpoint has them, output layer)
-  is freshly initialised from ``rng`` (default ``PRNGKey(0)``).
+  The downstream head (special rows unless the checkpoint has them, output layer) is
+  ``downstream.init_head``'s, from the key ``model.init`` reserves for it (``rng``,
+  default ``PRNGKey(0)``); without a ``downstream`` task it holds only the
+  checkpoint's special rows, if any.
   """
   state_dict = source if isinstance(source, Mapping) else read_state_dict(source)
   backbone, special = hf_to_flax(state_dict, model)
-  _, k_head = jax.random.split(jax.random.PRNGKey(0) if rng is None else rng)
-  head = model.init_head(k_head)  # the key model.init would give the head
+  params = {"backbone": backbone, "pretext_head": {}}
+  head = {} if downstream is None else downstream.init_head(
+      model.head_rng(jax.random.PRNGKey(0) if rng is None else rng), params,
+      {"backbone": {}, "pretext_head": {}})
   if special is not None:
     head["special_embeddings"] = special
-  params = {"backbone": backbone, "pretext_head": {}, "downstream_head": head}
+  params["downstream_head"] = head
   return params, {"backbone": {}, "pretext_head": {}}

@@ -111,7 +111,7 @@ def torch_key(path) -> str:
 
 def _model(arch, decoder_width, decoder_depth, decoder_heads):
   from bissl_jax.models.vit_bundle import build_vit_model  # pylint: disable=g-import-not-at-top
-  return build_vit_model(arch, num_classes=1, decoder="mae" if decoder_depth else None,
+  return build_vit_model(arch, decoder="mae" if decoder_depth else None,
                          decoder_width=decoder_width, decoder_depth=decoder_depth or 1,
                          decoder_heads=decoder_heads)
 

@@ -4,7 +4,8 @@ These are ``typing.Protocol`` classes: nothing needs to inherit from them, they
 document (and let a type checker verify) the methods the training core calls.
 ``docs/architecture.md`` shows where each is used. ResNet (:mod:`bissl_jax.models.resnet`),
 SimCLR and BYOL (:mod:`bissl_jax.tasks.pretext`) and classification
-(:mod:`bissl_jax.tasks.downstream.classification`) are the first implementations.
+(:mod:`bissl_jax.tasks.downstream.classification`, with its head in
+:mod:`bissl_jax.tasks.downstream.heads`) are the first implementations.
 
 Parameter trees always have the top-level groups of :mod:`bissl_jax.core.partition`:
 ``{'backbone': θ, 'pretext_head': φ_P, 'downstream_head': φ_D}``; a group may be
@@ -30,20 +31,26 @@ from bissl_jax.types import PyTree
 
 @runtime_checkable
 class Model(Protocol):
-  """A backbone with its pretext and downstream heads, as pure functions of trees.
+  """A backbone with its pretext head, as pure functions of trees.
 
-  Must be hashable (a frozen dataclass): jitted step functions close over it.
+  Must be hashable (a frozen dataclass): jitted step functions close over it. The
+  downstream head is the downstream task's (:meth:`DownstreamTask.init_head`);
+  :func:`bissl_jax.core.params.init_params` builds the whole tree.
   """
 
   def init(self, rng: jax.Array, image_size: int) -> Tuple[PyTree, PyTree]:
-    """``(params, batch_stats)`` with the three parameter groups."""
+    """``(params, batch_stats)``: ``'backbone'``, ``'pretext_head'`` and an empty
+    ``'downstream_head'``."""
+
+  def head_rng(self, rng: jax.Array) -> jax.Array:
+    """The key of :meth:`init`'s schedule reserved for the downstream head.
+
+    Optional: without it the head's key is a fold of ``rng``.
+    """
 
   def features(self, backbone_params: PyTree, backbone_stats: PyTree, x, *,
                train: bool) -> Tuple[jax.Array, PyTree]:
     """Backbone features of inputs ``x`` and the updated statistics (unchanged if not ``train``)."""
-
-  def classify(self, head_params: PyTree, feats: jax.Array) -> jax.Array:
-    """Downstream logits from features."""
 
   def trainable(self, params: PyTree) -> PyTree:
     """A boolean tree shaped like ``params``: True where a leaf is trained.
@@ -79,7 +86,16 @@ class PretextTask(Protocol):
 
 @runtime_checkable
 class DownstreamTask(Protocol):
-  """The upper-level objective L_D and the fine-tuning/evaluation loss."""
+  """The upper-level objective L_D and the fine-tuning/evaluation loss.
+
+  The task owns its head φ_D: it initialises it (from the backbone's outputs) and
+  applies it inside ``loss`` and ``logits``.
+  """
+
+  def init_head(self, rng: jax.Array, params: PyTree, batch_stats: PyTree) -> PyTree:
+    """φ_D from ``rng``, given the model's freshly initialised ``(params, batch_stats)``
+    (for the shapes of the backbone's outputs). Optional: a task without it has no
+    head (``{}``)."""
 
   def prepare(self, rng, images, *, train: bool) -> Any:
     """Model inputs from one raw batch (training augmentation or evaluation view)."""

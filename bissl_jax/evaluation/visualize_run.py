@@ -133,7 +133,6 @@ def visualize_exports(backbones, out_dir: str, *, config=None,
                        image_size=size)
   model = build_model(
       setting("arch", model_cfg.get("arch"), inferred["arch"]),
-      num_classes=splits["train"].num_classes,
       width_multiplier=float(setting("width_multiplier", model_cfg.get("width_multiplier"),
                                      inferred["width_multiplier"])),
       cifar_stem=bool(setting("cifar_stem", model_cfg.get("cifar_stem"),

@@ -17,8 +17,10 @@ partition of thesis §5.4:
 
 - ``backbone``: the whole transformer including the first V token-embedding rows;
 - ``pretext_head``: ``{}`` (next-token prediction reuses the tied embedding);
-- ``downstream_head``: ``{'special_embeddings': (S, d) rows of the added start /
-  delimiter / end tokens, 'output': the task's output layer}``.
+- ``downstream_head``: owned by the downstream task
+  (:meth:`bissl_jax.tasks.downstream.text.TextTask.init_head`): ``{'special_embeddings':
+  (S, d) rows of the added start / delimiter / end tokens, 'output': the task's
+  output layer}``.
 
 The forward concatenates the backbone rows and the special rows into one table, so
 the upper level can put θ_P's backbone (V rows) beside φ_D's special rows (thesis
@@ -211,13 +213,11 @@ class GPT:
     config: the transformer sizes.
     num_special: S, rows added for downstream special tokens (3: start, delimiter,
       end; 2 for single-sentence classification; 0 for pure language modelling).
-    num_outputs: width of the downstream output layer (1 for regression).
     dtype: compute dtype name ('float32', 'bfloat16', 'float16').
     remat: per-block rematerialisation.
   """
   config: GPTConfig = GPTConfig()
   num_special: int = 3
-  num_outputs: int = 2
   dtype: str = "float32"
   remat: bool = False
 
@@ -225,8 +225,6 @@ class GPT:
     if not 0 <= self.num_special <= len(SPECIAL_TOKENS):
       raise ValueError(f"num_special must be in [0, {len(SPECIAL_TOKENS)}], got "
                        f"{self.num_special}.")
-    if self.num_outputs < 1:
-      raise ValueError(f"num_outputs must be >= 1, got {self.num_outputs}.")
 
   @property
   def module(self) -> GPTTransformer:
@@ -240,25 +238,19 @@ class GPT:
     return {name: self.config.vocab_size + j for j, name in enumerate(names)}
 
   def init(self, rng: jax.Array, image_size: Optional[int] = None) -> Tuple[PyTree, PyTree]:
-    """``(params, batch_stats)``; ``image_size`` is unused (the protocol's argument)."""
+    """``(params, batch_stats)`` without the downstream head (the task's, from
+    :meth:`head_rng`); ``image_size`` is unused (the protocol's argument)."""
     del image_size
-    k_backbone, k_head = jax.random.split(rng)
+    k_backbone, _ = jax.random.split(rng)
     ids = jnp.zeros((1, min(self.config.context, 2)), jnp.int32)
     backbone = self.module.init(k_backbone, ids, ids >= 0)["params"]
-    params = {"backbone": backbone, "pretext_head": {},
-              "downstream_head": self.init_head(k_head)}
+    params = {"backbone": backbone, "pretext_head": {}, "downstream_head": {}}
     return params, {"backbone": {}, "pretext_head": {}}
 
-  def init_head(self, rng: jax.Array) -> PyTree:
-    """A fresh downstream head: special-token rows and the output layer (normal(0.02), zero bias)."""
-    cfg = self.config
-    k_special, k_out = jax.random.split(rng)
-    normal = nn.initializers.normal(cfg.init_std)
-    return {
-        "special_embeddings": normal(k_special, (self.num_special, cfg.width), jnp.float32),
-        "output": {"kernel": normal(k_out, (cfg.width, self.num_outputs), jnp.float32),
-                   "bias": jnp.zeros((self.num_outputs,), jnp.float32)},
-    }
+  @staticmethod
+  def head_rng(rng: jax.Array) -> jax.Array:
+    """The key :meth:`init`'s schedule reserves for the downstream head."""
+    return jax.random.split(rng)[1]
 
   def hidden(self, backbone_params: PyTree, tokens: jax.Array,
              special_embeddings: Optional[jax.Array] = None) -> Tuple[jax.Array, jax.Array]:
@@ -285,11 +277,6 @@ class GPT:
     del train
     h, mask = self.hidden(backbone_params, x, special_embeddings)
     return end_state(h, mask), backbone_stats
-
-  def classify(self, head_params: PyTree, feats: jax.Array) -> jax.Array:
-    """The output layer: ``feats W_d + b`` ``(B, num_outputs)``, float32."""
-    out = head_params["output"]
-    return (feats.astype(jnp.float32) @ out["kernel"] + out["bias"]).astype(jnp.float32)
 
   def trainable(self, params: PyTree) -> PyTree:
     """Every leaf is trained."""

@@ -1,4 +1,4 @@
-"""Networks of BiSSL: ResNet backbones, MLP projector/predictor, linear classifier (BiSSL paper §4.2.1).
+"""Networks of BiSSL: ResNet backbones and the MLP projector/predictor (BiSSL paper §4.2.1).
 
 Module and parameter names follow timm/torchvision so PyTorch checkpoints map one to
 one onto the Flax tree:
@@ -192,15 +192,6 @@ def parse_mlp_spec(spec: str) -> Tuple[int, ...]:
   return dims
 
 
-class LinearHead(nn.Module):
-  """The downstream head φ_D: one Dense layer named ``dense``."""
-  num_classes: int
-
-  @nn.compact
-  def __call__(self, x):
-    return nn.Dense(self.num_classes, kernel_init=_dense_init, name="dense")(x)
-
-
 def _apply_with_stats(module: nn.Module, params, stats, x, train: bool):
   """Runs a BN-carrying module; returns ``(out, stats)`` (stats updated only in training)."""
   variables = {"params": params, "batch_stats": stats}
@@ -212,18 +203,20 @@ def _apply_with_stats(module: nn.Module, params, stats, x, train: bool):
 
 @dataclasses.dataclass(frozen=True)
 class BisslModel:
-  """Backbone f_θ, pretext head φ_P (projector [+ predictor]) and downstream head φ_D.
+  """Backbone f_θ and pretext head φ_P (projector [+ predictor]).
 
+  The downstream head φ_D belongs to the downstream task
+  (:mod:`bissl_jax.tasks.downstream.heads`); :meth:`head_rng` is the key of this
+  model's initialisation schedule that the task initialises it from.
   Frozen and hashable, so it can be a static argument of jitted functions.
   """
   backbone: ResNet
   projector: MLPHead
   predictor: Optional[MLPHead]
-  classifier: LinearHead
 
   def init(self, rng: jax.Array, image_size: int, channels: int = 3
            ) -> Tuple[PyTree, PyTree]:
-    """Initialises every network.
+    """Initialises the backbone and the pretext head.
 
     Args:
       rng: PRNG key.
@@ -232,10 +225,13 @@ class BisslModel:
 
     Returns:
       ``(params, batch_stats)`` with ``params = {'backbone', 'pretext_head':
-      {'projector'[, 'predictor']}, 'downstream_head'}`` and ``batch_stats =
-      {'backbone', 'pretext_head': {...}}``.
+      {'projector'[, 'predictor']}, 'downstream_head': {}}`` (the downstream task
+      fills the head: :func:`bissl_jax.core.params.init_params`) and
+      ``batch_stats = {'backbone', 'pretext_head': {...}}``.
     """
-    k_bb, k_proj, k_pred, k_cls = jax.random.split(rng, 4)
+    # Four keys, the fourth reserved for the downstream head (head_rng): the schedule
+    # of the checkpoints written before the tasks owned their heads.
+    k_bb, k_proj, k_pred, _ = jax.random.split(rng, 4)
     x = jnp.zeros((1, image_size, image_size, channels), jnp.float32)
     bb = self.backbone.init(k_bb, x, train=False)
     feats = jax.eval_shape(lambda v: self.backbone.apply(v, x, train=False), bb)
@@ -248,11 +244,14 @@ class BisslModel:
       pred = self.predictor.init(k_pred, z, train=False)
       head_params["predictor"] = pred["params"]
       head_stats["predictor"] = pred["batch_stats"]
-    cls = self.classifier.init(k_cls, h)
-    params = {"backbone": bb["params"], "pretext_head": head_params,
-              "downstream_head": cls["params"]}
+    params = {"backbone": bb["params"], "pretext_head": head_params, "downstream_head": {}}
     batch_stats = {"backbone": bb["batch_stats"], "pretext_head": head_stats}
     return params, batch_stats
+
+  @staticmethod
+  def head_rng(rng: jax.Array) -> jax.Array:
+    """The key :meth:`init`'s schedule reserves for the downstream head."""
+    return jax.random.split(rng, 4)[3]
 
   def features(self, backbone_params, backbone_stats, x, *, train: bool):
     """Backbone features ``(B, C)`` and the (in training, updated) backbone statistics."""
@@ -269,19 +268,14 @@ class BisslModel:
                        "(needed by BYOL).")
     return _apply_with_stats(self.predictor, predictor_params, predictor_stats, z, train)
 
-  def classify(self, head_params, feats):
-    """Downstream logits from backbone features."""
-    return self.classifier.apply({"params": head_params}, feats)
 
-
-def build_model(arch: str, *, num_classes: int, width_multiplier: float = 1.0,
+def build_model(arch: str, *, width_multiplier: float = 1.0,
                 cifar_stem: bool = False, projector: str = "256-256-256",
                 predictor: Optional[str] = None) -> BisslModel:
   """Builds a :class:`BisslModel` from config strings.
 
   Args:
     arch: ``'resnet18'`` or ``'resnet50'``.
-    num_classes: outputs of the linear downstream head.
     width_multiplier: scales the base width 64.
     cifar_stem: 3×3 stem without max-pool.
     projector: MLP spec of the projector, e.g. ``'256-256-256'``.
@@ -303,5 +297,4 @@ def build_model(arch: str, *, num_classes: int, width_multiplier: float = 1.0,
                        f"projector={projector!r}.")
     pred = MLPHead(features=pred_dims)
   return BisslModel(backbone=ARCHITECTURES[arch](width_multiplier, cifar_stem),
-                    projector=MLPHead(features=proj_dims), predictor=pred,
-                    classifier=LinearHead(num_classes=int(num_classes)))
+                    projector=MLPHead(features=proj_dims), predictor=pred)

@@ -1,22 +1,21 @@
-"""The ViT model bundle: encoder (+ LoRA), MAE decoder, linear classifier.
+"""The ViT model bundle: encoder (+ LoRA) and MAE decoder.
 
 Follows :class:`bissl_jax.core.protocols.Model`::
 
   params      = {'backbone': ViT encoder incl. LoRA leaves,
                  'pretext_head': {'decoder': MAE decoder} or {},
-                 'downstream_head': {'dense': linear classifier}}
+                 'downstream_head': the downstream task's head}
   batch_stats = {'backbone': {}, 'pretext_head': {}}          (no BatchNorm)
 
 :meth:`ViTModel.trainable` says which leaves train: with LoRA, the adapters (and the
 backbone LayerNorms when ``train_norms``) of the backbone, all of the decoder except
-its fixed position table, and the classifier; without LoRA, everything except fixed
+its fixed position table, and the downstream head; without LoRA, everything except fixed
 (sin-cos) position tables. The core solves the implicit gradient, takes the proximal
 term and builds M-FAC blocks over the trainable leaves only (see ``docs/vit.md``).
 """
 import dataclasses
 from typing import Any, Optional, Tuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -33,18 +32,6 @@ ARCHITECTURES = ("vit_test_patch4", "vit_tiny_patch16", "vit_small_patch16",
                  "vit_base_patch16", "vit_large_patch16", "vit_huge_patch14")
 _BACKBONE_NORMS = ("norm", "norm1", "norm2")
 
-# trunc_normal(std=0.02) is timm's default for a fresh classifier.
-head_init = nn.initializers.truncated_normal(0.02)
-
-
-class LinearClassifier(nn.Module):
-  """φ_D: one Dense layer named ``dense``."""
-  num_classes: int
-
-  @nn.compact
-  def __call__(self, x):
-    return nn.Dense(self.num_classes, kernel_init=head_init, name="dense")(x)
-
 
 @dataclasses.dataclass(frozen=True)
 class ViTModel:
@@ -53,14 +40,12 @@ class ViTModel:
   Attributes:
     encoder: the :class:`bissl_jax.models.vit.ViT` backbone f_θ.
     decoder: the MAE decoder φ_P, or None (no pretext head).
-    classifier: the downstream head φ_D.
     pool: features for the classifier: ``'token'`` (class token, BiSSLight's default)
       or ``'mean'`` (mean of the normalised patch tokens).
     train_norms: with LoRA, train the backbone LayerNorms as well.
   """
   encoder: ViT
   decoder: Optional[MAEDecoder]
-  classifier: LinearClassifier
   pool: str = "token"
   train_norms: bool = False
 
@@ -71,7 +56,8 @@ class ViTModel:
   def init(self, rng: jax.Array, image_size: int, channels: int = 3
            ) -> Tuple[PyTree, PyTree]:
     """``(params, batch_stats)`` for ``image_size``² inputs (see the module docstring)."""
-    k_enc, k_dec, k_cls = jax.random.split(rng, 3)
+    # The third key is reserved for the downstream head (head_rng).
+    k_enc, k_dec, _ = jax.random.split(rng, 3)
     x = jnp.zeros((1, image_size, image_size, channels), jnp.float32)
     enc = self.encoder.init(k_enc, x)["params"]
     tokens = jax.eval_shape(lambda p: self.encoder.apply({"params": p}, x), enc)
@@ -81,9 +67,13 @@ class ViTModel:
       latent = jnp.zeros(tokens.shape, jnp.float32)
       head = {"decoder": self.decoder.init(k_dec, latent,
                                            jnp.arange(n)[None])["params"]}
-    cls = self.classifier.init(k_cls, jnp.zeros((1, tokens.shape[-1])))["params"]
-    params = {"backbone": enc, "pretext_head": head, "downstream_head": cls}
+    params = {"backbone": enc, "pretext_head": head, "downstream_head": {}}
     return params, {"backbone": {}, "pretext_head": {}}
+
+  @staticmethod
+  def head_rng(rng: jax.Array) -> jax.Array:
+    """The key :meth:`init`'s schedule reserves for the downstream head."""
+    return jax.random.split(rng, 3)[2]
 
   def drop_noise(self, rng: jax.Array, batch: int) -> Optional[jax.Array]:
     """Drop-path uniforms for one batch, or None when the encoder has no drop-path."""
@@ -115,10 +105,6 @@ class ViTModel:
     feats = tokens[:, 0] if self.pool == "token" else jnp.mean(tokens[:, 1:], axis=1)
     return feats, backbone_stats
 
-  def classify(self, head_params, feats):
-    """Downstream logits."""
-    return self.classifier.apply({"params": head_params}, feats)
-
   def trainable(self, params: PyTree) -> PyTree:
     """Boolean tree over ``params``: True where a leaf trains (module docstring)."""
     with_lora = self.encoder.lora is not None
@@ -139,7 +125,7 @@ class ViTModel:
     return jax.tree_util.tree_map_with_path(rule, params)
 
 
-def build_vit_model(arch: str, *, num_classes: int, decoder: Optional[str] = "mae",
+def build_vit_model(arch: str, *, decoder: Optional[str] = "mae",
                     decoder_width: int = 512, decoder_depth: int = 8,
                     decoder_heads: int = 16, lora_rank: int = 0,
                     lora_alpha: Optional[float] = None,
@@ -150,7 +136,6 @@ def build_vit_model(arch: str, *, num_classes: int, decoder: Optional[str] = "ma
 
   Args:
     arch: ``vit_{test,tiny,small,base,large,huge}_patch{P}``.
-    num_classes: outputs of the linear downstream head.
     decoder: ``'mae'`` for an MAE decoder as the pretext head, None for none.
     decoder_width, decoder_depth, decoder_heads: MAE's decoder (512, 8, 16).
     lora_rank: 0 for no adapters (full training), else the rank r.
@@ -158,7 +143,7 @@ def build_vit_model(arch: str, *, num_classes: int, decoder: Optional[str] = "ma
     lora_targets: subset of ``('q', 'k', 'v', 'proj', 'fc1', 'fc2')``.
     posemb, drop_path_rate, remat: :class:`bissl_jax.models.vit.ViT` options.
     dtype: compute dtype name (``'float32'`` or ``'bfloat16'``).
-    pool: ``'token'`` or ``'mean'`` classifier features.
+    pool: ``'token'`` or ``'mean'`` features for the downstream head.
     train_norms: with LoRA, also train the backbone LayerNorms.
   """
   compute = jnp.dtype(dtype)
@@ -172,6 +157,5 @@ def build_vit_model(arch: str, *, num_classes: int, decoder: Optional[str] = "ma
     dec = MAEDecoder(patch_size=encoder.patch_size, width=int(decoder_width),
                      depth=int(decoder_depth), num_heads=int(decoder_heads),
                      remat=bool(remat), dtype=compute)
-  return ViTModel(encoder=encoder, decoder=dec,
-                  classifier=LinearClassifier(int(num_classes)), pool=pool,
+  return ViTModel(encoder=encoder, decoder=dec, pool=pool,
                   train_norms=bool(train_norms))

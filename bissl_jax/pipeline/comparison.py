@@ -61,7 +61,7 @@ def load_gpt_pretext_model(ctx: StageContext, path: str):
     variables, _ = stage_output.load_export(path)
     params, stats = variables["params"], variables["batch_stats"]
   elif os.path.isfile(path):
-    params, stats = convert_gpt.load_hf_gpt(path, ctx.model)
+    params, stats = convert_gpt.load_hf_gpt(path, ctx.model, ctx.downstream)
   else:
     raise FileNotFoundError(
         f"config.pretext.checkpoint={path!r} is neither a stage output directory nor a "

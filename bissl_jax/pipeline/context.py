@@ -13,6 +13,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import jax
 import jax.numpy as jnp
 
+from bissl_jax.core.params import init_params
 from bissl_jax.tasks.downstream import classification as downstream_lib
 from bissl_jax.models import gpt
 from bissl_jax.evaluation import metrics as metrics_lib
@@ -97,9 +98,10 @@ class StageContext:
             "device_prefetch": int(self.config.data.get("device_prefetch", 0))}
 
   def init_variables(self, key):
-    """``model.init`` under jit (compiled once per run): ``(params, batch_stats)``."""
+    """The model's groups and the downstream task's head under jit (compiled once per
+    run): ``(params, batch_stats)`` (``bissl_jax.core.params.init_params``)."""
     fn = self.cached(("model_init",), lambda: jax.jit(
-        lambda k: self.model.init(k, self.image_size)))
+        lambda k: init_params(self.model, self.downstream, k, self.image_size)))
     return fn(key)
 
 
@@ -147,12 +149,11 @@ def check_model_and_task(config) -> None:
                         f"(0: no adapters).")
 
 
-def build_model(config, num_classes: int, *, lora: bool = True):
-  """The model of ``config.model`` with ``num_classes`` downstream outputs.
+def build_model(config, *, lora: bool = True):
+  """The model of ``config.model`` (backbone and pretext head).
 
   Args:
     config: the run config.
-    num_classes: downstream outputs.
     lora: False builds a ViT without its adapters (every backbone leaf trains): the
       model of pretext pretraining (:func:`pretraining_context`).
   """
@@ -162,14 +163,13 @@ def build_model(config, num_classes: int, *, lora: bool = True):
     return build_text_model(config)
   if is_vit(config):
     return vit_bundle.build_vit_model(
-        m.arch, num_classes=num_classes, decoder="mae", decoder_width=m.decoder_width,
+        m.arch, decoder="mae", decoder_width=m.decoder_width,
         decoder_depth=m.decoder_depth, decoder_heads=m.decoder_heads,
         lora_rank=int(m.lora_rank) if lora else 0, lora_alpha=m.lora_alpha,
         lora_targets=tuple(m.lora_targets), posemb=m.posemb, drop_path_rate=m.drop_path,
         remat=m.remat, dtype=m.dtype, pool=m.pool, train_norms=m.train_norms)
   predictor = m.predictor or (m.projector if config.pretext.task == "byol" else None)
-  return resnet.build_model(m.arch, num_classes=num_classes,
-                            width_multiplier=m.width_multiplier, cifar_stem=m.cifar_stem,
+  return resnet.build_model(m.arch, width_multiplier=m.width_multiplier, cifar_stem=m.cifar_stem,
                             projector=m.projector, predictor=predictor)
 
 
@@ -190,18 +190,23 @@ def build_text_model(config) -> gpt.GPT:
   sizes = gpt.gpt_config(config.model.arch, vocab_size=vocab,
                          context=int(config.data.context))
   return gpt.GPT(sizes, num_special=text_tasks.NUM_SPECIAL[spec.kind],
-                 num_outputs=spec.num_classes, dtype=config.model.dtype,
+                 dtype=config.model.dtype,
                  remat=bool(config.model.remat))
 
 
-def build_downstream_task(config, model, image_size: int, multilabel: bool):
-  """The downstream task: ``text_tasks.TextTask`` for a GPT, else image classification."""
+def build_downstream_task(config, model, image_size: int, multilabel: bool,
+                          num_classes: int):
+  """The downstream task with its head: ``text_tasks.TextTask`` for a GPT, else image
+  classification with ``num_classes`` outputs."""
   if is_text(config):
     spec = text_sets.task_spec(config.data.downstream_dataset)
     return text_tasks.TextTask(model, spec.kind, regression=spec.regression,
                                lm_weight=float(config.model.lm_weight),
-                               dropout=float(config.model.dropout))
-  return downstream_lib.Classification(model, image_size, multilabel)
+                               dropout=float(config.model.dropout),
+                               num_outputs=spec.num_classes)
+  return downstream_lib.Classification(
+      model, image_size, multilabel, num_classes=num_classes,
+      head_init="trunc_normal" if is_vit(config) else "torch_linear")
 
 
 def text_scorer(spec: text_sets.TextTaskSpec, task) -> Callable[[Any, Any], dict]:
@@ -246,10 +251,11 @@ def pretraining_context(ctx: "StageContext") -> "StageContext":
   """
   if not uses_lora(ctx.config):
     return ctx
-  model = build_model(ctx.config, ctx.num_classes, lora=False)
+  model = build_model(ctx.config, lora=False)
   return dataclasses.replace(
       ctx, model=model, task=build_pretext_task(ctx.config, model),
-      downstream=build_downstream_task(ctx.config, model, ctx.image_size, ctx.multilabel))
+      downstream=build_downstream_task(ctx.config, model, ctx.image_size, ctx.multilabel,
+                                       ctx.num_classes))
 
 
 def with_fresh_adapters(ctx: "StageContext", params, batch_stats, seed: int):
@@ -288,8 +294,8 @@ def build_context(config, workdir: str) -> StageContext:
   else:
     spec = data_lib.get_spec(config.data.downstream_dataset)
     num_classes, multilabel, metric_names = spec.num_classes, bool(spec.multilabel), None
-  model = build_model(config, num_classes)
-  downstream = build_downstream_task(config, model, image_size, multilabel)
+  model = build_model(config)
+  downstream = build_downstream_task(config, model, image_size, multilabel, num_classes)
   return StageContext(
       config=config, workdir=workdir, model=model, task=build_pretext_task(config, model),
       downstream=downstream, mesh=parallel.make_mesh(), logger=run_log.MetricLogger(workdir),

@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from bissl_jax.tasks.downstream.text import TextTask
 from bissl_jax.models import gpt
 from bissl_jax.convert import gpt as convert
 
@@ -54,7 +55,7 @@ def test_checkpoint_files_round_trip(hf_model, tmp_path):
   model = gpt.GPT(CFG, num_special=3)
   pth = tmp_path / "pytorch_model.bin"
   torch.save(hf_model.state_dict(), pth)
-  params, stats = convert.load_hf_gpt(pth, model)
+  params, stats = convert.load_hf_gpt(pth, model, TextTask(model, "entailment"))
   np.testing.assert_array_equal(params["backbone"]["h_1"]["mlp"]["c_fc"]["kernel"],
                                 hf_model.transformer.h[1].mlp.c_fc.weight.detach().numpy())
   np.testing.assert_array_equal(params["backbone"]["h_0"]["ln_2"]["scale"],
@@ -64,7 +65,7 @@ def test_checkpoint_files_round_trip(hf_model, tmp_path):
   from safetensors.torch import save_file
   st = tmp_path / "model.safetensors"
   save_file({k: v for k, v in hf_model.transformer.state_dict().items()}, str(st))
-  params_st, _ = convert.load_hf_gpt(st, model)
+  params_st, _ = convert.load_hf_gpt(st, model, TextTask(model, "entailment"))
   jax.tree_util.tree_map(np.testing.assert_array_equal, params["backbone"],
                          params_st["backbone"])
 

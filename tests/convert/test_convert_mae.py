@@ -12,6 +12,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bissl_jax.core.params import init_params
+from bissl_jax.tasks.downstream.classification import Classification
 from bissl_jax.tasks.pretext import mae  # noqa: E402
 from bissl_jax.convert import mae as convert_mae  # noqa: E402
 from bissl_jax.models.vit_bundle import build_vit_model  # noqa: E402
@@ -155,7 +157,7 @@ def _numpy_state_dict():
 def test_outputs_match_the_torch_mae():
   ref = _torch_model()
   params = convert_mae.mae_to_flax(_state_dict(), decoder_heads=DEC_HEADS)
-  model = build_vit_model("vit_test_patch4", num_classes=2, decoder_width=DEC_WIDTH,
+  model = build_vit_model("vit_test_patch4", decoder_width=DEC_WIDTH,
                           decoder_depth=DEC_DEPTH, decoder_heads=DEC_HEADS)
   rng = np.random.default_rng(1)
   images = rng.normal(size=(3, SIZE, SIZE, 3)).astype(np.float32)
@@ -209,16 +211,17 @@ def test_encoder_only_and_merge_into_a_lora_model():
   with pytest.raises(ValueError, match="no decoder"):
     convert_mae.mae_to_flax(enc_only, decoder=True)
   full = convert_mae.mae_to_flax(_numpy_state_dict(), decoder_heads=DEC_HEADS)
-  model = build_vit_model("vit_test_patch4", num_classes=2, decoder_width=DEC_WIDTH,
+  model = build_vit_model("vit_test_patch4", decoder_width=DEC_WIDTH,
                           decoder_depth=DEC_DEPTH, decoder_heads=DEC_HEADS, lora_rank=2)
-  init, _ = jax.jit(model.init, static_argnums=1)(jax.random.key(0), SIZE)
+  head = Classification(model, SIZE, num_classes=3, head_init="trunc_normal")
+  init, _ = jax.jit(lambda k: init_params(model, head, k, SIZE))(jax.random.key(0))
   merged = convert_mae.merge_pretrained(init, full)
   qkv = merged["backbone"]["blocks_1"]["attn"]["qkv"]["kernel"]
   np.testing.assert_array_equal(qkv, full["backbone"]["blocks_1"]["attn"]["qkv"]["kernel"])
   lora_a = merged["backbone"]["blocks_1"]["attn"]["lora_q"]["lora_a"]
   assert lora_a is init["backbone"]["blocks_1"]["attn"]["lora_q"]["lora_a"]
   assert merged["downstream_head"]["dense"]["kernel"] is init["downstream_head"]["dense"]["kernel"]
-  bigger = build_vit_model("vit_test_patch4", num_classes=2, decoder=None)
+  bigger = build_vit_model("vit_test_patch4", decoder=None)
   big_init, _ = jax.jit(bigger.init, static_argnums=1)(jax.random.key(0), 2 * SIZE)
   with pytest.raises(ValueError, match="pos_embed"):
     convert_mae.merge_pretrained(big_init, full)

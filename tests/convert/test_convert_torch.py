@@ -277,7 +277,7 @@ def test_round_trip_gives_identical_tensors():
 
 
 def test_flax_model_variables_export_and_reload():
-  model = resnet.build_model("resnet18", num_classes=3, width_multiplier=0.125,
+  model = resnet.build_model("resnet18", width_multiplier=0.125,
                              projector="16-8", predictor="8-8")
   # The BisslModel's variable tree (downstream head included) with random values.
   shapes = jax.eval_shape(lambda k: model.init(k, 32), jax.random.key(0))

@@ -1,18 +1,23 @@
 """The library's seams: import layers, solvers declared and registered from outside."""
 import ast
+import dataclasses
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import flax.linen as nn
 import pytest
 from jax.flatten_util import ravel_pytree
 
 from bissl_jax.core import alternation as ts
+from bissl_jax.core import state as bilevel
+from bissl_jax.core.params import init_params
 from bissl_jax.core import upper as upper_level
 from bissl_jax.implicit import solvers
 from bissl_jax.implicit.solvers.base import finish
 from bissl_jax.implicit.solvers.spec import SolverSpec
+from bissl_jax.tasks import augment
 from config_helpers import REPO_ROOT
 import test_train_state as tt
 
@@ -187,3 +192,67 @@ def test_a_spec_missing_what_its_kind_needs_is_refused():
     SolverSpec(name="broken", needs="gradient_window")
   with pytest.raises(TypeError, match="SolverSpec"):
     solvers.register(richardson)
+
+
+# ---------------------------------------------------------------------------
+# A downstream task with its own head, from outside the library.
+
+class _TwoLayerHead(nn.Module):
+  """Not the library's linear head: tanh MLP with a scalar output."""
+
+  @nn.compact
+  def __call__(self, h):
+    return nn.Dense(1, name="out")(jnp.tanh(nn.Dense(5, name="hidden")(h)))[:, 0]
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelRegression:
+  """Regresses the class index from pooled features with a two-layer head it owns."""
+  model: object
+  image_size: int
+
+  def init_head(self, rng, params, batch_stats):
+    x = jnp.zeros((1, self.image_size, self.image_size, 3), jnp.float32)
+    feats = jax.eval_shape(lambda p, s: self.model.features(p, s, x, train=False)[0],
+                           params["backbone"], batch_stats["backbone"])
+    return _TwoLayerHead().init(rng, jnp.zeros((1, feats.shape[-1])))["params"]
+
+  def prepare(self, rng, images, *, train):
+    del rng, train  # deterministic, so the test can recompute the loss
+    return augment.eval_view(None, images, size=self.image_size)
+
+  def loss(self, backbone_params, head_params, backbone_stats, inputs, labels, *, train=True):
+    feats, stats = self.model.features(backbone_params, backbone_stats, inputs, train=train)
+    pred = _TwoLayerHead().apply({"params": head_params}, feats)
+    return jnp.mean(jnp.square(pred - labels.astype(jnp.float32))), stats
+
+  def logits(self, backbone_params, head_params, backbone_stats, inputs):
+    feats, _ = self.model.features(backbone_params, backbone_stats, inputs, train=False)
+    return _TwoLayerHead().apply({"params": head_params}, feats)
+
+
+@pytest.mark.parametrize("solver", ["layerwise_cg", "toy_richardson"])
+def test_a_downstream_task_with_its_own_head_runs_a_bissl_alternation(registered, solver):
+  model = tt.tiny_model()
+  task = LabelRegression(model, tt.IMG)
+  setup = tt.make_setup(model=model, solver=solver, upper_steps=1, damping=100.0)
+  setup = dataclasses.replace(setup, downstream=task)
+  params, stats = init_params(model, task, jax.random.PRNGKey(0), tt.IMG)
+  # The head is the task's, from the key the model reserves for it.
+  expected = task.init_head(model.head_rng(jax.random.PRNGKey(0)), params, stats)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, params["downstream_head"], expected)
+  assert set(params["downstream_head"]) == {"hidden", "out"}
+  state = bilevel.init_bilevel_state(setup, params, stats)
+  batches = tt.make_batches(setup)
+  new_state, metrics = ts.make_alternation_fn(setup)(state, batches, jax.random.PRNGKey(1))
+  assert np.all(np.isfinite(np.asarray(metrics["v_ig_norm"])))
+  # One SGD step from zero momentum moves φ_D along −∇_φ L_D (clipping only rescales).
+  head = state.upper.params["downstream_head"]
+  grad = jax.grad(lambda h: task.loss(
+      state.upper.params["backbone"], h, state.upper.batch_stats["backbone"],
+      task.prepare(None, batches.downstream_images[0], train=True),
+      jnp.asarray(batches.downstream_labels[0]))[0])(head)
+  step = jax.tree_util.tree_map(jnp.subtract, new_state.upper.params["downstream_head"], head)
+  g, d = ravel_pytree(grad)[0], ravel_pytree(step)[0]
+  cosine = float(jnp.dot(-g, d) / (jnp.linalg.norm(g) * jnp.linalg.norm(d)))
+  assert cosine > 0.999

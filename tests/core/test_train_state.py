@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
+from bissl_jax.core.params import init_params
 from bissl_jax.tasks import augment
 from bissl_jax.core import state as bilevel
 from bissl_jax.tasks.downstream import classification
@@ -44,8 +45,7 @@ class MLPBackbone(nn.Module):
 
 def tiny_model(backbone=None):
   return resnet.BisslModel(backbone=backbone or MLPBackbone(),
-                           projector=resnet.MLPHead((8, 8, 4)), predictor=None,
-                           classifier=resnet.LinearHead(CLASSES))
+                           projector=resnet.MLPHead((8, 8, 4)), predictor=None)
 
 
 def make_setup(model=None, task=None, **overrides):
@@ -56,12 +56,13 @@ def make_setup(model=None, task=None, **overrides):
              upper_steps=2, alternations=4, lower_lr=0.5, upper_lr=0.05,
              upper_weight_decay=0.0)
   cfg.update(overrides)
+  downstream = classification.Classification(model, IMG, num_classes=CLASSES)
   return bilevel.BisslSetup.from_config(model, task or pretext.SimCLR(model), cfg,
-                                        downstream=classification.Classification(model, IMG))
+                                        downstream=downstream)
 
 
 def make_state(setup, seed=0, perturb=True):
-  params, stats = setup.model.init(jax.random.PRNGKey(seed), IMG)
+  params, stats = init_params(setup.model, setup.downstream, jax.random.PRNGKey(seed), IMG)
   state = bilevel.init_bilevel_state(setup, params, stats)
   if perturb:  # make θ_P differ from θ_D, as after some lower steps
     leaves, tdef = jax.tree_util.tree_flatten(state.lower.params["backbone"])
@@ -214,8 +215,8 @@ def test_running_stats_only_change_in_real_training_steps():
 def test_second_alternation_compiles_nothing():
   setup = make_setup(model=resnet.BisslModel(
       backbone=resnet.resnet18(width_multiplier=1 / 16, cifar_stem=True),
-      projector=resnet.MLPHead((8, 8, 4)), predictor=None, classifier=resnet.LinearHead(CLASSES)))
-  params, stats = setup.model.init(jax.random.PRNGKey(0), IMG)
+      projector=resnet.MLPHead((8, 8, 4)), predictor=None))
+  params, stats = init_params(setup.model, setup.downstream, jax.random.PRNGKey(0), IMG)
   state = bilevel.init_bilevel_state(setup, params, stats)
   alternation = ts.make_alternation_fn(setup)
   compiles = []
@@ -326,7 +327,7 @@ class FrozenKernelModel(resnet.BisslModel):
 def test_frozen_leaves_never_move_and_get_no_state_or_implicit_gradient():
   base = tiny_model()
   model = FrozenKernelModel(backbone=base.backbone, projector=base.projector,
-                            predictor=None, classifier=base.classifier)
+                            predictor=None)
   setup = make_setup(model=model, solver="cg", cg_iters=400, cg_tol=1e-10, unroll=False,
                      lam=0.1, damping=2000.0, upper_steps=1)
   state = make_state(setup)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
+from bissl_jax.core.params import init_params
 from bissl_jax.core import state as bilevel
 from bissl_jax.core import lam_schedules
 from bissl_jax.core import alternation as ts
@@ -110,7 +111,7 @@ class QuadraticTask:
 
 def quadratic_setup(block_diagonal: bool, solver="cg", **kw):
   setup = tt.make_setup(upper_steps=1, solver=solver, **kw)
-  params, _ = setup.model.init(jax.random.PRNGKey(0), tt.IMG)
+  params, _ = init_params(setup.model, setup.downstream, jax.random.PRNGKey(0), tt.IMG)
   n_theta = ravel_pytree(params["backbone"])[0].size
   n = n_theta + ravel_pytree(params["pretext_head"])[0].size
   rng = np.random.default_rng(1)

@@ -248,7 +248,7 @@ def test_visualize_backbones_end_to_end(tmp_path):
 
 def _tiny_resnet():
   from bissl_jax.models.resnet import build_model
-  model = build_model("resnet18", num_classes=10, width_multiplier=0.125, cifar_stem=True)
+  model = build_model("resnet18", width_multiplier=0.125, cifar_stem=True)
   params, stats = model.init(jax.random.PRNGKey(0), 16)
   return model, params, stats
 

@@ -107,8 +107,7 @@ def tiny_problem():
   """A one-block ResNet of width 4 (≈ 900 backbone parameters) on 8-px images."""
   model = resnet.BisslModel(
       backbone=resnet.ResNet(stage_sizes=(1,), block="basic", width=4),
-      projector=resnet.MLPHead(features=(8, 5)), predictor=resnet.MLPHead(features=(8, 5)),
-      classifier=resnet.LinearHead(num_classes=2))
+      projector=resnet.MLPHead(features=(8, 5)), predictor=resnet.MLPHead(features=(8, 5)))
   params, stats = model.init(jax.random.PRNGKey(0), 8)
   rng = np.random.default_rng(4)
   views = tuple(jnp.asarray(rng.normal(size=(3, 8, 8, 3)), jnp.float32) for _ in range(2))

@@ -108,7 +108,7 @@ def test_block_rules_on_resnet_and_vit_trees():
   assert (ids, n) == ([0, 0, 1, 2, 2, 3], 4)
   assert mfac.block_assignment(make_tree(np.random.default_rng(2)), "global") == ([0] * 6, 1)
   # A real ResNet-18 tree: one block per residual block, the stem split by module.
-  model = resnet.build_model("resnet18", num_classes=2, width_multiplier=0.125)
+  model = resnet.build_model("resnet18", width_multiplier=0.125)
   params, _ = jax.eval_shape(functools.partial(model.init, image_size=16),
                              jax.random.PRNGKey(0))
   paths = mfac.leaf_paths(params["backbone"])

@@ -7,6 +7,7 @@ import numpy as np
 import optax
 import pytest
 
+from bissl_jax.core.params import init_params
 from bissl_jax import implicit
 from bissl_jax.models import gpt
 from bissl_jax.core import partition
@@ -22,7 +23,10 @@ def _model(**kw):
 
 
 def _init(model, seed=0):
-  return jax.jit(model.init)(jax.random.PRNGKey(seed))
+  """The model's groups and a text task's head (special rows, 2-way output layer)."""
+  kind = "classification" if model.num_special == 2 else "entailment"
+  task = TextTask(model, kind) if model.num_special >= 2 else None
+  return jax.jit(lambda k: init_params(model, task, k, 0))(jax.random.PRNGKey(seed))
 
 
 def _hidden(model, backbone, tokens, special=None):
@@ -187,7 +191,8 @@ def test_upper_level_substitutes_only_backbone_rows():
   big = gpt.GPT(dataclasses.replace(MICRO, vocab_size=MICRO.vocab_size + 2), num_special=0)
   backbone = {**p_p["backbone"], "tokens_embed": table}
   h, mask = _hidden(big, backbone, tokens)
-  expected = model.classify(p_d["downstream_head"], gpt.end_state(h, mask))
+  out = p_d["downstream_head"]["output"]
+  expected = gpt.end_state(h, mask) @ out["kernel"] + out["bias"]
   np.testing.assert_allclose(mixed, expected, atol=1e-6)
 
 

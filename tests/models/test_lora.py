@@ -7,6 +7,8 @@ import numpy as np
 import optax
 import pytest
 
+from bissl_jax.core.params import init_params
+from bissl_jax.tasks.downstream.classification import Classification
 from bissl_jax.models import lora
 from bissl_jax.core import partition
 from bissl_jax.models.vit_bundle import build_vit_model
@@ -14,11 +16,15 @@ from bissl_jax.models.vit_bundle import build_vit_model
 
 @functools.lru_cache(maxsize=None)
 def _models(targets=("q", "v"), rank=2, alpha=None, train_norms=False):
-  base = build_vit_model("vit_test_patch4", num_classes=3, decoder=None)
-  adapted = build_vit_model("vit_test_patch4", num_classes=3, decoder=None, lora_rank=rank,
+  base = build_vit_model("vit_test_patch4", decoder=None)
+  adapted = build_vit_model("vit_test_patch4", decoder=None, lora_rank=rank,
                             lora_alpha=alpha, lora_targets=targets, train_norms=train_norms)
-  params, _ = jax.jit(adapted.init, static_argnums=1)(jax.random.key(0), 8)
+  params, _ = jax.jit(lambda k: init_params(adapted, _head(adapted), k, 8))(jax.random.key(0))
   return base, adapted, params
+
+
+def _head(model):
+  return Classification(model, 8, num_classes=3, head_init="trunc_normal")
 
 
 def _images():
@@ -117,7 +123,7 @@ def test_frozen_leaves_never_change_and_have_no_optimizer_state():
 
   def loss(p):
     feats, _ = adapted.features(p["backbone"], {}, x, train=True)
-    logits = adapted.classify(p["downstream_head"], feats)
+    logits = _head(adapted).head_outputs(p["downstream_head"], feats)
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
   p = params

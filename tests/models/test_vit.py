@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 
 from bissl_jax.core import protocols
+from bissl_jax.core.params import init_params
+from bissl_jax.tasks.downstream.classification import Classification
 from bissl_jax.models import vit
 from bissl_jax.models.vit_bundle import build_vit_model
 
@@ -20,8 +22,9 @@ def _count(tree):
     ("vit_large_patch16", 304_326_632),  # timm vit_large_patch16_224
 ])
 def test_parameter_counts_equal_timm(arch, expected):
-  model = build_vit_model(arch, num_classes=1000, decoder=None, posemb="learn")
-  params, _ = jax.eval_shape(lambda k: model.init(k, 224), jax.random.key(0))
+  model = build_vit_model(arch, decoder=None, posemb="learn")
+  head = Classification(model, 224, num_classes=1000, head_init="trunc_normal")
+  params, _ = jax.eval_shape(lambda k: init_params(model, head, k, 224), jax.random.key(0))
   assert params["pretext_head"] == {}
   assert _count(params["backbone"]) + _count(params["downstream_head"]) == expected
 
@@ -29,7 +32,7 @@ def test_parameter_counts_equal_timm(arch, expected):
 def test_mae_decoder_adds_the_official_decoder_size():
   # MAE ViT-B decoder (512 wide, 8 blocks, p=16), counted layer by layer from MAE's
   # models_mae.py: 26,109,184 incl. the fixed table and the mask token.
-  model = build_vit_model("vit_base_patch16", num_classes=1000)
+  model = build_vit_model("vit_base_patch16")
   params, _ = jax.eval_shape(lambda k: model.init(k, 224), jax.random.key(0))
   dec = params["pretext_head"]["decoder"]
   per_block = 2 * 1024 + 512 * 1536 + 1536 + 512 * 512 + 512 + 2 * (512 * 2048) + 2048 + 512
@@ -55,8 +58,9 @@ def test_sincos_table_matches_mae():
 
 @functools.lru_cache(maxsize=None)
 def _tiny(**kwargs):
-  model = build_vit_model("vit_test_patch4", num_classes=3, decoder=None, **kwargs)
-  params, stats = jax.jit(model.init, static_argnums=1)(jax.random.key(0), 8)
+  model = build_vit_model("vit_test_patch4", decoder=None, **kwargs)
+  head = Classification(model, 8, num_classes=3, head_init="trunc_normal")
+  params, stats = jax.jit(lambda k: init_params(model, head, k, 8))(jax.random.key(0))
   x = jax.random.normal(jax.random.key(1), (3, 8, 8, 3))
   return model, params, stats, x
 
@@ -72,7 +76,7 @@ def test_tiny_model_follows_the_protocol():
   assert set(params["backbone"]["blocks_0"]["attn"]) == {"qkv", "proj"}
   feats, new_stats = model.features(params["backbone"], stats["backbone"], x, train=False)
   assert feats.shape == (3, 16) and new_stats == {}
-  assert model.classify(params["downstream_head"], feats).shape == (3, 3)
+  assert params["downstream_head"]["dense"]["kernel"].shape == (16, 3)  # the task's head
 
 
 def test_fixed_position_table_gets_no_gradient_and_is_frozen():
@@ -143,7 +147,7 @@ def test_bad_inputs_name_the_fix():
   with pytest.raises(ValueError, match="vit_base_patch16"):
     vit.parse_arch("vit_giant16")
   with pytest.raises(ValueError, match="pool"):
-    build_vit_model("vit_test_patch4", num_classes=2, pool="max")
+    build_vit_model("vit_test_patch4", pool="max")
 
 
 def test_mean_pool_averages_the_patch_tokens():

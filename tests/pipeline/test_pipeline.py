@@ -296,9 +296,9 @@ def test_progress_reports_rate_and_eta(capsys):
 def test_pretext_weights_fill_missing_heads_and_reject_wrong_widths(tmp_path, capsys):
   from bissl_jax import convert
   from bissl_jax.models import resnet
-  simclr = resnet.build_model("resnet18", num_classes=3, width_multiplier=0.0625,
+  simclr = resnet.build_model("resnet18", width_multiplier=0.0625,
                               cifar_stem=True, projector="16-16-16")
-  byol = resnet.build_model("resnet18", num_classes=3, width_multiplier=0.0625,
+  byol = resnet.build_model("resnet18", width_multiplier=0.0625,
                             cifar_stem=True, projector="16-16-16", predictor="8-16")
   params, stats = simclr.init(jax.random.key(1), 8)
   path = str(tmp_path / "pretext")
@@ -312,7 +312,7 @@ def test_pretext_weights_fill_missing_heads_and_reject_wrong_widths(tmp_path, ca
   _tree_equal(got["pretext_head"]["predictor"], fresh_params["pretext_head"]["predictor"])
   _tree_equal(got_stats["backbone"], stats["backbone"])
   assert "has no predictor: initialising it afresh" in capsys.readouterr().out
-  wide = resnet.build_model("resnet18", num_classes=3, width_multiplier=0.0625,
+  wide = resnet.build_model("resnet18", width_multiplier=0.0625,
                             cifar_stem=True, projector="32-32-32")
   wide_params, wide_stats = wide.init(jax.random.key(3), 8)
   with pytest.raises(ValueError, match=r"config\.model\.projector='32-32-32'"):

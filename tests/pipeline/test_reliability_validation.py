@@ -59,7 +59,7 @@ def _export(path, width, cifar_stem, provenance_fields=True):
   import jax
   from bissl_jax.models import resnet
   from bissl_jax.convert import stage_output
-  model = resnet.build_model("resnet18", num_classes=10, width_multiplier=width,
+  model = resnet.build_model("resnet18", width_multiplier=width,
                              cifar_stem=cifar_stem, projector="16-16-16")
   params, stats = model.init(jax.random.key(0), 8)
   meta = {"stage": "pretext"}

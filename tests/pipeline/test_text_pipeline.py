@@ -7,6 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from bissl_jax.core.params import init_params
+from bissl_jax.tasks.downstream.text import TextTask
 from bissl_jax.models import gpt
 from bissl_jax.core import optim
 from bissl_jax.core import partition
@@ -28,8 +30,8 @@ def _no_decay(path) -> bool:
 
 
 def test_adam_decays_kernels_and_embeddings_but_not_biases_or_norms():
-  model = gpt.GPT(gpt.gpt_config("gpt_micro"), num_special=3, num_outputs=2)
-  params, _ = model.init(jax.random.PRNGKey(0))
+  model = gpt.GPT(gpt.gpt_config("gpt_micro"), num_special=3)
+  params, _ = init_params(model, TextTask(model, "entailment"), jax.random.PRNGKey(0), 0)
   rng = np.random.default_rng(0)
   grads = jax.tree_util.tree_map(
       lambda p: rng.normal(size=p.shape).astype(np.float32), params)
@@ -124,7 +126,7 @@ def test_glue_gpt_runlocal_builds_data_and_tasks_for_every_task(tmp_path):
     tokens = splits["train"].tokens
     assert tokens.shape[1:] == ((2, 32) if ctx.downstream.kind == "similarity" else (32,))
     assert ctx.downstream.regression == (task == "stsb")
-    assert ctx.model.num_outputs == (1 if task == "stsb" else 2)
+    assert ctx.downstream.num_outputs == (1 if task == "stsb" else 2)
     assert ctx.metric_names[0] == {"cola": "matthews", "mrpc": "f1", "qqp": "f1",
                                    "stsb": "pearson"}.get(task, "accuracy")
     assert len(splits["train"]) == 64 and len(splits["test"]) == 40  # max_train_examples
@@ -164,7 +166,7 @@ def test_text_gpt_runlocal_runs_end_to_end(tmp_path):
   p = variables["params"]
   hidden, mask = ctx.model.hidden(p["backbone"], jnp.asarray(splits["test"].tokens),
                                   p["downstream_head"]["special_embeddings"])
-  logits = ctx.model.classify(p["downstream_head"], gpt.end_state(hidden, mask))
+  logits = ctx.downstream.head_outputs(p["downstream_head"], gpt.end_state(hidden, mask))
   accuracy = float(np.mean(np.argmax(np.asarray(logits), 1) == splits["test"].labels))
   assert accuracy == pytest.approx(results["pipelines"]["bissl"]["per_seed"]["1"]["accuracy"])
   with open(os.path.join(workdir, "results.md")) as f:

@@ -149,6 +149,7 @@ if sys.argv[1] == "fast":
 import flax.linen as nn
 import jax, jax.numpy as jnp
 from bissl_jax.core import alternation, state as bilevel
+from bissl_jax.core.params import init_params
 from bissl_jax.implicit import solvers
 from bissl_jax.implicit.solvers.base import finish
 from bissl_jax.implicit.solvers.spec import SolverSpec
@@ -172,14 +173,16 @@ class Backbone(nn.Module):
     return nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(x))
 
 model = resnet.BisslModel(backbone=Backbone(), projector=resnet.MLPHead((8, 8, 4)),
-                          predictor=None, classifier=resnet.LinearHead(3))
+                          predictor=None)
 cfg = common.base_config().bissl.to_dict()
 cfg.update(lam=1e-3, damping=100.0, solver="zero_start", cg_iters=4, lower_steps=2,
            upper_steps=2, alternations=4, lower_lr=0.5, upper_lr=0.05, upper_weight_decay=0.0,
            residual_every=1)
 setup = bilevel.BisslSetup.from_config(model, pretext.SimCLR(model), cfg,
-                                       downstream=classification.Classification(model, 4))
-state = bilevel.init_bilevel_state(setup, *model.init(jax.random.PRNGKey(0), 4))
+                                       downstream=classification.Classification(model, 4,
+                                                                                num_classes=3))
+state = bilevel.init_bilevel_state(setup, *init_params(model, setup.downstream,
+                                                       jax.random.PRNGKey(0), 4))
 leaves, tdef = jax.tree_util.tree_flatten(state.lower.params["backbone"])
 keys = jax.random.split(jax.random.PRNGKey(100), len(leaves))
 moved = [l + 0.05 * jax.random.normal(k, l.shape) for l, k in zip(leaves, keys)]

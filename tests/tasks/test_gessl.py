@@ -274,7 +274,7 @@ def test_outer_steps_do_not_recompile():
 def test_gessl_on_a_real_resnet_with_byol_runs_and_satisfies_the_protocol():
   from bissl_jax.models import resnet  # pylint: disable=import-outside-toplevel
   from bissl_jax.core import protocols  # pylint: disable=import-outside-toplevel
-  base_model = resnet.build_model("resnet18", num_classes=3, projector="8-8",
+  base_model = resnet.build_model("resnet18", projector="8-8",
                                   predictor="8-8")
   model = dataclasses.replace(base_model, backbone=resnet.ResNet(
       stage_sizes=(1,), block="basic", width=4))

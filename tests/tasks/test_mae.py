@@ -16,7 +16,7 @@ from bissl_jax.models.vit_bundle import build_vit_model
 
 @functools.lru_cache(maxsize=None)
 def _setup(lora_rank=0, image_size=8, patch=4, drop_path_rate=0.0):
-  model = build_vit_model(f"vit_test_patch{patch}", num_classes=3, decoder_width=8,
+  model = build_vit_model(f"vit_test_patch{patch}", decoder_width=8,
                           decoder_depth=1, decoder_heads=2, lora_rank=lora_rank,
                           drop_path_rate=drop_path_rate)
   params, stats = jax.jit(model.init, static_argnums=1)(jax.random.key(0), image_size)
@@ -52,7 +52,7 @@ def test_bad_mask_ratio_is_rejected():
   with pytest.raises(ValueError, match="mask_ratio"):
     mae.MAE(model, mask_ratio=1.0)
   with pytest.raises(ValueError, match="decoder"):
-    mae.MAE(build_vit_model("vit_test_patch4", num_classes=2, decoder=None))
+    mae.MAE(build_vit_model("vit_test_patch4", decoder=None))
 
 
 def _numpy_loss(images, pred, mask, p, norm_pix):

@@ -72,8 +72,7 @@ def _tiny_model(predictor):
   return resnet.BisslModel(
       backbone=resnet.ResNet(stage_sizes=(1,), block="basic", width=4, cifar_stem=True),
       projector=resnet.MLPHead((8, 6)),
-      predictor=resnet.MLPHead((8, 6)) if predictor else None,
-      classifier=resnet.LinearHead(3))
+      predictor=resnet.MLPHead((8, 6)) if predictor else None)
 
 
 def _views(seed=0, batch=4, size=6):
@@ -113,7 +112,7 @@ def test_simclr_loss_is_twice_differentiable():
     model = resnet.BisslModel(
         backbone=resnet.ResNet(stage_sizes=(1,), block="basic", width=4, cifar_stem=True,
                                dtype=jnp.float64),
-        projector=resnet.MLPHead((8, 6)), predictor=None, classifier=resnet.LinearHead(3))
+        projector=resnet.MLPHead((8, 6)), predictor=None)
     task = pretext.SimCLR(model)
     params, stats = f64(model.init(jax.random.key(1), image_size=6))
     views = f64(_views(1))
@@ -219,7 +218,7 @@ from bissl_jax.tasks import pretext
 assert len(jax.devices()) == 2
 model = resnet.BisslModel(
     backbone=resnet.ResNet(stage_sizes=(1,), block="basic", width=4, cifar_stem=True),
-    projector=resnet.MLPHead((8, 6)), predictor=None, classifier=resnet.LinearHead(3))
+    projector=resnet.MLPHead((8, 6)), predictor=None)
 task = pretext.SimCLR(model)
 params, stats = model.init(jax.random.key(0), image_size=6)
 k1, k2 = jax.random.split(jax.random.key(1))

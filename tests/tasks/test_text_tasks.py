@@ -1,5 +1,4 @@
 """GLUE-style downstream tasks on GPT: formats, similarity symmetry, dropout, losses."""
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -7,17 +6,18 @@ import numpy as np
 import pytest
 
 from bissl_jax.models import gpt
+from bissl_jax.core.params import init_params
 from bissl_jax.tasks.pretext.next_token import NextToken
 from bissl_jax.tasks.downstream.text import TextTask, format_examples, format_one
 
 MICRO = gpt.gpt_config("gpt_micro", init_std=0.3)  # large enough for orders to matter
-MODEL = gpt.GPT(MICRO, num_special=3, num_outputs=2)
+MODEL = gpt.GPT(MICRO, num_special=3)
 S, D, E = 32, 33, 34  # start, delimiter, end of MODEL
 
 
 @pytest.fixture(scope="module")
 def params():
-  return jax.jit(MODEL.init)(jax.random.PRNGKey(0))[0]
+  return jax.jit(lambda k: init_params(MODEL, TextTask(MODEL), k, 0))(jax.random.PRNGKey(0))[0]
 
 
 def test_special_ids_and_formats():
@@ -113,12 +113,12 @@ def test_loss_is_task_loss_plus_half_lm_loss(params):
 
 
 def test_regression_uses_mse(params):
-  model = dataclasses.replace(MODEL, num_outputs=1)
+  model = MODEL
   p = {**params, "downstream_head": {**params["downstream_head"],
                                      "output": {"kernel": params["downstream_head"]["output"]
                                                 ["kernel"][:, :1],
                                                 "bias": jnp.zeros(1)}}}
-  task = TextTask(model, "similarity", regression=True, lm_weight=0.0)
+  task = TextTask(model, "similarity", regression=True, lm_weight=0.0, num_outputs=1)
   a, b = _pairs(2, n=2)
   tokens, _ = format_examples("similarity", model.special_ids, a, b, context=16)
   inputs = {"tokens": jnp.asarray(tokens)}

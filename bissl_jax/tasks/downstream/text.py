@@ -22,6 +22,7 @@ built; sequences longer than the context are dropped there.
 import dataclasses
 from typing import ClassVar, Optional, Sequence, Tuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -103,17 +104,19 @@ class TextTask:
 
   Attributes:
     model: the :class:`bissl_jax.models.gpt.GPT` bundle (``num_special`` ≥ what ``kind``
-      uses, ``num_outputs`` = classes, or 1 for regression).
+      uses).
     kind: 'classification', 'entailment' or 'similarity'.
     regression: MSE on a scalar output (STS-B) instead of cross-entropy.
     lm_weight: ν of the auxiliary language-modelling loss (0.5).
     dropout: dropout rate before the output layer (0.1).
+    num_outputs: width of the output layer: classes, or 1 for regression.
   """
   model: GPT
   kind: str = "classification"
   regression: bool = False
   lm_weight: float = 0.5
   dropout: float = 0.1
+  num_outputs: int = 2
   input_key: ClassVar[str] = "tokens"   # the batch entry prepare reads (protocols.input_key)
 
   def __post_init__(self):
@@ -121,10 +124,30 @@ class TextTask:
     if self.model.num_special < NUM_SPECIAL[self.kind]:
       raise ValueError(f"{self.kind} needs {NUM_SPECIAL[self.kind]} special tokens; the "
                        f"model has num_special={self.model.num_special}.")
-    if self.regression and self.model.num_outputs != 1:
-      raise ValueError(f"regression needs num_outputs=1, got {self.model.num_outputs}.")
+    if self.num_outputs < 1:
+      raise ValueError(f"num_outputs must be >= 1, got {self.num_outputs}.")
+    if self.regression and self.num_outputs != 1:
+      raise ValueError(f"regression needs num_outputs=1, got {self.num_outputs}.")
     if not 0.0 <= self.dropout < 1.0:
       raise ValueError(f"dropout must be in [0, 1), got {self.dropout}.")
+
+  def init_head(self, rng: jax.Array, params: PyTree, batch_stats: PyTree) -> PyTree:
+    """φ_D: the special-token rows and the output layer (normal(0.02), zero bias)."""
+    del params, batch_stats
+    cfg = self.model.config
+    k_special, k_out = jax.random.split(rng)
+    normal = nn.initializers.normal(cfg.init_std)
+    return {
+        "special_embeddings": normal(k_special, (self.model.num_special, cfg.width),
+                                     jnp.float32),
+        "output": {"kernel": normal(k_out, (cfg.width, self.num_outputs), jnp.float32),
+                   "bias": jnp.zeros((self.num_outputs,), jnp.float32)},
+    }
+
+  def head_outputs(self, head_params: PyTree, feats: jax.Array) -> jax.Array:
+    """The output layer: ``feats W_d + b`` ``(B, num_outputs)``, float32."""
+    out = head_params["output"]
+    return (feats.astype(jnp.float32) @ out["kernel"] + out["bias"]).astype(jnp.float32)
 
   def prepare(self, rng, tokens, *, train: bool) -> dict:
     """``{'tokens'}`` plus, when ``train``, ``'keep'``: the scaled dropout mask ``(B, d)``."""
@@ -157,7 +180,7 @@ class TextTask:
       return feats
     if train and "keep" in inputs:
       feats = feats * inputs["keep"]
-    out = self.model.classify(head_params, feats)
+    out = self.head_outputs(head_params, feats)
     return (out[:, 0] if self.regression else out), lm
 
   def features(self, backbone_params: PyTree, head_params: PyTree, backbone_stats: PyTree,
