@@ -4,11 +4,13 @@ Run (ImageNet and the downstream set prepared under /data/tfds; step by step, fr
 empty GPU or TPU machine: docs/reproduce_paper.md)::
 
   # From the authors' ImageNet-pretrained SimCLR weights, converted once with
-  # `bissl-jax convert --from-torch <backbone>.pth <head>.pth --arch resnet50
-  # --out pretrained/simclr_r50` (docs/pretrained.md); stage 1 is skipped:
+  # `bissl-jax convert --from-torch <backbone>.pth <head>.pth
+  # --config=configs/imagenet_simclr.py:downstream=oxford_iiit_pet
+  # --workdir=runs/simclr_pets` (docs/pretrained.md); stage 1 is skipped:
   bissl-jax run --workdir=runs/simclr_pets \
       --config=configs/imagenet_simclr.py:downstream=oxford_iiit_pet \
-      --config.data.data_dir=/data/tfds --config.pretext.checkpoint=pretrained/simclr_r50
+      --config.data.data_dir=/data/tfds \
+      --config.pretext.checkpoint=runs/simclr_pets/pretrained
 
   # Everything, pretraining included (500 ImageNet epochs first):
   bissl-jax run --workdir=runs/simclr_pets_full \
