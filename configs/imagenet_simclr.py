@@ -22,6 +22,10 @@ empty GPU or TPU machine: docs/reproduce_paper.md)::
       --config=configs/imagenet_simclr.py:downstream=dtd,runlocal \
       --config.data.data_dir=/data/tfds
 
+  # Before downloading anything: the same smoke test on a STAND-IN, the offline digits
+  # in place of ImageNet and the downstream set (checks the install; numbers meaningless):
+  bissl-jax run --workdir=runs/check_simclr --config=configs/imagenet_simclr.py:offline
+
 ``downstream`` is one of food101, cifar10, cifar100, caltech_birds2011, sun397,
 cars196, fgvc_aircraft, voc2007, dtd, oxford_iiit_pet, caltech101, oxford_flowers102
 (default oxford_flowers102). Its fine-tuning, head warm-up and upper-level learning
@@ -46,5 +50,5 @@ from configs import common
 
 
 def get_config(arg: str = ""):
-  """``arg``: ``downstream=<name>`` and/or ``runlocal``, comma-separated."""
+  """``arg``: ``downstream=<name>``, ``runlocal`` and/or ``offline``, comma-separated."""
   return common.paper_scale_config("simclr", arg)
