@@ -342,8 +342,29 @@ def paper_scale_config(task: str, arg: str) -> config_dict.ConfigDict:
   config.data.downstream_dataset = canonical_dataset(args.get("downstream", "oxford_flowers102"))
   config.pretext.task = task
   apply_paper_hyperparams(config)
-  if "runlocal" in args:
+  if "runlocal" in args or OFFLINE in args:
     apply_runlocal(config, pretext_epochs=0)
+  return apply_offline_standin(config, args)
+
+
+OFFLINE = "offline"  # the config argument of the stand-in below
+OFFLINE_STANDIN = "digits"
+
+
+def apply_offline_standin(config: config_dict.ConfigDict, args: dict) -> config_dict.ConfigDict:
+  """``offline`` in a paper config's argument: check an install with no data at all.
+
+  A STAND-IN, not the experiment: scikit-learn's bundled digits (nothing to download)
+  replace ImageNet and the downstream set, at the ``runlocal`` size (which ``offline``
+  implies), with one pretext epoch so that every stage of the config runs. The model
+  family, pretext task, solver and stages are the config's; the numbers mean nothing.
+  Without ``offline`` in ``args`` the config is returned unchanged.
+  """
+  if OFFLINE not in args:
+    return config
+  config.data.pretext_dataset = OFFLINE_STANDIN
+  config.data.downstream_dataset = OFFLINE_STANDIN
+  config.pretext.epochs = 1
   return config
 
 

@@ -11,6 +11,10 @@ Run (ImageNet and the downstream set prepared under /data/tfds; docs/reproduce_p
   bissl-jax run --workdir=runs/smoke --config=configs/imagenet_byol.py:downstream=dtd,runlocal \
       --config.data.data_dir=/data/tfds
 
+  # Before downloading anything: the same smoke test on a STAND-IN, the offline digits
+  # in place of ImageNet and the downstream set (checks the install; numbers meaningless):
+  bissl-jax run --workdir=runs/check_byol --config=configs/imagenet_byol.py:offline
+
 Same as configs/imagenet_simclr.py except the pretext task: BYOL with EMA decay
 0.9995, a 256-256-256 predictor on the 256-256-256 projector, the ``2 − 2·cos`` loss
 in both directions; at BiSSL start the target is re-copied from the online network.
@@ -27,5 +31,5 @@ from configs import common
 
 
 def get_config(arg: str = ""):
-  """``arg``: ``downstream=<name>`` and/or ``runlocal``, comma-separated."""
+  """``arg``: ``downstream=<name>``, ``runlocal`` and/or ``offline``, comma-separated."""
   return common.paper_scale_config("byol", arg)

@@ -9,6 +9,8 @@ Run (TFDS ``imagenet2012`` prepared under data_dir; see docs/datasets.md)::
   # BYOL + GeSSL, 100 epochs, or the smoke size (numbers meaningless):
   python -m bissl_jax run --config=configs/imagenet_gessl.py:task=byol,epochs=100
   python -m bissl_jax run --config=configs/imagenet_gessl.py:runlocal
+  # the smoke size on a STAND-IN, the offline digits in place of ImageNet (no data needed):
+  python -m bissl_jax run --config=configs/imagenet_gessl.py:offline
 
 Settings the paper gives: ResNet-50 (§6.2), 200 pretraining epochs for Table 2
 (Table 8 also 100, 400 and 1000: ``epochs=<n>``), 224 px crops with SimCLR's
@@ -43,7 +45,7 @@ from configs import common
 
 
 def get_config(arg: str = ""):
-  """``arg``: ``task=simclr|byol``, ``epochs=<n>`` and/or ``runlocal``, comma-separated."""
+  """``arg``: ``task=simclr|byol``, ``epochs=<n>``, ``runlocal`` and/or ``offline``."""
   args = common.parse_arg(arg)
   config = common.base_config()
   config.seeds = (0, 1, 2, 3, 4)          # the paper averages five runs
@@ -54,5 +56,6 @@ def get_config(arg: str = ""):
   config.model.arch = "resnet50"
   config.pretext.task = args.get("task", "simclr")
   config.pretext.epochs = int(args.get("epochs", 200))
-  common.apply_gessl_paper_settings(config, runlocal="runlocal" in args)
-  return config
+  common.apply_gessl_paper_settings(config,
+                                    runlocal="runlocal" in args or common.OFFLINE in args)
+  return common.apply_offline_standin(config, args)

@@ -16,6 +16,10 @@ docs/datasets.md)::
       --config=configs/imagenet_mae_lora.py:downstream=dtd,runlocal \
       --config.data.data_dir=/data/tfds
 
+  # Before downloading anything: the same smoke test on a STAND-IN, the offline digits
+  # in place of ImageNet and the downstream set (checks the install; numbers meaningless):
+  bissl-jax run --workdir=runs/check_mae --config=configs/imagenet_mae_lora.py:offline
+
 ``downstream`` is one of BiSSLight's dtd, oxford_iiit_pet, oxford_flowers102,
 fgvc_aircraft, caltech_birds2011 (CUB-200), voc2007 (default dtd); any catalogue
 name works.
@@ -54,7 +58,7 @@ BISSLIGHT_DOWNSTREAM = ("dtd", "oxford_iiit_pet", "oxford_flowers102", "fgvc_air
 
 
 def get_config(arg: str = ""):
-  """``arg``: ``downstream=<name>`` and/or ``runlocal``, comma-separated."""
+  """``arg``: ``downstream=<name>``, ``runlocal`` and/or ``offline``, comma-separated."""
   args = common.parse_arg(arg)
   config = common.base_config()
   config.seeds = (0, 1, 2)
@@ -110,6 +114,6 @@ def get_config(arg: str = ""):
   config.finetune.bissl_weight_decay = 0.0
   config.evaluate.batch_size = 256
 
-  if "runlocal" in args:
+  if "runlocal" in args or common.OFFLINE in args:
     common.apply_runlocal(config, pretext_epochs=0)
-  return config
+  return common.apply_offline_standin(config, args)

@@ -4,11 +4,13 @@ Run (ImageNet and the downstream set prepared under /data/tfds; step by step, fr
 empty GPU or TPU machine: docs/reproduce_paper.md)::
 
   # From the authors' ImageNet-pretrained SimCLR weights, converted once with
-  # `bissl-jax convert --from-torch <backbone>.pth <head>.pth --arch resnet50
-  # --out pretrained/simclr_r50` (docs/pretrained.md); stage 1 is skipped:
+  # `bissl-jax convert --from-torch <backbone>.pth <head>.pth
+  # --config=configs/imagenet_simclr.py:downstream=oxford_iiit_pet
+  # --workdir=runs/simclr_pets` (docs/pretrained.md); stage 1 is skipped:
   bissl-jax run --workdir=runs/simclr_pets \
       --config=configs/imagenet_simclr.py:downstream=oxford_iiit_pet \
-      --config.data.data_dir=/data/tfds --config.pretext.checkpoint=pretrained/simclr_r50
+      --config.data.data_dir=/data/tfds \
+      --config.pretext.checkpoint=runs/simclr_pets/pretrained
 
   # Everything, pretraining included (500 ImageNet epochs first):
   bissl-jax run --workdir=runs/simclr_pets_full \
@@ -19,6 +21,10 @@ empty GPU or TPU machine: docs/reproduce_paper.md)::
   bissl-jax run --workdir=runs/smoke \
       --config=configs/imagenet_simclr.py:downstream=dtd,runlocal \
       --config.data.data_dir=/data/tfds
+
+  # Before downloading anything: the same smoke test on a STAND-IN, the offline digits
+  # in place of ImageNet and the downstream set (checks the install; numbers meaningless):
+  bissl-jax run --workdir=runs/check_simclr --config=configs/imagenet_simclr.py:offline
 
 ``downstream`` is one of food101, cifar10, cifar100, caltech_birds2011, sun397,
 cars196, fgvc_aircraft, voc2007, dtd, oxford_iiit_pet, caltech101, oxford_flowers102
@@ -44,5 +50,5 @@ from configs import common
 
 
 def get_config(arg: str = ""):
-  """``arg``: ``downstream=<name>`` and/or ``runlocal``, comma-separated."""
+  """``arg``: ``downstream=<name>``, ``runlocal`` and/or ``offline``, comma-separated."""
   return common.paper_scale_config("simclr", arg)

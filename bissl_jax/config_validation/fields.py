@@ -92,8 +92,8 @@ def _absent(config, dotted: str) -> bool:
 
 def _is_known_dataset(name) -> bool:
   from bissl_jax.data import catalogue, text_sets
-  if text_sets.is_text_dataset(name) or str(name).startswith("folder:"):
-    return True  # a folder of your own images: its files are checked before the run
+  if text_sets.is_text_dataset(name) or str(name).startswith(("folder:", "tfds:")):
+    return True  # your own images or any TFDS set: their files are checked before the run
   try:
     catalogue.get_spec(str(name))  # catalogue names, TFDS names and aliases
   except ValueError:

@@ -104,7 +104,8 @@ def _data_and_model(c: Checker) -> None:
   for field in ("data.pretext_dataset", "data.downstream_dataset"):
     if not missing(field) and not _is_known_dataset(_get(config, field)):
       bad(field, f"unknown dataset; choose one of {tuple(catalogue.CATALOGUE)} (images), "
-                 f"folder:<path> (your own images) or {text_sets.TEXT_DATASETS} (text).")
+                 f"folder:<path> (your own images), tfds:<name> (any prepared TFDS set) or "
+                 f"{text_sets.TEXT_DATASETS} (text).")
   positive("data.context")
   positive("data.vocab_size")
   positive("data.max_chars")

@@ -61,7 +61,7 @@ def check_prepared(datasets: Sequence[Tuple[str, str]], data_dir: Optional[str])
       ('downstream', 'dtd')]``; a dataset listed twice is reported once.
     data_dir: ``config.data.data_dir``.
   """
-  from bissl_jax.data import image_folder  # pylint: disable=g-import-not-at-top
+  from bissl_jax.data import image_folder, tfds_by_name  # pylint: disable=g-import-not-at-top
   missing, seen = [], set()
   for role, name in datasets:
     if image_folder.is_folder_name(name):  # your own images: the layout is the check
@@ -70,7 +70,16 @@ def check_prepared(datasets: Sequence[Tuple[str, str]], data_dir: Optional[str])
         missing.append(f"  - {name!r} ({role}): {err}.\n    {image_folder.LAYOUT_HINT}")
       seen.add(name)
       continue
-    spec = get_spec(name)
+    if tfds_by_name.is_tfds_name(name):  # any TFDS name: prepared, with image and label
+      try:
+        spec = tfds_by_name.spec_of(name, data_dir)
+      except DatasetNotFoundError as e:
+        if name not in seen:
+          missing.append(f"  - ({role}) " + str(e).replace("\n", "\n    "))
+        seen.add(name)
+        continue
+    else:
+      spec = get_spec(name)
     if spec.name in seen:
       continue
     seen.add(spec.name)

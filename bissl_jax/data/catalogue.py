@@ -107,22 +107,28 @@ ALIASES: dict[str, str] = {
 }
 
 
-def get_spec(name: str) -> DatasetSpec:
+def get_spec(name: str, data_dir: Optional[str] = None) -> DatasetSpec:
   """Looks a dataset up by short name, TFDS name or paper alias.
 
   Args:
     name: e.g. 'oxford_iiit_pet', 'pets', 'voc/2007' or 'digits'
-      (case-insensitive), or ``folder:<path>`` for a folder of your own images.
+      (case-insensitive), ``folder:<path>`` for a folder of your own images, or
+      ``tfds:<name>`` for any TFDS dataset prepared in ``data_dir``.
+    data_dir: where ``tfds:<name>`` is prepared (None: TFDS's default folder).
 
   Returns:
     The :class:`DatasetSpec`.
 
   Raises:
     ValueError: for an unknown name; the message lists the valid choices.
+    DatasetNotFoundError: a ``folder:`` or ``tfds:`` dataset that cannot be read.
   """
   from bissl_jax.data import image_folder  # pylint: disable=g-import-not-at-top  (imports us)
   if image_folder.is_folder_name(name):
     return image_folder.spec_of(name)
+  from bissl_jax.data import tfds_by_name  # pylint: disable=g-import-not-at-top  (imports us)
+  if tfds_by_name.is_tfds_name(name):
+    return tfds_by_name.spec_of(name, data_dir)
   key = name.strip().lower()
   key = ALIASES.get(key, key)
   if key not in CATALOGUE:

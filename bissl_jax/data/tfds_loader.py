@@ -308,7 +308,8 @@ def load_splits(name: str, *, data_dir: Optional[str] = None, image_size: int,
   exist before any is read, so a missing dataset fails at once.
 
   Args:
-    name: a catalogue name or alias (see ``catalogue.get_spec``).
+    name: a catalogue name or alias, ``folder:<path>`` or ``tfds:<name>`` (see
+      ``catalogue.get_spec``).
     data_dir: TFDS data directory, or the folder holding FGVC-Aircraft. Unused
       for 'digits'.
     image_size: side of the stored square images.
@@ -323,7 +324,7 @@ def load_splits(name: str, *, data_dir: Optional[str] = None, image_size: int,
   Raises:
     DatasetNotFoundError: the dataset is not available locally.
   """
-  spec = get_spec(name)
+  spec = get_spec(name, data_dir)
   if spec.source == 'sklearn':
     return load_digits_splits(image_size=image_size, val_fraction=val_fraction,
                               seed=seed)
@@ -365,7 +366,7 @@ def load_pretext_split(name: str, *, data_dir: Optional[str] = None,
   Raises:
     DatasetNotFoundError: the dataset is not available locally.
   """
-  spec = get_spec(name)
+  spec = get_spec(name, data_dir)
   if spec.source == 'sklearn':
     return load_digits_splits(image_size=image_size)['train']
   if spec.source == 'imagefolder':

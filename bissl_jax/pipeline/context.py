@@ -292,7 +292,7 @@ def build_context(config, workdir: str) -> StageContext:
     num_classes, multilabel = spec.num_classes, False
     metric_names = spec.metrics
   else:
-    spec = data_lib.get_spec(config.data.downstream_dataset)
+    spec = data_lib.get_spec(config.data.downstream_dataset, config.data.get("data_dir"))
     num_classes, multilabel, metric_names = spec.num_classes, bool(spec.multilabel), None
   model = build_model(config)
   downstream = build_downstream_task(config, model, image_size, multilabel, num_classes)

@@ -32,8 +32,8 @@ def load_data(config, need_pretext: bool, need_downstream: bool):
   wanted = ([("pretext", d.pretext_dataset)] if need_pretext else []) + (
       [("downstream", d.downstream_dataset)] if need_downstream else [])
   data_lib.check_prepared(wanted, d.data_dir)  # every missing set named, before TFDS
-  pretext_spec = data_lib.get_spec(d.pretext_dataset)
-  same = (data_lib.get_spec(d.downstream_dataset).name == pretext_spec.name
+  pretext_spec = data_lib.get_spec(d.pretext_dataset, d.data_dir)
+  same = (data_lib.get_spec(d.downstream_dataset, d.data_dir).name == pretext_spec.name
           and pretext_spec.pretext_split == pretext_spec.train_split)
   splits = pretext_set = None
   if need_downstream or (need_pretext and same):

@@ -196,6 +196,7 @@ def main(argv=None):
   for item in args.set:
     override(cfg, item)
   from bissl_jax import cli  # pylint: disable=import-outside-toplevel
+  cli.line_buffered_output()  # redirected results keep their order with stderr's messages
   cli.apply_cpu_kernels(cfg)  # before the backend starts, as bissl-jax run does
   results = run(cfg, args.workdir)
   print(to_markdown(results))

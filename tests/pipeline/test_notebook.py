@@ -18,35 +18,10 @@ nbformat = pytest.importorskip("nbformat")
 
 NOTEBOOK = os.path.join(REPO_ROOT, "notebooks", "quickstart.ipynb")
 
-TINY_BUDGET = {
-    "data.image_size": 16,
-    "model.width_multiplier": 0.0625,
-    "model.projector": "32-32-32",
-    "pretext.epochs": 1,
-    "pretext.warmup_epochs": 0,
-    "head_warmup.epochs": 1,
-    "bissl.alternations": 2,
-    "bissl.lower_steps": 1,
-    "bissl.upper_steps": 1,
-    "bissl.residual_every": 1,  # 2 upper steps in all: check both, for the residual panel
-    "bissl.cg_iters": 1,
-    "bissl.pretext_batch_size": 64,
-    "bissl.downstream_batch_size": 64,
-    "finetune.epochs": 1,
-    "log_every": 1,
-}
+sys.path.insert(0, os.path.join(REPO_ROOT, "notebooks"))
+import record_outputs  # noqa: E402  (the tiny budget of the saved outputs, one definition)
 
-
-def _tiny_parameters(workdir: str) -> str:
-  return "\n".join([
-      "INSTALL = False",
-      'REPO_URL = ""',
-      f"WORKDIR = {workdir!r}",
-      "SEEDS = (0,)",
-      f"BUDGET = {TINY_BUDGET!r}",
-      "TSNE_BATCHES = 2",
-      "TSNE_POINTS = 200",
-  ])
+_tiny_parameters = record_outputs.tiny_parameters
 
 
 def _assigned_names(source: str) -> set:
@@ -71,15 +46,32 @@ def test_notebook_structure():
   assert cell.cell_type == "code"
   # The injected cell sets exactly the knobs the notebook declares.
   assert _assigned_names(cell.source) == _assigned_names(_tiny_parameters("w"))
+  assert not cell.outputs and cell.execution_count is None  # its source is not what ran
   for c in nb.cells:
     if c.cell_type == "code":
-      assert not c.outputs and c.execution_count is None, "commit the notebook without outputs"
       compile(c.source, "<cell>", "exec")  # every cell is valid Python
+  assert "<owner>" not in "\n".join(c.source for c in nb.cells)  # no placeholder to edit
   sources = "\n".join(c.source for c in nb.cells)
   for needle in ("pipeline.run(config, WORKDIR)", "implicit_grad", "jax.default_backend()",
                  "plots.plot_run", "visualize_run.visualize_run", "imagenet_simclr.py",
                  "if INSTALL"):
     assert needle in sources, needle
+
+
+def test_saved_outputs_are_those_of_a_run_of_every_cell():
+  """Readers see what each cell does: the outputs of notebooks/record_outputs.py's run."""
+  nb = _read()
+  code = [c for c in nb.cells if c.cell_type == "code"]
+  ran = [c for c in code if c is not _parameter_cell(nb)]
+  assert all(c.outputs and c.execution_count for c in ran), "run notebooks/record_outputs.py"
+  counts = [c.execution_count for c in ran]
+  assert counts == sorted(counts) and len(set(counts)) == len(counts)  # one run, in order
+  outputs = [o for c in ran for o in c.outputs]
+  assert not [o for o in outputs if o.output_type == "error"]
+  text = "".join(o.get("text", "") for o in outputs)
+  assert "backend 'cpu'" in text and "pipeline finished" in text
+  assert len([o for o in outputs if "image/png" in o.get("data", {})]) >= 5
+  assert "record_outputs.py" in nb.cells[0].source  # the first cell says where they come from
 
 
 def _cell_with(nb, needle):
