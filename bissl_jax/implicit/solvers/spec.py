@@ -34,6 +34,9 @@ class SolverSpec:
     tolerance: has a tolerance mode (``tol > 0`` stops early).
     indefinite_safe: valid for a symmetric indefinite operator (BiSSL's damped Hessian
       often is); CG-type solvers are not.
+    preconditionable: ``solve`` takes ``preconditioner=M`` (a callable ``r ↦ M r`` on
+      pytrees, ``M`` symmetric positive definite, ≈ ``A⁻¹``); ``None`` there must give
+      the unpreconditioned numerics bit for bit.
     solves_head: can solve over ``[θ; φ_P]`` (``config.bissl.head_in_implicit``).
     residual_is_free: its ``SolveInfo.residual`` costs no operator product (a
       gradient-window solver measures it on its own model), so every step reports one.
@@ -51,6 +54,7 @@ class SolverSpec:
   warm_start: bool = False
   tolerance: bool = False
   indefinite_safe: bool = False
+  preconditionable: bool = False
   solves_head: bool = True
   residual_is_free: bool = False
   operator_products: Optional[int] = None
@@ -60,6 +64,9 @@ class SolverSpec:
   summary: str = ""
 
   def __post_init__(self):
+    if self.preconditionable and self.needs != "operator":
+      raise ValueError(f"SolverSpec {self.name!r}: only an operator solver can take a "
+                       "preconditioner.")
     if self.needs not in NEEDS:
       raise ValueError(f"SolverSpec {self.name!r}: needs={self.needs!r} is not one of {NEEDS}.")
     if self.needs == "operator" and not callable(self.solve):
