@@ -1,7 +1,7 @@
 """What a solver declares about itself: the one place its capabilities are written.
 
 Config validation, the BiSSL state (which solver state to keep), the lower step (whether
-to store gradients) and the upper step (whether to build a Hessian operator, whether a
+to store gradients; also for a gradient-window preconditioner) and the upper step (whether to build a Hessian operator, whether a
 residual costs a product) read these declarations; no module outside a solver's own and
 the registry spells a solver's name.
 
@@ -9,7 +9,8 @@ Two kinds of solver:
 
 * **operator solvers** (``needs='operator'``): ``solve(matvec, b, *, init, maxiter, tol,
   unroll) -> (x, SolveInfo)`` for ``A x = b`` given ``v ↦ A v`` (CG, MINRES, Neumann,
-  ...); the upper stage builds the damped Hessian operator for them.
+  ...); the upper stage builds the damped Hessian operator for them. Those that
+  declare ``preconditionable`` also take ``preconditioner=``.
 * **gradient-window solvers** (``needs='gradient_window'``): they solve against a
   curvature model built from the pretext gradients that the lower steps store (M-FAC).
   They provide ``window_init``, ``window_push`` and ``window_solve`` (below) and need no
