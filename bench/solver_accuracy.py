@@ -15,10 +15,13 @@ the relative residual on the true A, computed in float64 from the dense matrix):
 * ``mfac``: BiSSLight's ``(I + F/λ')⁻¹ v`` from the pretext gradients of the N_L
   lower steps, per leaf / per layer / global, with λ' = λ+δ (the others' damping)
   and λ' = λ (BiSSLight's own setting, no δ).
+* ``cg``/``minres + mfac preconditioner``: those solvers on the true A, preconditioned
+  by M-FAC's per-leaf ``(I + F/(λ+δ))⁻¹`` from the same window.
 
 A second table draws ``--residual-batches`` fresh (HVP batch, downstream batch)
 pairs at the same point and reports how often each operator solver's residual on
-the true A exceeds 1 (worse than x = 0), and how often A showed negative curvature.
+the true A exceeds 1 (worse than x = 0), and how often A showed negative curvature
+(CG's smallest Rayleigh quotient, MINRES's smallest Ritz value).
 
 Run: ``python -m bench.solver_accuracy`` (a few minutes on a 2-core CPU),
 ``--small`` (a 900-parameter backbone, about a minute); ``--no-record`` to only print.
@@ -59,6 +62,7 @@ DEFAULTS = {  # (pretrain steps, lower steps = m, dense batches, residual batche
     "tiny": (0, 3, 1, 2),
 }
 OPERATOR_SOLVERS = ("layerwise_cg", "cg", "minres", "neumann")
+PRECONDITIONED_SOLVERS = ("cg", "minres")   # with M-FAC's (I + F/(λ+δ))⁻¹ from the window
 
 
 def add_arguments(parser) -> None:
@@ -181,6 +185,15 @@ def _solve(hmap, b, lam, damping, *, solver, iters):
   return implicit.solve(matvec, b, solver=solver, maxiter=iters, unroll=True)
 
 
+@functools.partial(jax.jit, static_argnames=("solver", "iters"))
+def _solve_mfac_preconditioned(hmap, b, window, lam, damping, *, solver, iters):
+  """``solver`` on the true A, preconditioned by M-FAC's (I + F/(λ+δ))⁻¹ (per leaf)."""
+  matvec = implicit.damped_operator(hmap, lam=lam, damping=damping)
+  precondition = lambda r: mfac.solve(window, r, lam + damping, "per_leaf")[0]
+  return implicit.solve(matvec, b, solver=solver, maxiter=iters, unroll=True,
+                        preconditioner=precondition)
+
+
 @functools.partial(jax.jit, static_argnames="blocks")
 def _mfac(window, v, lam, *, blocks):
   return mfac.solve(window, v, lam, blocks)
@@ -238,6 +251,10 @@ def solver_answers(batch: Batch, window, args) -> Dict[str, tuple]:
   for solver in OPERATOR_SOLVERS:
     x, info = _solve(batch.hessian, batch.v, lam, damping, solver=solver, iters=k)
     out[solver] = (x, float(info.residual), k)
+  for solver in PRECONDITIONED_SOLVERS:
+    x, info = _solve_mfac_preconditioned(batch.hessian, batch.v, window, lam, damping,
+                                         solver=solver, iters=k)
+    out[f"{solver} + mfac preconditioner"] = (x, float(info.residual), k)
   out["first_order"] = (batch.v, float("nan"), 0)
   x, info = _solve(batch.gn, batch.v, lam, damping, solver="cg", iters=k)
   out["gauss_newton+cg"] = (x, float(info.residual), k)
@@ -312,11 +329,13 @@ def main(argv: Optional[Sequence[str]] = None) -> List[common.Table]:
              f"(PSD up to rounding).",
              "Reported residual: the solver's own SolveInfo.residual (for gauss_newton+cg on "
              "I + G/(λ+δ), for mfac on I + F/λ'); the column before it is on the true A.",
-             "mfac needs no HVP at all (one m×m solve per block from stored gradients)."])
+             "mfac needs no HVP at all (one m×m solve per block from stored gradients).",
+             "'+ mfac preconditioner': the solver on the true A, preconditioned by M-FAC's "
+             "per-leaf (I + F/(λ+δ))⁻¹ from the same window (no extra HVP)."])
 
   # How often is the residual above 1, over fresh batch pairs (no dense matrices).
   over: Dict[str, List[float]] = {s: [] for s in OPERATOR_SOLVERS + ("gauss_newton+cg",)}
-  negative = []
+  negative, ritz_negative = [], []
   for t in range(n_res):
     batch = Batch(problem, lower, stats, head, pool, rng, jax.random.fold_in(key, 1000 + t))
     for solver in OPERATOR_SOLVERS:
@@ -325,6 +344,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[common.Table]:
       over[solver].append(float(info.residual))
       if solver == "cg":
         negative.append(float(info.min_curvature) < 0)
+      if solver == "minres":   # its smallest Ritz value
+        ritz_negative.append(float(info.min_curvature) < 0)
     x, _ = _solve(batch.gn, batch.v, args.lam, args.damping, solver="cg", iters=args.iters)
     # Residual of the GN answer on the true A: one more product with H.
     ax = flat(x) + flat(_apply(batch.hessian, x)) / (args.lam + args.damping)
@@ -338,7 +359,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[common.Table]:
       columns=["solver", "fraction > 1", "median", "max"], rows=res_rows,
       signed_rows=[r[0] for r in res_rows],
       notes=[f"CG saw negative curvature (A indefinite) in {np.mean(negative):.0%} of the "
-             "pairs. A residual above 1 is worse than x = 0."])
+             "pairs, MINRES's smallest Ritz value was negative in "
+             f"{np.mean(ritz_negative):.0%}. A residual above 1 is worse than x = 0."])
   return common.finish("solver_accuracy", [accuracy, frequency], args)
 
 

@@ -260,6 +260,9 @@ def base_config() -> config_dict.ConfigDict:
   config.bissl.mfac_history = config_dict.placeholder(int)
   config.bissl.mfac_blocks = "per_leaf"
   config.bissl.mfac_dtype = "float32"
+  # Preconditioner of the cg/minres solve: 'none', or 'mfac' (M-FAC's (I + F/(λ+δ))⁻¹
+  # on the window of the mfac_* fields above, filled by the lower steps; docs/solvers.md).
+  config.bissl.preconditioner = "none"
   config.bissl.init_checkpoint = config_dict.placeholder(str)  # stage-only input
 
   # Extra BiSSL rows of the comparison, each a name and the config.bissl fields it
@@ -672,6 +675,8 @@ FIELD_HELP = {
     "bissl.mfac_history": "solver=mfac: stored pretext gradients (None: N_L)",
     "bissl.mfac_blocks": "solver=mfac: block rule",
     "bissl.mfac_dtype": "solver=mfac: storage dtype of the gradients",
+    "bissl.preconditioner": "preconditioner of a cg/minres solve: 'none' or 'mfac' (the "
+                            "mfac_* window's (I + F/(λ+δ))⁻¹)",
     "bissl.init_checkpoint": "stages=bissl: the head warm-up output to start from",
     "bissl_variants": "extra BiSSL rows: {name: {bissl field: value}}, same seeds and budget",
     "finetune.epochs": "fine-tuning epochs (best validation epoch kept)",

@@ -133,6 +133,7 @@ def _choices():
           "bissl.hessian_mode": tuple(bilevel.HESSIAN_MODES),
           "bissl.mfac_blocks": tuple(mfac.BLOCK_RULES),
           "bissl.mfac_dtype": tuple(mfac.STORAGE_DTYPES),
+          "bissl.preconditioner": bilevel.preconditioner_names(),
           # ResNets (resnet.ARCHITECTURES), the named ViTs (vit_bundle.ARCHITECTURES)
           # and the GPTs (gpt.CONFIGS, text).
           "model.arch": (tuple(sorted(resnet.ARCHITECTURES)) + vit_bundle.ARCHITECTURES

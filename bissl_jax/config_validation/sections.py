@@ -267,6 +267,7 @@ def _bissl(c: Checker) -> None:
   choice("bissl.upper_optimizer_name", choices["bissl.upper_optimizer_name"])
   choice("bissl.mfac_blocks", choices["bissl.mfac_blocks"])
   choice("bissl.mfac_dtype", choices["bissl.mfac_dtype"])
+  choice("bissl.preconditioner", choices["bissl.preconditioner"])
   if not missing("bissl.mfac_history") and _get(config, "bissl.mfac_history") is not None:
     positive("bissl.mfac_history")
   if not missing("bissl.residual_guard") and not isinstance(

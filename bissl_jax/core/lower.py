@@ -67,8 +67,8 @@ def lower_step(setup: BisslSetup, state: BilevelState, pretext_images, rng
   train, frozen = partition.split(level.params, mask)
   theta_d_train, _ = partition.split(state.upper.params["backbone"], mask["backbone"])
   grad_fn = jax.value_and_grad(functools.partial(lower_objective, setup), has_aux=True)
-  spec = setup.solver_spec
-  if spec.keeps_gradient_window:
+  window_spec = setup.window_spec  # the solver's or the preconditioner's window
+  if window_spec is not None:
     # The window stores gradients of L_P alone: take them, then add the proximal
     # gradient λ(θ_P − θ_D) in closed form (no extra backward pass).
     (_, (loss, _, aux)), pretext_grads = grad_fn(
@@ -76,7 +76,8 @@ def lower_step(setup: BisslSetup, state: BilevelState, pretext_images, rng
     prox, gap = proximal_term(lam, train["backbone"], theta_d_train)
     grads = {**pretext_grads,
              "backbone": tree_math.tree_axpy(lam, gap, pretext_grads["backbone"])}
-    window = spec.window_push(state.solver_state.gradient_window, pretext_grads["backbone"])
+    window = window_spec.window_push(state.solver_state.gradient_window,
+                                     pretext_grads["backbone"])
     state = state.replace(solver_state=state.solver_state.replace(gradient_window=window))
   else:
     (_, (loss, prox, aux)), grads = grad_fn(train, frozen, level.batch_stats, state.target,

@@ -31,6 +31,18 @@ LOWER_OPTIMIZERS = optim.OPTIMIZERS
 UPPER_OPTIMIZERS = optim.OPTIMIZERS
 # How the upper stage forms H (bissl_jax.core.hessian, the one builder).
 HESSIAN_MODES = hessian.HESSIAN_MODES
+NO_PRECONDITIONER = "none"
+
+
+def preconditioner_names() -> tuple:
+  """``config.bissl.preconditioner`` values: ``'none'`` or a gradient-window solver.
+
+  A gradient-window solver's ``window_solve`` applies the inverse of its curvature
+  model, ``(I + F/(λ+δ))⁻¹`` for M-FAC: symmetric positive definite and ≈ ``A⁻¹``,
+  so it preconditions a solver that declares ``preconditionable``.
+  """
+  return (NO_PRECONDITIONER,) + tuple(
+      name for name in solvers.names() if solvers.get(name).keeps_gradient_window)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +87,7 @@ class BisslSetup:
   mfac_history: Optional[int]
   mfac_blocks: str
   mfac_dtype: str
+  preconditioner: str
 
   def __post_init__(self):
     solvers.get(self.solver)  # a ValueError naming the registered solvers
@@ -88,6 +101,16 @@ class BisslSetup:
   def solver_spec(self) -> "solvers.SolverSpec":
     """What the solver declares it can do and needs (:mod:`bissl_jax.implicit.solvers`)."""
     return solvers.get(self.solver)
+
+  @property
+  def window_spec(self) -> Optional["solvers.SolverSpec"]:
+    """The solver whose gradient window the lower steps fill: the solver itself
+    (M-FAC), the preconditioner's (``preconditioner='mfac'``), or None."""
+    if self.solver_spec.keeps_gradient_window:
+      return self.solver_spec
+    if self.preconditioner != NO_PRECONDITIONER:
+      return solvers.get(self.preconditioner)
+    return None
 
   @property
   def residual_policy(self) -> ResidualPolicy:
@@ -220,12 +243,29 @@ def combination_problems(bissl: dict) -> list:
     problems.append(f"config.bissl.cg_tol={bissl.get('cg_tol')} needs a solver with a "
                     f"tolerance mode {_solvers_that('tolerance')}; {solver!r} runs exactly "
                     f"cg_iters iterations: set config.bissl.cg_tol=0.")
+  problems.extend(_preconditioner_problems(bissl, solver, spec))
   lam, damping = bissl.get("lam"), bissl.get("damping")
   if (isinstance(lam, (int, float)) and isinstance(damping, (int, float))
       and not bissl.get("learnable_lam") and lam + damping <= 0):
     problems.append("config.bissl.lam + config.bissl.damping must be > 0: the operator "
                     "I + H/(λ+δ) is undefined at λ = δ = 0. Set a positive λ or δ.")
   return problems
+
+
+def _preconditioner_problems(bissl: dict, solver: str, spec) -> list:
+  preconditioner = bissl.get("preconditioner", NO_PRECONDITIONER)
+  if preconditioner == NO_PRECONDITIONER or preconditioner not in preconditioner_names():
+    return []  # an unknown name is reported by the field's own check
+  if not spec.preconditionable:
+    return [f"config.bissl.preconditioner={preconditioner!r} needs a solver that takes a "
+            f"preconditioner {_solvers_that('preconditionable')}; solver={solver!r} does "
+            f"not: set config.bissl.solver to one of them or config.bissl.preconditioner="
+            f"{NO_PRECONDITIONER!r}."]
+  if bissl.get("head_in_implicit"):
+    return [f"config.bissl.preconditioner={preconditioner!r} preconditions θ only; it "
+            "cannot precondition a solve over [θ; φ_P]: set config.bissl.head_in_implicit="
+            f"False or config.bissl.preconditioner={NO_PRECONDITIONER!r}."]
+  return []
 
 
 def _coerce(kind, value):
@@ -263,7 +303,8 @@ class SolverState(flax.struct.PyTreeNode):
       like θ's trainable part.
     gradient_window: a gradient-window solver's store (M-FAC: the last m gradients of
       L_P over θ's trainable part, a :class:`bissl_jax.implicit.solvers.mfac.GradientWindow`, rolling across
-      alternations, filled by the lower steps); None otherwise.
+      alternations, filled by the lower steps), kept for the solver or for the
+      preconditioner (``BisslSetup.window_spec``); None otherwise.
   """
   warm_start: PyTree
   gradient_window: PyTree = None
@@ -339,8 +380,8 @@ def init_bilevel_state(setup: BisslSetup, params: PyTree, batch_stats: PyTree
                                    setup.lower_trainable(lower.params)["backbone"])
   warm = jax.tree_util.tree_map(jnp.zeros_like, theta_train)
   window = None
-  if setup.solver_spec.keeps_gradient_window:
-    window = setup.solver_spec.window_init(theta_train, setup)
+  if setup.window_spec is not None:
+    window = setup.window_spec.window_init(theta_train, setup)
   return BilevelState(lower=lower, upper=upper, target=target,
                       alternation=jnp.zeros((), jnp.int32),
                       solver_state=SolverState(warm_start=warm, gradient_window=window))

@@ -28,7 +28,7 @@ from bissl_jax.core import lam_schedules
 from bissl_jax.core import partition
 from bissl_jax.implicit import residual_guard
 from bissl_jax.implicit import tree_math
-from bissl_jax.core.state import BilevelState, BisslSetup, current_lam
+from bissl_jax.core.state import NO_PRECONDITIONER, BilevelState, BisslSetup, current_lam
 from bissl_jax.implicit.solvers.base import SolveInfo, relative_residual
 from bissl_jax.types import PyTree
 
@@ -112,6 +112,20 @@ def _identity_mask(setup: BisslSetup, rhs: PyTree):
           "pretext_head": jax.tree_util.tree_map(lambda _: False, rhs["pretext_head"])}
 
 
+def window_preconditioner(setup: BisslSetup, state: BilevelState, lam):
+  """``config.bissl.preconditioner``'s ``r ↦ M r``, or None for ``'none'``.
+
+  ``M`` is the preconditioner's curvature-model inverse on the gradient window the
+  lower steps filled: for ``'mfac'``, ``(I + F/(λ+δ))⁻¹`` with ``F`` the empirical
+  Fisher of the stored pretext gradients, symmetric positive definite and ≈ ``A⁻¹``
+  where ``F ≈ H``. Costs no operator product.
+  """
+  if setup.preconditioner == NO_PRECONDITIONER:
+    return None
+  window, spec = state.solver_state.gradient_window, setup.window_spec
+  return lambda r: spec.window_solve(window, r, lam + setup.damping, setup)[0]
+
+
 class UpperSystem(NamedTuple):
   """The system an upper step solved, ``A x = b``: kept for a residual check later."""
   rhs: PyTree        # b: v, or [v; 0] with head_in_implicit
@@ -158,7 +172,7 @@ def implicit_gradient(setup: BisslSetup, state: BilevelState, operator, lam, v,
       hessian, rhs, lam=lam, damping=setup.damping,
       solver=setup.solver, maxiter=setup.cg_iters, tol=setup.cg_tol,
       init=init if setup.warm_start else None, identity_mask=identity_mask,
-      unroll=setup.use_unrolled)
+      unroll=setup.use_unrolled, preconditioner=window_preconditioner(setup, state, lam))
   # The solver's own residual goes unused, so jit drops its product; it is
   # recomputed here only on the steps that check it.
   matvec = implicit.damped_operator(hessian, lam=lam, damping=setup.damping,

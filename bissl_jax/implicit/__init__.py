@@ -12,6 +12,7 @@ models, tasks or the pipeline.
 """
 from bissl_jax.implicit.api import HESSIAN_MODES
 from bissl_jax.implicit.api import check_finite_rhs
+from bissl_jax.implicit.api import check_preconditioner
 from bissl_jax.implicit.api import damped_operator
 from bissl_jax.implicit.api import hessian_operator
 from bissl_jax.implicit.api import hvp
@@ -20,5 +21,5 @@ from bissl_jax.implicit.api import implicit_solve
 from bissl_jax.implicit.api import resolve_solver
 from bissl_jax.implicit.api import solve
 
-__all__ = ["HESSIAN_MODES", "check_finite_rhs", "damped_operator", "hessian_operator", "hvp",
-           "implicit_grad", "implicit_solve", "resolve_solver", "solve"]
+__all__ = ["HESSIAN_MODES", "check_finite_rhs", "check_preconditioner", "damped_operator",
+           "hessian_operator", "hvp", "implicit_grad", "implicit_solve", "resolve_solver", "solve"]

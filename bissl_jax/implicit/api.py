@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional, Tuple, Union
 import jax
 import numpy as np
 
-from bissl_jax.implicit.solvers import SOLVERS, SolveInfo, finish
+from bissl_jax.implicit.solvers import REGISTRY, SOLVERS, SolveInfo, finish
 from bissl_jax.implicit.solvers.base import UNKNOWN_ITERATIONS
 from bissl_jax.implicit.tree_math import tree_axpy
 from bissl_jax.types import PyTree
@@ -116,7 +116,8 @@ def resolve_solver(solver: Union[str, Callable]) -> Callable:
   A callable must have the signature ``(matvec, b, *, init, maxiter, tol) ->
   (x, SolveInfo)`` (jaxopt's ``linear_solve`` convention); one that returns a
   bare ``x`` gets its ``SolveInfo`` computed here, and one that takes ``unroll``
-  is passed the loop driver as well.
+  is passed the loop driver as well; one with a ``preconditioner`` parameter can be
+  given a preconditioner (:func:`check_preconditioner`).
   """
   if callable(solver):
     return _wrap_user_solver(solver)
@@ -132,10 +133,12 @@ def _wrap_user_solver(fn: Callable) -> Callable:
   except (TypeError, ValueError):
     takes_unroll = False
 
-  def solver(matvec, b, *, init=None, maxiter=5, tol=0.0, unroll=None):
+  def solver(matvec, b, *, init=None, maxiter=5, tol=0.0, unroll=None, preconditioner=None):
     kwargs = dict(init=init, maxiter=maxiter, tol=tol)
     if takes_unroll:
       kwargs["unroll"] = unroll
+    if preconditioner is not None:  # check_preconditioner saw that fn takes one
+      kwargs["preconditioner"] = preconditioner
     out = fn(matvec, b, **kwargs)
     if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], SolveInfo):
       return out
@@ -145,9 +148,40 @@ def _wrap_user_solver(fn: Callable) -> Callable:
   return solver
 
 
+def _takes_preconditioner(solver: Union[str, Callable]) -> bool:
+  if callable(solver):
+    try:
+      return "preconditioner" in inspect.signature(solver).parameters
+    except (TypeError, ValueError):
+      return False
+  return solver in REGISTRY and REGISTRY[solver].preconditionable
+
+
+def check_preconditioner(solver: Union[str, Callable], preconditioner) -> dict:
+  """The solver keyword for ``preconditioner``: ``{}`` for None, else checked.
+
+  Raises ValueError naming the solvers that take one when ``solver`` does not
+  (``SolverSpec.preconditionable``; a callable solver takes one iff it has a
+  ``preconditioner`` parameter), and TypeError when it is not callable.
+  """
+  if preconditioner is None:
+    return {}
+  if not _takes_preconditioner(solver):
+    able = sorted(name for name, spec in REGISTRY.items() if spec.preconditionable)
+    shown = solver if isinstance(solver, str) else getattr(solver, "__name__", "callable")
+    raise ValueError(f"solver {shown!r} cannot take a preconditioner; use one of {able} "
+                     f"(or a callable solver with a `preconditioner` parameter), or pass "
+                     f"preconditioner=None.")
+  if not callable(preconditioner):
+    raise TypeError(f"preconditioner must be a callable r -> M r on pytrees shaped like "
+                    f"the right-hand side (or None); got {type(preconditioner).__name__}.")
+  return {"preconditioner": preconditioner}
+
+
 def solve(matvec: MatVec, b: PyTree, *, solver: Union[str, Callable] = "cg",
           maxiter: int = 5, tol: float = 0.0, init: Optional[PyTree] = None,
-          unroll: Optional[bool] = None) -> Tuple[PyTree, SolveInfo]:
+          unroll: Optional[bool] = None, preconditioner: Optional[MatVec] = None
+          ) -> Tuple[PyTree, SolveInfo]:
   """Solves ``A x = b`` with a solver of ``solvers.SOLVERS`` or a callable.
 
   Args:
@@ -159,13 +193,16 @@ def solve(matvec: MatVec, b: PyTree, *, solver: Union[str, Callable] = "cg",
     tol: relative tolerance (``cg`` only; 0 = fixed iterations).
     init: warm start (``cg``, ``neumann``; ``layerwise_cg`` rejects it).
     unroll: loop driver; None = unrolled on CPU for fixed-iteration solves.
+    preconditioner: ``r ↦ M r``, ``M`` symmetric positive definite and ≈ ``A⁻¹``,
+      for solvers that declare ``preconditionable`` (``cg``, ``minres``); None = none.
 
   Returns:
     ``(x, SolveInfo)``.
   """
   solver_fn = resolve_solver(solver)
+  extra = check_preconditioner(solver, preconditioner)
   check_finite_rhs(b)
-  return solver_fn(matvec, b, init=init, maxiter=maxiter, tol=tol, unroll=unroll)
+  return solver_fn(matvec, b, init=init, maxiter=maxiter, tol=tol, unroll=unroll, **extra)
 
 
 def check_finite_rhs(b: PyTree) -> None:
@@ -190,7 +227,8 @@ def implicit_solve(hessian_matvec: MatVec, outer_grad: PyTree, *, lam, damping=0
                    solver: Union[str, Callable] = "cg", maxiter: int = 5,
                    tol: float = 0.0, init: Optional[PyTree] = None,
                    identity_mask: Optional[PyTree] = None,
-                   unroll: Optional[bool] = None) -> Tuple[PyTree, SolveInfo]:
+                   unroll: Optional[bool] = None, preconditioner: Optional[MatVec] = None
+                   ) -> Tuple[PyTree, SolveInfo]:
   """:func:`implicit_grad` against a prebuilt Hessian operator ``v ↦ H v``.
 
   Build the operator once (``hessian_operator``, or a Gauss-Newton one) and
@@ -199,17 +237,20 @@ def implicit_solve(hessian_matvec: MatVec, outer_grad: PyTree, *, lam, damping=0
   Args:
     hessian_matvec: the undamped ``v ↦ H v``.
     outer_grad: the right-hand side ``v``.
-    lam, damping, solver, maxiter, tol, init, unroll: as in :func:`implicit_grad`.
+    lam, damping, solver, maxiter, tol, init, unroll, preconditioner: as in
+      :func:`implicit_grad`.
     identity_mask: see :func:`damped_operator`.
 
   Returns:
     ``(solution, SolveInfo)``.
   """
   solver_fn = resolve_solver(solver)  # fail before any tracing work
+  extra = check_preconditioner(solver, preconditioner)
   check_finite_rhs(outer_grad)
   matvec = damped_operator(hessian_matvec, lam=lam, damping=damping,
                            identity_mask=identity_mask)
-  return solver_fn(matvec, outer_grad, init=init, maxiter=maxiter, tol=tol, unroll=unroll)
+  return solver_fn(matvec, outer_grad, init=init, maxiter=maxiter, tol=tol, unroll=unroll,
+                   **extra)
 
 
 def _check_same_structure(outer_grad: PyTree, inner_params: PyTree) -> None:
@@ -229,8 +270,8 @@ def implicit_grad(inner_loss: Callable[[PyTree], Any], inner_params: PyTree,
                   outer_grad: PyTree, *, lam, damping=0.0,
                   solver: Union[str, Callable] = "cg", maxiter: int = 5, tol: float = 0.0,
                   init: Optional[PyTree] = None, hessian_mode: str = "linearize",
-                  identity_mask: Optional[PyTree] = None, unroll: Optional[bool] = None
-                  ) -> Tuple[PyTree, SolveInfo]:
+                  identity_mask: Optional[PyTree] = None, unroll: Optional[bool] = None,
+                  preconditioner: Optional[MatVec] = None) -> Tuple[PyTree, SolveInfo]:
   """Approximates ``A⁻¹ outer_grad`` with ``A = I + H/(lam + damping)``.
 
   ``H = ∇²inner_loss(inner_params)``. For the proximal lower problem
@@ -259,6 +300,10 @@ def implicit_grad(inner_loss: Callable[[PyTree], Any], inner_params: PyTree,
     hessian_mode: ``'linearize'`` (one linearization, reused) or ``'jvp'``.
     identity_mask: leaves that carry the identity (see :func:`damped_operator`).
     unroll: loop driver; None = unrolled on CPU for fixed-iteration solves.
+    preconditioner: ``r ↦ M r`` with ``M`` symmetric positive definite and ≈ ``A⁻¹``
+      (e.g. M-FAC's ``(I + F/λ')⁻¹`` or a diagonal); only for solvers that declare
+      ``preconditionable`` (``cg``, ``minres``): others raise ValueError. None = none,
+      the unpreconditioned numerics bit for bit.
 
   Returns:
     ``(solution, SolveInfo)``; ``solution`` is shaped like ``outer_grad``.
@@ -269,7 +314,9 @@ def implicit_grad(inner_loss: Callable[[PyTree], Any], inner_params: PyTree,
     raise ValueError(f"Unknown hessian mode {hessian_mode!r}; choose one of "
                      f"{HESSIAN_MODES}.")
   resolve_solver(solver)
+  check_preconditioner(solver, preconditioner)
   hessian_matvec = hessian_operator(inner_loss, inner_params, mode=hessian_mode)
   return implicit_solve(hessian_matvec, outer_grad, lam=lam, damping=damping,
                         solver=solver, maxiter=maxiter, tol=tol, init=init,
-                        identity_mask=identity_mask, unroll=unroll)
+                        identity_mask=identity_mask, unroll=unroll,
+                        preconditioner=preconditioner)

@@ -8,7 +8,9 @@ where ``matvec`` maps a pytree shaped like ``b`` to ``A`` applied to it, ``A`` i
 symmetric (positive definite for ``cg``), and ``b``/``x`` are arbitrary pytrees.
 ``maxiter`` and ``tol`` must be concrete Python numbers: they decide the loop
 structure at trace time. The diagnostics in ``SolveInfo`` are arrays, so every
-solver works under ``jit`` and ``vmap``.
+solver works under ``jit`` and ``vmap``. Solvers that declare ``preconditionable``
+(``cg``, ``minres``) also take ``preconditioner=M``, a callable ``r ↦ M r`` with ``M``
+symmetric positive definite and ≈ ``A⁻¹``; None applies nothing.
 
 Each solver module declares a :class:`~bissl_jax.implicit.solvers.spec.SolverSpec`
 (``SPEC``): what it can do (warm start, tolerance, indefinite operators) and what it

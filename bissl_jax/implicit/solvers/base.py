@@ -4,6 +4,7 @@ Kept apart from :mod:`bissl_jax.implicit.solvers` (the registry) so that solver 
 such as :mod:`bissl_jax.implicit.solvers.minres` can use them without importing the registry,
 which imports them: no import cycle.
 """
+import functools
 import math
 import operator
 from typing import Callable, NamedTuple, Optional, Tuple
@@ -17,6 +18,9 @@ from bissl_jax.implicit.tree_math import tree_all_finite, tree_norm, tree_sub
 from bissl_jax.types import PyTree
 
 MatVec = Callable[[PyTree], PyTree]
+Preconditioner = Callable[[PyTree], PyTree]
+"""``r ↦ M r`` with ``M`` symmetric positive definite and ≈ ``A⁻¹`` (solvers that
+declare ``SolverSpec.preconditionable``)."""
 
 
 UNKNOWN_ITERATIONS = -1  # a callable solver that returned a bare x did not report them
@@ -38,6 +42,10 @@ class SolveInfo(NamedTuple):
       directions ``d`` the operator was applied to (CG search directions, Neumann
       iterates). It is scale-free and an upper bound on A's smallest eigenvalue, so
       a negative value proves ``A`` indefinite. ``+inf`` when no product was taken.
+      ``minres`` reports the smallest Ritz value of its Lanczos tridiagonal instead
+      (the minimum of the Rayleigh quotient over the whole Krylov space, so never
+      above its Lanczos vectors' ``vᵀA v``; for a preconditioned solve, of ``M A``,
+      same sign as ``A``'s), see :func:`bissl_jax.implicit.solvers.minres.minres`.
     nonfinite: bool, True if the solver's raw solution (before ``layerwise_cg``
       zeroes non-finite entries) or an operator product the solver took contains
       NaN/inf (seen through ``min_curvature``; for solvers that do not track it,
@@ -131,6 +139,16 @@ def _select(pred, new: PyTree, old: PyTree) -> PyTree:
   return jax.tree_util.tree_map(lambda n, o: jnp.where(pred, n, o), new, old)
 
 
+def with_preconditioner(iterate, preconditioner: Optional[Preconditioner]):
+  """``iterate`` with its ``preconditioner`` bound (itself when None), after a check."""
+  if preconditioner is None:
+    return iterate
+  if not callable(preconditioner):
+    raise TypeError(f"preconditioner must be a callable r -> M r on pytrees shaped like b "
+                    f"(or None); got {type(preconditioner).__name__}.")
+  return functools.partial(iterate, preconditioner=preconditioner)
+
+
 def symmetric_krylov(iterate, matvec, b: PyTree, *, init, maxiter, tol, unroll
                      ) -> Tuple[PyTree, SolveInfo]:
   """Runs a Krylov method for a symmetric operator the way ``jax.scipy`` wraps its CG.
@@ -138,7 +156,9 @@ def symmetric_krylov(iterate, matvec, b: PyTree, *, init, maxiter, tol, unroll
   ``iterate(operator, rhs, init, maxiter, tol, unrolled) -> (x, (iterations,
   min_curvature))`` is the method itself (``cg``, ``minres``). It is wrapped in
   ``lax.custom_linear_solve(symmetric=True)``, so derivatives are implicit (another
-  solve of the transposed system) and jit/vmap/grad behave as for JAX's own CG.
+  solve of the transposed system) and jit/vmap/grad behave as for JAX's own CG. A
+  symmetric positive definite preconditioner bound into ``iterate`` serves the
+  transposed solve as well (``A`` is symmetric).
   """
   maxiter, tol = _check_maxiter(maxiter), _check_tol(tol)
   unrolled = _use_unrolled(unroll, tol)

@@ -1,7 +1,7 @@
 """What a solver declares about itself: the one place its capabilities are written.
 
 Config validation, the BiSSL state (which solver state to keep), the lower step (whether
-to store gradients) and the upper step (whether to build a Hessian operator, whether a
+to store gradients; also for a gradient-window preconditioner) and the upper step (whether to build a Hessian operator, whether a
 residual costs a product) read these declarations; no module outside a solver's own and
 the registry spells a solver's name.
 
@@ -9,7 +9,8 @@ Two kinds of solver:
 
 * **operator solvers** (``needs='operator'``): ``solve(matvec, b, *, init, maxiter, tol,
   unroll) -> (x, SolveInfo)`` for ``A x = b`` given ``v ↦ A v`` (CG, MINRES, Neumann,
-  ...); the upper stage builds the damped Hessian operator for them.
+  ...); the upper stage builds the damped Hessian operator for them. Those that
+  declare ``preconditionable`` also take ``preconditioner=``.
 * **gradient-window solvers** (``needs='gradient_window'``): they solve against a
   curvature model built from the pretext gradients that the lower steps store (M-FAC).
   They provide ``window_init``, ``window_push`` and ``window_solve`` (below) and need no
@@ -34,6 +35,9 @@ class SolverSpec:
     tolerance: has a tolerance mode (``tol > 0`` stops early).
     indefinite_safe: valid for a symmetric indefinite operator (BiSSL's damped Hessian
       often is); CG-type solvers are not.
+    preconditionable: ``solve`` takes ``preconditioner=M`` (a callable ``r ↦ M r`` on
+      pytrees, ``M`` symmetric positive definite, ≈ ``A⁻¹``); ``None`` there must give
+      the unpreconditioned numerics bit for bit.
     solves_head: can solve over ``[θ; φ_P]`` (``config.bissl.head_in_implicit``).
     residual_is_free: its ``SolveInfo.residual`` costs no operator product (a
       gradient-window solver measures it on its own model), so every step reports one.
@@ -51,6 +55,7 @@ class SolverSpec:
   warm_start: bool = False
   tolerance: bool = False
   indefinite_safe: bool = False
+  preconditionable: bool = False
   solves_head: bool = True
   residual_is_free: bool = False
   operator_products: Optional[int] = None
@@ -60,6 +65,9 @@ class SolverSpec:
   summary: str = ""
 
   def __post_init__(self):
+    if self.preconditionable and self.needs != "operator":
+      raise ValueError(f"SolverSpec {self.name!r}: only an operator solver can take a "
+                       "preconditioner.")
     if self.needs not in NEEDS:
       raise ValueError(f"SolverSpec {self.name!r}: needs={self.needs!r} is not one of {NEEDS}.")
     if self.needs == "operator" and not callable(self.solve):
