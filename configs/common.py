@@ -150,6 +150,9 @@ def base_config() -> config_dict.ConfigDict:
   config.model.arch = "resnet50"
   config.model.width_multiplier = 1.0
   config.model.cifar_stem = False
+  # Where the shared backbone θ ends: 'res5' (the whole ResNet) or 'res4'/'res3'/'res2';
+  # the later stages join the pretext head (BiSSL paper App. B.6: detection uses 'res4').
+  config.model.backbone_ends_at = "res5"
   config.model.projector = "256-256-256"
   config.model.predictor = config_dict.placeholder(str)
   # ViT fields (model.arch one of bissl_jax.models.vit_bundle.ARCHITECTURES, docs/vit.md); a
@@ -574,6 +577,8 @@ FIELD_HELP = {
     "model.arch": "backbone architecture (a ResNet, a ViT, or a GPT: text, docs/language.md)",
     "model.width_multiplier": "channel width multiplier of the backbone",
     "model.cifar_stem": "3x3 stem without max-pool (small images)",
+    "model.backbone_ends_at": "last ResNet stage of the shared backbone: 'res5' (all), "
+                              "'res4' (C4: res5 joins the pretext head), 'res3', 'res2'",
     "model.projector": "projector MLP widths, e.g. 256-256-256",
     "model.predictor": "BYOL predictor MLP widths (None: BYOL gets one, SimCLR none)",
     "model.lora_rank": "ViT: LoRA rank (0: no adapters, every backbone leaf trains)",

@@ -139,6 +139,8 @@ def _choices():
           "model.arch": (tuple(sorted(resnet.ARCHITECTURES)) + vit_bundle.ARCHITECTURES
                          + tuple(sorted(gpt.CONFIGS))),
           "model.pool": vit_bundle.POOLS,
+          "model.backbone_ends_at": resnet.BOUNDARIES,
+          "model.resnets": tuple(sorted(resnet.ARCHITECTURES)),
           "model.posemb": vit.POSEMBS,
           "model.cpu_kernels": cpu_kernels.KERNELS,
           "pretext.task": pretext_task_names(),  # next_token: GPT

@@ -123,6 +123,11 @@ def _data_and_model(c: Checker) -> None:
     positive("data.labels_per_class")
   choice("model.arch", choices["model.arch"])
   choice("model.pool", choices["model.pool"])
+  choice("model.backbone_ends_at", choices["model.backbone_ends_at"])
+  if (_get_or(config, "model.backbone_ends_at", "res5") != "res5"
+      and _get_or(config, "model.arch", "") not in choices["model.resnets"]):
+    bad("model.backbone_ends_at", "moves the boundary of a ResNet only; keep 'res5' for "
+                                  f"config.model.arch={_get_or(config, 'model.arch', '')!r}.")
   choice("model.posemb", choices["model.posemb"])
   choice("model.cpu_kernels", choices["model.cpu_kernels"])
   positive("model.width_multiplier", integer=False)

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from bissl_jax.tasks.downstream.heads import pool_features
 from bissl_jax.tasks import augment
 from bissl_jax.implicit import loops
 from bissl_jax.core import optim
@@ -51,7 +52,7 @@ def _features_fn(model, image_size: int):
   # Parameters are arguments, not constants: one compilation per model and size.
   def feats(backbone_params, backbone_stats, x):
     view = augment.eval_view(None, x, size=image_size)
-    return model.features(backbone_params, backbone_stats, view, train=False)[0]
+    return pool_features(model.features(backbone_params, backbone_stats, view, train=False)[0])
   return jax.jit(feats)
 
 

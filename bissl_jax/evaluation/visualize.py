@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bissl_jax.tasks.downstream.heads import pool_features
 from bissl_jax.types import PyTree
 
 _STAT_KEYS = ("mean", "var")
@@ -202,6 +203,7 @@ def _build(kind: str, model, augment: str, size: int):
 
   def forward(params, stats, x):
     feats, _ = model.features(params, stats, view(jax.random.PRNGKey(0), x), train=False)
+    feats = pool_features(feats)
     return feats.reshape(feats.shape[0], -1).astype(jnp.float32)
   return jax.jit(forward)
 

@@ -108,18 +108,17 @@ class ResNet(nn.Module):
     width: channels of the stem and the first stage (64 for the standard nets).
     cifar_stem: 3×3/s1 stem without max-pool, for small images.
     dtype: computation dtype (parameters stay float32).
+    pool: False returns the last stage's feature map ``(B, H, W, C)`` instead.
   """
   stage_sizes: Sequence[int]
   block: str
   width: int = 64
   cifar_stem: bool = False
   dtype: Any = jnp.float32
+  pool: bool = True
 
   @nn.compact
   def __call__(self, x, *, train: bool):
-    if self.block not in _BLOCKS:
-      raise ValueError(f"Unknown ResNet block {self.block!r}; use one of {sorted(_BLOCKS)}.")
-    block_cls = _BLOCKS[self.block]
     x = jnp.asarray(x, self.dtype)
     if self.cifar_stem:
       x = _conv(self.width, 3, 1, "conv1", self.dtype)(x)
@@ -130,11 +129,44 @@ class ResNet(nn.Module):
       # reduce_window pads with its init value (-inf), as PyTorch's MaxPool2d does.
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for i, num_blocks in enumerate(self.stage_sizes):
-      for j in range(num_blocks):
-        stride = 2 if (i > 0 and j == 0) else 1
-        x = block_cls(planes=self.width * 2**i, stride=stride, dtype=self.dtype,
-                      name=f"layer{i + 1}_{j}")(x, train=train)
+      x = _stage(x, i, num_blocks, self.block, self.width, train, self.dtype)
+    return jnp.mean(x, axis=(1, 2)) if self.pool else x
+
+
+class ResNetTail(nn.Module):
+  """The stages of a ResNet after a moved backbone boundary, then global pooling.
+
+  Runs stages ``first_stage + 1 ..`` (res{first_stage + 2}..) on the shared
+  backbone's feature map under the full ResNet's names (``layer{i}_{j}``), so a
+  ResNet's parameter tree splits at the boundary without renaming.
+
+  Attributes:
+    stage_sizes: blocks per stage of the whole ResNet.
+    block, width, dtype: as :class:`ResNet`.
+    first_stage: index of the first stage held here (3: res5 of a ResNet).
+  """
+  stage_sizes: Sequence[int]
+  block: str
+  first_stage: int
+  width: int = 64
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    for i in range(self.first_stage, len(self.stage_sizes)):
+      x = _stage(x, i, self.stage_sizes[i], self.block, self.width, train, self.dtype)
     return jnp.mean(x, axis=(1, 2))
+
+
+def _stage(x, i: int, num_blocks: int, block: str, width: int, train: bool, dtype):
+  """Stage ``i`` (res{i+2}) of a ResNet: ``num_blocks`` blocks named ``layer{i+1}_{j}``."""
+  if block not in _BLOCKS:
+    raise ValueError(f"Unknown ResNet block {block!r}; use one of {sorted(_BLOCKS)}.")
+  for j in range(num_blocks):
+    stride = 2 if (i > 0 and j == 0) else 1
+    x = _BLOCKS[block](planes=width * 2**i, stride=stride, dtype=dtype,
+                       name=f"layer{i + 1}_{j}")(x, train=train)
+  return x
 
 
 def _scaled_width(width_multiplier: float) -> int:
@@ -157,6 +189,10 @@ def resnet50(width_multiplier: float = 1.0, cifar_stem: bool = False) -> ResNet:
 
 
 ARCHITECTURES = {"resnet18": resnet18, "resnet50": resnet50}
+# Where the shared backbone θ may end (build_model's backbone_ends_at), stage by stage.
+BOUNDARIES = ("res2", "res3", "res4", "res5")
+# The pretext-head entry holding the stages after a moved boundary.
+TAIL_KEY = "backbone_tail"
 
 
 class MLPHead(nn.Module):
@@ -208,11 +244,18 @@ class BisslModel:
   The downstream head φ_D belongs to the downstream task
   (:mod:`bissl_jax.tasks.downstream.heads`); :meth:`head_rng` is the key of this
   model's initialisation schedule that the task initialises it from.
+
+  The backbone boundary is data (:func:`build_model`'s ``backbone_ends_at``): with a
+  ``tail``, the shared backbone θ ends early (``backbone.pool`` False: it returns its
+  feature map) and the ResNet's remaining stages belong to the pretext head as
+  ``pretext_head['backbone_tail']`` (BiSSL paper, Appendix B.6: for detection, res5
+  joins the projector and θ ends at C4).
   Frozen and hashable, so it can be a static argument of jitted functions.
   """
   backbone: ResNet
   projector: MLPHead
   predictor: Optional[MLPHead]
+  tail: Optional[ResNetTail] = None
 
   def init(self, rng: jax.Array, image_size: int, channels: int = 3
            ) -> Tuple[PyTree, PyTree]:
@@ -235,7 +278,8 @@ class BisslModel:
     x = jnp.zeros((1, image_size, image_size, channels), jnp.float32)
     bb = self.backbone.init(k_bb, x, train=False)
     feats = jax.eval_shape(lambda v: self.backbone.apply(v, x, train=False), bb)
-    h = jnp.zeros((1, feats.shape[-1]), jnp.float32)
+    width = feats.shape[-1] if self.tail is None else self.tail_width()
+    h = jnp.zeros((1, width), jnp.float32)
     proj = self.projector.init(k_proj, h, train=False)
     head_params = {"projector": proj["params"]}
     head_stats = {"projector": proj["batch_stats"]}
@@ -244,6 +288,11 @@ class BisslModel:
       pred = self.predictor.init(k_pred, z, train=False)
       head_params["predictor"] = pred["params"]
       head_stats["predictor"] = pred["batch_stats"]
+    if self.tail is not None:
+      # The full ResNet's key: the tail's leaves are those the whole ResNet would have.
+      fmap = jnp.zeros(feats.shape, jnp.float32)
+      tail = self.tail.init(k_bb, fmap, train=False)
+      head_params[TAIL_KEY], head_stats[TAIL_KEY] = tail["params"], tail["batch_stats"]
     params = {"backbone": bb["params"], "pretext_head": head_params, "downstream_head": {}}
     batch_stats = {"backbone": bb["batch_stats"], "pretext_head": head_stats}
     return params, batch_stats
@@ -254,8 +303,19 @@ class BisslModel:
     return jax.random.split(rng, 4)[3]
 
   def features(self, backbone_params, backbone_stats, x, *, train: bool):
-    """Backbone features ``(B, C)`` and the (in training, updated) backbone statistics."""
+    """The shared backbone's output and its (in training, updated) statistics: pooled
+    features ``(B, C)``, or with a ``tail`` the feature map ``(B, H, W, C)`` at the
+    boundary."""
     return _apply_with_stats(self.backbone, backbone_params, backbone_stats, x, train)
+
+  def tail_apply(self, tail_params, tail_stats, fmap, *, train: bool):
+    """The pretext head's backbone stages on the boundary's map: pooled ``(B, C)``."""
+    return _apply_with_stats(self.tail, tail_params, tail_stats, fmap, train)
+
+  def tail_width(self) -> int:
+    """Channels of the tail's pooled output."""
+    expansion = _BLOCKS[self.tail.block].expansion
+    return self.tail.width * 2 ** (len(self.tail.stage_sizes) - 1) * expansion
 
   def project(self, projector_params, projector_stats, h, *, train: bool):
     """Projector output ``z`` and its statistics."""
@@ -271,7 +331,8 @@ class BisslModel:
 
 def build_model(arch: str, *, width_multiplier: float = 1.0,
                 cifar_stem: bool = False, projector: str = "256-256-256",
-                predictor: Optional[str] = None) -> BisslModel:
+                predictor: Optional[str] = None, backbone_ends_at: str = "res5"
+                ) -> BisslModel:
   """Builds a :class:`BisslModel` from config strings.
 
   Args:
@@ -281,6 +342,9 @@ def build_model(arch: str, *, width_multiplier: float = 1.0,
     projector: MLP spec of the projector, e.g. ``'256-256-256'``.
     predictor: MLP spec of BYOL's predictor, or None. Its last width must equal the
       projector's.
+    backbone_ends_at: the last stage of the shared backbone θ: ``'res5'`` (the whole
+      ResNet, the default) or ``'res4'``/``'res3'``/``'res2'``; the later stages join
+      the pretext head (``'res4'``: the C4 boundary of the paper's detection setup).
 
   Returns:
     The model bundle.
@@ -296,5 +360,14 @@ def build_model(arch: str, *, width_multiplier: float = 1.0,
                        f"{proj_dims[-1]} (BYOL compares them); got predictor={predictor!r}, "
                        f"projector={projector!r}.")
     pred = MLPHead(features=pred_dims)
-  return BisslModel(backbone=ARCHITECTURES[arch](width_multiplier, cifar_stem),
-                    projector=MLPHead(features=proj_dims), predictor=pred)
+  if backbone_ends_at not in BOUNDARIES:
+    raise ValueError(f"backbone_ends_at={backbone_ends_at!r}; valid choices: {BOUNDARIES}.")
+  full = ARCHITECTURES[arch](width_multiplier, cifar_stem)
+  shared = BOUNDARIES.index(backbone_ends_at) + 1
+  tail = None
+  if shared < len(full.stage_sizes):
+    tail = ResNetTail(stage_sizes=tuple(full.stage_sizes), block=full.block,
+                      first_stage=shared, width=full.width, dtype=full.dtype)
+    full = full.clone(stage_sizes=tuple(full.stage_sizes[:shared]), pool=False)
+  return BisslModel(backbone=full, projector=MLPHead(features=proj_dims), predictor=pred,
+                    tail=tail)

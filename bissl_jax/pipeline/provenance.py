@@ -31,6 +31,10 @@ RECORD_KEY = "provenance"  # where an export's meta (or a JSON record) keeps it
 # Data fields no result depends on: where the files are and how batches are fed (the
 # batches are the same for any worker count or prefetch depth).
 FEED_FIELDS = ("data.data_dir", "data.loader_workers", "data.device_prefetch")
+# Fields added after workdirs were written, with the value that computes what the
+# records without them computed: left out of a record at that value, so an old
+# workdir's artifacts stay reusable and its checkpoints keep resuming.
+ADDED_LATER = {"model.backbone_ends_at": "res5", "bissl.preconditioner": "none"}
 
 
 def normalise(value: Any) -> Any:
@@ -51,8 +55,9 @@ def config_fields(config, groups: Iterable[str], exclude: Iterable[str] = ()) ->
     if node is None:
       continue
     for name, value in flatten(node, prefix=group + ".").items():
-      if name not in exclude:
-        out[name] = value
+      if name in exclude or (name in ADDED_LATER and value == ADDED_LATER[name]):
+        continue
+      out[name] = value
   return out
 
 

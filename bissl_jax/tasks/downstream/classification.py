@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from bissl_jax.tasks import augment
-from bissl_jax.tasks.downstream.heads import LinearHead
+from bissl_jax.tasks.downstream.heads import LinearHead, pool_features
 from bissl_jax.types import PyTree
 
 
@@ -55,8 +55,8 @@ class Classification:
     return self.head.init(rng, jnp.zeros((1, feats.shape[-1]), jnp.float32))["params"]
 
   def head_outputs(self, head_params: PyTree, feats: jax.Array) -> jax.Array:
-    """Logits of the linear head on pooled features."""
-    return self.head.apply({"params": head_params}, feats)
+    """Logits of the linear head on pooled features (a feature map is pooled first)."""
+    return self.head.apply({"params": head_params}, pool_features(feats))
 
   def prepare(self, rng, images, *, train: bool):
     """RandomResizedCrop + flip for training; resize + centre crop for evaluation."""

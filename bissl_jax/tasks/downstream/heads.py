@@ -13,11 +13,19 @@ initialisation follows the backbone family's reference code, a task setting:
   as MAE and BiSSLight initialise a ViT's classifier.
 """
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
 
 HEAD_INITS = {
     "torch_linear": nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"),
     "trunc_normal": nn.initializers.truncated_normal(0.02),
 }
+
+
+def pool_features(feats: jax.Array) -> jax.Array:
+  """Pooled features ``(B, C)``: a feature map ``(B, H, W, C)`` (the backbone's output
+  when its boundary moved) is averaged over space; vectors pass unchanged."""
+  return jnp.mean(feats, axis=(1, 2)) if feats.ndim == 4 else feats
 
 
 class LinearHead(nn.Module):

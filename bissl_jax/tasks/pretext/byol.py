@@ -8,7 +8,8 @@ import jax.numpy as jnp
 
 from bissl_jax.models.resnet import BisslModel
 from bissl_jax.tasks.pretext.views import (at_least_f32, l2_normalize, mean_cosine,
-                                           split_views, two_view_apply, two_views)
+                                           split_views, two_view_apply, two_views,
+                                           TAIL_KEY, embed_views, with_tail)
 from bissl_jax.types import PyTree
 
 
@@ -68,10 +69,13 @@ class BYOL:
 
   @staticmethod
   def _online_as_target(params, batch_stats):
+    # The target copies the online network up to the projector, including the backbone
+    # stages a moved boundary puts in the pretext head.
+    keys = ("projector", TAIL_KEY) if TAIL_KEY in params["pretext_head"] else ("projector",)
     return {"params": {"backbone": params["backbone"],
-                       "projector": params["pretext_head"]["projector"]},
+                       **{k: params["pretext_head"][k] for k in keys}},
             "batch_stats": {"backbone": batch_stats["backbone"],
-                            "projector": batch_stats["pretext_head"]["projector"]}}
+                            **{k: batch_stats["pretext_head"][k] for k in keys}}}
 
   def _target_projections(self, target, views):
     # Training mode like the reference (target BN on batch statistics, grouped as the
@@ -79,8 +83,7 @@ class BYOL:
     target = jax.lax.stop_gradient(target)
     tp, ts = target["params"], target["batch_stats"]
     model, g = self.model, self.bn_grouping
-    h, _ = two_view_apply(lambda p, st, x: model.features(p, st, x, train=True),
-                          tp["backbone"], ts["backbone"], views, g)
+    h, _, _ = embed_views(model, tp["backbone"], ts["backbone"], tp, ts, views, g)
     z, _ = two_view_apply(lambda p, st, x: model.project(p, st, x, train=True),
                           tp["projector"], ts["projector"], h, g)
     return jax.lax.stop_gradient(z)
@@ -89,14 +92,14 @@ class BYOL:
     """Online predictor outputs ``(2B, D)`` of both views and the updated statistics."""
     model, g = self.model, self.bn_grouping
     head, head_stats = params["pretext_head"], batch_stats["pretext_head"]
-    h, bb_stats = two_view_apply(lambda p, st, x: model.features(p, st, x, train=True),
-                                 params["backbone"], batch_stats["backbone"], views, g)
+    h, bb_stats, tail_stats = embed_views(model, params["backbone"], batch_stats["backbone"],
+                                          head, head_stats, views, g)
     z, proj_stats = two_view_apply(lambda p, st, x: model.project(p, st, x, train=True),
                                    head["projector"], head_stats["projector"], h, g)
     p, pred_stats = two_view_apply(lambda q, st, x: model.predict(q, st, x, train=True),
                                    head["predictor"], head_stats["predictor"], z, g)
-    return p, {"backbone": bb_stats,
-               "pretext_head": {"projector": proj_stats, "predictor": pred_stats}}
+    return p, {"backbone": bb_stats, "pretext_head": with_tail(
+        {"projector": proj_stats, "predictor": pred_stats}, tail_stats)}
 
   def loss(self, params: PyTree, batch_stats: PyTree, views, target: Optional[PyTree] = None
            ) -> Tuple[jax.Array, dict]:

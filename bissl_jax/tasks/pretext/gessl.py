@@ -33,6 +33,7 @@ from bissl_jax.tasks.pretext import gessl_levels
 from bissl_jax.tasks.pretext.gessl_levels import (cross_entropy, make_tasks, multi_views,
                                                   second_level_divergence,
                                                   unrolled_second_level)
+from bissl_jax.tasks.pretext.views import embed_views
 from bissl_jax.types import PyTree
 
 
@@ -218,7 +219,8 @@ class GeSSL:
     """
     model = self.model
     head = params["pretext_head"]
-    h, _ = model.features(params["backbone"], batch_stats["backbone"], x, train=True)
+    h, _, _ = embed_views(model, params["backbone"], batch_stats["backbone"], head,
+                          batch_stats["pretext_head"], x, "joint")
     z, _ = model.project(head["projector"], batch_stats["pretext_head"]["projector"], h,
                          train=True)
     return nn.Dense(int(self.classes_per_task)).apply({"params": head[HEAD_KEY]}, z)

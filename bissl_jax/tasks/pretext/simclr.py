@@ -7,7 +7,8 @@ import jax.numpy as jnp
 
 from bissl_jax.models.resnet import BisslModel
 from bissl_jax.tasks.pretext.views import (at_least_f32, l2_normalize, mean_cosine,
-                                           split_views, two_view_apply, two_views)
+                                           split_views, two_view_apply, two_views,
+                                           embed_views, with_tail)
 from bissl_jax.types import PyTree
 
 
@@ -110,12 +111,14 @@ class SimCLR:
   def _projections(self, params, batch_stats, views):
     """Projector outputs ``(2B, D)`` of both views and the updated statistics."""
     model, g = self.model, self.bn_grouping
-    h, bb_stats = two_view_apply(lambda p, st, x: model.features(p, st, x, train=True),
-                                 params["backbone"], batch_stats["backbone"], views, g)
+    h, bb_stats, tail_stats = embed_views(model, params["backbone"], batch_stats["backbone"],
+                                          params["pretext_head"], batch_stats["pretext_head"],
+                                          views, g)
     z, proj_stats = two_view_apply(lambda p, st, x: model.project(p, st, x, train=True),
                                    params["pretext_head"]["projector"],
                                    batch_stats["pretext_head"]["projector"], h, g)
-    return z, {"backbone": bb_stats, "pretext_head": {"projector": proj_stats}}
+    return z, {"backbone": bb_stats,
+               "pretext_head": with_tail({"projector": proj_stats}, tail_stats)}
 
   def output_loss(self, outputs: jax.Array, views=None,
                   target: Optional[PyTree] = None) -> jax.Array:

@@ -74,3 +74,32 @@ def two_view_apply(apply, params, stats, views, grouping: str):
 def mean_cosine(a, b):
   """Mean cosine similarity of the rows of ``a`` and ``b``."""
   return jnp.mean(jnp.sum(l2_normalize(a) * l2_normalize(b), axis=-1))
+
+
+TAIL_KEY = "backbone_tail"  # models.resnet.TAIL_KEY: the stages after a moved boundary
+
+
+def embed_views(model, backbone_params, backbone_stats, head_params, head_stats, views,
+                grouping: str):
+  """The representation h of both views that the projector reads, training mode.
+
+  The shared backbone, then, when the model's backbone boundary moved
+  (``model.tail``), the backbone stages the pretext head holds
+  (``head_params['backbone_tail']``).
+
+  Returns:
+    ``(h (2B, C), new backbone statistics, new tail statistics or None)``.
+  """
+  h, bb_stats = two_view_apply(lambda p, st, x: model.features(p, st, x, train=True),
+                               backbone_params, backbone_stats, views, grouping)
+  if getattr(model, "tail", None) is None:
+    return h, bb_stats, None
+  h, tail_stats = two_view_apply(lambda p, st, x: model.tail_apply(p, st, x, train=True),
+                                 head_params[TAIL_KEY], head_stats[TAIL_KEY], h, grouping)
+  return h, bb_stats, tail_stats
+
+
+def with_tail(head_stats: dict, tail_stats) -> dict:
+  """``head_stats`` plus the tail's statistics when the model has a tail."""
+  return head_stats if tail_stats is None else {**head_stats, TAIL_KEY: tail_stats}
+
