@@ -22,6 +22,8 @@ Fields set to ``None`` are resolved by the pipeline
 """
 from ml_collections import config_dict
 
+from configs.field_help import FIELD_HELP  # noqa: F401  (re-exported: the --help text)
+
 # Keys are the dataset names of ``bissl_jax.data`` (TFDS names where they exist).
 # Values are (learning rate, weight decay).
 
@@ -123,7 +125,15 @@ def base_config() -> config_dict.ConfigDict:
   config.log_every = 10            # optimizer steps (alternations in BiSSL) between log lines
   config.checkpoint_every = 10     # epochs between checkpoints inside pretraining/fine-tuning
   config.reuse = "recompute"       # a stale artifact: recompute it (or 'strict': refuse)
+  _add_data_and_model(config)
+  _add_pretext_and_head_warmup(config)
+  _add_bissl(config)
+  _add_finetune_evaluate_and_search(config)
+  return config
 
+
+def _add_data_and_model(config: config_dict.ConfigDict) -> None:
+  """base_config's config.data, config.model sections."""
   config.data = config_dict.ConfigDict()
   config.data.pretext_dataset = "imagenet2012"
   config.data.downstream_dataset = "oxford_flowers102"
@@ -178,6 +188,8 @@ def base_config() -> config_dict.ConfigDict:
   # CPU but other rounding than 'default' (jaxlib's choice); docs/benchmarks/cpu_conv.md.
   config.model.cpu_kernels = "fast"
 
+def _add_pretext_and_head_warmup(config: config_dict.ConfigDict) -> None:
+  """base_config's config.pretext, config.head_warmup sections."""
   config.pretext = config_dict.ConfigDict()
   config.pretext.task = "simclr"
   config.pretext.temperature = 0.5
@@ -216,6 +228,8 @@ def base_config() -> config_dict.ConfigDict:
   config.head_warmup.momentum = 0.9
   config.head_warmup.batch_size = 256
 
+def _add_bissl(config: config_dict.ConfigDict) -> None:
+  """base_config's config.bissl, config.bissl_variants sections."""
   config.bissl = config_dict.ConfigDict()
   config.bissl.lam = 0.001
   config.bissl.damping = 10.0
@@ -273,6 +287,8 @@ def base_config() -> config_dict.ConfigDict:
   # the same pretext model, head warm-up, seeds and fine-tuning budget as BiSSL.
   config.bissl_variants = config_dict.ConfigDict()
 
+def _add_finetune_evaluate_and_search(config: config_dict.ConfigDict) -> None:
+  """base_config's config.finetune, config.evaluate, config.search sections."""
   config.finetune = config_dict.ConfigDict()
   config.finetune.epochs = 400
   config.finetune.batch_size = 256
@@ -298,7 +314,6 @@ def base_config() -> config_dict.ConfigDict:
   # Both non-empty: try every pair of these lists instead of sampling (thesis §7.1.2).
   config.search.lr_grid = ()
   config.search.wd_grid = ()
-  return config
 
 
 def paper_hyperparams(task: str, dataset: str) -> dict:
@@ -539,170 +554,3 @@ def parse_arg(arg: str) -> dict:
     key, sep, value = item.partition("=")
     out[key.strip()] = value.strip() if sep else True
   return out
-
-
-# One line per field of ``base_config()``: what it means (the ``--help`` of the command
-# line prints these with the defaults; tests/pipeline/test_cli.py checks that none is missing).
-FIELD_HELP = {
-    "seed": "seed of single-stage runs and of the random search",
-    "seeds": "comparison seeds; each runs both pipelines (paper: 10)",
-    "stages": "'all' (the comparison) or one stage: pretext, head_warmup, bissl, finetune, "
-              "evaluate",
-    "log_every": "optimizer steps (alternations in BiSSL) between log lines",
-    "checkpoint_every": "epochs between checkpoints in pretraining, head warm-up, fine-tuning",
-    "reuse": "an existing stage output or checkpoint written with other config values: "
-             "'recompute' it and everything downstream (default) or 'strict': refuse",
-    "data.pretext_dataset": "dataset of pretext pretraining and the BiSSL lower level",
-    "data.downstream_dataset": "dataset of head warm-up, the BiSSL upper level, fine-tuning, test",
-    "data.data_dir": "TFDS data directory (None: $TFDS_DATA_DIR or ~/tensorflow_datasets)",
-    "data.image_size": "side of the square training images in pixels",
-    "data.val_fraction": "stratified share of train held out where a set has no validation split",
-    "data.split_seed": "seed of that held-out split (one split for every seed and pipeline)",
-    "data.max_train_examples": "subsample the training split to this many examples (smoke runs)",
-    "data.labels_per_class": "keep this many labelled downstream training images per class "
-                             "(None: all; drawn with seed); pretext data keeps all",
-    "data.loader_workers": ("Grain worker processes decoding the streamed pretext set (ImageNet; "
-                            "0: decode in the training process); docs/benchmarks/input_pipeline.md has images/s per worker"),
-    "data.device_prefetch": ("streamed (Grain) batches copied to the devices ahead of the step "
-                             "that uses them (0: none); a resume still starts on the first "
-                             "batch not trained on"),
-    "data.context": "text: token length k of every sequence (the GPT's context); longer "
-                    "downstream inputs are dropped",
-    "data.vocab_size": "text: size of the BPE learnt on the offline corpus (without "
-                       "data.tokenizer_dir)",
-    "data.max_chars": "text: cap on the offline stdlib corpus in characters",
-    "data.tokenizer_dir": "text: folder with vocab.json + merges.txt (the original GPT BPE); "
-                          "None: a BPE learnt on the offline corpus",
-    "data.glue_source": "GLUE: 'auto', 'tfds', 'hf' or 'jsonl' files under data.data_dir",
-    "model.arch": "backbone architecture (a ResNet, a ViT, or a GPT: text, docs/language.md)",
-    "model.width_multiplier": "channel width multiplier of the backbone",
-    "model.cifar_stem": "3x3 stem without max-pool (small images)",
-    "model.backbone_ends_at": "last ResNet stage of the shared backbone: 'res5' (all), "
-                              "'res4' (C4: res5 joins the pretext head), 'res3', 'res2'",
-    "model.projector": "projector MLP widths, e.g. 256-256-256",
-    "model.predictor": "BYOL predictor MLP widths (None: BYOL gets one, SimCLR none)",
-    "model.lora_rank": "ViT: LoRA rank (0: no adapters, every backbone leaf trains)",
-    "model.lora_alpha": "ViT: LoRA alpha (None: alpha = rank)",
-    "model.lora_targets": "ViT: projections with LoRA adapters (q, k, v, proj, fc1, fc2)",
-    "model.train_norms": "ViT with LoRA: also train the backbone LayerNorms",
-    "model.pool": "ViT: classifier features, 'token' (class token) or 'mean'",
-    "model.posemb": "ViT: position embeddings, 'sincos' (fixed) or 'learn'",
-    "model.decoder_width": "MAE decoder width (the pretext head)",
-    "model.decoder_depth": "MAE decoder blocks",
-    "model.decoder_heads": "MAE decoder attention heads",
-    "model.drop_path": "ViT: stochastic depth rate of the encoder",
-    "model.remat": "ViT/GPT: jax.checkpoint per transformer block",
-    "model.dtype": "ViT/GPT: compute dtype ('float32', 'bfloat16')",
-    "model.cpu_kernels": "XLA:CPU kernels: 'fast' (XLA's convolutions + YNNPACK fusions, "
-                         "faster here, other rounding) or 'default' (jaxlib's); set "
-                         "before the backend starts by bissl-jax run, recorded as in effect",
-    "model.lm_weight": "GPT: weight ν of the auxiliary language-modelling loss downstream",
-    "model.dropout": "GPT: dropout rate before the downstream output layer",
-    "pretext.mask_ratio": "MAE: fraction of patches masked per sample",
-    "pretext.norm_pix_loss": "MAE: per-patch normalised pixel targets",
-    "pretext.task": "pretext task",
-    "pretext.temperature": "SimCLR's NT-Xent temperature τ",
-    "pretext.ema_decay": "BYOL's target EMA decay",
-    "pretext.bn_grouping": "BatchNorm over the two views: per_view (the reference's) or joint (one 2B batch)",
-    "pretext.epochs": "pretext pretraining epochs",
-    "pretext.batch_size": "pretext pretraining batch size",
-    "pretext.optimizer": "optimizer of pretraining: 'lars' (paper), 'sgd' (coupled weight "
-                         "decay on every leaf: GeSSL), 'adam' (GPT: β2 0.999) or 'adamw' (β2 0.95)",
-    "pretext.lr": "peak learning rate of pretraining (not scaled by batch size; GeSSL's β)",
-    "pretext.weight_decay": "weight decay of pretraining (LARS/Adam: matrices only; SGD: every leaf)",
-    "pretext.momentum": "LARS/SGD momentum of pretraining",
-    "pretext.warmup_epochs": "linear LR warm-up epochs before the cosine decay (may be a "
-                             "fraction)",
-    "pretext.checkpoint": "skip pretraining and load these weights (stage output, .pth, "
-                          "converted directory)",
-    "pretext.share_across_seeds": "True: one pretext run serves every seed",
-    "pretext.baseline_epochs": "None: the baseline fine-tunes BiSSL's pretext model; an int: "
-                               "its own pretext run of that many epochs",
-    "gessl.enabled": "wrap the pretext task (simclr, byol) in GeSSL's bilevel objective",
-    "gessl.K": "GeSSL: differentiated first-level SGD steps per task (paper: 1)",
-    "gessl.lam": "GeSSL's λ: the self-motivated target takes λ-1 more steps (paper: 10)",
-    "gessl.n_tasks": "GeSSL: tasks per outer step; pretext.batch_size = n_tasks*classes_per_task",
-    "gessl.classes_per_task": "GeSSL: images (pseudo-classes) per task, B (paper: 16 or 32)",
-    "gessl.num_views": "GeSSL: augmented views per image, A (paper: 2; Appendix C: 5)",
-    "gessl.inner_lr": "GeSSL: α, learning rate of the inner SGD steps",
-    "gessl.second_level_loss": "GeSSL: divergence of the second level (kl, cross_entropy, mse, "
-                               "wasserstein)",
-    "gessl.first_order": "GeSSL: drop the inner Hessian from the outer gradient",
-    "gessl.inner_params": "GeSSL: what the inner steps adapt (all, pretext_head, task_classifier)",
-    "gessl.ssl_weight": "GeSSL: weight of the base SSL loss (0: GeSSL's objective alone)",
-    "gessl.gessl_weight": "GeSSL: weight of the second-level loss",
-    "gessl.head_init": "GeSSL: initialiser of the task classifier (lecun_normal, zeros)",
-    "gessl.task_batching": "GeSSL: vmap the tasks or loop over them (plain convolutions)",
-    "gessl.fd_radius": "GeSSL: > 0 takes the outer gradient's inner Hessian-vector products by "
-                       "finite differences of this radius (AID-FD); 0: exact",
-    "head_warmup.epochs": "epochs of head training on the frozen backbone (may be a fraction)",
-    "head_warmup.optimizer": "optimizer of the head warm-up: 'sgd' (paper) or 'adam' (GPT)",
-    "head_warmup.lr": "constant learning rate of the head warm-up (paper Table 4)",
-    "head_warmup.weight_decay": "weight decay of the head warm-up (Table 4)",
-    "head_warmup.momentum": "SGD momentum of the head warm-up (sgd only)",
-    "head_warmup.batch_size": "batch size of the head warm-up",
-    "bissl.lam": "λ, weight of the proximal term tying the two backbones (>= 0)",
-    "bissl.damping": "δ, damping added to the lower-level Hessian in the implicit gradient",
-    "bissl.solver": "linear solver of the implicit gradient",
-    "bissl.cg_iters": "iterations of that solver per upper step",
-    "bissl.cg_tol": "relative residual at which the solver stops early (0: never)",
-    "bissl.lower_steps": "N_L, lower-level (pretext) steps per alternation",
-    "bissl.upper_steps": "N_U, upper-level (downstream) steps per alternation",
-    "bissl.alternations": "T, alternations of the BiSSL stage",
-    "bissl.lower_optimizer_name": "lower-level optimizer: 'lars' (paper), 'adamw' (BiSSLight; "
-                                  "needed for LoRA), 'adam' (GPT) or 'sgd'",
-    "bissl.lower_lr": "peak learning rate of the lower level",
-    "bissl.lower_weight_decay": "weight decay of the lower level",
-    "bissl.lower_momentum": "LARS momentum of the lower level",
-    "bissl.trust_coefficient": "LARS trust coefficient η",
-    "bissl.upper_optimizer_name": "upper-level optimizer: 'sgd' (paper) or 'adam' (GPT)",
-    "bissl.upper_momentum": "SGD momentum of the upper level",
-    "bissl.grad_clip": "global-norm clip of each level's gradient",
-    "bissl.upper_lr": "learning rate of the upper level (None: head_warmup.lr)",
-    "bissl.upper_weight_decay": "upper-level weight decay (None: head_warmup.weight_decay)",
-    "bissl.pretext_batch_size": "lower-level batch size",
-    "bissl.downstream_batch_size": "upper-level batch size",
-    "bissl.hessian_mode": "how the lower-level Hessian is applied",
-    "bissl.warm_start": "start each solve from the previous solution",
-    "bissl.unroll": "unroll the loops inside a jit (None: on CPU only)",
-    "bissl.stage_driver": "fused: one jit per alternation; per_step: one per step; "
-                          "auto: per_step on CPU",
-    "bissl.checkpoint_every": "alternations between BiSSL checkpoints",
-    "bissl.lam_schedule": "λ schedule over the alternations",
-    "bissl.lam_min": "smallest λ of a schedule",
-    "bissl.lam_exp_alpha": "rate of the exponential λ schedule",
-    "bissl.learnable_lam": "learn λ with the upper level",
-    "bissl.lam_damping": "extra damping of a learnable λ",
-    "bissl.head_in_implicit": "include the pretext head in the implicit gradient",
-    "bissl.residual_guard": "replace a solve whose relative residual exceeds 1 by first order",
-    "bissl.residual_every": "recompute the solve's residual (one product) every k-th upper "
-                            "step (1: every step, 0: never; forced to 1 by the guard)",
-    "bissl.mfac_history": "solver=mfac: stored pretext gradients (None: N_L)",
-    "bissl.mfac_blocks": "solver=mfac: block rule",
-    "bissl.mfac_dtype": "solver=mfac: storage dtype of the gradients",
-    "bissl.preconditioner": "preconditioner of a cg/minres solve: 'none' or 'mfac' (the "
-                            "mfac_* window's (I + F/(λ+δ))⁻¹)",
-    "bissl.init_checkpoint": "stages=bissl: the head warm-up output to start from",
-    "bissl_variants": "extra BiSSL rows: {name: {bissl field: value}}, same seeds and budget",
-    "finetune.epochs": "fine-tuning epochs (best validation epoch kept)",
-    "finetune.batch_size": "fine-tuning batch size",
-    "finetune.optimizer": "optimizer of fine-tuning: 'sgd' (paper) or 'adam' (GPT)",
-    "finetune.warmup_fraction": "share of the fine-tuning steps with a linear LR warm-up "
-                                "from 0 before the cosine (GPT: 0.002)",
-    "finetune.momentum": "SGD momentum of fine-tuning (sgd only)",
-    "finetune.lr": "baseline fine-tuning learning rate (paper Table 3)",
-    "finetune.weight_decay": "baseline fine-tuning weight decay (Table 3)",
-    "finetune.bissl_lr": "fine-tuning learning rate after BiSSL (Table 5)",
-    "finetune.bissl_weight_decay": "fine-tuning weight decay after BiSSL (Table 5)",
-    "finetune.init_checkpoint": "stages=finetune: the pretext or BiSSL output to fine-tune",
-    "evaluate.batch_size": "batch size of validation and test scoring",
-    "evaluate.checkpoint": "stages=evaluate: the fine-tuning output to score",
-    "search.enabled": "random search of the fine-tuning (lr, weight decay) first",
-    "search.num_configs": "candidate (lr, weight decay) pairs of the search",
-    "search.lr_range": "log-uniform learning-rate range of the search",
-    "search.wd_range": "log-uniform weight-decay range of the search",
-    "search.epochs": "fine-tuning epochs of each search trial",
-    "search.lr_grid": "learning rates of a grid search (with search.wd_grid; empty: sample "
-                      "search.num_configs pairs)",
-    "search.wd_grid": "weight decays of a grid search (with search.lr_grid)",
-}
