@@ -96,7 +96,7 @@ def upper_stage(setup: BisslSetup, state: BilevelState, hvp_images, downstream_i
     state: the current state.
     hvp_images: one raw pretext batch for the Hessian, prepared (augmented) once.
     downstream_images: ``(N_U, b, ...)``.
-    downstream_labels: ``(N_U, b)`` or ``(N_U, b, K)``.
+    downstream_labels: ``(N_U, b)`` or ``(N_U, b, K)``, or a tree of such arrays.
     rng: PRNG key.
 
   Returns:
@@ -202,7 +202,10 @@ def run_upper_steps(setup: BisslSetup, steps: StepFunctions, state: BilevelState
   operator, lam = steps.prepare_stage(state, hvp_images, hvp_key)
   first = int(jax.device_get(state.upper.step)) if policy.deferred else 0
   metrics = []
-  for i, (images, labels, key) in enumerate(zip(downstream_images, downstream_labels, keys)):
+  # Labels may be a tree (detection's boxes, classes, masks): step i takes row i of each leaf.
+  labels_of = lambda i: jax.tree_util.tree_map(lambda a: a[i], downstream_labels)
+  for i, (images, key) in enumerate(zip(downstream_images, keys)):
+    labels = labels_of(i)
     if policy.deferred:
       state, m, system = steps.upper_step(state, operator, lam, images, labels, key)
       if policy.due(first + i):

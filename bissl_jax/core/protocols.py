@@ -102,11 +102,13 @@ class DownstreamTask(Protocol):
 
   def loss(self, backbone_params: PyTree, head_params: PyTree, backbone_stats: PyTree,
            inputs, labels, *, train: bool = True) -> Tuple[jax.Array, PyTree]:
-    """``(loss, new backbone statistics)``."""
+    """``(loss, new backbone statistics)``. ``labels`` is an array (class ids,
+    multi-hot rows) or a tree of arrays (a detector's boxes, classes and masks)."""
 
   def logits(self, backbone_params: PyTree, head_params: PyTree, backbone_stats: PyTree,
              inputs) -> jax.Array:
-    """Evaluation-mode outputs, scored by :mod:`bissl_jax.evaluation.metrics`."""
+    """Evaluation-mode outputs (an array, or a tree such as padded detections), scored
+    by :mod:`bissl_jax.evaluation.metrics` (detections by :func:`bissl_jax.detection.voc_ap`)."""
 
 
 def input_key(task: Any) -> str:

@@ -335,7 +335,8 @@ class AlternationBatches(NamedTuple):
     pretext: ``(N_L, B, ...)`` lower-level batches.
     hvp: ``(B, ...)`` the pretext batch of the upper stage's Hessian.
     downstream_images: ``(N_U, b, ...)``.
-    downstream_labels: ``(N_U, b)`` int labels, or ``(N_U, b, K)`` multi-hot.
+    downstream_labels: ``(N_U, b)`` int labels, ``(N_U, b, K)`` multi-hot, or a tree
+      of ``(N_U, b, ...)`` arrays (detection: boxes, classes, valid).
   """
   pretext: Any
   hvp: Any

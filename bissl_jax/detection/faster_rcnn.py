@@ -110,12 +110,21 @@ class Detector:
     x = jnp.zeros((1, *image_shape, channels), jnp.float32)
     bb = self.backbone.init(k_bb, x, train=False)
     c4 = jax.eval_shape(lambda v: c4_features(self.backbone, v, x, train=False)[0], bb)
-    rpn = self.rpn_head.init(k_rpn, jnp.zeros(c4.shape, jnp.float32))
+    heads, head_stats = self._init_heads(k_rpn, k_box, c4.shape)
+    return {"backbone": bb["params"], **heads}, {"backbone": bb["batch_stats"], **head_stats}
+
+  def init_heads(self, rng: jax.Array, c4_shape: Sequence[int]) -> Tuple[PyTree, PyTree]:
+    """The RPN and the box head alone, for a C4 map of ``c4_shape = (N, H, W, C)`` from
+    another model's backbone: ``({'rpn', 'box_head'}, {'box_head'})``."""
+    return self._init_heads(*jax.random.split(rng), c4_shape)
+
+  def _init_heads(self, k_rpn, k_box, c4_shape):
+    rpn = self.rpn_head.init(k_rpn, jnp.zeros(c4_shape, jnp.float32))
     size = self.config.roi_output_size
-    patch = jnp.zeros((1, size, size, c4.shape[-1]), jnp.float32)
+    patch = jnp.zeros((1, size, size, c4_shape[-1]), jnp.float32)
     box = self.box_head.init(k_box, patch, train=False)
-    params = {"backbone": bb["params"], "rpn": rpn["params"], "box_head": box["params"]}
-    return params, {"backbone": bb["batch_stats"], "box_head": box["batch_stats"]}
+    return ({"rpn": rpn["params"], "box_head": box["params"]},
+            {"box_head": box["batch_stats"]})
 
   def features(self, params, stats, images, *, train: bool):
     """C4 map ``(N, H/stride, W/stride, C)`` and the (in training, updated) statistics."""
@@ -165,17 +174,24 @@ class Detector:
     ``image_sizes (N, 2)`` holds each image's ``(height, width)`` before padding, for
     clipping. Batch norm uses the running statistics.
     """
-    c = self.config
     c4, _ = self.features(params["backbone"], stats["backbone"], images, train=False)
+    return self.detect_from_c4(params, stats, c4, image_sizes)
+
+  def detect_from_c4(self, params, stats, c4, image_sizes, *, box_head_train: bool = False
+                     ) -> Dict[str, jax.Array]:
+    """:meth:`detect` on a given C4 map: the heads only (``params['rpn']``,
+    ``params['box_head']``, ``stats['box_head']``), so the backbone may be any
+    model's. ``box_head_train`` normalises res5 with the statistics of its RoI
+    patches instead of the running ones."""
+    c = self.config
     logits, deltas = self.rpn(params["rpn"], c4)
     props, valid = self.proposals(c4, logits, deltas, image_sizes, train=False)
     cls, box, _ = self.box_predictions(params["box_head"], stats["box_head"], c4, props,
-                                       train=False)
+                                       train=box_head_train)
     post = lambda p, v, l, d, s: postprocess(
         p, v, l, d, s, score_threshold=c.score_threshold,
         nms_threshold=c.test_nms_threshold, detections_per_image=c.detections_per_image)
     return jax.vmap(post)(props, valid, cls, box, image_sizes)
-
 
 def build_detector(config: DetectorConfig = DetectorConfig()) -> Detector:
   """Checks ``config`` and returns the :class:`Detector` it describes."""

@@ -85,9 +85,25 @@ def detection_loss(detector: Detector, params, batch_stats, batch: Dict[str, jax
     ``(loss, (terms, batch_stats, rois))`` with ``terms`` keyed by :data:`LOSS_TERMS`
     and ``rois`` the sampled RoIs (``boxes``, ``classes``, ``targets``, ``valid``).
   """
-  k_rpn, k_roi = jax.random.split(key)
   c4, bb_stats = detector.features(params["backbone"], batch_stats["backbone"],
                                    batch["images"], train=train)
+  total, (terms, box_stats, rois) = detection_loss_from_c4(
+      detector, params, batch_stats, c4, batch, key, train=train, rois=rois)
+  return total, (terms, {"backbone": bb_stats, "box_head": box_stats}, rois)
+
+
+def detection_loss_from_c4(detector: Detector, params, batch_stats, c4: jax.Array,
+                           batch: Dict[str, jax.Array], key: jax.Array, *,
+                           train: bool = True, rois: Optional[Dict[str, jax.Array]] = None
+                           ) -> Tuple[jax.Array, Tuple[Dict[str, jax.Array], dict, dict]]:
+  """:func:`detection_loss` on a given C4 map: the heads' part, so the backbone may be
+  any model's (the BiSSL detection task's θ).
+
+  ``params`` needs ``'rpn'`` and ``'box_head'``, ``batch_stats`` ``'box_head'`` and
+  ``batch`` everything but ``images``. Returns ``(loss, (terms, box-head statistics,
+  rois))``; ``train`` is the box head's batch-norm mode.
+  """
+  k_rpn, k_roi = jax.random.split(key)
   logits, deltas = detector.rpn(params["rpn"], c4)
   rpn_cls, rpn_loc = _rpn_losses(detector, k_rpn, c4, logits, deltas, batch)
   if rois is None:
@@ -102,4 +118,4 @@ def detection_loss(detector: Detector, params, batch_stats, batch: Dict[str, jax
                                      detector.config.roi_smooth_l1_beta)
   terms = dict(zip(LOSS_TERMS, (rpn_cls, rpn_loc, roi_cls, roi_box)))
   total = rpn_cls + rpn_loc + roi_cls + roi_box
-  return total, (terms, {"backbone": bb_stats, "box_head": box_stats}, rois)
+  return total, (terms, box_stats, rois)
