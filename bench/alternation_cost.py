@@ -131,7 +131,9 @@ def pieces_upper_stage(pieces, state, hvp_images, images, labels, rng):
 
 
 def lower_stage(lower_step, state, pretext, rng):
-  """N_L calls of the jitted lower step, keyed as ``make_alternation_fn`` keys them."""
+  """N_L calls of the jitted lower step, keyed as ``make_alternation_fn`` keys them
+  (on a copy of ``state``: the step donates its input, as in the driver)."""
+  state = ts.copy_state(state)
   for images, key in zip(pretext, ts.lower_keys(rng, pretext.shape[0])):
     state, _ = lower_step(state, images, key)
   return state
