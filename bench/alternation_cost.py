@@ -131,7 +131,9 @@ def pieces_upper_stage(pieces, state, hvp_images, images, labels, rng):
 
 
 def lower_stage(lower_step, state, pretext, rng):
-  """N_L calls of the jitted lower step, keyed as ``make_alternation_fn`` keys them."""
+  """N_L calls of the jitted lower step, keyed as ``make_alternation_fn`` keys them
+  (on a copy of ``state``: the step donates its input, as in the driver)."""
+  state = ts.copy_state(state)
   for images, key in zip(pretext, ts.lower_keys(rng, pretext.shape[0])):
     state, _ = lower_step(state, images, key)
   return state
@@ -275,6 +277,13 @@ def main(argv: Optional[Sequence[str]] = None) -> List[common.Table]:
     notes.append(f"Pieces and library drivers agree: max relative difference of the upper "
                  f"parameters after one alternation {diff:.1e}.")
 
+  owned = [ts.copy_state(state)]  # the step donates its state: chain it on a copy
+
+  def upper_step_alone():
+    out = step_c["layerwise_cg"](owned[0], hmap, lam, down_images[0], down_labels[0], rng)
+    owned[0] = out[0]
+    return out[:2]
+
   contenders = {
       "plain": lambda: plain_c(lower_params, problem.batch_stats, plain_opt, pre0, rng),
       "gradient": lambda: grad_c(*grad_args),
@@ -283,8 +292,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[common.Table]:
       "solve": lambda: solve_c(state, hmap, lam, v),
       "solve1": lambda: solve1_c(state, hmap, lam, v),
       "downstream": lambda: down_c(state, down_images[0], down_labels[0], rng),
-      "step": lambda: step_c["layerwise_cg"](state, hmap, lam, down_images[0], down_labels[0],
-                                             rng),
+      "step": upper_step_alone,
   }
   for name in variants:
     contenders[f"stage: {name}"] = pieces_stage(name)

@@ -36,6 +36,7 @@ from bench import alternation_cost
 from bench import common
 from bench import worker_protocol
 from bissl_jax.tasks import augment
+from bissl_jax.core import alternation as ts
 from bissl_jax.core import state as bilevel
 from bissl_jax.runtime import cpu_kernels
 from bissl_jax.models import resnet
@@ -144,14 +145,23 @@ def jax_contenders(problem, setup, batches, rng, include_mfac: bool):
   operator, lam = common.block(alt.steps.prepare_stage(state, hvp, rng))
   augment_c = jax.jit(problem.task.prepare)
   v = state.lower.params["backbone"]
+  # The steps donate their input state (as in the driver): each timed call continues
+  # from the previous call's output, a state of its own.
+  owned = {"lower": ts.copy_state(state), "upper": ts.copy_state(state)}
+
+  def chained(level, step, *args):
+    owned[level], metrics = step(owned[level], *args)[:2]
+    return owned[level], metrics
+
   out = {
       "gradient": lambda: grad_c(*grad_args),
-      "lower step": lambda: alt.steps.lower_step(state, pre0, rng),
+      "lower step": lambda: chained("lower", alt.steps.lower_step, pre0, rng),
       "operator build": lambda: alt.steps.prepare_stage(state, hvp, rng),
       # The two augmented views the lower step makes on device (the reference's
       # lower steps read them ready-made): how much of the lower step is not gradient.
       "augmentation": lambda: augment_c(rng, pre0),
-      "upper step": lambda: alt.steps.upper_step(state, operator, lam, images, labels, rng),
+      "upper step": lambda: chained("upper", alt.steps.upper_step, operator, lam, images,
+                                    labels, rng),
       "solve": lambda: pieces["solve"](state, operator, lam, v),
       "alternation": lambda: full_alt(state, batches, rng),
   }

@@ -154,7 +154,13 @@ def _stack(per_step):
 # The per-step driver: one jit per step, looped from the host.
 
 class StepFunctions(NamedTuple):
-  """The per-step driver's compiled pieces (a bench may pass compiled executables)."""
+  """The per-step driver's compiled pieces (a bench may pass compiled executables).
+
+  ``lower_step`` and ``upper_step`` donate the state they are given: its buffers are
+  updated in place (M-FAC's window takes one gradient without being copied) and
+  cannot be read afterwards. :func:`run_lower_steps` and :func:`run_upper_steps` copy
+  a state they do not own once, with :func:`copy_state`.
+  """
   lower_step: Callable      # (state, images, key) -> (state, metrics)
   prepare_stage: Callable   # (state, hvp_images, key) -> (operator, lam)
   upper_step: Callable      # (state, operator, lam, images, labels, key) -> (state, metrics)
@@ -162,28 +168,41 @@ class StepFunctions(NamedTuple):
   residual: Callable        # (state, operator, lam, system, nonfinite) -> metrics
 
 
-def step_functions(setup: BisslSetup, mesh, *, donate: bool = False) -> StepFunctions:
-  """Jits :func:`lower_step`, :func:`prepare_stage` and the upper step for ``mesh``."""
+@jax.jit
+def copy_state(state: PyTree) -> PyTree:
+  """A copy of ``state`` in buffers of its own (none shared between its leaves), for a
+  step that donates its input: the caller's state stays readable."""
+  return jax.tree_util.tree_map(jnp.copy, state)
+
+
+def step_functions(setup: BisslSetup, mesh) -> StepFunctions:
+  """Jits :func:`lower_step`, :func:`prepare_stage` and the upper step for ``mesh``;
+  the two steps donate their input state."""
   rep = parallel.replicated(mesh)
   batch0 = parallel.batch_sharding(mesh, 0)
-  donate_args = (0,) if donate else ()
   deferred = setup.residual_policy.deferred
   upper = upper_level.upper_step_deferred if deferred else upper_level.upper_step
   return StepFunctions(
       lower_step=jax.jit(functools.partial(lower_step, setup), in_shardings=(rep, batch0, rep),
-                         out_shardings=(rep, rep), donate_argnums=donate_args),
+                         out_shardings=(rep, rep), donate_argnums=(0,)),
       prepare_stage=jax.jit(functools.partial(prepare_stage, setup),
                             in_shardings=(rep, batch0, rep)),
       upper_step=jax.jit(functools.partial(upper, setup),
                          in_shardings=(rep, None, rep, batch0, batch0, rep),
                          out_shardings=(rep, rep, rep) if deferred else (rep, rep),
-                         donate_argnums=donate_args),
+                         donate_argnums=(0,)),
       residual=jax.jit(functools.partial(upper_level.deferred_residual, setup),
                        in_shardings=(rep, None, rep, rep, rep), out_shardings=rep))
 
 
-def run_lower_steps(steps: StepFunctions, state: BilevelState, pretext_images, keys):
-  """N_L calls of the compiled lower step; ``(state, [metrics of each step])``."""
+def run_lower_steps(steps: StepFunctions, state: BilevelState, pretext_images, keys, *,
+                    owned: bool = False):
+  """N_L calls of the compiled lower step; ``(state, [metrics of each step])``.
+
+  ``owned``: the caller gives ``state`` up (its buffers are donated); otherwise it is
+  copied once first and stays readable.
+  """
+  state = state if owned else copy_state(state)
   metrics = []
   for images, key in zip(pretext_images, keys):
     state, m = steps.lower_step(state, images, key)
@@ -192,13 +211,16 @@ def run_lower_steps(steps: StepFunctions, state: BilevelState, pretext_images, k
 
 
 def run_upper_steps(setup: BisslSetup, steps: StepFunctions, state: BilevelState, hvp_images,
-                    downstream_images, downstream_labels, hvp_key, keys):
+                    downstream_images, downstream_labels, hvp_key, keys, *,
+                    owned: bool = False):
   """One operator build and N_U compiled upper steps; ``(state, [metrics of each step])``.
 
   With a deferred residual (``setup.residual_policy.deferred``) which steps check is
   decided here, one host read per stage, so the compiled step holds no ``lax.cond``.
+  ``owned`` as in :func:`run_lower_steps`.
   """
   policy = setup.residual_policy
+  state = state if owned else copy_state(state)
   operator, lam = steps.prepare_stage(state, hvp_images, hvp_key)
   first = int(jax.device_get(state.upper.step)) if policy.deferred else 0
   metrics = []
@@ -248,7 +270,9 @@ def make_alternation_fn(setup: BisslSetup, mesh=None, *, donate: bool = False
     setup: the static setup; ``setup.per_step`` picks the driver.
     mesh: a 1-D mesh from :func:`bissl_jax.runtime.mesh.make_mesh`.
     donate: donate the input state's buffers (less peak memory on accelerators;
-      the caller must then not reuse the state it passed in).
+      the caller must then not reuse the state it passed in). Without it the
+      per-step driver copies the state once per alternation (:func:`copy_state`) and
+      its steps donate that copy, so they still update it in place.
   """
   mesh = parallel.make_mesh() if mesh is None else mesh
   rep = parallel.replicated(mesh)
@@ -267,16 +291,21 @@ def make_alternation_fn(setup: BisslSetup, mesh=None, *, donate: bool = False
     return AlternationFn(run=lambda state, batches, rng: fused(*place(state, batches), rng),
                          mesh=mesh, fused=fused)
 
-  steps = step_functions(setup, mesh, donate=donate)
+  steps = step_functions(setup, mesh)
   summary = jax.jit(summarize_metrics, out_shardings=rep)
 
   def run_per_step(state: BilevelState, batches: AlternationBatches, rng):
     state, batches = place(state, batches)
+    # The steps donate: one copy per alternation keeps the caller's state readable (a
+    # stage loop keeps its last good state for a checkpoint or a divergence stop).
+    state = state if donate else copy_state(state)
     keys = alternation_keys(rng, batches.pretext.shape[0], batches.downstream_images.shape[0])
-    state, lower_metrics = run_lower_steps(steps, state, batches.pretext, keys.lower)
+    state, lower_metrics = run_lower_steps(steps, state, batches.pretext, keys.lower,
+                                           owned=True)
     state, upper_metrics = run_upper_steps(setup, steps, state, batches.hvp,
                                            batches.downstream_images,
-                                           batches.downstream_labels, keys.hvp, keys.upper)
+                                           batches.downstream_labels, keys.hvp, keys.upper,
+                                           owned=True)
     state = state.replace(alternation=state.alternation + 1)
     return state, summary(_stack(lower_metrics), _stack(upper_metrics), state)
   return AlternationFn(run=run_per_step, mesh=mesh, steps=steps)

@@ -2,7 +2,8 @@
 
 The residual costs one more operator product, so it is computed on some steps only
 (``config.bissl.residual_every``), on every step when the residual guard needs it,
-and always when the solver reports it for free (M-FAC's is measured on its own model).
+and always when the solver reports it for free. M-FAC's is measured on its own model
+``I + F/(λ+δ)`` (two passes over the stored gradients), on the same steps.
 """
 import dataclasses
 
@@ -30,11 +31,16 @@ class ResidualPolicy:
     A Python int ``step`` (the per-step driver's count) gives a Python bool where the
     answer depends on it; a traced one an array.
     """
-    if self.guard or self.every == 1 or self.free:
+    if self.every_step:
       return jnp.ones((), bool)
     if self.every == 0:
       return jnp.zeros((), bool)
     return (step + 1) % self.every == 0
+
+  @property
+  def every_step(self) -> bool:
+    """Whether every upper step checks (known without the step count)."""
+    return self.guard or self.every == 1 or self.free
 
   @property
   def deferred(self) -> bool:

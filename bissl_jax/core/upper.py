@@ -85,13 +85,19 @@ def prepare_stage(setup: BisslSetup, state: BilevelState, hvp_images, rng):
   whose leaves are the stored residuals, so one jitted function can build it and
   another take it as an argument (the per-step driver). In ``'jvp'`` mode it is the
   prepared HVP inputs, from which :func:`stage_matvec` recomputes every product. With
-  ``solver='mfac'`` there is no operator (None): the stored pretext gradients stand
-  in for H, and the HVP batch is not used. BatchNorm runs in training mode on batch
-  statistics; running statistics are not touched.
+  ``solver='mfac'`` there is no Hessian: the stored pretext gradients stand in for H,
+  the HVP batch is not used, and ``operator`` is the solver's ``window_factor`` (M-FAC's
+  per-block factorisation, which depends on the window and λ only, both fixed for the
+  stage), or None. BatchNorm runs in training mode on batch statistics; running
+  statistics are not touched.
   """
   lam = current_lam(setup, state)
-  if not setup.solver_spec.needs_operator:
-    return None, lam
+  spec = setup.solver_spec
+  if not spec.needs_operator:
+    if spec.window_factor is None:
+      return None, lam
+    return spec.window_factor(state.solver_state.gradient_window, lam + setup.damping,
+                              setup), lam
   inputs = setup.task.prepare(rng, hvp_images)
   if setup.hessian_mode in _PREBUILT_MODES:
     return _hessian(setup, state, inputs), lam
@@ -156,9 +162,17 @@ def implicit_gradient(setup: BisslSetup, state: BilevelState, operator, lam, v,
   """
   spec = setup.solver_spec
   if spec.keeps_gradient_window:
-    solution, info = spec.window_solve(state.solver_state.gradient_window, v,
-                                       lam + setup.damping, setup)
-    return ImplicitGradient(solution, info, UpperSystem(v, solution))
+    window = state.solver_state.gradient_window
+    every_step = check_residual is True or (check_residual is not False
+                                             and setup.residual_policy.every_step)
+    if spec.window_factor is None or every_step:  # the solver's own diagnostics
+      kwargs = {} if spec.window_factor is None else {"factor": operator}
+      solution, info = spec.window_solve(window, v, lam + setup.damping, setup, **kwargs)
+      return ImplicitGradient(solution, info, UpperSystem(v, solution))
+    solution, info = spec.window_solve(window, v, lam + setup.damping, setup,
+                                       factor=operator, diagnostics=False)
+    return _with_residual(setup, state, operator, lam, UpperSystem(v, solution), info,
+                          check_residual, solution)
   if setup.head_in_implicit:
     train_head, _ = partition.split(state.lower.params["pretext_head"],
                                     setup.lower_trainable(state.lower.params)["pretext_head"])
@@ -175,26 +189,44 @@ def implicit_gradient(setup: BisslSetup, state: BilevelState, operator, lam, v,
       unroll=setup.use_unrolled, preconditioner=window_preconditioner(setup, state, lam))
   # The solver's own residual goes unused, so jit drops its product; it is
   # recomputed here only on the steps that check it.
-  matvec = implicit.damped_operator(hessian, lam=lam, damping=setup.damping,
-                                    identity_mask=identity_mask)
+  backbone = solution["backbone"] if setup.head_in_implicit else solution
+  return _with_residual(setup, state, operator, lam, UpperSystem(rhs, solution), info,
+                        check_residual, backbone)
+
+
+def _with_residual(setup: BisslSetup, state: BilevelState, operator, lam,
+                   system: UpperSystem, info: SolveInfo, check_residual, v_ig
+                   ) -> ImplicitGradient:
+  """The step's result with ``info.residual`` measured where ``check_residual`` says
+  (a Python bool: decided when tracing; a traced one: ``lax.cond``), else NaN."""
+  matvec = _system_matvec(setup, state, operator, lam, system.rhs)
   if isinstance(check_residual, bool):
-    residual = (relative_residual(matvec, rhs, solution) if check_residual
+    residual = (relative_residual(matvec, system.rhs, system.solution) if check_residual
                 else jnp.full((), jnp.nan, jnp.float32))
   else:
-    residual = jax.lax.cond(check_residual, lambda x: relative_residual(matvec, rhs, x),
-                            lambda x: jnp.full((), jnp.nan, jnp.float32), solution)
+    residual = jax.lax.cond(check_residual,
+                            lambda x: relative_residual(matvec, system.rhs, x),
+                            lambda x: jnp.full((), jnp.nan, jnp.float32), system.solution)
   info = info._replace(residual=residual,
                        nonfinite=info.nonfinite | (check_residual & ~jnp.isfinite(residual)))
-  backbone = solution["backbone"] if setup.head_in_implicit else solution
-  return ImplicitGradient(backbone, info, UpperSystem(rhs, solution))
+  return ImplicitGradient(v_ig, info, system)
+
+
+def _system_matvec(setup: BisslSetup, state: BilevelState, operator, lam, rhs):
+  """``x ↦ A x`` of the upper step's system: ``I + H/(λ+δ)``, or a gradient-window
+  solver's own model (M-FAC: ``I + F/(λ+δ)``, two passes over the window)."""
+  spec = setup.solver_spec
+  if spec.keeps_gradient_window:
+    return spec.window_matvec(state.solver_state.gradient_window, lam + setup.damping, setup)
+  return implicit.damped_operator(stage_matvec(setup, state, operator), lam=lam,
+                                  damping=setup.damping,
+                                  identity_mask=_identity_mask(setup, rhs))
 
 
 def solve_residual(setup: BisslSetup, state: BilevelState, operator, lam,
                    system: UpperSystem):
   """``‖A x − b‖/‖b‖`` of an upper step's system ``A = I + H/(λ+δ)`` (one product)."""
-  matvec = implicit.damped_operator(stage_matvec(setup, state, operator), lam=lam,
-                                    damping=setup.damping,
-                                    identity_mask=_identity_mask(setup, system.rhs))
+  matvec = _system_matvec(setup, state, operator, lam, system.rhs)
   return relative_residual(matvec, system.rhs, system.solution)
 
 

@@ -189,8 +189,79 @@ def _check_grads(g_leaves, v_leaves, ids) -> int:
   return ms.pop() if ms else 0
 
 
+class WindowFactor(NamedTuple):
+  """:func:`factorize`'s per-block factorisation of ``nλ·I_m + G_b G_bᵀ``: it depends on
+  the stored gradients and λ only, so one serves every solve of an upper stage.
+  ``lu, pivots``: ``jax.scipy.linalg.lu_factor`` of the transposed systems; ``valid``:
+  ``(m,)`` 1 on the valid rows; ``n_lam``: ``max(n, 1)·λ``."""
+  lu: jnp.ndarray
+  pivots: jnp.ndarray
+  valid: jnp.ndarray
+  n_lam: jnp.ndarray
+
+
+def _flat_problem(grads: PyTree, v: PyTree, blocks: BlockRule, mask: Optional[PyTree]):
+  """``(v leaves, treedef, gradient leaves, block ids, n_blocks, m)``."""
+  v_leaves, treedef = jax.tree_util.tree_flatten(v)
+  try:
+    g_leaves = treedef.flatten_up_to(grads)
+  except (ValueError, TypeError) as e:
+    raise ValueError(f"grads must have v's pytree structure (with a leading axis m on "
+                     f"every leaf); {e}") from e
+  ids, n_blocks = block_assignment(v, blocks, mask)
+  return v_leaves, treedef, g_leaves, ids, n_blocks, _check_grads(g_leaves, v_leaves, ids)
+
+
+def _valid_rows(m: int, num_valid, lam):
+  """``(valid (m,) float32, max(n, 1)·λ)`` for n = ``num_valid`` (None: m) rows."""
+  n = jnp.asarray(m if num_valid is None else jnp.minimum(num_valid, m), jnp.float32)
+  return (jnp.arange(m) < n).astype(jnp.float32), jnp.maximum(n, 1.0) * jnp.asarray(
+      lam, jnp.float32)
+
+
+def _factorize(g_leaves, ids, n_blocks: int, m: int, lam, num_valid) -> WindowFactor:
+  valid, n_lam = _valid_rows(m, num_valid, lam)
+  gram = [jnp.zeros((m, m), jnp.float32) for _ in range(n_blocks)]
+  for g, b in zip(g_leaves, ids):
+    if b is not None:
+      rows = _rows(g)
+      gram[b] = gram[b] + jnp.einsum("id,jd->ij", rows, rows, precision=_HIGHEST,
+                                     preferred_element_type=jnp.float32)
+  # Invalid rows: zero Gram rows/columns and right-hand side, so their
+  # coefficients are exactly 0 and whatever they hold never enters x.
+  gram = jnp.stack(gram) * (valid[:, None] * valid[None, :])
+  system = gram + n_lam * jnp.eye(m, dtype=jnp.float32)
+  # The system is symmetric (each Gram matrix is, bit for bit), so solving with its
+  # transpose is the same solve; handing LAPACK (column-major) the transpose lets XLA
+  # keep the producing fusion row-major, which the YNNPACK fusions of the fast CPU
+  # kernels (runtime/cpu_kernels.py) require: otherwise XLA:CPU 0.10.2 stops with
+  # 'Instruction with unsupported layout in YNN fusion'. lu_factor + lu_solve is
+  # what jnp.linalg.solve computes, bit for bit, with the factorisation kept.
+  lu, pivots = jax.scipy.linalg.lu_factor(jnp.swapaxes(system, -1, -2))
+  return WindowFactor(lu=lu, pivots=pivots, valid=valid, n_lam=n_lam)
+
+
+def _solve_factored(g_leaves, v_leaves, ids, n_blocks: int, m: int, factor: WindowFactor,
+                    treedef, diagnostics: bool) -> Tuple[PyTree, SolveInfo]:
+  """Two passes over the gradients (``G_b v_b``, then ``v_b − G_bᵀc_b``), two more
+  with ``diagnostics`` (``A x`` for the residual and the Rayleigh quotient)."""
+  valid = factor.valid
+  gv = _block_products(g_leaves, v_leaves, ids, n_blocks, m) * valid
+  coeffs = jax.scipy.linalg.lu_solve((factor.lu, factor.pivots), gv[..., None])[..., 0] * valid
+  x_leaves = _apply_rows(g_leaves, v_leaves, ids, coeffs, -1.0)
+  unflatten = lambda leaves: jax.tree_util.tree_unflatten(treedef, leaves)
+  x, v = unflatten(x_leaves), unflatten(v_leaves)
+  if not diagnostics:
+    return x, _unchecked_info(x)
+  # Diagnostics: A x = x + G_bᵀ(G_b x_b)/(nλ), with the same F.
+  gx = _block_products(g_leaves, x_leaves, ids, n_blocks, m) * valid
+  ax_leaves = _apply_rows(g_leaves, x_leaves, ids, gx, 1.0 / factor.n_lam)
+  return x, _info(v, x, unflatten(ax_leaves))
+
+
 def mfac_solve(grads: PyTree, v: PyTree, lam, *, blocks: BlockRule = "per_leaf",
-               mask: Optional[PyTree] = None, num_valid=None) -> Tuple[PyTree, SolveInfo]:
+               mask: Optional[PyTree] = None, num_valid=None, factor: Optional[WindowFactor]
+               = None, diagnostics: bool = True) -> Tuple[PyTree, SolveInfo]:
   """``(I + F_b/λ)⁻¹ v_b`` per block with the empirical Fisher of stacked gradients.
 
   Args:
@@ -205,6 +276,11 @@ def mfac_solve(grads: PyTree, v: PyTree, lam, *, blocks: BlockRule = "per_leaf",
     num_valid: optional (possibly traced) count n ≤ m of valid rows: rows ≥ n are
       ignored and ``F = (1/n) Σ_{i<n} g_i g_iᵀ``. None: all m rows. With n = 0,
       ``x = v``.
+    factor: :func:`factorize`'s result for the same ``grads``, ``lam``, ``blocks``,
+      ``mask`` and ``num_valid`` (then those are not read again): skips the Gram
+      matrices and their factorisation. None: built here.
+    diagnostics: compute ``residual`` and ``min_curvature`` (two more passes over the
+      gradients); False: they are NaN and +inf (unmeasured).
 
   Returns:
     ``(x, SolveInfo)``: ``residual`` is ``‖(I + F/λ)x − v‖/‖v‖`` with the same F
@@ -212,45 +288,19 @@ def mfac_solve(grads: PyTree, v: PyTree, lam, *, blocks: BlockRule = "per_leaf",
     ``iterations`` 0; ``min_curvature`` the Rayleigh quotient ``xᵀ(I + F/λ)x/xᵀx``
     (≥ 1: the operator is positive definite); ``nonfinite`` as usual.
   """
-  v_leaves, treedef = jax.tree_util.tree_flatten(v)
-  try:
-    g_leaves = treedef.flatten_up_to(grads)
-  except (ValueError, TypeError) as e:
-    raise ValueError(f"grads must have v's pytree structure (with a leading axis m on "
-                     f"every leaf); {e}") from e
-  ids, n_blocks = block_assignment(v, blocks, mask)
-  m = _check_grads(g_leaves, v_leaves, ids)
+  v_leaves, treedef, g_leaves, ids, n_blocks, m = _flat_problem(grads, v, blocks, mask)
   if n_blocks == 0 or m == 0:  # nothing to precondition
-    return v, _info(v, v, v)
-  n = jnp.asarray(m if num_valid is None else jnp.minimum(num_valid, m), jnp.float32)
-  valid = (jnp.arange(m) < n).astype(jnp.float32)
-  n_lam = jnp.maximum(n, 1.0) * jnp.asarray(lam, jnp.float32)
+    return v, _info(v, v, v) if diagnostics else _unchecked_info(v)
+  if factor is None:
+    factor = _factorize(g_leaves, ids, n_blocks, m, lam, num_valid)
+  return _solve_factored(g_leaves, v_leaves, ids, n_blocks, m, factor, treedef, diagnostics)
 
-  gram = [jnp.zeros((m, m), jnp.float32) for _ in range(n_blocks)]
-  for g, b in zip(g_leaves, ids):
-    if b is not None:
-      rows = _rows(g)
-      gram[b] = gram[b] + jnp.einsum("id,jd->ij", rows, rows, precision=_HIGHEST,
-                                     preferred_element_type=jnp.float32)
-  # Invalid rows: zero Gram rows/columns and right-hand side, so their
-  # coefficients are exactly 0 and whatever they hold never enters x.
-  gram = jnp.stack(gram) * (valid[:, None] * valid[None, :])
-  system = gram + n_lam * jnp.eye(m, dtype=jnp.float32)
-  gv = _block_products(g_leaves, v_leaves, ids, n_blocks, m) * valid
-  # The system is symmetric (each Gram matrix is, bit for bit), so solving with its
-  # transpose is the same solve; handing LAPACK (column-major) the transpose lets XLA
-  # keep the producing fusion row-major, which the YNNPACK fusions of the fast CPU
-  # kernels (runtime/cpu_kernels.py) require: otherwise XLA:CPU 0.10.2 stops with
-  # 'Instruction with unsupported layout in YNN fusion'.
-  coeffs = jnp.linalg.solve(jnp.swapaxes(system, -1, -2), gv[..., None])[..., 0] * valid
-  x_leaves = _apply_rows(g_leaves, v_leaves, ids, coeffs, -1.0)
 
-  # Diagnostics: A x = x + G_bᵀ(G_b x_b)/(nλ), with the same F.
-  gx = _block_products(g_leaves, x_leaves, ids, n_blocks, m) * valid
-  ax_leaves = _apply_rows(g_leaves, x_leaves, ids, gx, 1.0 / n_lam)
-  unflatten = lambda leaves: jax.tree_util.tree_unflatten(treedef, leaves)
-  x = unflatten(x_leaves)
-  return x, _info(v, x, unflatten(ax_leaves))
+def _unchecked_info(x) -> SolveInfo:
+  return SolveInfo(iterations=jnp.zeros((), jnp.int32),
+                   residual=jnp.full((), jnp.nan, jnp.float32),
+                   min_curvature=jnp.full((), jnp.inf, jnp.float32),
+                   nonfinite=jnp.logical_not(tree_all_finite(x)))
 
 
 def _info(v, x, ax) -> SolveInfo:
@@ -358,18 +408,50 @@ def ordered(window: GradientWindow) -> Tuple[PyTree, jnp.ndarray]:
   return rolled, jnp.arange(m) < num_valid(window)
 
 
-def solve(window: GradientWindow, v: PyTree, lam, blocks: BlockRule = "per_leaf"
+def _window_mask(window: GradientWindow) -> PyTree:
+  """True on the stored leaves; False on the frozen leaves' ``(m, 0)`` placeholders."""
+  return jax.tree_util.tree_map(lambda s: tuple(s.shape[1:]) != (0,), window.grads)
+
+
+def factorize(window: GradientWindow, lam, blocks: BlockRule = "per_leaf") -> WindowFactor:
+  """The per-block factorisation :func:`solve` needs for this window and λ; build it
+  once and pass it to every solve while the window and λ stay the same (an upper
+  stage). None when there is nothing to factorise (no included leaf)."""
+  mask = _window_mask(window)
+  g_leaves = jax.tree_util.tree_leaves(window.grads)
+  ids, n_blocks = block_assignment(window.grads, blocks, mask)
+  m = window_length(window)
+  if n_blocks == 0:
+    return None
+  return _factorize(g_leaves, ids, n_blocks, m, lam, num_valid(window))
+
+
+def solve(window: GradientWindow, v: PyTree, lam, blocks: BlockRule = "per_leaf", *,
+          factor: Optional[WindowFactor] = None, diagnostics: bool = True
           ) -> Tuple[PyTree, SolveInfo]:
-  """:func:`mfac_solve` with the window's valid gradients (frozen leaves: ``x = v``)."""
-  v_leaves, treedef = jax.tree_util.tree_flatten(v)
+  """:func:`mfac_solve` with the window's valid gradients (frozen leaves: ``x = v``);
+  ``factor``: :func:`factorize` of this window, λ and ``blocks`` (else built here)."""
   try:
-    stored = treedef.flatten_up_to(window.grads)
+    jax.tree_util.tree_structure(v).flatten_up_to(window.grads)
   except (ValueError, TypeError) as e:
     raise ValueError(f"solve: v must have the window's parameter structure; {e}") from e
-  mask = jax.tree_util.tree_unflatten(
-      treedef, [_included(s, u) for s, u in zip(stored, v_leaves)])
-  return mfac_solve(window.grads, v, lam, blocks=blocks, mask=mask,
-                    num_valid=num_valid(window))
+  return mfac_solve(window.grads, v, lam, blocks=blocks, mask=_window_mask(window),
+                    num_valid=num_valid(window), factor=factor, diagnostics=diagnostics)
+
+
+def matvec(window: GradientWindow, lam, blocks: BlockRule = "per_leaf"
+           ) -> Callable[[PyTree], PyTree]:
+  """``x ↦ (I + F_b/λ) x``, the operator :func:`solve` inverts (for a residual check)."""
+  ids, n_blocks = block_assignment(window.grads, blocks, _window_mask(window))
+  valid, n_lam = _valid_rows(window_length(window), num_valid(window), lam)
+
+  def apply(x):
+    x_leaves, treedef = jax.tree_util.tree_flatten(x)
+    g_leaves = treedef.flatten_up_to(window.grads)
+    gx = _block_products(g_leaves, x_leaves, ids, n_blocks, len(valid)) * valid
+    return jax.tree_util.tree_unflatten(treedef, _apply_rows(g_leaves, x_leaves, ids, gx,
+                                                             1.0 / n_lam))
+  return apply
 
 
 def window_bytes(window_or_params: PyTree, m: Optional[int] = None, dtype=jnp.float32,
@@ -394,14 +476,24 @@ def _window_init(params_like: PyTree, settings) -> GradientWindow:
   return init(params_like, settings.mfac_window_length, dtype=settings.mfac_dtype)
 
 
-def _window_solve(window: GradientWindow, v: PyTree, lam, settings):
-  """:func:`solve` with ``settings.mfac_blocks``; ``lam`` is λ + δ."""
-  return solve(window, v, lam, blocks=settings.mfac_blocks)
+# The hooks below take ``settings.mfac_blocks``; their ``lam`` is λ + δ.
+def _window_factor(window: GradientWindow, lam, settings) -> WindowFactor:
+  return factorize(window, lam, blocks=settings.mfac_blocks)
+
+
+def _window_solve(window: GradientWindow, v: PyTree, lam, settings, factor=None,
+                  diagnostics: bool = True):
+  return solve(window, v, lam, blocks=settings.mfac_blocks, factor=factor,
+               diagnostics=diagnostics)
+
+
+def _window_matvec(window: GradientWindow, lam, settings):
+  return matvec(window, lam, blocks=settings.mfac_blocks)
 
 
 SPEC = SolverSpec(
-    name="mfac", needs="gradient_window", solves_head=False, residual_is_free=True,
+    name="mfac", needs="gradient_window", solves_head=False,
     operator_products=0, window_init=_window_init, window_push=push,
-    window_solve=_window_solve,
+    window_solve=_window_solve, window_factor=_window_factor, window_matvec=_window_matvec,
     summary="BiSSLight's M-FAC: block-wise Woodbury solve against the empirical Fisher of "
             "the last m pretext gradients; no Hessian-vector product.")

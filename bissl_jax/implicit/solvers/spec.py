@@ -46,7 +46,14 @@ class SolverSpec:
     window_init: ``(params_like, settings) -> window``: the empty gradient window over
       the trainable θ (``settings``: the ``config.bissl`` values the solver reads).
     window_push: ``(window, grads) -> window``: one lower step's pretext gradient.
-    window_solve: ``(window, v, lam, settings) -> (x, info)``.
+    window_solve: ``(window, v, lam, settings) -> (x, info)``; with ``window_factor``
+      also ``factor=`` (that hook's result) and ``diagnostics=`` (False: no residual
+      and no curvature, the policy checks the residual with ``window_matvec``).
+    window_factor: optional ``(window, lam, settings) -> factor``: what every solve of
+      one upper stage shares (the window and λ do not change within one), built once
+      per stage by ``prepare_stage``.
+    window_matvec: ``(window, lam, settings) -> (x ↦ A x)``, the model ``A`` the solve
+      inverts; needed unless ``residual_is_free`` (then the solve always reports it).
     summary: one line for docs and ``--help``.
   """
   name: str
@@ -62,6 +69,8 @@ class SolverSpec:
   window_init: Optional[Callable[..., Any]] = None
   window_push: Optional[Callable[..., Any]] = None
   window_solve: Optional[Callable[..., Any]] = None
+  window_factor: Optional[Callable[..., Any]] = None
+  window_matvec: Optional[Callable[..., Any]] = None
   summary: str = ""
 
   def __post_init__(self):
@@ -76,6 +85,10 @@ class SolverSpec:
     if self.needs == "gradient_window" and not all(callable(h) for h in hooks):
       raise ValueError(f"SolverSpec {self.name!r}: a gradient-window solver needs "
                        "window_init, window_push and window_solve.")
+    if self.needs == "gradient_window" and not (self.residual_is_free
+                                                or callable(self.window_matvec)):
+      raise ValueError(f"SolverSpec {self.name!r}: a gradient-window solver whose residual "
+                       "is not free needs window_matvec (the policy's residual check).")
 
   @property
   def needs_operator(self) -> bool:
