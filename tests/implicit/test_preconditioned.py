@@ -17,23 +17,15 @@ from bissl_jax import implicit
 from bissl_jax.implicit import solvers
 from bissl_jax.implicit.solvers.cg import cg
 from bissl_jax.implicit.solvers.minres import minres, smallest_ritz_value
+import test_solvers
+from test_solvers import dense_operator, flat
 
 SHAPES = {"w": (3, 4), "b": (6,)}   # 18 entries, 2 leaves
 N = 18
 
 
 def make_tree(rng):
-  return {k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in SHAPES.items()}
-
-
-def flat(tree):
-  return np.asarray(ravel_pytree(tree)[0], np.float64)
-
-
-def dense_operator(matrix, like):
-  _, unravel = ravel_pytree(like)
-  m = jnp.asarray(matrix, jnp.float32)
-  return lambda v: unravel(m @ ravel_pytree(v)[0])
+  return test_solvers.make_tree(rng, SHAPES)
 
 
 def diagonal_preconditioner(diagonal, like):
