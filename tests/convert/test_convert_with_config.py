@@ -6,6 +6,7 @@ import pytest
 
 torch = pytest.importorskip(
     "torch", reason="writing the .pth input needs torch: pip install -e '.[torch]'")
+pytestmark = pytest.mark.torch
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -19,8 +20,8 @@ CONFIG = "configs/digits_simclr.py:runlocal"  # resnet18, width 1/16, CIFAR stem
 
 
 def _model():
-  return resnet.build_model("resnet18", num_classes=10, width_multiplier=0.0625,
-                            cifar_stem=True, projector="16-16-16")
+  return resnet.build_model("resnet18", width_multiplier=0.0625, cifar_stem=True,
+                            projector="16-16-16")
 
 
 @pytest.fixture(scope="module")
