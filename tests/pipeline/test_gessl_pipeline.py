@@ -135,7 +135,7 @@ def test_gessl_configs_build_validate_and_wrap_the_task(module, arg):
     for block in ("model", "pretext", "gessl", "bissl"):
       assert again[block].to_dict() == config[block].to_dict()
     assert (config.data.image_size, g.n_tasks, g.classes_per_task) == (8, 2, 16)
-  model = context_lib.build_model(resolved, 10)
+  model = context_lib.build_model(resolved)
   task = context_lib.build_pretext_task(resolved, model)
   assert isinstance(task, gessl.GeSSL) and task.batch_size == resolved.pretext.batch_size
   assert (task.num_views, task.fd_radius) == (g.num_views, g.fd_radius)
