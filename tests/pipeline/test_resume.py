@@ -39,7 +39,7 @@ def setup(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("resume"))
   splits, pretext_set = load_data(config, need_pretext=True, need_downstream=True)
   ctx = build_context(config, workdir)
-  params, stats = ctx.model.init(jax.random.key(0), ctx.image_size)
+  params, stats = ctx.init_variables(jax.random.key(0))
   warm = {"params": params, "batch_stats": stats}
   return ctx, warm, pretext_set, splits["train"]
 
