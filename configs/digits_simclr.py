@@ -31,7 +31,7 @@ It also runs two BiSSL variants on the same seeds and budget
 gradients) and MINRES.
 
 Cost (measured on the 2-core development CPU, Intel Xeon, 2026-12-06, beside other jobs):
-772 s wall time, much of it XLA compilation (every step function compiles once, on the
+520 s wall time, much of it XLA compilation (every step function compiles once, on the
 first seed).
 
 Expected result (3 seeds, the library's 'fast' CPU kernels; reproducible to the digit on
@@ -39,9 +39,9 @@ one machine, not across CPU models or kernels)::
 
   | Pipeline          | Test top-1 (%) | Test top-5 (%) | Seeds | FT lr | FT wd  |
   | Only FT           | 96.7 ± 0.7     | 100.0 ± 0.0    | 3     | 0.05  | 0.0005 |
-  | BiSSL+FT          | 96.5 ± 0.9     | 100.0 ± 0.0    | 3     | 0.05  | 0.0005 |
+  | BiSSL+FT          | 96.8 ± 0.7     | 100.0 ± 0.0    | 3     | 0.05  | 0.0005 |
   | BiSSL+FT (mfac)   | 97.5 ± 0.3     | 100.0 ± 0.0    | 3     | 0.05  | 0.0005 |
-  | BiSSL+FT (minres) | 97.3 ± 0.4     | 100.0 ± 0.0    | 3     | 0.05  | 0.0005 |
+  | BiSSL+FT (minres) | 96.8 ± 1.0     | 100.0 ± 0.0    | 3     | 0.05  | 0.0005 |
 
 At this scale the pipelines are within noise of each other: the config exercises and
 times the complete protocol; it does not reproduce the paper's gains.
