@@ -4,8 +4,7 @@
 each value here is refused with one message, before any compute.
 
 * ``data.split_seed`` seeds NumPy's generator, which refuses negative seeds.
-* ``model.dtype`` is the ViT's and GPT's compute dtype; the ResNets compute in
-  float32 and would silently ignore anything else.
+* ``model.dtype`` is the compute dtype of every backbone (ResNet, ViT, GPT).
 * ``model.width_multiplier`` of a ResNet must leave its first stage a channel.
 * ``bissl.cg_iters`` on the unrolled path: on CPU the solver's loop is unrolled
   into straight-line code under ``jit`` (the XLA:CPU loop cliff, ``bissl_jax/implicit/solvers/__init__.py``),
@@ -45,10 +44,6 @@ def problems(config: Any, get: Callable[[Any, str], Any], backend: str) -> List[
   if dtype not in MODEL_DTYPES:
     out.append(f"config.model.dtype={dtype!r}: unknown compute dtype; choose one of "
                f"{MODEL_DTYPES}.")
-  elif dtype != "float32" and not arch.startswith(("vit", "gpt")):
-    out.append(f"config.model.dtype={dtype!r}: model.arch={arch!r} (a ResNet) computes in "
-               f"float32 and would ignore it; set model.dtype='float32' (a compute dtype "
-               f"applies to the ViTs and GPTs).")
   width = value("model.width_multiplier", 1.0)
   if (not arch.startswith(("vit", "gpt")) and isinstance(width, (int, float))
       and width > 0 and round(64 * width) < 1):

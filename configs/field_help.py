@@ -51,7 +51,7 @@ FIELD_HELP = {
     "model.decoder_heads": "MAE decoder attention heads",
     "model.drop_path": "ViT: stochastic depth rate of the encoder",
     "model.remat": "ViT/GPT: jax.checkpoint per transformer block",
-    "model.dtype": "ViT/GPT: compute dtype ('float32', 'bfloat16')",
+    "model.dtype": "compute dtype ('float32', 'bfloat16'); parameters, BatchNorm statistics and losses stay float32",
     "model.cpu_kernels": "XLA:CPU kernels: 'fast' (XLA's convolutions + YNNPACK fusions, "
                          "faster here, other rounding) or 'default' (jaxlib's); set "
                          "before the backend starts by bissl-jax run, recorded as in effect",

@@ -130,7 +130,7 @@ class ResNet(nn.Module):
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for i, num_blocks in enumerate(self.stage_sizes):
       x = _stage(x, i, num_blocks, self.block, self.width, train, self.dtype)
-    return jnp.mean(x, axis=(1, 2)) if self.pool else x
+    return _pooled(x) if self.pool else x
 
 
 class ResNetTail(nn.Module):
@@ -153,9 +153,16 @@ class ResNetTail(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, train: bool):
+    x = jnp.asarray(x, self.dtype)
     for i in range(self.first_stage, len(self.stage_sizes)):
       x = _stage(x, i, self.stage_sizes[i], self.block, self.width, train, self.dtype)
-    return jnp.mean(x, axis=(1, 2))
+    return _pooled(x)
+
+
+def _pooled(x):
+  """Global average pooling in float32: the heads, losses and the implicit solve's dot
+  products stay float32 whatever the backbone's compute dtype."""
+  return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
 
 
 def _stage(x, i: int, num_blocks: int, block: str, width: int, train: bool, dtype):
@@ -331,8 +338,8 @@ class BisslModel:
 
 def build_model(arch: str, *, width_multiplier: float = 1.0,
                 cifar_stem: bool = False, projector: str = "256-256-256",
-                predictor: Optional[str] = None, backbone_ends_at: str = "res5"
-                ) -> BisslModel:
+                predictor: Optional[str] = None, backbone_ends_at: str = "res5",
+                dtype: str = "float32") -> BisslModel:
   """Builds a :class:`BisslModel` from config strings.
 
   Args:
@@ -345,6 +352,9 @@ def build_model(arch: str, *, width_multiplier: float = 1.0,
     backbone_ends_at: the last stage of the shared backbone θ: ``'res5'`` (the whole
       ResNet, the default) or ``'res4'``/``'res3'``/``'res2'``; the later stages join
       the pretext head (``'res4'``: the C4 boundary of the paper's detection setup).
+    dtype: the convolutions' compute dtype, ``'float32'`` or ``'bfloat16'``. Parameters,
+      BatchNorm statistics (Flax computes them in at least float32), the pooled
+      features, the MLP heads and so the losses stay float32.
 
   Returns:
     The model bundle.
@@ -363,6 +373,8 @@ def build_model(arch: str, *, width_multiplier: float = 1.0,
   if backbone_ends_at not in BOUNDARIES:
     raise ValueError(f"backbone_ends_at={backbone_ends_at!r}; valid choices: {BOUNDARIES}.")
   full = ARCHITECTURES[arch](width_multiplier, cifar_stem)
+  if jnp.dtype(dtype) != jnp.float32:
+    full = full.clone(dtype=jnp.dtype(dtype))
   shared = BOUNDARIES.index(backbone_ends_at) + 1
   tail = None
   if shared < len(full.stage_sizes):

@@ -171,7 +171,8 @@ def build_model(config, *, lora: bool = True):
   predictor = m.predictor or (m.projector if config.pretext.task == "byol" else None)
   return resnet.build_model(m.arch, width_multiplier=m.width_multiplier, cifar_stem=m.cifar_stem,
                             projector=m.projector, predictor=predictor,
-                            backbone_ends_at=m.get("backbone_ends_at", "res5"))
+                            backbone_ends_at=m.get("backbone_ends_at", "res5"),
+                            dtype=m.get("dtype", "float32"))
 
 
 def uses_gessl(config) -> bool:

@@ -26,7 +26,6 @@ ENV = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
 CASES = [
     ({"data.split_seed": -1}, "data.split_seed"),
     ({"model.dtype": "foo"}, "model.dtype"),
-    ({"model.dtype": "bfloat16"}, "model.dtype"),  # a ResNet would ignore it
     ({"bissl.cg_iters": 100000}, "bissl.cg_iters"),
     ({"bissl.cg_iters": 100000, "bissl.unroll": True}, "bissl.cg_iters"),
     ({"model.width_multiplier": 0.001}, "model.width_multiplier"),
