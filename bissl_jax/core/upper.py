@@ -93,6 +93,8 @@ def prepare_stage(setup: BisslSetup, state: BilevelState, hvp_images, rng):
   """
   lam = current_lam(setup, state)
   spec = setup.solver_spec
+  if spec.is_curvature_model:   # K-FAC: its model of L_P on the HVP batch, no Hessian
+    return _curvature_model(setup, spec, state, setup.task.prepare(rng, hvp_images)), lam
   if not spec.needs_operator:
     if spec.window_factor is None:
       return None, lam
@@ -102,6 +104,17 @@ def prepare_stage(setup: BisslSetup, state: BilevelState, hvp_images, rng):
   if setup.hessian_mode in _PREBUILT_MODES:
     return _hessian(setup, state, inputs), lam
   return inputs, lam
+
+
+def _curvature_model(setup: BisslSetup, spec, state: BilevelState, inputs):
+  """A curvature-model solver's (or preconditioner's) ``curvature_factor`` of L_P over the
+  trainable θ at (θ_P, φ_P) on the prepared HVP inputs (K-FAC: its eigendecomposed
+  Kronecker factors). BatchNorm in training mode, as for the Hessian."""
+  lower = state.lower
+  theta, _ = _solve_space(setup, lower.params)
+  at = _of_solve_space(setup, state, lambda p: p)
+  loss = lambda t: setup.task.loss(at(t), lower.batch_stats, inputs, state.target)[0]
+  return spec.curvature_factor(loss, theta, setup)
 
 
 def stage_matvec(setup: BisslSetup, state: BilevelState, operator):
@@ -161,6 +174,11 @@ def implicit_gradient(setup: BisslSetup, state: BilevelState, operator, lam, v,
   whose relative residual exceeds 1 by ``v`` (first order).
   """
   spec = setup.solver_spec
+  if spec.is_curvature_model:
+    solution, info = spec.curvature_solve(operator, v, lam + setup.damping, setup,
+                                          diagnostics=False)
+    return _with_residual(setup, state, operator, lam, UpperSystem(v, solution), info,
+                          check_residual, solution)
   if spec.keeps_gradient_window:
     window = state.solver_state.gradient_window
     every_step = check_residual is True or (check_residual is not False
@@ -216,6 +234,8 @@ def _system_matvec(setup: BisslSetup, state: BilevelState, operator, lam, rhs):
   """``x ↦ A x`` of the upper step's system: ``I + H/(λ+δ)``, or a gradient-window
   solver's own model (M-FAC: ``I + F/(λ+δ)``, two passes over the window)."""
   spec = setup.solver_spec
+  if spec.is_curvature_model:
+    return spec.curvature_matvec(operator, lam + setup.damping, setup)
   if spec.keeps_gradient_window:
     return spec.window_matvec(state.solver_state.gradient_window, lam + setup.damping, setup)
   return implicit.damped_operator(stage_matvec(setup, state, operator), lam=lam,

@@ -141,3 +141,4 @@ def test_kfac_is_registered_as_a_curvature_model_solver():
   assert "kfac" not in solvers.SOLVERS
   with pytest.raises(ValueError, match="curvature_factor"):
     solvers.SolverSpec(name="broken", needs="curvature_model")
+

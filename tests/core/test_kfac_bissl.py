@@ -1,0 +1,47 @@
+"""solver='kfac' in BiSSL: one alternation, and config validation."""
+import jax
+import numpy as np
+import pytest
+
+from bissl_jax.config_validation import ConfigError, validate_config
+from bissl_jax.core import alternation as ts
+from bissl_jax.core import upper as upper_level
+from config_helpers import override
+from configs import digits_simclr
+from test_train_state import make_batches, make_setup, make_state
+
+
+
+@pytest.mark.slow  # one alternation on the tiny setup: about 100 s on a shared 2-core CPU
+def test_one_bissl_alternation_with_kfac_is_finite_and_moves_the_head():
+  setup = make_setup(solver="kfac", damping=1.0, lam=0.05, upper_steps=1)
+  state = make_state(setup)
+  # The stage's factor covers the backbone's Dense layer (kernel and bias);
+  # BatchNorm's scale and bias have no block and keep x = v.
+  factor, _ = upper_level.prepare_stage(setup, state, make_batches(setup).hvp,
+                                        jax.random.PRNGKey(1))
+  assert len(factor.layers) == 1 and factor.layers[0].bias is not None
+  new_state, metrics = ts.make_alternation_fn(setup)(state, make_batches(setup),
+                                                     jax.random.PRNGKey(0))
+  metrics = jax.device_get(metrics)
+  assert not np.any(metrics["upper_nonfinite"]) and not np.any(metrics["lower_nonfinite"])
+  checked = metrics["cg_residual"][~np.isnan(metrics["cg_residual"])]
+  assert np.all(checked < 1e-4)          # the exact inverse of its own model
+  head_moves = jax.tree_util.tree_map(
+      lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
+      new_state.upper.params["downstream_head"], state.upper.params["downstream_head"])
+  assert max(jax.tree_util.tree_leaves(head_moves)) > 0
+  assert all(np.all(np.isfinite(np.asarray(l)))
+             for l in jax.tree_util.tree_leaves(new_state.upper.params))
+
+
+def test_config_validation_accepts_kfac_and_refuses_it_over_the_head():
+  config = digits_simclr.get_config()
+  config.bissl_variants = {}      # its variants change the solver
+  validate_config(override(config, **{"bissl.solver": "kfac"}))
+  setup = make_setup(solver="kfac")
+  assert setup.window_spec is None and setup.solver_spec.is_curvature_model
+  with pytest.raises(ValueError, match="head_in_implicit"):
+    make_setup(solver="kfac", head_in_implicit=True)
+  with pytest.raises(ConfigError, match=r"bissl\.head_in_implicit|bissl\.solver"):
+    validate_config(override(config, **{"bissl.solver": "kfac", "bissl.head_in_implicit": True}))
