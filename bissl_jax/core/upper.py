@@ -101,9 +101,15 @@ def prepare_stage(setup: BisslSetup, state: BilevelState, hvp_images, rng):
     return spec.window_factor(state.solver_state.gradient_window, lam + setup.damping,
                               setup), lam
   inputs = setup.task.prepare(rng, hvp_images)
-  if setup.hessian_mode in _PREBUILT_MODES:
-    return _hessian(setup, state, inputs), lam
-  return inputs, lam
+  operator = _hessian(setup, state, inputs) if setup.hessian_mode in _PREBUILT_MODES else inputs
+  if _model_preconditioned(setup):   # preconditioner='kfac': its model rides along
+    return (operator, _curvature_model(setup, setup.preconditioner_spec, state, inputs)), lam
+  return operator, lam
+
+
+def _model_preconditioned(setup: BisslSetup) -> bool:
+  spec = setup.preconditioner_spec
+  return spec is not None and spec.is_curvature_model
 
 
 def _curvature_model(setup: BisslSetup, spec, state: BilevelState, inputs):
@@ -119,6 +125,8 @@ def _curvature_model(setup: BisslSetup, spec, state: BilevelState, inputs):
 
 def stage_matvec(setup: BisslSetup, state: BilevelState, operator):
   """The undamped ``v ↦ H v`` of the stage from :func:`prepare_stage`'s ``operator``."""
+  if _model_preconditioned(setup):
+    operator = operator[0]
   if setup.hessian_mode in _PREBUILT_MODES:
     return operator
   return _hessian(setup, state, operator)
@@ -131,16 +139,21 @@ def _identity_mask(setup: BisslSetup, rhs: PyTree):
           "pretext_head": jax.tree_util.tree_map(lambda _: False, rhs["pretext_head"])}
 
 
-def window_preconditioner(setup: BisslSetup, state: BilevelState, lam):
+def window_preconditioner(setup: BisslSetup, state: BilevelState, lam, operator=None):
   """``config.bissl.preconditioner``'s ``r ↦ M r``, or None for ``'none'``.
 
-  ``M`` is the preconditioner's curvature-model inverse on the gradient window the
-  lower steps filled: for ``'mfac'``, ``(I + F/(λ+δ))⁻¹`` with ``F`` the empirical
-  Fisher of the stored pretext gradients, symmetric positive definite and ≈ ``A⁻¹``
-  where ``F ≈ H``. Costs no operator product.
+  ``M`` is the preconditioner's curvature-model inverse ``(I + F/(λ+δ))⁻¹``: for
+  ``'mfac'`` on the gradient window the lower steps filled (``F`` the empirical Fisher
+  of the stored pretext gradients); for ``'kfac'`` on the K-FAC factors that
+  :func:`prepare_stage` built into ``operator``. Symmetric positive definite and
+  ≈ ``A⁻¹`` where ``F ≈ H``. Costs no operator product.
   """
   if setup.preconditioner == NO_PRECONDITIONER:
     return None
+  if _model_preconditioned(setup):
+    spec, factor = setup.preconditioner_spec, operator[1]
+    return lambda r: spec.curvature_solve(factor, r, lam + setup.damping, setup,
+                                          diagnostics=False)[0]
   window, spec = state.solver_state.gradient_window, setup.window_spec
   return lambda r: spec.window_solve(window, r, lam + setup.damping, setup)[0]
 
@@ -204,7 +217,7 @@ def implicit_gradient(setup: BisslSetup, state: BilevelState, operator, lam, v,
       hessian, rhs, lam=lam, damping=setup.damping,
       solver=setup.solver, maxiter=setup.cg_iters, tol=setup.cg_tol,
       init=init if setup.warm_start else None, identity_mask=identity_mask,
-      unroll=setup.use_unrolled, preconditioner=window_preconditioner(setup, state, lam))
+      unroll=setup.use_unrolled, preconditioner=window_preconditioner(setup, state, lam, operator))
   # The solver's own residual goes unused, so jit drops its product; it is
   # recomputed here only on the steps that check it.
   backbone = solution["backbone"] if setup.head_in_implicit else solution
