@@ -88,8 +88,10 @@ def prepare_stage(setup: BisslSetup, state: BilevelState, hvp_images, rng):
   ``solver='mfac'`` there is no Hessian: the stored pretext gradients stand in for H,
   the HVP batch is not used, and ``operator`` is the solver's ``window_factor`` (M-FAC's
   per-block factorisation, which depends on the window and λ only, both fixed for the
-  stage), or None. BatchNorm runs in training mode on batch statistics; running
-  statistics are not touched.
+  stage), or None. With ``solver='kfac'`` (a curvature-model solver) ``operator`` is
+  its ``curvature_factor`` of L_P on the HVP batch (K-FAC's eigendecomposed factors);
+  with ``preconditioner='kfac'`` the pair ``(Hessian operator, that factor)``. BatchNorm
+  runs in training mode on batch statistics; running statistics are not touched.
   """
   lam = current_lam(setup, state)
   spec = setup.solver_spec
