@@ -142,3 +142,19 @@ def test_kfac_is_registered_as_a_curvature_model_solver():
   with pytest.raises(ValueError, match="curvature_factor"):
     solvers.SolverSpec(name="broken", needs="curvature_model")
 
+
+
+def test_a_convolution_factor_passes_between_jitted_functions():
+  """The per-step driver builds the factor in one jitted call and solves in another:
+  its static layout (the convolution geometry included) must be hashable."""
+  model = SmallConv()
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 5, 5, 2)))["params"]
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 5, 5, 2))
+  loss = lambda p: jnp.mean(model.apply({"params": p}, x) ** 2)
+  factor = jax.jit(lambda p: kfac.factorize(loss, p))(params)
+  hash(jax.tree_util.tree_structure(factor))
+  v = _vector(params, 4)
+  x_jit, _ = jax.jit(lambda f, v: kfac.solve(f, v, MU))(factor, v)
+  x_eager, _ = kfac.solve(factor, v, MU)
+  np.testing.assert_allclose(np.asarray(x_jit["conv"]["kernel"]),
+                             np.asarray(x_eager["conv"]["kernel"]), rtol=1e-5, atol=1e-6)

@@ -64,6 +64,8 @@ def _conv_geometry(module: nn.Conv, x) -> Optional[tuple]:
   if isinstance(padding, str) and padding not in ("SAME", "VALID"):
     return None   # CIRCULAR / CAUSAL pad by hand in flax
   padding = nn.linear.canonicalize_padding(padding, rank)
+  if not isinstance(padding, str):   # hashable: the geometry is a pytree's static data
+    padding = tuple(tuple(int(p) for p in pair) for pair in padding)
   expand = lambda v: (1,) * rank if v is None else ((v,) * rank if isinstance(v, int)
                                                     else tuple(v))
   return (kernel_size, expand(module.strides), padding, expand(module.kernel_dilation),
