@@ -25,8 +25,10 @@ which gives the output gradients, while the intercepted inputs come back as ``au
 Not captured (no block; :mod:`bissl_jax.implicit.solvers.kfac` leaves them to its
 fallback): ``DenseGeneral``, ``Embed``, grouped, circular or non-2D convolutions,
 BatchNorm/LayerNorm scales, parameters a module reads with ``self.param`` outside a
-``Dense``/``Conv`` (LoRA adapters, tokens, position embeddings), and layers whose
-kernel is frozen (not a leaf of ``params``).
+``Dense``/``Conv`` (LoRA adapters, tokens, position embeddings), layers whose
+kernel is frozen (not a leaf of ``params``), and layers inside a lifted transform that
+re-traces its parameters (``nn.remat``, ``nn.scan``: the kernel the module reads is
+then not the leaf itself; keep ``config.model.remat=False`` with K-FAC).
 """
 from typing import Callable, List, NamedTuple, Optional, Tuple
 
