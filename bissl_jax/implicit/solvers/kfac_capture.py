@@ -28,7 +28,8 @@ BatchNorm/LayerNorm scales, parameters a module reads with ``self.param`` outsid
 ``Dense``/``Conv`` (LoRA adapters, tokens, position embeddings), layers whose
 kernel is frozen (not a leaf of ``params``), and layers inside a lifted transform that
 re-traces its parameters (``nn.remat``, ``nn.scan``: the kernel the module reads is
-then not the leaf itself; keep ``config.model.remat=False`` with K-FAC).
+then not the leaf itself; keep ``config.model.remat=False`` with K-FAC) or runs under an
+inner ``vmap`` (GeSSL's per-task losses: its inputs cannot leave that trace).
 """
 from typing import Callable, List, NamedTuple, Optional, Tuple
 
@@ -79,6 +80,14 @@ def _param_index(module: nn.Module, name: str, ids: dict) -> Optional[int]:
   return ids.get(id(params[name])) if name in params else None
 
 
+def _outside_transforms(x, kernel) -> bool:
+  """Whether the layer runs at the loss's own trace level: an input traced by an inner
+  transform (a ``vmap`` over tasks, as GeSSL's) cannot be handed out of it."""
+  if not isinstance(x, jax.core.Tracer):
+    return True
+  return getattr(x, "_trace", None) is getattr(kernel, "_trace", object())
+
+
 def _is_layer(context) -> bool:
   return context.method_name == "__call__" and type(context.module) in (nn.Dense, nn.Conv)
 
@@ -97,7 +106,8 @@ def discover(loss_fn: Callable[[PyTree], jnp.ndarray], params: PyTree
         module, x = context.module, args[0]
         kernel = _param_index(module, "kernel", ids)
         conv = _conv_geometry(module, x) if isinstance(module, nn.Conv) else None
-        supported = isinstance(module, nn.Dense) or conv is not None
+        supported = ((isinstance(module, nn.Dense) or conv is not None) and kernel is not None
+                     and _outside_transforms(x, module.variables["params"]["kernel"]))
         calls.append(LayerCall(kernel, _param_index(module, "bias", ids), conv)
                      if kernel is not None and supported and x.ndim >= 2 else None)
       return next_fun(*args, **kwargs)
