@@ -17,6 +17,9 @@ the relative residual on the true A, computed in float64 from the dense matrix):
   and λ' = λ (BiSSLight's own setting, no δ).
 * ``cg``/``minres + mfac preconditioner``: those solvers on the true A, preconditioned
   by M-FAC's per-leaf ``(I + F/(λ+δ))⁻¹`` from the same window.
+* ``kfac``: ``(I + F_K/(λ+δ))⁻¹ v`` with F_K the K-FAC model (per Conv/Dense layer
+  ``A ⊗ G``) of L_P on the HVP batch; ``cg``/``minres + kfac preconditioner``: those
+  solvers on the true A, preconditioned by that inverse.
 
 A second table draws ``--residual-batches`` fresh (HVP batch, downstream batch)
 pairs at the same point and reports how often each operator solver's residual on
@@ -43,6 +46,7 @@ from bench import common
 from bissl_jax.tasks import augment
 from bissl_jax.core import hessian as hessian_lib
 from bissl_jax import implicit
+from bissl_jax.implicit.solvers import kfac
 from bissl_jax.implicit.solvers import mfac
 
 
@@ -62,7 +66,7 @@ DEFAULTS = {  # (pretrain steps, lower steps = m, dense batches, residual batche
     "tiny": (0, 3, 1, 2),
 }
 OPERATOR_SOLVERS = ("layerwise_cg", "cg", "minres", "neumann")
-PRECONDITIONED_SOLVERS = ("cg", "minres")   # with M-FAC's (I + F/(λ+δ))⁻¹ from the window
+PRECONDITIONED_SOLVERS = ("cg", "minres")   # with M-FAC's or K-FAC's (I + F/(λ+δ))⁻¹
 
 
 def add_arguments(parser) -> None:
@@ -156,6 +160,7 @@ class Batch:
     self.views = common.make_views(hvp_images, image_size=size,
                                    seed=int(jax.random.randint(k_views, (), 0, 2**30)))
     self.hessian, self.gn = _operators(problem.task, lower, stats, self.views)
+    self.kfac = _kfac_factor(problem.task, lower, stats, self.views)
     self.v = _downstream_grad(problem.downstream, size, lower["backbone"], head, stats["backbone"],
                               images, labels, k_down)
 
@@ -166,6 +171,14 @@ def _operators(task, lower, stats, views):
   loss = lambda theta: task.loss({"backbone": theta, "pretext_head": head}, stats, views)[0]
   hessian = implicit.hessian_operator(loss, lower["backbone"], mode="linearize")
   return hessian, hessian_lib.gauss_newton_hessian(task, lower, stats, views)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _kfac_factor(task, lower, stats, views):
+  """K-FAC's eigendecomposed factors of L_P over θ on the HVP batch (φ_P fixed)."""
+  head = lower["pretext_head"]
+  loss = lambda theta: task.loss({"backbone": theta, "pretext_head": head}, stats, views)[0]
+  return kfac.factorize(loss, lower["backbone"])
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -185,11 +198,18 @@ def _solve(hmap, b, lam, damping, *, solver, iters):
   return implicit.solve(matvec, b, solver=solver, maxiter=iters, unroll=True)
 
 
+def _model_inverse(model, r, lam):
+  """``(I + F/lam)⁻¹ r`` of a K-FAC factor, or of an M-FAC window (per leaf)."""
+  if isinstance(model, kfac.KFACFactor):
+    return kfac.solve(model, r, lam, diagnostics=False)[0]
+  return mfac.solve(model, r, lam, "per_leaf")[0]
+
+
 @functools.partial(jax.jit, static_argnames=("solver", "iters"))
-def _solve_mfac_preconditioned(hmap, b, window, lam, damping, *, solver, iters):
-  """``solver`` on the true A, preconditioned by M-FAC's (I + F/(λ+δ))⁻¹ (per leaf)."""
+def _solve_preconditioned(hmap, b, model, lam, damping, *, solver, iters):
+  """``solver`` on the true A, preconditioned by ``model``'s (I + F/(λ+δ))⁻¹."""
   matvec = implicit.damped_operator(hmap, lam=lam, damping=damping)
-  precondition = lambda r: mfac.solve(window, r, lam + damping, "per_leaf")[0]
+  precondition = lambda r: _model_inverse(model, r, lam + damping)
   return implicit.solve(matvec, b, solver=solver, maxiter=iters, unroll=True,
                         preconditioner=precondition)
 
@@ -197,6 +217,11 @@ def _solve_mfac_preconditioned(hmap, b, window, lam, damping, *, solver, iters):
 @functools.partial(jax.jit, static_argnames="blocks")
 def _mfac(window, v, lam, *, blocks):
   return mfac.solve(window, v, lam, blocks)
+
+
+@jax.jit
+def _kfac(factor, v, lam):
+  return kfac.solve(factor, v, lam)
 
 
 @jax.jit
@@ -251,10 +276,11 @@ def solver_answers(batch: Batch, window, args) -> Dict[str, tuple]:
   for solver in OPERATOR_SOLVERS:
     x, info = _solve(batch.hessian, batch.v, lam, damping, solver=solver, iters=k)
     out[solver] = (x, float(info.residual), k)
-  for solver in PRECONDITIONED_SOLVERS:
-    x, info = _solve_mfac_preconditioned(batch.hessian, batch.v, window, lam, damping,
-                                         solver=solver, iters=k)
-    out[f"{solver} + mfac preconditioner"] = (x, float(info.residual), k)
+  for name, model in (("mfac", window), ("kfac", batch.kfac)):
+    for solver in PRECONDITIONED_SOLVERS:
+      x, info = _solve_preconditioned(batch.hessian, batch.v, model, lam, damping,
+                                      solver=solver, iters=k)
+      out[f"{solver} + {name} preconditioner"] = (x, float(info.residual), k)
   out["first_order"] = (batch.v, float("nan"), 0)
   x, info = _solve(batch.gn, batch.v, lam, damping, solver="cg", iters=k)
   out["gauss_newton+cg"] = (x, float(info.residual), k)
@@ -263,6 +289,8 @@ def solver_answers(batch: Batch, window, args) -> Dict[str, tuple]:
     out[f"mfac {blocks}, λ+δ"] = (x, float(info.residual), 0)
   x, info = _mfac(window, batch.v, lam, blocks="per_leaf")
   out["mfac per_leaf, λ (BiSSLight)"] = (x, float(info.residual), 0)
+  x, info = _kfac(batch.kfac, batch.v, lam + damping)
+  out["kfac, λ+δ"] = (x, float(info.residual), 0)
   return out
 
 
@@ -331,7 +359,11 @@ def main(argv: Optional[Sequence[str]] = None) -> List[common.Table]:
              "I + G/(λ+δ), for mfac on I + F/λ'); the column before it is on the true A.",
              "mfac needs no HVP at all (one m×m solve per block from stored gradients).",
              "'+ mfac preconditioner': the solver on the true A, preconditioned by M-FAC's "
-             "per-leaf (I + F/(λ+δ))⁻¹ from the same window (no extra HVP)."])
+             "per-leaf (I + F/(λ+δ))⁻¹ from the same window (no extra HVP).",
+             "kfac: (I + F_K/(λ+δ))⁻¹ v exactly, F_K the K-FAC model (A ⊗ G per conv layer, "
+             "identity on BatchNorm leaves) of L_P on the HVP batch: one forward/backward "
+             "pass and one eigh per factor per stage, no HVP; '+ kfac preconditioner': the "
+             "solver on the true A, preconditioned by that inverse."])
 
   # How often is the residual above 1, over fresh batch pairs (no dense matrices).
   over: Dict[str, List[float]] = {s: [] for s in OPERATOR_SOLVERS + ("gauss_newton+cg",)}

@@ -277,8 +277,9 @@ def _add_bissl(config: config_dict.ConfigDict) -> None:
   config.bissl.mfac_history = config_dict.placeholder(int)
   config.bissl.mfac_blocks = "per_leaf"
   config.bissl.mfac_dtype = "float32"
-  # Preconditioner of the cg/minres solve: 'none', or 'mfac' (M-FAC's (I + F/(λ+δ))⁻¹
-  # on the window of the mfac_* fields above, filled by the lower steps; docs/solvers.md).
+  # Preconditioner of the cg/minres solve: 'none', 'mfac' (M-FAC's (I + F/(λ+δ))⁻¹
+  # on the window of the mfac_* fields above, filled by the lower steps) or 'kfac'
+  # (K-FAC's, built from the HVP batch once per upper stage; docs/solvers.md).
   config.bissl.preconditioner = "none"
   config.bissl.init_checkpoint = config_dict.placeholder(str)  # stage-only input
 

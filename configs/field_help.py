@@ -139,8 +139,9 @@ FIELD_HELP = {
     "bissl.mfac_history": "solver=mfac: stored pretext gradients (None: N_L)",
     "bissl.mfac_blocks": "solver=mfac: block rule",
     "bissl.mfac_dtype": "solver=mfac: storage dtype of the gradients",
-    "bissl.preconditioner": "preconditioner of a cg/minres solve: 'none' or 'mfac' (the "
-                            "mfac_* window's (I + F/(λ+δ))⁻¹)",
+    "bissl.preconditioner": "preconditioner of a cg/minres solve: 'none', 'mfac' (the "
+                            "mfac_* window's (I + F/(λ+δ))⁻¹) or 'kfac' (K-FAC's, from "
+                            "the HVP batch)",
     "bissl.init_checkpoint": "stages=bissl: the head warm-up output to start from",
     "bissl_variants": "extra BiSSL rows: {name: {bissl field: value}}, same seeds and budget",
     "finetune.epochs": "fine-tuning epochs (best validation epoch kept)",

@@ -35,14 +35,16 @@ NO_PRECONDITIONER = "none"
 
 
 def preconditioner_names() -> tuple:
-  """``config.bissl.preconditioner`` values: ``'none'`` or a gradient-window solver.
+  """``config.bissl.preconditioner`` values: ``'none'``, a gradient-window solver or a
+  curvature-model solver.
 
-  A gradient-window solver's ``window_solve`` applies the inverse of its curvature
-  model, ``(I + F/(λ+δ))⁻¹`` for M-FAC: symmetric positive definite and ≈ ``A⁻¹``,
-  so it preconditions a solver that declares ``preconditionable``.
+  Either applies the inverse of its curvature model, ``(I + F/(λ+δ))⁻¹`` (M-FAC's
+  ``window_solve``, K-FAC's ``curvature_solve``): symmetric positive definite and
+  ≈ ``A⁻¹``, so it preconditions a solver that declares ``preconditionable``.
   """
   return (NO_PRECONDITIONER,) + tuple(
-      name for name in solvers.names() if solvers.get(name).keeps_gradient_window)
+      name for name in solvers.names()
+      if solvers.get(name).keeps_gradient_window or solvers.get(name).is_curvature_model)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,9 +110,16 @@ class BisslSetup:
     (M-FAC), the preconditioner's (``preconditioner='mfac'``), or None."""
     if self.solver_spec.keeps_gradient_window:
       return self.solver_spec
-    if self.preconditioner != NO_PRECONDITIONER:
-      return solvers.get(self.preconditioner)
+    if self.preconditioner_spec is not None and self.preconditioner_spec.keeps_gradient_window:
+      return self.preconditioner_spec
     return None
+
+  @property
+  def preconditioner_spec(self) -> Optional["solvers.SolverSpec"]:
+    """The solver whose curvature model preconditions the upper solve, or None."""
+    if self.preconditioner == NO_PRECONDITIONER:
+      return None
+    return solvers.get(self.preconditioner)
 
   @property
   def residual_policy(self) -> ResidualPolicy:

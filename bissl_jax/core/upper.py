@@ -88,24 +88,47 @@ def prepare_stage(setup: BisslSetup, state: BilevelState, hvp_images, rng):
   ``solver='mfac'`` there is no Hessian: the stored pretext gradients stand in for H,
   the HVP batch is not used, and ``operator`` is the solver's ``window_factor`` (M-FAC's
   per-block factorisation, which depends on the window and λ only, both fixed for the
-  stage), or None. BatchNorm runs in training mode on batch statistics; running
-  statistics are not touched.
+  stage), or None. With ``solver='kfac'`` (a curvature-model solver) ``operator`` is
+  its ``curvature_factor`` of L_P on the HVP batch (K-FAC's eigendecomposed factors);
+  with ``preconditioner='kfac'`` the pair ``(Hessian operator, that factor)``. BatchNorm
+  runs in training mode on batch statistics; running statistics are not touched.
   """
   lam = current_lam(setup, state)
   spec = setup.solver_spec
+  if spec.is_curvature_model:   # K-FAC: its model of L_P on the HVP batch, no Hessian
+    return _curvature_model(setup, spec, state, setup.task.prepare(rng, hvp_images)), lam
   if not spec.needs_operator:
     if spec.window_factor is None:
       return None, lam
     return spec.window_factor(state.solver_state.gradient_window, lam + setup.damping,
                               setup), lam
   inputs = setup.task.prepare(rng, hvp_images)
-  if setup.hessian_mode in _PREBUILT_MODES:
-    return _hessian(setup, state, inputs), lam
-  return inputs, lam
+  operator = _hessian(setup, state, inputs) if setup.hessian_mode in _PREBUILT_MODES else inputs
+  if _model_preconditioned(setup):   # preconditioner='kfac': its model rides along
+    return (operator, _curvature_model(setup, setup.preconditioner_spec, state, inputs)), lam
+  return operator, lam
+
+
+def _model_preconditioned(setup: BisslSetup) -> bool:
+  spec = setup.preconditioner_spec
+  return spec is not None and spec.is_curvature_model
+
+
+def _curvature_model(setup: BisslSetup, spec, state: BilevelState, inputs):
+  """A curvature-model solver's (or preconditioner's) ``curvature_factor`` of L_P over the
+  trainable θ at (θ_P, φ_P) on the prepared HVP inputs (K-FAC: its eigendecomposed
+  Kronecker factors). BatchNorm in training mode, as for the Hessian."""
+  lower = state.lower
+  theta, _ = _solve_space(setup, lower.params)
+  at = _of_solve_space(setup, state, lambda p: p)
+  loss = lambda t: setup.task.loss(at(t), lower.batch_stats, inputs, state.target)[0]
+  return spec.curvature_factor(loss, theta, setup)
 
 
 def stage_matvec(setup: BisslSetup, state: BilevelState, operator):
   """The undamped ``v ↦ H v`` of the stage from :func:`prepare_stage`'s ``operator``."""
+  if _model_preconditioned(setup):
+    operator = operator[0]
   if setup.hessian_mode in _PREBUILT_MODES:
     return operator
   return _hessian(setup, state, operator)
@@ -118,16 +141,21 @@ def _identity_mask(setup: BisslSetup, rhs: PyTree):
           "pretext_head": jax.tree_util.tree_map(lambda _: False, rhs["pretext_head"])}
 
 
-def window_preconditioner(setup: BisslSetup, state: BilevelState, lam):
+def window_preconditioner(setup: BisslSetup, state: BilevelState, lam, operator=None):
   """``config.bissl.preconditioner``'s ``r ↦ M r``, or None for ``'none'``.
 
-  ``M`` is the preconditioner's curvature-model inverse on the gradient window the
-  lower steps filled: for ``'mfac'``, ``(I + F/(λ+δ))⁻¹`` with ``F`` the empirical
-  Fisher of the stored pretext gradients, symmetric positive definite and ≈ ``A⁻¹``
-  where ``F ≈ H``. Costs no operator product.
+  ``M`` is the preconditioner's curvature-model inverse ``(I + F/(λ+δ))⁻¹``: for
+  ``'mfac'`` on the gradient window the lower steps filled (``F`` the empirical Fisher
+  of the stored pretext gradients); for ``'kfac'`` on the K-FAC factors that
+  :func:`prepare_stage` built into ``operator``. Symmetric positive definite and
+  ≈ ``A⁻¹`` where ``F ≈ H``. Costs no operator product.
   """
   if setup.preconditioner == NO_PRECONDITIONER:
     return None
+  if _model_preconditioned(setup):
+    spec, factor = setup.preconditioner_spec, operator[1]
+    return lambda r: spec.curvature_solve(factor, r, lam + setup.damping, setup,
+                                          diagnostics=False)[0]
   window, spec = state.solver_state.gradient_window, setup.window_spec
   return lambda r: spec.window_solve(window, r, lam + setup.damping, setup)[0]
 
@@ -161,6 +189,11 @@ def implicit_gradient(setup: BisslSetup, state: BilevelState, operator, lam, v,
   whose relative residual exceeds 1 by ``v`` (first order).
   """
   spec = setup.solver_spec
+  if spec.is_curvature_model:
+    solution, info = spec.curvature_solve(operator, v, lam + setup.damping, setup,
+                                          diagnostics=False)
+    return _with_residual(setup, state, operator, lam, UpperSystem(v, solution), info,
+                          check_residual, solution)
   if spec.keeps_gradient_window:
     window = state.solver_state.gradient_window
     every_step = check_residual is True or (check_residual is not False
@@ -186,7 +219,7 @@ def implicit_gradient(setup: BisslSetup, state: BilevelState, operator, lam, v,
       hessian, rhs, lam=lam, damping=setup.damping,
       solver=setup.solver, maxiter=setup.cg_iters, tol=setup.cg_tol,
       init=init if setup.warm_start else None, identity_mask=identity_mask,
-      unroll=setup.use_unrolled, preconditioner=window_preconditioner(setup, state, lam))
+      unroll=setup.use_unrolled, preconditioner=window_preconditioner(setup, state, lam, operator))
   # The solver's own residual goes unused, so jit drops its product; it is
   # recomputed here only on the steps that check it.
   backbone = solution["backbone"] if setup.head_in_implicit else solution
@@ -216,6 +249,8 @@ def _system_matvec(setup: BisslSetup, state: BilevelState, operator, lam, rhs):
   """``x ↦ A x`` of the upper step's system: ``I + H/(λ+δ)``, or a gradient-window
   solver's own model (M-FAC: ``I + F/(λ+δ)``, two passes over the window)."""
   spec = setup.solver_spec
+  if spec.is_curvature_model:
+    return spec.curvature_matvec(operator, lam + setup.damping, setup)
   if spec.keeps_gradient_window:
     return spec.window_matvec(state.solver_state.gradient_window, lam + setup.damping, setup)
   return implicit.damped_operator(stage_matvec(setup, state, operator), lam=lam,

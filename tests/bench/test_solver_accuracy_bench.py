@@ -17,9 +17,13 @@ def test_solver_accuracy_runs_tiny(tmp_path):
   for name in ("layerwise_cg", "cg", "minres", "neumann", "first_order", "gauss_newton+cg"):
     assert name in labels
   assert any(label.startswith("mfac") for label in labels)
+  for name in ("kfac, λ+δ", "cg + kfac preconditioner", "minres + kfac preconditioner"):
+    assert name in labels
   rows = {row[0]: row for row in accuracy.rows}
   # minres never does worse than x = 0 on the true A; cosines are cosines.
   assert rows["minres"][4] <= 1.0 + 1e-4
+  assert rows["minres + kfac preconditioner"][4] <= 1.0 + 1e-4
+  assert rows["kfac, λ+δ"][5] < 1e-4            # exact on its own model
   for row in accuracy.rows:
     assert len(row) == len(accuracy.columns)
     if math.isfinite(row[2]):

@@ -40,6 +40,7 @@ from typing import Callable, Dict
 from bissl_jax.implicit.solvers import cg
 from bissl_jax.implicit.solvers import first_order
 from bissl_jax.implicit.solvers import jax_cg
+from bissl_jax.implicit.solvers import kfac
 from bissl_jax.implicit.solvers import layerwise_cg
 from bissl_jax.implicit.solvers import mfac
 from bissl_jax.implicit.solvers import minres
@@ -85,6 +86,6 @@ def names() -> tuple:
   return tuple(sorted(REGISTRY))
 
 
-for _module in (cg, layerwise_cg, neumann, first_order, minres, jax_cg, mfac):
+for _module in (cg, layerwise_cg, neumann, first_order, minres, jax_cg, mfac, kfac):
   register(_module.SPEC)
 del _module

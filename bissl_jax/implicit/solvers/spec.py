@@ -15,11 +15,15 @@ Two kinds of solver:
   curvature model built from the pretext gradients that the lower steps store (M-FAC).
   They provide ``window_init``, ``window_push`` and ``window_solve`` (below) and need no
   Hessian-vector product.
+* **curvature-model solvers** (``needs='curvature_model'``): they build a curvature model
+  from the pretext loss on the upper stage's batch once per stage (K-FAC) with
+  ``curvature_factor`` and solve against it with ``curvature_solve``; no Hessian-vector
+  product and no stored gradients.
 """
 import dataclasses
 from typing import Any, Callable, Optional
 
-NEEDS = ("operator", "gradient_window")
+NEEDS = ("operator", "gradient_window", "curvature_model")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +58,13 @@ class SolverSpec:
       per stage by ``prepare_stage``.
     window_matvec: ``(window, lam, settings) -> (x ↦ A x)``, the model ``A`` the solve
       inverts; needed unless ``residual_is_free`` (then the solve always reports it).
+    curvature_factor: ``(loss_fn, params, settings) -> factor``: a curvature-model
+      solver's model of ``loss_fn`` (the pretext loss of the stage's batch as a function
+      of the trainable θ) at ``params``; built once per stage.
+    curvature_solve: ``(factor, v, lam, settings, diagnostics=True) -> (x, info)``, ``x``
+      ≈ ``(I + F/lam)⁻¹ v`` for the model ``F`` (``lam``: λ + δ).
+    curvature_matvec: ``(factor, lam, settings) -> (x ↦ (I + F/lam) x)``, for the
+      residual check.
     summary: one line for docs and ``--help``.
   """
   name: str
@@ -71,6 +82,9 @@ class SolverSpec:
   window_solve: Optional[Callable[..., Any]] = None
   window_factor: Optional[Callable[..., Any]] = None
   window_matvec: Optional[Callable[..., Any]] = None
+  curvature_factor: Optional[Callable[..., Any]] = None
+  curvature_solve: Optional[Callable[..., Any]] = None
+  curvature_matvec: Optional[Callable[..., Any]] = None
   summary: str = ""
 
   def __post_init__(self):
@@ -89,6 +103,14 @@ class SolverSpec:
                                                 or callable(self.window_matvec)):
       raise ValueError(f"SolverSpec {self.name!r}: a gradient-window solver whose residual "
                        "is not free needs window_matvec (the policy's residual check).")
+    model_hooks = (self.curvature_factor, self.curvature_solve, self.curvature_matvec)
+    if self.needs == "curvature_model" and not all(callable(h) for h in model_hooks):
+      raise ValueError(f"SolverSpec {self.name!r}: a curvature-model solver needs "
+                       "curvature_factor, curvature_solve and curvature_matvec.")
+
+  @property
+  def is_curvature_model(self) -> bool:
+    return self.needs == "curvature_model"
 
   @property
   def needs_operator(self) -> bool:
