@@ -132,3 +132,51 @@ def test_penalty_refuses_settings_it_would_ignore(overrides, needle):
   bissl = dict(common.base_config().bissl.to_dict(), upper_method="penalty", **overrides)
   problems = bilevel.combination_problems(bissl)
   assert any(needle in p and "upper_method" in p for p in problems), problems
+
+
+def test_old_workdirs_stay_reusable():
+  # A config at the defaults records none of the new fields (so its provenance equals
+  # what older code recorded); choosing the penalty method records it.
+  from bissl_jax.pipeline import provenance
+  names = ("upper_method", "penalty_sigma", "penalty_inner_steps", "penalty_lr",
+           "penalty_momentum")
+  config = common.base_config()
+  for name in names:
+    assert provenance.ADDED_LATER[f"bissl.{name}"] == config.bissl[name]
+  assert not set(provenance.config_fields(config, ("bissl",))) & {f"bissl.{n}" for n in names}
+  config.bissl.upper_method = "penalty"
+  assert provenance.config_fields(config, ("bissl",))["bissl.upper_method"] == "penalty"
+
+
+@pytest.mark.slow  # three short BiSSL stage runs of the digits runlocal config
+def test_penalty_bissl_stage_checkpoints_and_resumes(tmp_path):
+  # Through config: the stage builds the penalty state, checkpoints its z and resumes
+  # to the state of an uninterrupted run.
+  import contextlib
+  import io
+  from bissl_jax.pipeline import bissl_stage, build_context, load_data
+  from configs import digits_simclr
+  config = digits_simclr.get_config("runlocal")
+  config.bissl.upper_method = "penalty"
+  splits, pretext_set = load_data(config, need_pretext=True, need_downstream=True)
+  ctx = build_context(config, str(tmp_path / "work"))
+  params, stats = ctx.init_variables(jax.random.key(0))
+  warm = {"params": params, "batch_stats": stats}
+
+  def run(directory, callback=None):
+    with contextlib.redirect_stdout(io.StringIO()):
+      return bissl_stage.run_bissl(ctx, warm, pretext_set, splits["train"], seed=0,
+                                   directory=str(tmp_path / directory), name="bissl/test",
+                                   callback=callback)
+
+  def crash_after_three(done, *_):
+    if done == 3:
+      raise RuntimeError("boom")
+  full = run("full").state
+  assert isinstance(full, bilevel.PenaltyBilevelState)
+  assert int(full.upper.step) == config.bissl.alternations * config.bissl.upper_steps
+  with pytest.raises(RuntimeError, match="boom"):
+    run("resumed", crash_after_three)
+  resumed = run("resumed").state
+  assert jax.tree_util.tree_structure(resumed) == jax.tree_util.tree_structure(full)
+  tt.assert_trees_close(resumed, full, rtol=1e-6, atol=1e-7)
