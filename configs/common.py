@@ -284,7 +284,7 @@ def _add_bissl(config: config_dict.ConfigDict) -> None:
   # first-order penalty method (F2SA; docs/solvers.md): penalty weight σ on L_D in the
   # second lower sequence z, z steps per upper step, and z's SGD step size and momentum.
   config.bissl.upper_method = "implicit"
-  config.bissl.penalty_sigma = 0.1
+  config.bissl.penalty_sigma = 1.0
   config.bissl.penalty_inner_steps = 5
   config.bissl.penalty_lr = 0.01
   config.bissl.penalty_momentum = 0.9

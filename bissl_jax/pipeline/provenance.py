@@ -35,7 +35,7 @@ FEED_FIELDS = ("data.data_dir", "data.loader_workers", "data.device_prefetch")
 # records without them computed: left out of a record at that value, so an old
 # workdir's artifacts stay reusable and its checkpoints keep resuming.
 ADDED_LATER = {"model.backbone_ends_at": "res5", "bissl.preconditioner": "none",
-               "bissl.upper_method": "implicit", "bissl.penalty_sigma": 0.1,
+               "bissl.upper_method": "implicit", "bissl.penalty_sigma": 1.0,
                "bissl.penalty_inner_steps": 5, "bissl.penalty_lr": 0.01,
                "bissl.penalty_momentum": 0.9}
 
