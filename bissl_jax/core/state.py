@@ -451,7 +451,7 @@ def init_bilevel_state(setup: BisslSetup, params: PyTree, batch_stats: PyTree
                        solver_state=SolverState(warm_start=warm, gradient_window=window))
   if setup.upper_method != "penalty":
     return state
-  z = _copy(theta_train)  # z starts at θ_P (Kwon et al. start both sequences together)
+  z = _copy(theta_train)  # z starts at θ_P: the two sequences start together
   return PenaltyBilevelState(**{f.name: getattr(state, f.name)
                                 for f in dataclasses.fields(BilevelState)},
                              penalty=PenaltyState(z, setup.penalty_optimizer().init(z)))
