@@ -281,6 +281,14 @@ def _add_bissl(config: config_dict.ConfigDict) -> None:
   # on the window of the mfac_* fields above, filled by the lower steps) or 'kfac'
   # (K-FAC's, built from the HVP batch once per upper stage; docs/solvers.md).
   config.bissl.preconditioner = "none"
+  # The upper level's hypergradient: 'implicit' (the paper's solve) or 'penalty', the
+  # first-order penalty method (F2SA; docs/solvers.md): penalty weight σ on L_D in the
+  # second lower sequence z, z steps per upper step, and z's SGD step size and momentum.
+  config.bissl.upper_method = "implicit"
+  config.bissl.penalty_sigma = 1.0
+  config.bissl.penalty_inner_steps = 5
+  config.bissl.penalty_lr = 0.01
+  config.bissl.penalty_momentum = 0.9
   config.bissl.init_checkpoint = config_dict.placeholder(str)  # stage-only input
 
   # Extra BiSSL rows of the comparison, each a name and the config.bissl fields it

@@ -142,6 +142,12 @@ FIELD_HELP = {
     "bissl.preconditioner": "preconditioner of a cg/minres solve: 'none', 'mfac' (the "
                             "mfac_* window's (I + F/(λ+δ))⁻¹) or 'kfac' (K-FAC's, from "
                             "the HVP batch)",
+    "bissl.upper_method": "upper-level hypergradient: 'implicit' (the solve) or 'penalty' "
+                          "(first-order, a second lower sequence z)",
+    "bissl.penalty_sigma": "upper_method=penalty: weight σ of L_D in z's problem (bias O(σ))",
+    "bissl.penalty_inner_steps": "upper_method=penalty: steps on z per upper step",
+    "bissl.penalty_lr": "upper_method=penalty: SGD step size of z",
+    "bissl.penalty_momentum": "upper_method=penalty: SGD momentum of z (0: none)",
     "bissl.init_checkpoint": "stages=bissl: the head warm-up output to start from",
     "bissl_variants": "extra BiSSL rows: {name: {bissl field: value}}, same seeds and budget",
     "finetune.epochs": "fine-tuning epochs (best validation epoch kept)",

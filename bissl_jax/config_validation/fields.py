@@ -134,6 +134,7 @@ def _choices():
           "bissl.mfac_blocks": tuple(mfac.BLOCK_RULES),
           "bissl.mfac_dtype": tuple(mfac.STORAGE_DTYPES),
           "bissl.preconditioner": bilevel.preconditioner_names(),
+          "bissl.upper_method": bilevel.UPPER_METHODS,
           # ResNets (resnet.ARCHITECTURES), the named ViTs (vit_bundle.ARCHITECTURES)
           # and the GPTs (gpt.CONFIGS, text).
           "model.arch": (tuple(sorted(resnet.ARCHITECTURES)) + vit_bundle.ARCHITECTURES

@@ -253,7 +253,7 @@ def _bissl(c: Checker) -> None:
       momentum = _get(config, field)
       if not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
         bad(field, "must lie in [0, 1) (paper: 0.9).")
-  for field in ("bissl.lower_momentum", "bissl.upper_momentum"):
+  for field in ("bissl.lower_momentum", "bissl.upper_momentum", "bissl.penalty_momentum"):
     if not missing(field):
       momentum = _get(config, field)
       if not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
@@ -273,6 +273,10 @@ def _bissl(c: Checker) -> None:
   choice("bissl.mfac_blocks", choices["bissl.mfac_blocks"])
   choice("bissl.mfac_dtype", choices["bissl.mfac_dtype"])
   choice("bissl.preconditioner", choices["bissl.preconditioner"])
+  choice("bissl.upper_method", choices["bissl.upper_method"])
+  positive("bissl.penalty_sigma", integer=False)
+  positive("bissl.penalty_inner_steps")
+  positive("bissl.penalty_lr", integer=False)
   if not missing("bissl.mfac_history") and _get(config, "bissl.mfac_history") is not None:
     positive("bissl.mfac_history")
   if not missing("bissl.residual_guard") and not isinstance(

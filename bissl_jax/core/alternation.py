@@ -30,6 +30,7 @@ import numpy as np
 from bissl_jax.implicit import loops
 from bissl_jax.runtime import mesh as parallel
 from bissl_jax.implicit import tree_math
+from bissl_jax.core import penalty
 from bissl_jax.core import upper as upper_level
 from bissl_jax.core.state import AlternationBatches, BilevelState, BisslSetup
 from bissl_jax.runtime.errors import NonFiniteError
@@ -103,12 +104,22 @@ def upper_stage(setup: BisslSetup, state: BilevelState, hvp_images, downstream_i
     ``(state, metrics)`` with per-step metric arrays of length N_U.
   """
   hvp_rng, keys = upper_keys(rng, downstream_images.shape[0])
-  operator, lam = prepare_stage(setup, state, hvp_images, hvp_rng)
+  prepare, step = upper_method_functions(setup)
+  operator, lam = prepare(setup, state, hvp_images, hvp_rng)
 
   def body(s, xs):
-    return upper_step(setup, s, operator, lam, *xs)
+    return step(setup, s, operator, lam, *xs)
   return loops.scan(body, state, (downstream_images, downstream_labels, keys),
                     unroll=setup.use_unrolled)
+
+
+def upper_method_functions(setup: BisslSetup) -> Tuple[Callable, Callable]:
+  """``(prepare_stage, upper_step)`` of ``config.bissl.upper_method``: the implicit
+  gradient (:mod:`bissl_jax.core.upper`) or the penalty method
+  (:mod:`bissl_jax.core.penalty`); both take the same arguments."""
+  if setup.upper_method == "penalty":
+    return penalty.prepare_stage, penalty.upper_step
+  return prepare_stage, upper_step
 
 
 def summarize_metrics(lower: dict, upper: dict, state: BilevelState) -> dict:
@@ -180,12 +191,13 @@ def step_functions(setup: BisslSetup, mesh) -> StepFunctions:
   the two steps donate their input state."""
   rep = parallel.replicated(mesh)
   batch0 = parallel.batch_sharding(mesh, 0)
-  deferred = setup.residual_policy.deferred
-  upper = upper_level.upper_step_deferred if deferred else upper_level.upper_step
+  deferred = setup.residual_policy.deferred  # never for the penalty method
+  prepare, upper = upper_method_functions(setup)
+  upper = upper_level.upper_step_deferred if deferred else upper
   return StepFunctions(
       lower_step=jax.jit(functools.partial(lower_step, setup), in_shardings=(rep, batch0, rep),
                          out_shardings=(rep, rep), donate_argnums=(0,)),
-      prepare_stage=jax.jit(functools.partial(prepare_stage, setup),
+      prepare_stage=jax.jit(functools.partial(prepare, setup),
                             in_shardings=(rep, batch0, rep)),
       upper_step=jax.jit(functools.partial(upper, setup),
                          in_shardings=(rep, None, rep, batch0, batch0, rep),

@@ -32,6 +32,9 @@ UPPER_OPTIMIZERS = optim.OPTIMIZERS
 # How the upper stage forms H (bissl_jax.core.hessian, the one builder).
 HESSIAN_MODES = hessian.HESSIAN_MODES
 NO_PRECONDITIONER = "none"
+# How the upper level forms its hypergradient: the implicit-gradient solve, or the
+# first-order penalty method (bissl_jax.core.penalty, docs/solvers.md).
+UPPER_METHODS = ("implicit", "penalty")
 
 
 def preconditioner_names() -> tuple:
@@ -90,10 +93,18 @@ class BisslSetup:
   mfac_blocks: str
   mfac_dtype: str
   preconditioner: str
+  upper_method: str
+  penalty_sigma: float
+  penalty_inner_steps: int
+  penalty_lr: float
+  penalty_momentum: float
 
   def __post_init__(self):
     solvers.get(self.solver)  # a ValueError naming the registered solvers
-    if self.solver_spec.needs_operator:
+    if self.upper_method not in UPPER_METHODS:
+      raise ValueError(f"config.bissl.upper_method={self.upper_method!r}: use one of "
+                       f"{UPPER_METHODS}.")
+    if self.solver_spec.needs_operator and self.upper_method == "implicit":
       hessian.check_hessian_mode(self.task, self.hessian_mode)
     problems = combination_problems({name: getattr(self, name) for name in self.field_names()})
     if problems:
@@ -123,7 +134,10 @@ class BisslSetup:
 
   @property
   def residual_policy(self) -> ResidualPolicy:
-    """When the upper step computes its solve's residual (one more product)."""
+    """When the upper step computes its solve's residual (one more product); never
+    with ``upper_method='penalty'``, which solves no system."""
+    if self.upper_method == "penalty":
+      return ResidualPolicy(every=0, guard=False, free=False)
     return ResidualPolicy(every=self.residual_every, guard=self.residual_guard,
                           free=self.solver_spec.residual_is_free)
 
@@ -225,6 +239,11 @@ class BisslSetup:
                                    self.upper_trainable(params))
     return optim.with_clipping(tx, self.grad_clip)
 
+  def penalty_optimizer(self) -> optax.GradientTransformation:
+    """The penalty method's z steps: clip to ``grad_clip``, then SGD (with momentum)."""
+    momentum = self.penalty_momentum or None
+    return optim.with_clipping(optax.sgd(self.penalty_lr, momentum=momentum), self.grad_clip)
+
 
 def _solvers_that(capability: str) -> tuple:
   """The registered solvers that declare ``capability`` (for messages)."""
@@ -253,6 +272,7 @@ def combination_problems(bissl: dict) -> list:
                     f"tolerance mode {_solvers_that('tolerance')}; {solver!r} runs exactly "
                     f"cg_iters iterations: set config.bissl.cg_tol=0.")
   problems.extend(_preconditioner_problems(bissl, solver, spec))
+  problems.extend(_penalty_problems(bissl, spec))
   lam, damping = bissl.get("lam"), bissl.get("damping")
   if (isinstance(lam, (int, float)) and isinstance(damping, (int, float))
       and not bissl.get("learnable_lam") and lam + damping <= 0):
@@ -275,6 +295,29 @@ def _preconditioner_problems(bissl: dict, solver: str, spec) -> list:
             "cannot precondition a solve over [θ; φ_P]: set config.bissl.head_in_implicit="
             f"False or config.bissl.preconditioner={NO_PRECONDITIONER!r}."]
   return []
+
+
+def _penalty_problems(bissl: dict, spec) -> list:
+  """The penalty method's z runs over θ alone and forms no solve: settings that would
+  cost lower-level work for nothing, or ask for what it does not do, are refused."""
+  if bissl.get("upper_method") != "penalty":
+    return []
+  fix = "or set config.bissl.upper_method='implicit'."
+  problems = []
+  if bissl.get("head_in_implicit"):
+    problems.append("config.bissl.upper_method='penalty' runs its second sequence z over θ "
+                    f"only: set config.bissl.head_in_implicit=False {fix}")
+  if spec.keeps_gradient_window or bissl.get("preconditioner", NO_PRECONDITIONER) != \
+      NO_PRECONDITIONER:
+    problems.append("config.bissl.upper_method='penalty' solves no system, so the gradient "
+                    "window that config.bissl.solver/preconditioner makes the lower steps "
+                    "fill is unused: set a solver without one (e.g. 'cg') and "
+                    f"config.bissl.preconditioner={NO_PRECONDITIONER!r}, {fix}")
+  if bissl.get("residual_guard"):
+    problems.append("config.bissl.residual_guard=True guards a solve's residual; "
+                    "upper_method='penalty' has none: set config.bissl.residual_guard=False, "
+                    f"{fix}")
+  return problems
 
 
 def _coerce(kind, value):
@@ -337,6 +380,26 @@ class BilevelState(flax.struct.PyTreeNode):
   solver_state: SolverState
 
 
+class PenaltyState(NamedTuple):
+  """The penalty method's second lower-level sequence (:mod:`bissl_jax.core.penalty`).
+
+  Attributes:
+    z: the iterate of the penalised lower problem, shaped like θ's trainable part.
+    opt_state: its optimizer's state (:meth:`BisslSetup.penalty_optimizer`).
+  """
+  z: PyTree
+  opt_state: PyTree
+
+
+class PenaltyBilevelState(BilevelState):
+  """A :class:`BilevelState` with the penalty method's :class:`PenaltyState`.
+
+  A subclass rather than a field of :class:`BilevelState`, so that the
+  implicit-gradient state (and every checkpoint of it) keeps its structure.
+  """
+  penalty: PenaltyState = None
+
+
 class AlternationBatches(NamedTuple):
   """Raw batches for one alternation (augmented on device).
 
@@ -392,9 +455,15 @@ def init_bilevel_state(setup: BisslSetup, params: PyTree, batch_stats: PyTree
   window = None
   if setup.window_spec is not None:
     window = setup.window_spec.window_init(theta_train, setup)
-  return BilevelState(lower=lower, upper=upper, target=target,
-                      alternation=jnp.zeros((), jnp.int32),
-                      solver_state=SolverState(warm_start=warm, gradient_window=window))
+  state = BilevelState(lower=lower, upper=upper, target=target,
+                       alternation=jnp.zeros((), jnp.int32),
+                       solver_state=SolverState(warm_start=warm, gradient_window=window))
+  if setup.upper_method != "penalty":
+    return state
+  z = _copy(theta_train)  # z starts at θ_P: the two sequences start together
+  return PenaltyBilevelState(**{f.name: getattr(state, f.name)
+                                for f in dataclasses.fields(BilevelState)},
+                             penalty=PenaltyState(z, setup.penalty_optimizer().init(z)))
 
 
 def current_lam(setup: BisslSetup, state: BilevelState) -> jnp.ndarray:

@@ -306,6 +306,27 @@ def upper_step_deferred(setup: BisslSetup, state: BilevelState, operator, lam, i
   return _upper_step(setup, state, operator, lam, images, labels, rng, False)
 
 
+def apply_hypergradient(setup: BisslSetup, upper, theta_term: PyTree, gtheta_d: PyTree,
+                        head_grad: PyTree, theta_p: PyTree, frozen_d: PyTree):
+  """The upper optimizer's step on ``θ_term + ∇_θ L_D(θ_D)`` and ``head_grad``.
+
+  ``theta_term`` is the hypergradient's term from θ_P*(θ_D) (v_IG, or the penalty
+  method's estimate of it), shaped like θ's trainable part; with a learnable λ it also
+  forms ρ's gradient from it. Returns ``(params, opt_state, grad_norm)``.
+  """
+  theta_d, _ = partition.split(upper.params["backbone"],
+                               setup.upper_trainable(upper.params)["backbone"])
+  grads = {"backbone": partition.zeros_for_frozen(tree_math.tree_add(theta_term, gtheta_d),
+                                                  frozen_d),
+           "downstream_head": head_grad}
+  if setup.learnable_lam:
+    grads["lam_rho"] = lam_schedules.rho_gradient(
+        upper.params["lam_rho"], theta_d, theta_p, theta_term, lam_damping=setup.lam_damping)
+  tx = setup.upper_optimizer(upper.params)
+  updates, opt_state = tx.update(grads, upper.opt_state, upper.params)
+  return optax.apply_updates(upper.params, updates), opt_state, optax.tree.norm(grads)
+
+
 def _upper_step(setup: BisslSetup, state: BilevelState, operator, lam, images, labels, rng,
                 check_residual):
   """The upper step; ``check_residual``: a Python False (no product) or a traced bool."""
@@ -331,15 +352,8 @@ def _upper_step(setup: BisslSetup, state: BilevelState, operator, lam, images, l
   if setup.residual_guard:
     v_ig, fallback = residual_guard.guard_residual(v_ig, v, info)
 
-  grads = {"backbone": partition.zeros_for_frozen(tree_math.tree_add(v_ig, gtheta_d), frozen_d),
-           "downstream_head": tree_math.tree_add(gphi_p, gphi_d)}
-  if setup.learnable_lam:
-    grads["lam_rho"] = lam_schedules.rho_gradient(
-        upper.params["lam_rho"], theta_d, theta_p, v_ig, lam_damping=setup.lam_damping)
-  tx = setup.upper_optimizer(upper.params)
-  updates, opt_state = tx.update(grads, upper.opt_state, upper.params)
-  params = optax.apply_updates(upper.params, updates)
-  grad_norm = optax.tree.norm(grads)
+  params, opt_state, grad_norm = apply_hypergradient(
+      setup, upper, v_ig, gtheta_d, tree_math.tree_add(gphi_p, gphi_d), theta_p, frozen_d)
   metrics = {
       "upper_loss": loss_p + loss_d, "upper_loss_theta_p": loss_p, "upper_loss_theta_d": loss_d,
       "upper_grad_norm": grad_norm, "v_norm": tree_math.tree_norm(v),

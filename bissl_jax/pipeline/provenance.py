@@ -34,7 +34,10 @@ FEED_FIELDS = ("data.data_dir", "data.loader_workers", "data.device_prefetch")
 # Fields added after workdirs were written, with the value that computes what the
 # records without them computed: left out of a record at that value, so an old
 # workdir's artifacts stay reusable and its checkpoints keep resuming.
-ADDED_LATER = {"model.backbone_ends_at": "res5", "bissl.preconditioner": "none"}
+ADDED_LATER = {"model.backbone_ends_at": "res5", "bissl.preconditioner": "none",
+               "bissl.upper_method": "implicit", "bissl.penalty_sigma": 1.0,
+               "bissl.penalty_inner_steps": 5, "bissl.penalty_lr": 0.01,
+               "bissl.penalty_momentum": 0.9}
 
 
 def normalise(value: Any) -> Any:
