@@ -91,7 +91,9 @@ def _absent(config, dotted: str) -> bool:
 
 
 def _is_known_dataset(name) -> bool:
-  from bissl_jax.data import catalogue, text_sets
+  from bissl_jax.data import catalogue, detection_sets, text_sets
+  if detection_sets.is_detection_dataset(name):
+    return True  # a detection downstream set (its files, VOC's, are checked before the run)
   if text_sets.is_text_dataset(name) or str(name).startswith(("folder:", "tfds:")):
     return True  # your own images or any TFDS set: their files are checked before the run
   try:

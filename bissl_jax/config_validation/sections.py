@@ -100,10 +100,12 @@ def _data_and_model(c: Checker) -> None:
   config, choices = c.config, c.choices
   bad, missing, choice, positive = c.bad, c.missing, c.choice, c.positive
   from bissl_jax.data import catalogue
+  from bissl_jax.data import detection_sets
   from bissl_jax.data import text_sets
   for field in ("data.pretext_dataset", "data.downstream_dataset"):
     if not missing(field) and not _is_known_dataset(_get(config, field)):
       bad(field, f"unknown dataset; choose one of {tuple(catalogue.CATALOGUE)} (images), "
+                 f"{detection_sets.DETECTION_DATASETS} (detection), "
                  f"folder:<path> (your own images), tfds:<name> (any prepared TFDS set) or "
                  f"{text_sets.TEXT_DATASETS} (text).")
   positive("data.context")
@@ -128,6 +130,15 @@ def _data_and_model(c: Checker) -> None:
       and _get_or(config, "model.arch", "") not in choices["model.resnets"]):
     bad("model.backbone_ends_at", "moves the boundary of a ResNet only; keep 'res5' for "
                                   f"config.model.arch={_get_or(config, 'model.arch', '')!r}.")
+  downstream = _get_or(config, "data.downstream_dataset", "")
+  if (detection_sets.is_detection_dataset(downstream)
+      and _get_or(config, "model.backbone_ends_at", "res5") != "res4"):
+    bad("model.backbone_ends_at", f"must be 'res4' for the detection set {downstream!r}: "
+                                  "Faster R-CNN C4 shares the ResNet up to res4 and owns res5.")
+  pretext = _get_or(config, "data.pretext_dataset", "")
+  if detection_sets.is_detection_dataset(pretext) and pretext != downstream:
+    bad("data.pretext_dataset", f"{pretext!r} is a detection set; pretrain on it only "
+                                "when it is also config.data.downstream_dataset.")
   choice("model.posemb", choices["model.posemb"])
   choice("model.cpu_kernels", choices["model.cpu_kernels"])
   positive("model.width_multiplier", integer=False)

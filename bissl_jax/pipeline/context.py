@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from bissl_jax.core.params import init_params
 from bissl_jax.tasks.downstream import classification as downstream_lib
 from bissl_jax.models import gpt
+from bissl_jax.evaluation import detection_metrics
 from bissl_jax.evaluation import metrics as metrics_lib
 from bissl_jax.models import resnet
 from bissl_jax.runtime import mesh as parallel
@@ -25,7 +26,9 @@ from bissl_jax.tasks.downstream import text as text_tasks
 from bissl_jax.models import vit_bundle
 from bissl_jax.config_validation import ConfigError, resolve_config
 from bissl_jax.convert import mae as convert_mae
+from bissl_jax.data import detection_sets
 from bissl_jax.data import text_sets
+from bissl_jax.tasks.downstream.detection import make_detection_task
 from bissl_jax.tasks.pretext.next_token import NextToken
 from bissl_jax.pipeline import run_log
 from bissl_jax.runtime.seeds import derive_seed
@@ -198,8 +201,12 @@ def build_text_model(config) -> gpt.GPT:
 
 def build_downstream_task(config, model, image_size: int, multilabel: bool,
                           num_classes: int):
-  """The downstream task with its head: ``text_tasks.TextTask`` for a GPT, else image
+  """The downstream task with its head: ``text_tasks.TextTask`` for a GPT, Faster R-CNN
+  detection for a detection set (``bissl_jax.data.detection_sets``), else image
   classification with ``num_classes`` outputs."""
+  if detection_sets.is_detection_dataset(config.data.downstream_dataset):
+    return make_detection_task(model, image_size, detection_sets.detector_config(
+        config.data.downstream_dataset, image_size))
   if is_text(config):
     spec = text_sets.task_spec(config.data.downstream_dataset)
     return text_tasks.TextTask(model, spec.kind, regression=spec.regression,
@@ -289,10 +296,14 @@ def build_context(config, workdir: str) -> StageContext:
   from bissl_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   config = resolve_config(config)
   image_size = int(config.data.image_size)
+  detection = detection_sets.is_detection_dataset(config.data.downstream_dataset)
   if is_text(config):
     spec = text_sets.task_spec(config.data.downstream_dataset)
     num_classes, multilabel = spec.num_classes, False
     metric_names = spec.metrics
+  elif detection:
+    num_classes = detection_sets.num_classes(config.data.downstream_dataset)
+    multilabel, metric_names = False, (detection_metrics.AP50,)
   else:
     spec = data_lib.get_spec(config.data.downstream_dataset, config.data.get("data_dir"))
     num_classes, multilabel, metric_names = spec.num_classes, bool(spec.multilabel), None
@@ -303,7 +314,8 @@ def build_context(config, workdir: str) -> StageContext:
       downstream=downstream, mesh=parallel.make_mesh(), logger=run_log.MetricLogger(workdir),
       image_size=image_size, multilabel=multilabel, num_classes=num_classes,
       metric_names=metric_names,
-      scorer=text_scorer(spec, downstream) if is_text(config) else None)
+      scorer=(text_scorer(spec, downstream) if is_text(config) else
+              detection_metrics.ap50_scorer(num_classes) if detection else None))
 
 
 def check_size(num_examples: int, batch_size: int, field: str, what: str) -> int:

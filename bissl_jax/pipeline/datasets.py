@@ -2,6 +2,7 @@
 import numpy as np
 
 from bissl_jax import data as data_lib
+from bissl_jax.data import detection_sets
 from bissl_jax.data import text_sets
 from bissl_jax.runtime.seeds import derive_seed
 
@@ -29,6 +30,8 @@ def load_data(config, need_pretext: bool, need_downstream: bool):
   if text_sets.is_text_dataset(d.downstream_dataset) or text_sets.is_text_dataset(
       d.pretext_dataset):
     return load_text_data(config, need_pretext, need_downstream)
+  if detection_sets.is_detection_dataset(d.downstream_dataset):
+    return load_detection_data(config, need_pretext, need_downstream)
   wanted = ([("pretext", d.pretext_dataset)] if need_pretext else []) + (
       [("downstream", d.downstream_dataset)] if need_downstream else [])
   data_lib.check_prepared(wanted, d.data_dir)  # every missing set named, before TFDS
@@ -42,21 +45,42 @@ def load_data(config, need_pretext: bool, need_downstream: bool):
                                   seed=d.split_seed)
     _subsample_train(splits, d)
   if need_pretext:
-    if same:
-      pretext_set = splits["train"]  # unlabelled: every training image, whatever is labelled
-    elif pretext_spec.name == "imagenet2012":
-      # Too large for host memory: streamed, decoded by Grain worker processes.
-      pretext_set = data_lib.open_records(
-          pretext_spec, pretext_spec.pretext_split, data_dir=d.data_dir,
-          image_size=d.image_size,
-          options=data_lib.LoaderOptions(workers=d.get("loader_workers", 0)))
-    else:
-      pretext_set = data_lib.load_pretext_split(d.pretext_dataset, data_dir=d.data_dir,
-                                                image_size=d.image_size)
+    pretext_set = splits["train"] if same else _pretext_images(d, pretext_spec)
   if splits is not None and d.get("labels_per_class"):
     keep = labels_per_class_subset(splits["train"].labels, int(d.labels_per_class),
                                    seed=int(config.seed))
     splits["train"] = splits["train"].subset(keep)
+  return splits, pretext_set
+
+
+def _pretext_images(d, pretext_spec):
+  """The pretext set of another dataset than the downstream one (its training images)."""
+  if pretext_spec.name == "imagenet2012":
+    # Too large for host memory: streamed, decoded by Grain worker processes.
+    return data_lib.open_records(
+        pretext_spec, pretext_spec.pretext_split, data_dir=d.data_dir,
+        image_size=d.image_size,
+        options=data_lib.LoaderOptions(workers=d.get("loader_workers", 0)))
+  return data_lib.load_pretext_split(d.pretext_dataset, data_dir=d.data_dir,
+                                     image_size=d.image_size)
+
+
+def load_detection_data(config, need_pretext: bool, need_downstream: bool):
+  """:func:`load_data` for a detection set (``bissl_jax.data.detection_sets``).
+
+  The pretext data is the detection set's training images (labels unused) when
+  ``data.pretext_dataset`` names the same set, else that image set's pretext split.
+  """
+  d = config.data
+  same = d.pretext_dataset == d.downstream_dataset
+  if need_pretext and not same:
+    data_lib.check_prepared([("pretext", d.pretext_dataset)], d.data_dir)
+  splits = pretext_set = None
+  if need_downstream or (need_pretext and same):
+    splits = detection_sets.load_splits(d)
+  if need_pretext:
+    pretext_set = (splits["train"] if same else
+                   _pretext_images(d, data_lib.get_spec(d.pretext_dataset, d.data_dir)))
   return splits, pretext_set
 
 

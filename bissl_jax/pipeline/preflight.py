@@ -22,6 +22,7 @@ from typing import List, Optional
 
 from bissl_jax.config_validation import ConfigError, _get
 from bissl_jax.data import availability
+from bissl_jax.data import detection_sets
 from bissl_jax.data import text_sets
 from bissl_jax.data.catalogue import DatasetNotFoundError
 from bissl_jax.pipeline.inputs import input_fields
@@ -83,8 +84,12 @@ def data_problems(config) -> List[str]:
   wanted = ([("pretext", d.pretext_dataset)] if need_pretext else []) + (
       [("downstream", d.downstream_dataset)] if need_downstream else [])
   text = [(role, name) for role, name in wanted if text_sets.is_text_dataset(name)]
-  images = [(role, name) for role, name in wanted if (role, name) not in text]
+  boxes = [name for _, name in wanted if detection_sets.is_detection_dataset(name)]
+  images = [(role, name) for role, name in wanted
+            if (role, name) not in text and name not in boxes]
   problems = [p for role, name in text for p in _glue_problems(name, d)]
+  problems += [p for name in dict.fromkeys(boxes)
+               for p in detection_sets.preparation_problems(name, d.data_dir)]
   try:
     availability.check_prepared(images, d.data_dir)
   except DatasetNotFoundError as e:

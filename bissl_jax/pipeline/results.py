@@ -86,7 +86,8 @@ def to_markdown(results: Mapping[str, object]) -> str:
   names = tuple(results.get("metrics", metric_names(results["metric"] == "map")))
   titles = {"top1": "Test top-1 (%)", "top5": "Test top-5 (%)", "map": "Test 11-pt mAP (%)",
             "accuracy": "Test accuracy (%)", "f1": "Test F1 (%)",
-            "matthews": "Test Matthews corr. (×100)", "pearson": "Test Pearson (×100)"}
+            "matthews": "Test Matthews corr. (×100)",
+            "ap50": "Test AP50 (%, VOC07 11-pt)", "pearson": "Test Pearson (×100)"}
   lines = []
   if "downstream_dataset" in results:
     lines.append(f"Downstream: **{results['downstream_dataset']}**, pretext: "

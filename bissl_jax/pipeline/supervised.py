@@ -145,8 +145,10 @@ def _eval_logits(task, params, batch_stats, images):
   return task.logits(params["backbone"], params["downstream_head"], batch_stats, x)
 
 
-def predict(ctx: StageContext, params: PyTree, batch_stats: PyTree, dataset) -> np.ndarray:
-  """Logits ``(N, C)`` of the whole ``dataset`` in evaluation mode.
+def predict(ctx: StageContext, params: PyTree, batch_stats: PyTree, dataset):
+  """Logits ``(N, C)`` of the whole ``dataset`` in evaluation mode (float64), or the
+  tree of per-example outputs a task's ``logits`` returns (detection: its fixed-size
+  detections, each leaf ``(N, ...)`` in its own dtype).
 
   The last batch is padded to the fixed evaluation batch size (one compiled shape)
   and the padding dropped. Each process feeds its rows of every batch
@@ -163,8 +165,10 @@ def predict(ctx: StageContext, params: PyTree, batch_stats: PyTree, dataset) -> 
     idx = np.arange(start, min(start + bs, len(dataset)))
     padded = np.concatenate([idx, np.zeros(bs - len(idx), idx.dtype)])[first:first + rows]
     logits = fn(params, batch_stats, ctx.shard(dataset.batch(padded)[key]))
-    out.append(parallel.to_host(logits)[:len(idx)])
-  return np.concatenate(out).astype(np.float64)
+    out.append(jax.tree_util.tree_map(lambda x: parallel.to_host(x)[:len(idx)], logits))
+  if isinstance(out[0], np.ndarray):
+    return np.concatenate(out).astype(np.float64)
+  return jax.tree_util.tree_map(lambda *xs: np.concatenate(xs), *out)
 
 
 def evaluate(ctx: StageContext, params: PyTree, batch_stats: PyTree, dataset) -> dict:
@@ -186,7 +190,8 @@ def evaluate(ctx: StageContext, params: PyTree, batch_stats: PyTree, dataset) ->
         ignore=getattr(dataset, "difficult", None))
     out["loss"] = float(downstream_lib.classification_loss(
         jnp.asarray(logits), jnp.asarray(dataset.labels), ctx.multilabel))
-  out["nonfinite"] = metrics_lib.nonfinite_rows(logits)
+  if "nonfinite" not in out:  # a scorer of tree outputs (detection) counts its own
+    out["nonfinite"] = metrics_lib.nonfinite_rows(logits)
   return out
 
 
