@@ -12,11 +12,31 @@ import jax
 import numpy as np
 
 from bissl_jax.convert import stage_output
+from bissl_jax.models.resnet import TAIL_KEY
 from bissl_jax.types import PyTree
 
 
 def _shapes(tree):
   return jax.tree_util.tree_map(np.shape, tree)
+
+
+def _split_at_boundary(loaded: PyTree, fresh: PyTree) -> PyTree:
+  """A whole ResNet's tree moved to a model whose backbone ends early.
+
+  A converted or exported ResNet holds every stage under ``backbone``; a model built
+  with ``model.backbone_ends_at`` before res5 keeps the later stages in
+  ``pretext_head['backbone_tail']`` under the same names (as detectron2's C4 models load
+  res5 from the pretrained ResNet). Those stages move there; anything else is unchanged.
+  """
+  tail = fresh.get("pretext_head", {}).get(TAIL_KEY)
+  backbone = loaded.get("backbone", {})
+  moved = sorted(set(tail or {}) & set(backbone))
+  if not moved or TAIL_KEY in loaded.get("pretext_head", {}):
+    return loaded
+  head = dict(loaded.get("pretext_head", {}))
+  head[TAIL_KEY] = {name: backbone[name] for name in moved}
+  kept = {name: leaf for name, leaf in backbone.items() if name not in moved}
+  return dict(loaded, backbone=kept, pretext_head=head)
 
 
 def load_pretext_model(path: str, *, arch: str, cifar_stem: bool, width_multiplier: float,
@@ -48,6 +68,7 @@ def load_pretext_model(path: str, *, arch: str, cifar_stem: bool, width_multipli
     from bissl_jax import convert  # pylint: disable=g-import-not-at-top  (package of this module)
     params, stats = convert.load_pretrained(os.fspath(path), arch=arch, cifar_stem=cifar_stem,
                                             width_multiplier=width_multiplier)
+  params, stats = _split_at_boundary(params, fresh_params), _split_at_boundary(stats, fresh_stats)
   fresh_heads = fresh_params["pretext_head"]
   loaded_heads = params.get("pretext_head", {})
   specs = dict(head_specs or {})

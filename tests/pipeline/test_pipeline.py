@@ -321,6 +321,31 @@ def test_pretext_weights_fill_missing_heads_and_reject_wrong_widths(tmp_path, ca
                                head_specs={"projector": "32-32-32"})
 
 
+def test_whole_resnet_weights_load_into_a_c4_model(tmp_path):
+  # The detection configs' boundary: a whole ResNet's stage output (as a converted
+  # checkpoint is) gives θ its stages up to res4 and the pretext tail its res5.
+  from bissl_jax import convert
+  from bissl_jax.models import resnet
+  kw = dict(width_multiplier=0.0625, cifar_stem=True, projector="16-16-16")
+  whole = resnet.build_model("resnet18", **kw)
+  c4 = resnet.build_model("resnet18", backbone_ends_at="res4", **kw)
+  params, stats = whole.init(jax.random.key(1), 8)
+  path = str(tmp_path / "pretext")
+  checkpoint.export(path, {"params": params, "batch_stats": stats}, {"stage": "pretext"})
+  fresh_params, fresh_stats = c4.init(jax.random.key(2), 8)
+  got, got_stats = convert.load_pretext_model(
+      path, arch="resnet18", cifar_stem=True, width_multiplier=0.0625,
+      fresh_params=fresh_params, fresh_stats=fresh_stats)
+  for loaded, source in ((got, params), (got_stats, stats)):
+    assert set(loaded["backbone"]) == set(source["backbone"]) - {"layer4_0", "layer4_1"}
+    _tree_equal(loaded["backbone"], {k: source["backbone"][k] for k in loaded["backbone"]})
+    _tree_equal(loaded["pretext_head"]["backbone_tail"],
+                {k: source["backbone"][k] for k in ("layer4_0", "layer4_1")})
+  _tree_equal(got["pretext_head"]["projector"], params["pretext_head"]["projector"])
+  assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(
+      {k: v for k, v in fresh_params.items() if k != "downstream_head"})
+
+
 def test_bissl_variants_add_rows_on_the_same_seeds(tmp_path):
   config = tiny_config()
   with config.unlocked():
