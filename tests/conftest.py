@@ -19,10 +19,15 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+# Tiny models: compile time dominates, so cut XLA's optimisation passes, here and (through
+# the environment) in every subprocess the tests start: a command-line run compiles its
+# steps in a fraction of the time. Tests that must compile as a user's process does
+# (the CPU kernel probes, tests/runtime/test_cpu_defaults.py) remove the variable.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-# Tiny models: compile time dominates, so cut XLA's optimisation passes.
 jax.config.update("jax_disable_most_optimizations", True)
 # Start the backend now, with the environment above, so that every test in this process
 # computes with the same XLA:CPU kernels: a command run in-process (`bissl-jax run`'s

@@ -111,26 +111,6 @@ def test_linear_probe_learns_a_separable_problem():
   assert chance.accuracy < 0.7
 
 
-@pytest.mark.slow
-def test_gessl_comparison_runlocal_writes_results(tmp_path):
-  from bissl_jax.pipeline import gessl_comparison  # pylint: disable=import-outside-toplevel
-  cfg = gessl_comparison.load_config("configs/digits_gessl.py", "runlocal")
-  results = gessl_comparison.run(cfg, str(tmp_path))
-  assert set(results["summary"]) == {"simclr", "simclr+gessl"} == set(
-      gessl_comparison.methods(cfg))
-  # Pretraining ran in the pipeline's pretext stage: exports and metric logs per method.
-  for method in results["summary"]:
-    assert (tmp_path / method / "pretext_seed0" / "output").is_dir()
-    assert any((tmp_path / method).glob("metrics*"))
-  # Only the training classes' images were pretrained on.
-  assert 32 <= results["pretext_images"] < 96
-  assert not set(results["train_classes"]) & set(results["held_out_classes"])
-  for stats in results["summary"].values():
-    assert set(stats) == {"linear_probe", "5way_1shot", "5way_5shot"}
-    assert all(0.0 <= s["mean"] <= 1.0 for s in stats.values())
-  assert (tmp_path / "results.md").read_text().count("|") > 10
-
-
 def test_extract_features_batches_and_matches_a_direct_call():
   import dataclasses  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel

@@ -29,8 +29,13 @@ print("ynn" if "__ynn_fusion" in text else "xla")
 
 
 def _fresh_cpu_env():
-  """This environment without XLA_FLAGS: a probe process picks its kernels itself."""
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  """This environment without XLA_FLAGS: a probe process picks its kernels itself.
+
+  Nor the suite's JAX_DISABLE_MOST_OPTIMIZATIONS (tests/conftest.py): the probes compile
+  with XLA's full pipeline, as a user's run does, where the fusions under test happen.
+  """
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("XLA_FLAGS", "JAX_DISABLE_MOST_OPTIMIZATIONS")}
   env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
   return env
 
