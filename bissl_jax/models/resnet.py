@@ -160,9 +160,9 @@ class ResNetTail(nn.Module):
 
 
 def _pooled(x):
-  """Global average pooling in float32: the heads, losses and the implicit solve's dot
-  products stay float32 whatever the backbone's compute dtype."""
-  return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+  """Global average pooling in at least float32: the heads, losses and the implicit
+  solve's dot products stay float32 (or float64) whatever the backbone's compute dtype."""
+  return jnp.mean(x.astype(jnp.promote_types(x.dtype, jnp.float32)), axis=(1, 2))
 
 
 def _stage(x, i: int, num_blocks: int, block: str, width: int, train: bool, dtype):
