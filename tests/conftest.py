@@ -10,8 +10,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent compilation cache for this test run, shared with the subprocesses the
 # tests start (command-line runs, multi-device checks inherit the environment): a
 # program compiled once is loaded, not recompiled, by every later process that needs
-# it. A cache hit is the same executable, so results are unchanged. Set the variable
-# yourself to keep a cache across runs.
+# it. A cache hit is the same executable, so results are unchanged. The pytest-xdist
+# workers inherit the directory from the main process, so they share it too (a read that
+# races a write only warns and recompiles). Set the variable yourself to keep a cache
+# across runs.
 _OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
 if _OWN_CACHE:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="bissl-jax-tests-xla-")
@@ -34,6 +36,16 @@ jax.config.update("jax_disable_most_optimizations", True)
 # main) would otherwise add the fast-kernel flag if it happened to run first, and the
 # rest of the suite would round differently depending on test order.
 jax.devices()
+
+
+def pytest_xdist_auto_num_workers(config):
+  """``-n auto``: one worker per core, at most 4.
+
+  Each worker is a JAX process of its own (1-3 GB with the subprocesses its tests start);
+  past a few workers the file with the longest tests sets the wall time anyway.
+  """
+  del config
+  return max(1, min(os.cpu_count() or 1, 4))
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -26,8 +26,9 @@ sys.exit(pytest.main(sys.argv[1:]))
 
 
 def _pytest_without_torch(*args):
+  # -n 0: in this one process, where the import hook is (pytest-xdist's workers are fresh).
   return subprocess.run([sys.executable, "-c", _HIDE_TORCH, "-q", "-p", "no:cacheprovider",
-                         *args], cwd=REPO, capture_output=True, text=True, timeout=600,
+                         "-n", "0", *args], cwd=REPO, capture_output=True, text=True, timeout=600,
                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
 
 
