@@ -22,7 +22,7 @@ for text). A task reads the entry named by its optional ``input_key`` attribute
 (:func:`input_key`; ``'image'`` when it has none), so the pipeline hands every task
 its own input without knowing the domain.
 """
-from typing import Any, Protocol, Tuple, runtime_checkable
+from typing import Any, Optional, Protocol, Tuple, runtime_checkable
 
 import jax
 
@@ -90,6 +90,12 @@ class DownstreamTask(Protocol):
 
   The task owns its head φ_D: it initialises it (from the backbone's outputs) and
   applies it inside ``loss`` and ``logits``.
+
+  Optional, and so not a member here (``isinstance`` stays true for tasks without
+  it): ``head_from_pretext(head_params, pretext_head) -> head_params``, φ_D with the
+  parts the pretext head φ_P already holds taken from it (a detector's res5 box head
+  from the pretext ResNet's tail); the stages call it through :func:`head_from_pretext`
+  wherever they make a fresh head. A task without it keeps its fresh head.
   """
 
   def init_head(self, rng: jax.Array, params: PyTree, batch_stats: PyTree) -> PyTree:
@@ -114,6 +120,19 @@ class DownstreamTask(Protocol):
 def input_key(task: Any) -> str:
   """The batch entry ``task.prepare`` reads: ``task.input_key``, or ``'image'``."""
   return getattr(task, "input_key", "image")
+
+
+def head_from_pretext(task: Any, head_params: PyTree, pretext_head: Optional[PyTree]
+                      ) -> PyTree:
+  """``task.head_from_pretext(head_params, pretext_head)``, or ``head_params`` itself
+  when the task does not define it (then ``pretext_head`` is not read)."""
+  fn = getattr(task, "head_from_pretext", None)
+  return head_params if fn is None else fn(head_params, pretext_head)
+
+
+def takes_head_from_pretext(task: Any) -> bool:
+  """Whether ``task`` defines ``head_from_pretext`` (its fresh heads depend on φ_P)."""
+  return getattr(task, "head_from_pretext", None) is not None
 
 
 def trainable_mask(model: Any, params: PyTree) -> PyTree:

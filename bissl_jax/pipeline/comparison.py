@@ -102,7 +102,8 @@ def warmed_up_model(ctx: StageContext, pretext_vars, train_set, *, seed: int,
   params, stats = pretext_vars
   head = supervised.warmup_head(
       ctx, {"params": params["backbone"], "batch_stats": stats["backbone"]}, train_set,
-      seed=seed, name=name, directory=directory, prov=prov)
+      seed=seed, name=name, directory=directory, prov=prov,
+      pretext_head=params["pretext_head"])
   warm = {"params": dict(params, downstream_head=head), "batch_stats": stats}
   stage_output.export(out_dir, warm, {"stage": "head_warmup", "seed": seed,
                                       "arch": ctx.config.model.arch,
@@ -113,11 +114,14 @@ def warmed_up_model(ctx: StageContext, pretext_vars, train_set, *, seed: int,
 
 def finetune_and_evaluate(ctx: StageContext, backbone: dict, splits: dict, *, pipeline: str,
                           lr: float, weight_decay: float, seed: int, directory: str,
-                          inputs: Optional[dict] = None) -> dict:
+                          inputs: Optional[dict] = None,
+                          pretext_head: Optional[dict] = None) -> dict:
   """Stages 4 and 5: fine-tune (best validation epoch kept), export, score on test.
 
-  ``inputs`` (``{'backbone': digest}``) enters the provenance; an output or record of
+  ``inputs`` (``{'backbone': digest}``, the digest of the whole model ``backbone``
+  and ``pretext_head`` come from) enters the provenance; an output or record of
   other values is recomputed (or refused with ``config.reuse='strict'``).
+  ``pretext_head`` is that model's φ_P (:func:`supervised.fresh_head`).
 
   Returns:
     The evaluation record: test metrics, validation score, the hyperparameters that
@@ -142,7 +146,8 @@ def finetune_and_evaluate(ctx: StageContext, backbone: dict, splits: dict, *, pi
   else:
     result = supervised.finetune(ctx, backbone, splits, lr=lr, weight_decay=weight_decay,
                                  epochs=ctx.config.finetune.epochs, seed=seed, name=name,
-                                 directory=directory, inputs=inputs)
+                                 directory=directory, inputs=inputs,
+                                 pretext_head=pretext_head)
     meta = {"stage": "finetune", "pipeline": pipeline, "seed": seed, "lr": lr,
             "weight_decay": weight_decay, "val_score": result.val_score,
             "val_loss": result.val_loss, "best_epoch": result.best_epoch,
@@ -163,7 +168,8 @@ def finetune_and_evaluate(ctx: StageContext, backbone: dict, splits: dict, *, pi
 
 
 def search_hyperparams(ctx: StageContext, backbone: dict, splits: dict, *, pipeline: str,
-                       seed: int, inputs: Optional[dict] = None) -> search_lib.SearchResult:
+                       seed: int, inputs: Optional[dict] = None,
+                       pretext_head: Optional[dict] = None) -> search_lib.SearchResult:
   """Random search of the fine-tuning LR / weight decay on validation (resumable).
 
   Its record is resumed only when its provenance (search and fine-tuning fields,
@@ -188,7 +194,8 @@ def search_hyperparams(ctx: StageContext, backbone: dict, splits: dict, *, pipel
     i = next(counter, -1)
     result = supervised.finetune(ctx, backbone, splits, lr=lr, weight_decay=wd,
                                  epochs=s.epochs, seed=seed,
-                                 name=f"search/{pipeline}/trial{i}", stop_on_nonfinite=True)
+                                 name=f"search/{pipeline}/trial{i}", stop_on_nonfinite=True,
+                                 pretext_head=pretext_head)
     return result.val_score, result.val_loss
 
   return search_lib.random_search(
@@ -222,24 +229,28 @@ def run_comparison(ctx: StageContext, splits: dict, pretext_set, *,
   for i, seed in enumerate(seeds):
     pretext_seed = seeds[0] if config.pretext.share_across_seeds else seed
     (pre_params, pre_stats), pre_digest = pretext_model(ctx, pretext_set, pretext_seed)
-    pretext_backbone, base_digest = backbone_of(pre_params, pre_stats), pre_digest
+    base_params, base_stats, base_digest = pre_params, pre_stats, pre_digest
     if config.pretext.baseline_epochs is not None:
       # The baseline's own, longer pretext run (matches BiSSL's extra pretext steps).
       base_dir = ctx.path(f"seed{pretext_seed}", "pretext_baseline")
-      pretext_backbone = backbone_of(*pretrain(
+      base_params, base_stats = pretrain(
           ctx, pretext_set, seed=pretext_seed, epochs=config.pretext.baseline_epochs,
-          directory=base_dir, name=f"pretext_baseline/seed{pretext_seed}"))
+          directory=base_dir, name=f"pretext_baseline/seed{pretext_seed}")
       base_digest = provenance.digest_of(os.path.join(base_dir, "output"))
+    pretext_backbone = backbone_of(base_params, base_stats)
+    # A fresh head may start partly from φ_P (detection's res5): each pipeline's own.
+    base_head = base_params["pretext_head"]
 
     # Baseline: pretext backbone → fine-tuning → test.
     if config.search.enabled and i == 0:
       found = search_hyperparams(ctx, pretext_backbone, splits, pipeline="baseline", seed=seed,
-                                 inputs={"backbone": base_digest})
+                                 inputs={"backbone": base_digest}, pretext_head=base_head)
       hyper["baseline"] = {"lr": found.lr, "weight_decay": found.weight_decay}
     rec = finetune_and_evaluate(ctx, pretext_backbone, splits, pipeline="baseline",
                                 seed=seed, directory=ctx.path(f"seed{seed}", "baseline",
                                                               "finetune"),
-                                inputs={"backbone": base_digest}, **hyper["baseline"])
+                                inputs={"backbone": base_digest}, pretext_head=base_head,
+                                **hyper["baseline"])
     per_seed["baseline"][seed] = _seed_row(rec)
     shown["baseline"] = _used_hyperparams(rec)
 
@@ -257,11 +268,13 @@ def run_comparison(ctx: StageContext, splits: dict, pretext_set, *,
     theta_digest = provenance.digest_of(os.path.join(bissl_dir, "bissl", "output"))
     if config.search.enabled and i == 0:
       found = search_hyperparams(ctx, theta_p, splits, pipeline="bissl", seed=seed,
-                                 inputs={"backbone": theta_digest})
+                                 inputs={"backbone": theta_digest},
+                                 pretext_head=out.params["pretext_head"])
       hyper["bissl"] = {"lr": found.lr, "weight_decay": found.weight_decay}
     rec = finetune_and_evaluate(ctx, theta_p, splits, pipeline="bissl", seed=seed,
                                 directory=os.path.join(bissl_dir, "finetune"),
-                                inputs={"backbone": theta_digest}, **hyper["bissl"])
+                                inputs={"backbone": theta_digest},
+                                pretext_head=out.params["pretext_head"], **hyper["bissl"])
     per_seed["bissl"][seed] = _seed_row(rec)
     shown["bissl"] = _used_hyperparams(rec)
 
@@ -277,7 +290,7 @@ def run_comparison(ctx: StageContext, splits: dict, pretext_set, *,
           vctx, backbone_of(out.params, out.batch_stats), splits, pipeline=pipeline,
           seed=seed, directory=os.path.join(vdir, "finetune"), inputs={
               "backbone": provenance.digest_of(os.path.join(vdir, "bissl", "output"))},
-          **hyper["bissl"])
+          pretext_head=out.params["pretext_head"], **hyper["bissl"])
       per_seed.setdefault(pipeline, {})[seed] = _seed_row(rec)
       shown[pipeline] = _used_hyperparams(rec)
     print(f"[seed {seed}] test {reported_metrics(ctx)[0]}: "

@@ -78,7 +78,8 @@ def run_single_stage(ctx: StageContext, stage: str, splits, pretext_set) -> dict
     record = comparison.finetune_and_evaluate(
         ctx, comparison.backbone_of(variables["params"], variables["batch_stats"]), splits,
         pipeline="bissl" if after_bissl else "baseline", lr=lr, weight_decay=wd, seed=seed,
-        directory=directory, inputs={"backbone": digest_of(config.finetune.init_checkpoint)})
+        directory=directory, inputs={"backbone": digest_of(config.finetune.init_checkpoint)},
+        pretext_head=variables["params"].get("pretext_head"))
     return dict(record, output=os.path.join(directory, "output"))
   if stage == "evaluate":
     variables, _ = stage_output.load_export(config.evaluate.checkpoint)

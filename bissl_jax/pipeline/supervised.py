@@ -13,6 +13,12 @@
   BatchNorm in evaluation mode; metrics over the whole split at once
   (``bissl_jax.evaluation.metrics``).
 
+A fresh head (warm-up, fine-tuning) is drawn from the seed and then given what
+the task takes from the pretext head φ_P of the model the stage starts from
+(``DownstreamTask.head_from_pretext``: detection's res5 box head from the pretext
+ResNet's tail, as detectron2's R50-C4; classification takes nothing), so the stages
+receive that φ_P as ``pretext_head``.
+
 Both stages respect ``Model.trainable`` (parameter-efficient fine-tuning of a LoRA
 ViT): the optimizer is :func:`bissl_jax.core.partition.level_optimizer` over the mask,
 gradients are formed for trainable leaves only, and frozen leaves (the base weights
@@ -216,10 +222,17 @@ def check_evaluation(scores: dict, where: str, fix: str = "", field: Optional[st
                          f"recorded. {fix}".rstrip(), field=field)
 
 
-def fresh_head(ctx: StageContext, seed: int) -> PyTree:
-  """A newly initialised linear head (the same for both pipelines of one seed)."""
-  return ctx.init_variables(jax.random.key(derive_seed(seed, "fresh_head")))[0][
+def fresh_head(ctx: StageContext, seed: int, pretext_head: Optional[PyTree] = None
+               ) -> PyTree:
+  """A newly initialised head (the same initialisation for both pipelines of one seed).
+
+  A task that takes part of its head from the pretext head φ_P (detection: res5 from
+  ``pretext_head['backbone_tail']``) does so here (:func:`protocols.head_from_pretext`);
+  classification ignores ``pretext_head``.
+  """
+  head = ctx.init_variables(jax.random.key(derive_seed(seed, "fresh_head")))[0][
       "downstream_head"]
+  return protocols.head_from_pretext(ctx.downstream, head, pretext_head)
 
 
 def stage_provenance(ctx, section: str, exclude=(), inputs=None, **values
@@ -238,6 +251,8 @@ def stage_provenance(ctx, section: str, exclude=(), inputs=None, **values
       ctx.config, (section, "model", "data"),
       exclude=[f"{section}.{k}" for k in tuple(exclude) + ("init_checkpoint",)]
       + list(provenance.FEED_FIELDS))
+  if protocols.takes_head_from_pretext(ctx.downstream):  # absent for classification
+    fields["downstream_head_init"] = "from_pretext_head"
   fields.update(values)
   return provenance.Provenance(fields, dict(inputs or {}))
 
@@ -254,7 +269,8 @@ def finetune_provenance(ctx, *, lr: float, weight_decay: float, epochs: int, see
 
 def warmup_head(ctx: StageContext, backbone: dict, train_set, *, seed: int, name: str,
                 directory: Optional[str] = None,
-                prov: Optional[provenance.Provenance] = None) -> PyTree:
+                prov: Optional[provenance.Provenance] = None,
+                pretext_head: Optional[PyTree] = None) -> PyTree:
   """Fits the linear head on the frozen backbone (stage 2).
 
   Args:
@@ -266,6 +282,7 @@ def warmup_head(ctx: StageContext, backbone: dict, train_set, *, seed: int, name
     directory: if given, resumable checkpoints go to ``<directory>/ckpt`` every
       ``config.checkpoint_every`` epochs and on interrupt.
     prov: the stage's provenance (default: config fields and seed, no inputs).
+    pretext_head: φ_P of the pretext model, for :func:`fresh_head`.
 
   Returns:
     The warmed-up head parameters.
@@ -273,7 +290,7 @@ def warmup_head(ctx: StageContext, backbone: dict, train_set, *, seed: int, name
   cfg = ctx.config.head_warmup
   spe = check_size(len(train_set), cfg.batch_size, "head_warmup.batch_size",
                    "the downstream training split")
-  head = {"downstream_head": fresh_head(ctx, seed)}
+  head = {"downstream_head": fresh_head(ctx, seed, pretext_head)}
   tx, mask = level_optimizer(ctx, cfg.optimizer, cfg.momentum, head)
   step_fn = ctx.cached(("head_step", cfg.optimizer, cfg.momentum), lambda: jax.jit(
       functools.partial(_head_step, ctx.downstream, tx, mask)))
@@ -318,7 +335,8 @@ def _checked_finetune_state(state: dict) -> dict:
 def finetune(ctx: StageContext, backbone: dict, splits: dict, *, lr: float,
              weight_decay: float, epochs: int, seed: int, name: str,
              directory: Optional[str] = None, stop_on_nonfinite: bool = False,
-             inputs: Optional[dict] = None) -> FinetuneResult:
+             inputs: Optional[dict] = None,
+             pretext_head: Optional[PyTree] = None) -> FinetuneResult:
   """Fine-tunes backbone + fresh head; keeps the best-validation epoch (stage 4).
 
   Args:
@@ -338,6 +356,7 @@ def finetune(ctx: StageContext, backbone: dict, splits: dict, *, lr: float,
       score is -inf if no epoch finished) instead of raising; for search trials,
       whose sampled learning rates can be too large.
     inputs: ``{name: digest}`` of the backbone (part of the checkpoints' fingerprint).
+    pretext_head: φ_P of the model ``backbone`` comes from, for :func:`fresh_head`.
 
   Returns:
     A :class:`FinetuneResult`.
@@ -349,7 +368,8 @@ def finetune(ctx: StageContext, backbone: dict, splits: dict, *, lr: float,
   train_set = splits["train"]
   spe = check_size(len(train_set), cfg.batch_size, "finetune.batch_size",
                    "the downstream training split")
-  params = {"backbone": backbone["params"], "downstream_head": fresh_head(ctx, seed)}
+  params = {"backbone": backbone["params"],
+            "downstream_head": fresh_head(ctx, seed, pretext_head)}
   tx, mask = level_optimizer(ctx, cfg.optimizer, cfg.momentum, params)
   step_fn = ctx.cached(("finetune_step", cfg.optimizer, cfg.momentum), lambda: jax.jit(
       functools.partial(_finetune_step, ctx.downstream, tx, mask)))

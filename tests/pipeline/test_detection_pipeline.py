@@ -4,6 +4,7 @@ import io
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 
@@ -75,6 +76,55 @@ def test_reported_ap50_is_voc_ap_of_the_exported_model(detection_run):
                     [{k: labels[k][i] for k in ("boxes", "classes", "valid")}
                      for i in range(len(labels["valid"]))], num_classes=10)["map"]
   assert recorded == pytest.approx(float(expected), abs=1e-12)
+
+
+@pytest.mark.slow  # seed 0 again, in three runs (its programs come from the compilation cache)
+def test_interrupted_mid_bissl_and_mid_finetune_resumes_to_the_same_ap50(
+    detection_run, tmp_path, monkeypatch):
+  """Ctrl-C after BiSSL's first alternation (its checkpoints are every 2), then Ctrl-C
+  at step 6 of 8 of the BiSSL pipeline's fine-tuning (mid-epoch, after the first
+  epoch's best-so-far record), each resumed: seed 0 ends with the uninterrupted run's
+  AP50 and validation score, bit for bit."""
+  workdir = str(tmp_path / "run")
+  config = digits_detection.get_config("runlocal")
+  config.seeds = (0,)
+  sent = []
+
+  def sigint_once(where):
+    if where not in sent:
+      sent.append(where)
+      os.kill(os.getpid(), signal.SIGINT)  # handled by the stage loop between steps
+
+  def after_alternation(done, state, metrics):
+    if done == 1:
+      sigint_once("bissl")
+
+  write = run_log.MetricLogger.write
+
+  def write_and_interrupt(self, stage, step, metrics):
+    record = write(self, stage, step, metrics)
+    if stage == "finetune/bissl/seed0" and step == 6:
+      sigint_once("finetune")
+    return record
+
+  monkeypatch.setattr(run_log.MetricLogger, "write", write_and_interrupt)
+  outputs = []
+  for _ in range(2):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(KeyboardInterrupt):
+      run(config, workdir, bissl_callback=after_alternation)
+    outputs.append(out.getvalue())
+  assert "[bissl/seed0] interrupted: " in outputs[0]
+  assert "[finetune/bissl/seed0] interrupted: " in outputs[1]
+  assert "[bissl/seed0] resuming at " in outputs[1]
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    results = run(config, workdir)
+  assert "[finetune/bissl/seed0] resuming at " in out.getvalue()
+  assert sent == ["bissl", "finetune"]
+  expected = detection_run[1]["pipelines"]
+  for pipeline in ("baseline", "bissl"):
+    assert results["pipelines"][pipeline]["per_seed"]["0"] == expected[pipeline]["per_seed"]["0"]
 
 
 def test_ap50_scorer_on_hand_made_detections():

@@ -66,6 +66,17 @@ class Detection:
     heads, _ = self.detector.init_heads(rng, c4.shape)
     return heads
 
+  def head_from_pretext(self, head_params: PyTree, pretext_head: PyTree) -> PyTree:
+    """φ_D with res5 from the pretext tail (:func:`box_head_from_pretext_tail`), as
+    detectron2's R50-C4 starts res5 from the pretrained ResNet (BiSSL paper, App. B.6:
+    φ_P holds the ResNet's parameters beyond C4)."""
+    if not pretext_head or resnet.TAIL_KEY not in pretext_head:
+      raise ValueError(
+          "Detection starts its box head's res5 from the pretext head's "
+          f"{resnet.TAIL_KEY!r}, which this model lacks: start the stage from a pretext "
+          "or BiSSL output (or a converted ResNet), not from a fine-tuned model.")
+    return box_head_from_pretext_tail(head_params, pretext_head)
+
   def prepare(self, rng, images, *, train: bool) -> Dict[str, jax.Array]:
     """``{'images': normalised, 'key': the sampling key}``; ``rng`` None gives a fixed key.
 
