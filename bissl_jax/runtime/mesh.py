@@ -131,16 +131,21 @@ PROCESS_ID_ENV = "BISSL_JAX_PROCESS_ID"
 # Seconds without a heartbeat after which the coordination service declares a process
 # dead and the others stop with an error instead of waiting forever in a collective.
 HEARTBEAT_ENV = "BISSL_JAX_HEARTBEAT_TIMEOUT"
+# Set to 1 where JAX detects the cluster itself but none of the variables above is set
+# (a Cloud TPU pod slice): initialize with no arguments.
+DISTRIBUTED_ENV = "BISSL_JAX_DISTRIBUTED"
 
 
 def initialize_multihost(**kwargs) -> None:
   """Calls ``jax.distributed.initialize`` for multi-host runs (no-op on one host).
 
-  On Cloud TPU pods, SLURM and Open MPI the arguments are discovered automatically;
-  elsewhere set ``JAX_COORDINATOR_ADDRESS`` (host:port of process 0),
-  ``BISSL_JAX_NUM_PROCESSES`` and ``BISSL_JAX_PROCESS_ID`` in every process, or pass
-  ``coordinator_address``, ``num_processes`` and ``process_id``. On CPU the
-  collectives between processes use gloo.
+  On Cloud TPU pods (with ``BISSL_JAX_DISTRIBUTED=1``), SLURM and Open MPI the
+  arguments are discovered automatically; elsewhere set ``JAX_COORDINATOR_ADDRESS``
+  (host:port of process 0), ``BISSL_JAX_NUM_PROCESSES`` and ``BISSL_JAX_PROCESS_ID``
+  in every process, or pass ``coordinator_address``, ``num_processes`` and
+  ``process_id``. ``BISSL_JAX_HEARTBEAT_TIMEOUT`` (seconds, JAX's default 100) is how
+  long the others wait for a process that died alone. On CPU the collectives between
+  processes use gloo.
 
   Raises:
     LaunchError: one of the variables above is not a non-negative integer.
@@ -150,8 +155,8 @@ def initialize_multihost(**kwargs) -> None:
                    ("heartbeat_timeout_seconds", HEARTBEAT_ENV)):
     if key not in kwargs and os.environ.get(env, "").strip():
       kwargs[key] = _env_int(env)
-  if not (kwargs or _looks_multihost()):
-    return
+  if not (set(kwargs) - {"heartbeat_timeout_seconds"} or _looks_multihost()):
+    return  # one host (a heartbeat timeout alone starts nothing)
   if os.environ.get("JAX_PLATFORMS", "").strip() == "cpu":
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(**kwargs)
@@ -169,8 +174,9 @@ def _env_int(env: str) -> int:
 
 def _looks_multihost() -> bool:
   import os  # pylint: disable=g-import-not-at-top
-  return any(k in os.environ for k in ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES",
-                                        "JAX_COORDINATOR_ADDRESS", "OMPI_COMM_WORLD_SIZE"))
+  return os.environ.get(DISTRIBUTED_ENV, "").strip() == "1" or any(
+      k in os.environ for k in ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES",
+                                "JAX_COORDINATOR_ADDRESS", "OMPI_COMM_WORLD_SIZE"))
 
 
 # What a collective or the coordination service raises when another process of the

@@ -17,6 +17,7 @@ from bissl_jax.runtime import mesh
 @pytest.fixture
 def no_launch_env(monkeypatch):
   for name in (mesh.NUM_PROCESSES_ENV, mesh.PROCESS_ID_ENV, mesh.HEARTBEAT_ENV,
+               mesh.DISTRIBUTED_ENV,
                "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "JAX_COORDINATOR_ADDRESS",
                "OMPI_COMM_WORLD_SIZE"):
     monkeypatch.delenv(name, raising=False)
@@ -25,9 +26,15 @@ def no_launch_env(monkeypatch):
   return calls
 
 
-def test_one_host_without_launch_variables_initializes_nothing(no_launch_env):
+def test_one_host_without_launch_variables_initializes_nothing(no_launch_env, monkeypatch):
+  mesh.initialize_multihost()
+  monkeypatch.setenv(mesh.DISTRIBUTED_ENV, "0")
+  monkeypatch.setenv(mesh.HEARTBEAT_ENV, "5")
   mesh.initialize_multihost()
   assert no_launch_env == []
+  monkeypatch.setenv(mesh.DISTRIBUTED_ENV, "1")  # a TPU pod slice: JAX detects the rest
+  mesh.initialize_multihost()
+  assert no_launch_env == [{"heartbeat_timeout_seconds": 5}]
 
 
 def test_launch_variables_reach_jax_distributed_initialize(no_launch_env, monkeypatch):

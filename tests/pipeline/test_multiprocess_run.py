@@ -1,0 +1,80 @@
+"""Whole pipeline runs as 2 CPU processes x 2 devices, coordinated by ``jax.distributed``.
+
+The offline default at the smoke size (one seed) runs as one process with 4 devices,
+then as 2 processes with 2 devices each (tests/multiprocess_run.py starts them over
+localhost). The 2-process job is killed (SIGKILL, both processes) during BiSSL after
+its first checkpoint, started again, and must finish with the 4-device run's results:
+the same printed table and the same metrics to the last bit. Only process 0 writes
+files and prints the table. A process killed alone makes the other stop with a message
+within the heartbeat timeout instead of waiting forever.
+"""
+import json
+import os
+import signal
+import time
+
+import pytest
+
+import multiprocess_run as launch
+
+# Compile with XLA's optimisations off (the same in both runs): several times faster here.
+FAST_COMPILE = {"JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
+ARGS = ("--config.seeds=(0,)", "--config.bissl.checkpoint_every=1")
+_VARIES = ("wall_time_s", "resumed_wall_time_s", "devices", "checksum")  # not results
+
+
+def _results(workdir):
+  with open(os.path.join(workdir, "results.json")) as f:
+    record = json.load(f)
+  return {k: v for k, v in record.items() if k not in _VARIES}
+
+
+def _table(log):
+  lines = log.splitlines()
+  start = next(i for i, line in enumerate(lines) if line.startswith("| Pipeline"))
+  return lines[start:start + 5]
+
+
+def _wait_for(path, procs, timeout=900):
+  deadline = time.time() + timeout
+  while time.time() < deadline and not os.path.exists(path):
+    assert all(p.poll() is None for p in procs), "a process exited before the kill"
+    time.sleep(0.5)
+  assert os.path.exists(path), f"timed out waiting for {path}"
+
+
+@pytest.mark.slow  # three runs of the whole pipeline (about 10 minutes on 2 busy cores)
+def test_two_processes_killed_mid_bissl_resume_to_the_one_process_results(tmp_path):
+  one, two = str(tmp_path / "one"), str(tmp_path / "two")
+  assert launch.wait(launch.start(one, ARGS, processes=1, devices=4, extra_env=FAST_COMPILE),
+                     timeout=1200) == [0]
+
+  procs = launch.start(two, ARGS, extra_env=FAST_COMPILE)
+  _wait_for(os.path.join(two, "seed0", "bissl", "ckpt", "1"), procs)
+  for p in procs:
+    p.send_signal(signal.SIGKILL)
+  assert launch.wait(procs, timeout=60) == [-signal.SIGKILL] * 2
+  assert not os.path.exists(os.path.join(two, "results.json"))
+
+  assert launch.wait(launch.start(two, ARGS, extra_env=FAST_COMPILE), timeout=1200) == [0, 0]
+  logs = [launch.read_log(two, i) for i in range(2)]
+  assert "[bissl/seed0] resuming at alt" in logs[0]
+  assert _results(two) == _results(one)  # every metric, to the last bit
+  assert _table(logs[0]) == _table(launch.read_log(one, 0))
+  assert "| Pipeline" not in logs[1]  # process 1 computes, process 0 reports
+
+
+@pytest.mark.slow  # two processes start and compile until one is killed (about a minute)
+def test_a_process_killed_alone_stops_the_other_with_a_message(tmp_path):
+  workdir = str(tmp_path / "run")
+  procs = launch.start(workdir, ARGS, extra_env=dict(FAST_COMPILE,
+                                                     BISSL_JAX_HEARTBEAT_TIMEOUT="5"))
+  _wait_for(os.path.join(workdir, "config.json"), procs, timeout=300)
+  procs[1].send_signal(signal.SIGKILL)
+  started = time.time()
+  status = launch.wait(procs, timeout=120)
+  assert status[1] == -signal.SIGKILL
+  assert status[0] not in (0, None) and time.time() - started < 100, status
+  log = launch.read_log(workdir, 0)
+  assert ("another task died" in log  # JAX's coordination service (heartbeats)
+          or "lost contact with another process" in log), log[-3000:]
