@@ -44,12 +44,16 @@ def _pretext_records(workdir):
     return {r["step"]: r for r in map(json.loads, f) if r["stage"] == "pretext/seed0"}
 
 
-def _wait_for(path, procs, timeout=900):
+def _wait_for(ready, procs, timeout=900):
   deadline = time.time() + timeout
-  while time.time() < deadline and not os.path.exists(path):
+  while time.time() < deadline and not ready():
     assert all(p.poll() is None for p in procs), "a process exited before the kill"
     time.sleep(0.5)
-  assert os.path.exists(path), f"timed out waiting for {path}"
+  assert ready(), "timed out"
+
+
+def _saved_steps(directory):
+  return [n for n in os.listdir(directory) if n.isdigit()] if os.path.isdir(directory) else []
 
 
 @pytest.mark.slow  # two 2-process jobs and a 1-process pretext stage (many minutes here)
@@ -58,7 +62,8 @@ def test_two_processes_killed_mid_bissl_resume_to_the_uninterrupted_results(tmp_
   assert launch.wait(launch.start(whole, ARGS, extra_env=FAST_COMPILE), timeout=2400) == [0, 0]
 
   procs = launch.start(killed, ARGS, extra_env=FAST_COMPILE)
-  _wait_for(os.path.join(killed, "seed0", "bissl", "ckpt", "1"), procs)
+  ckpt = os.path.join(killed, "seed0", "bissl", "bissl", "ckpt")
+  _wait_for(lambda: _saved_steps(ckpt), procs)  # a complete BiSSL checkpoint (of 4)
   for p in procs:
     p.send_signal(signal.SIGKILL)
   assert launch.wait(procs, timeout=60) == [-signal.SIGKILL] * 2
@@ -87,7 +92,7 @@ def test_a_process_killed_alone_stops_the_other_with_a_message(tmp_path):
   workdir = str(tmp_path / "run")
   procs = launch.start(workdir, ARGS, extra_env=dict(FAST_COMPILE,
                                                      BISSL_JAX_HEARTBEAT_TIMEOUT="5"))
-  _wait_for(os.path.join(workdir, "config.json"), procs, timeout=300)
+  _wait_for(lambda: os.path.exists(os.path.join(workdir, "config.json")), procs, timeout=300)
   procs[1].send_signal(signal.SIGKILL)
   started = time.time()
   status = launch.wait(procs, timeout=120)
