@@ -44,10 +44,14 @@ def _pretext_records(workdir):
     return {r["step"]: r for r in map(json.loads, f) if r["stage"] == "pretext/seed0"}
 
 
-def _wait_for(ready, procs, timeout=900):
+def _wait_for(ready, procs, workdir, timeout=900):
   deadline = time.time() + timeout
   while time.time() < deadline and not ready():
-    assert all(p.poll() is None for p in procs), "a process exited before the kill"
+    if any(p.poll() is not None for p in procs):  # show why: the logs go with tmp_path
+      launch.wait(procs, timeout=1)  # the others are killed
+      tails = [launch.read_log(workdir, i)[-3000:] for i in range(len(procs))]
+      raise AssertionError(f"a process exited before the kill: {[p.poll() for p in procs]}\n"
+                           + "\n---\n".join(tails))
     time.sleep(0.5)
   assert ready(), "timed out"
 
@@ -63,7 +67,7 @@ def test_two_processes_killed_mid_bissl_resume_to_the_uninterrupted_results(tmp_
 
   procs = launch.start(killed, ARGS, extra_env=FAST_COMPILE)
   ckpt = os.path.join(killed, "seed0", "bissl", "bissl", "ckpt")
-  _wait_for(lambda: _saved_steps(ckpt), procs)  # a complete BiSSL checkpoint (of 4)
+  _wait_for(lambda: _saved_steps(ckpt), procs, killed)  # a complete BiSSL checkpoint (of 4)
   for p in procs:
     p.send_signal(signal.SIGKILL)
   assert launch.wait(procs, timeout=60) == [-signal.SIGKILL] * 2
@@ -92,7 +96,8 @@ def test_a_process_killed_alone_stops_the_other_with_a_message(tmp_path):
   workdir = str(tmp_path / "run")
   procs = launch.start(workdir, ARGS, extra_env=dict(FAST_COMPILE,
                                                      BISSL_JAX_HEARTBEAT_TIMEOUT="5"))
-  _wait_for(lambda: os.path.exists(os.path.join(workdir, "config.json")), procs, timeout=300)
+  _wait_for(lambda: os.path.exists(os.path.join(workdir, "config.json")), procs, workdir,
+            timeout=300)
   procs[1].send_signal(signal.SIGKILL)
   started = time.time()
   status = launch.wait(procs, timeout=120)
