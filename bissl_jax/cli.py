@@ -96,8 +96,8 @@ def user_error_message(err: BaseException) -> Optional[str]:
   # pylint: disable=g-import-not-at-top  (light imports first: --help stays fast)
   from bissl_jax.config_validation import ConfigError
   from bissl_jax.data.catalogue import DatasetNotFoundError
-  from bissl_jax.runtime.errors import NonFiniteError, WorkdirInUseError
-  if isinstance(err, (UsageError, app.UsageError, WorkdirInUseError)):
+  from bissl_jax.runtime.errors import LaunchError, NonFiniteError, WorkdirInUseError
+  if isinstance(err, (UsageError, app.UsageError, WorkdirInUseError, LaunchError)):
     return f"error: {err}"
   if isinstance(err, ConfigError):
     return f"error: {err}"
@@ -117,7 +117,8 @@ def user_error_message(err: BaseException) -> Optional[str]:
             "fields (pretext.checkpoint, bissl.init_checkpoint, finetune.init_checkpoint, "
             "evaluate.checkpoint) and the model fields (model.arch, "
             "model.width_multiplier, model.cifar_stem).")
-  return None
+  from bissl_jax.runtime import mesh
+  return mesh.lost_peer_message(err)  # another process of a multi-process run stopped
 
 
 def _disk_full(err: BaseException) -> Optional[OSError]:

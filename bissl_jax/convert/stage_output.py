@@ -41,13 +41,17 @@ class CorruptOutputError(ValueError):
 
 
 def tree_checksum(tree: PyTree) -> Optional[str]:
-  """SHA-256 over every leaf's path, dtype, shape and bytes (None on several hosts).
+  """SHA-256 over every leaf's path, dtype, shape and bytes.
 
   Typed PRNG keys are hashed as their key data (:func:`encode`), so a tree and its
-  restored copy hash alike.
+  restored copy hash alike. With several processes a leaf spread over other hosts'
+  devices cannot be read here: then None, unless every such leaf is replicated
+  (each process holds a whole copy, as the stages' states are).
   """
-  if jax.process_count() > 1:
-    return None  # the arrays are not all addressable from one host
+  if jax.process_count() > 1 and not all(
+      getattr(x, "is_fully_addressable", True) or x.is_fully_replicated
+      for x in jax.tree_util.tree_leaves(tree)):
+    return None
   digest = hashlib.sha256()
   leaves, _ = jax.tree_util.tree_flatten_with_path(jax.device_get(encode(tree)))
   for path, leaf in leaves:

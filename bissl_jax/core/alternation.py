@@ -216,8 +216,10 @@ def run_lower_steps(steps: StepFunctions, state: BilevelState, pretext_images, k
   """
   state = state if owned else copy_state(state)
   metrics = []
-  for images, key in zip(pretext_images, keys):
-    state, m = steps.lower_step(state, images, key)
+  # Indexed, not iterated: iterating a stack spread over several processes' devices
+  # is refused by JAX (not every row is addressable here); indexing is a computation.
+  for i, key in enumerate(keys):
+    state, m = steps.lower_step(state, pretext_images[i], key)
     metrics.append(m)
   return state, metrics
 
@@ -238,8 +240,8 @@ def run_upper_steps(setup: BisslSetup, steps: StepFunctions, state: BilevelState
   metrics = []
   # Labels may be a tree (detection's boxes, classes, masks): step i takes row i of each leaf.
   labels_of = lambda i: jax.tree_util.tree_map(lambda a: a[i], downstream_labels)
-  for i, (images, key) in enumerate(zip(downstream_images, keys)):
-    labels = labels_of(i)
+  for i, key in enumerate(keys):  # indexed, as in run_lower_steps
+    images, labels = downstream_images[i], labels_of(i)
     if policy.deferred:
       state, m, system = steps.upper_step(state, operator, lam, images, labels, key)
       if policy.due(first + i):

@@ -349,6 +349,8 @@ def warn_if_residual_above_one(name: str, t: int, metrics: dict) -> list:
   residual = float(np.mean(metrics["cg_residual"]))  # NaN when no step checked it
   if not residual > 1.0:
     return []
+  if jax.process_index() != 0:  # every process computed it; process 0 reports
+    return [True]
   print(f"[{name}] warning: at alternation {t} the implicit-gradient solve's relative "
         f"residual ‖A·v_IG − v‖/‖v‖ is {residual:.3g} > 1, so v_IG is further from solving "
         f"the system than 0 is (smallest curvature seen "

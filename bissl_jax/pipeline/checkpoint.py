@@ -36,10 +36,12 @@ import shutil
 import time
 from typing import Callable, Optional, Tuple
 
+import jax
 import orbax.checkpoint as ocp
 
 from bissl_jax.convert.stage_output import (  # noqa: F401  (the pipeline's output format)
     EXPORT_FORMAT, abstract, decode, encode, export, is_export, load_export, tree_checksum)
+from bissl_jax.runtime import mesh as parallel
 from bissl_jax.types import PyTree
 
 # The checkpoint item holding data-iterator states (Grain's, JSON), kept apart from
@@ -189,8 +191,12 @@ class RunCheckpointer:
   def _quarantine(self, step: int) -> str:
     """Moves a bad step out of the manager's sight; returns where it went."""
     target = os.path.join(self.directory + ".corrupt", f"{step}-{int(time.time() * 1000)}")
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    shutil.move(os.path.join(self.directory, str(step)), target)
+    # Several processes read the same step: all have failed on it before process 0 moves it.
+    parallel.sync_processes(f"quarantine {self.directory} {step}: looked")
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      shutil.move(os.path.join(self.directory, str(step)), target)
+    parallel.sync_processes(f"quarantine {self.directory} {step}: moved")
     self.close()
     self._open()  # the manager caches its list of steps
     return target

@@ -23,9 +23,12 @@ import shutil
 import time
 from typing import Any, Iterable, Mapping, NamedTuple, Optional
 
+import jax
+
 from bissl_jax.config_validation import ConfigError
 from bissl_jax.config_validation import config_fields as flatten
 from bissl_jax.convert import stage_output
+from bissl_jax.runtime import mesh as parallel
 
 RECORD_KEY = "provenance"  # where an export's meta (or a JSON record) keeps it
 # Data fields no result depends on: where the files are and how batches are fed (the
@@ -152,9 +155,13 @@ def set_aside(stage_dir: str, paths: Iterable[str]) -> Optional[str]:
     return None
   target = os.path.join(stage_dir, "superseded", time.strftime("%Y%m%d-%H%M%S")
                         + f"-{int(time.time() * 1000) % 1000:03d}")
-  os.makedirs(target, exist_ok=True)
-  for p in existing:
-    shutil.move(p, os.path.join(target, os.path.basename(p)))
+  # Several processes see the same files: all have looked before process 0 moves them.
+  parallel.sync_processes("set_aside: looked")
+  if jax.process_index() == 0:
+    os.makedirs(target, exist_ok=True)
+    for p in existing:
+      shutil.move(p, os.path.join(target, os.path.basename(p)))
+  parallel.sync_processes("set_aside: moved")
   return target
 
 

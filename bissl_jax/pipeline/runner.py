@@ -109,6 +109,8 @@ def with_reuse(config, reuse: str):
 
 
 def _write_config(workdir: str, config) -> None:
+  if jax.process_index() != 0:  # process 0 writes every file of the workdir
+    return
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2) if hasattr(config, "to_json_best_effort")
             else json.dumps(dict(config), indent=2, default=str))

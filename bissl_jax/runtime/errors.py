@@ -26,3 +26,7 @@ class NonFiniteError(FloatingPointError):
 
 class WorkdirInUseError(RuntimeError):
   """Another live run holds the workdir's lock (:mod:`bissl_jax.pipeline.workdir_lock`)."""
+
+
+class LaunchError(ValueError):
+  """A multi-process launch setting is wrong (:func:`bissl_jax.runtime.mesh.initialize_multihost`)."""

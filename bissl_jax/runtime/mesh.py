@@ -123,17 +123,81 @@ def check_batch_divisible(batch_size: int, field: str, mesh: Optional[Mesh] = No
         f"set {field} to a multiple of {n}, e.g. {max(n, (batch_size // n) * n or n)}.")
 
 
+# What ``jax.distributed.initialize`` does not read from the environment by itself
+# (it reads ``JAX_COORDINATOR_ADDRESS``, and detects everything on TPU pods, SLURM and
+# Open MPI): the process count and index for a launch by hand (docs/scale.md).
+NUM_PROCESSES_ENV = "BISSL_JAX_NUM_PROCESSES"
+PROCESS_ID_ENV = "BISSL_JAX_PROCESS_ID"
+# Seconds without a heartbeat after which the coordination service declares a process
+# dead and the others stop with an error instead of waiting forever in a collective.
+HEARTBEAT_ENV = "BISSL_JAX_HEARTBEAT_TIMEOUT"
+# Set to 1 where JAX detects the cluster itself but none of the variables above is set
+# (a Cloud TPU pod slice): initialize with no arguments.
+DISTRIBUTED_ENV = "BISSL_JAX_DISTRIBUTED"
+
+
 def initialize_multihost(**kwargs) -> None:
   """Calls ``jax.distributed.initialize`` for multi-host runs (no-op on one host).
 
-  On Cloud TPU pods and SLURM clusters the arguments are discovered automatically;
-  elsewhere pass ``coordinator_address``, ``num_processes`` and ``process_id``.
+  On Cloud TPU pods (with ``BISSL_JAX_DISTRIBUTED=1``), SLURM and Open MPI the
+  arguments are discovered automatically; elsewhere set ``JAX_COORDINATOR_ADDRESS``
+  (host:port of process 0), ``BISSL_JAX_NUM_PROCESSES`` and ``BISSL_JAX_PROCESS_ID``
+  in every process, or pass ``coordinator_address``, ``num_processes`` and
+  ``process_id``. ``BISSL_JAX_HEARTBEAT_TIMEOUT`` (seconds, JAX's default 100) is how
+  long the others wait for a process that died alone. On CPU the collectives between
+  processes use gloo.
+
+  Raises:
+    LaunchError: one of the variables above is not a non-negative integer.
   """
-  if kwargs or _looks_multihost():
-    jax.distributed.initialize(**kwargs)
+  import os  # pylint: disable=g-import-not-at-top
+  for key, env in (("num_processes", NUM_PROCESSES_ENV), ("process_id", PROCESS_ID_ENV),
+                   ("heartbeat_timeout_seconds", HEARTBEAT_ENV)):
+    if key not in kwargs and os.environ.get(env, "").strip():
+      kwargs[key] = _env_int(env)
+  if not (set(kwargs) - {"heartbeat_timeout_seconds"} or _looks_multihost()):
+    return  # one host (a heartbeat timeout alone starts nothing)
+  if os.environ.get("JAX_PLATFORMS", "").strip() == "cpu":
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(**kwargs)
+
+
+def _env_int(env: str) -> int:
+  import os  # pylint: disable=g-import-not-at-top
+  value = os.environ[env].strip()
+  if not value.isdigit():
+    from bissl_jax.runtime.errors import LaunchError  # pylint: disable=g-import-not-at-top
+    raise LaunchError(f"{env}={value!r} is not a non-negative integer: set it to one "
+                     "(docs/scale.md, \"How to launch\").")
+  return int(value)
 
 
 def _looks_multihost() -> bool:
-  import os
-  return any(k in os.environ for k in ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES",
-                                        "JAX_COORDINATOR_ADDRESS"))
+  import os  # pylint: disable=g-import-not-at-top
+  return os.environ.get(DISTRIBUTED_ENV, "").strip() == "1" or any(
+      k in os.environ for k in ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES",
+                                "JAX_COORDINATOR_ADDRESS", "OMPI_COMM_WORLD_SIZE"))
+
+
+# What a collective or the coordination service raises when another process of the
+# run has gone (killed, crashed, its host lost): XLA:CPU's gloo, the GPU/TPU runtimes.
+_LOST_PEER_SIGNS = ("Connection closed by peer", "Connection reset by peer",
+                    "stopped sending heartbeats", "tasks are unhealthy", "Gloo all-reduce failed",
+                    "Gloo all-gather failed", "Barrier timed out")
+
+
+def lost_peer_message(err: BaseException) -> Optional[str]:
+  """The message for an error caused by another process of the run stopping, else None."""
+  if not any(s in str(err) for s in _LOST_PEER_SIGNS) or jax.process_count() <= 1:
+    return None
+  return (f"error: process {jax.process_index()} of {jax.process_count()} lost contact with "
+          f"another process of this run (it stopped, was killed or its host went down), so it "
+          f"stops too.\n{str(err).splitlines()[0][:300]}\nRerun every process with the same "
+          "command (same --workdir): the run resumes from its last checkpoint.")
+
+
+def sync_processes(name: str) -> None:
+  """Waits until every process of the run reaches the barrier ``name`` (no-op alone)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)

@@ -1,0 +1,81 @@
+"""Starts one pipeline run as several CPU processes on this machine (``jax.distributed``).
+
+Every process runs the same ``python -m experiments.main`` command with
+``JAX_COORDINATOR_ADDRESS=localhost:PORT``, ``BISSL_JAX_NUM_PROCESSES`` and
+``BISSL_JAX_PROCESS_ID`` (docs/scale.md, "How to launch") and ``devices`` CPU devices
+(``--xla_force_host_platform_device_count``). Used by
+tests/pipeline/test_multiprocess_run.py; also a script::
+
+  python tests/multiprocess_run.py WORKDIR [--config=... --config.<field>=...]
+
+which runs 2 processes x 2 devices and prints each process's output.
+"""
+import os
+import socket
+import subprocess
+import sys
+from typing import Optional, Sequence
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = "--config=configs/digits_simclr.py:runlocal"
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def process_env(port: int, process_id: int, processes: int, devices: int,
+                extra_env: Optional[dict] = None) -> dict:
+  """The environment of process ``process_id`` of ``processes`` (CPU, ``devices`` each)."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  if processes > 1:
+    env.update(JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+               BISSL_JAX_NUM_PROCESSES=str(processes), BISSL_JAX_PROCESS_ID=str(process_id))
+  env.update(extra_env or {})
+  return env
+
+
+def start(workdir: str, args: Sequence[str] = (), *, processes: int = 2, devices: int = 2,
+          extra_env: Optional[dict] = None, log_dir: Optional[str] = None) -> list:
+  """Starts the processes; each one's stdout and stderr go to ``log_dir/p<i>.log``."""
+  port = free_port()
+  log_dir = log_dir or workdir + ".logs"
+  os.makedirs(log_dir, exist_ok=True)
+  cmd = [sys.executable, "-m", "experiments.main", f"--workdir={workdir}", CONFIG, *args]
+  procs = []
+  for i in range(processes):
+    log = open(os.path.join(log_dir, f"p{i}.log"), "a")  # pylint: disable=consider-using-with
+    procs.append(subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                  env=process_env(port, i, processes, devices, extra_env)))
+    log.close()
+  return procs
+
+
+def wait(procs: list, timeout: float) -> list:
+  """The exit statuses; kills every process still running after ``timeout`` seconds."""
+  try:
+    for p in procs:
+      p.wait(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    pass
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  return [p.returncode for p in procs]
+
+
+def read_log(workdir: str, i: int, log_dir: Optional[str] = None) -> str:
+  with open(os.path.join(log_dir or workdir + ".logs", f"p{i}.log")) as f:
+    return f.read()
+
+
+if __name__ == "__main__":
+  status = wait(start(sys.argv[1], sys.argv[2:]), timeout=3600)
+  for index in range(2):
+    print(f"===== process {index} (exit {status[index]})\n" + read_log(sys.argv[1], index))
+  sys.exit(max(abs(s) for s in status))
