@@ -136,8 +136,15 @@ def tree_bytes(tree) -> int:
 def compile_program(name: str, calls: int, jitted, *args) -> Program:
   print(f"  compiling {name} ...", flush=True)
   compiled, seconds = common.compile_timed(jitted, *args)
-  print(f"  compiled {name} in {seconds:.0f} s", flush=True)
-  return Program(name, calls, compiled, seconds)
+  program = Program(name, calls, compiled, seconds)
+  stats = compiled.memory_analysis()
+  # Each program's figures as soon as it is compiled: a long plan that stops early
+  # still leaves them in its log.
+  print(f"  compiled {name} in {seconds:.0f} s: args {stats.argument_size_in_bytes / MiB:.1f} "
+        f"MiB, out {stats.output_size_in_bytes / MiB:.1f} MiB, temp "
+        f"{stats.temp_size_in_bytes / MiB:.1f} MiB, alias {stats.alias_size_in_bytes / MiB:.1f} "
+        f"MiB, {program.flops / 1e9:.6g} GFLOP per device", flush=True)
+  return program
 
 
 def compile_programs(setup: bilevel.BisslSetup, mesh, size: common.Size, fused: bool):
@@ -203,7 +210,9 @@ def state_rows(state: bilevel.BilevelState) -> List[list]:
            ("upper optimizer state (SGD)", state.upper.opt_state),
            ("BatchNorm statistics (both levels)", (state.lower.batch_stats,
                                                    state.upper.batch_stats)),
-           ("solver state and the rest", (state.target, state.solver_state))]
+           ("solver state, BYOL target, step counters", (
+               state.target, state.solver_state, state.lower.step, state.upper.step,
+               state.alternation))]
   rows = [[label, tree_bytes(tree) / MiB] for label, tree in parts]
   rows.append(["whole state", tree_bytes(state) / MiB])
   return rows
@@ -235,12 +244,12 @@ def plan_tables(per_dtype: Dict[str, tuple], size: common.Size, devices: int, se
     flop_rows.append([f"{dtype}: one alternation (sum of the above)", "–", total,
                       total * devices, total / grad, total / grad])
     if reference is not None:
-      ref_total = reference["alternation"]
+      ref_total, ref_grad = reference["alternation"], reference["gradient"]
       flop_rows.append([f"{dtype}: reference PyTorch BiSSL, the same alternation", "–",
-                        ref_total / devices, ref_total, ref_total / (grad * devices),
-                        ref_total / (grad * devices)])
-      flop_rows.append([f"{dtype}: reference / bissl_jax", "–", ref_total / (total * devices),
-                        ref_total / (total * devices), "–", "–"])
+                        ref_total / devices, ref_total, "–", ref_total / ref_grad])
+      flop_rows.append([f"{dtype}: reference / bissl_jax (FLOPs; gradient-equivalents)", "–",
+                        "–", ref_total / (total * devices), "–",
+                        (ref_total / ref_grad) / (total / grad)])
     if not state_table_rows:
       state_table_rows = state_rows(state)
   notes_mem = [
@@ -281,7 +290,7 @@ def plan_tables(per_dtype: Dict[str, tuple], size: common.Size, devices: int, se
                             "pretext gradients per alternation"],
                    rows=[r[:2] + [r[2] / 1e9 if isinstance(r[2], float) else r[2],
                                   r[3] / 1e9 if isinstance(r[3], float) else r[3]] + r[4:]
-                         if "reference / bissl_jax" not in str(r[0]) else r
+                         if " / bissl_jax" not in str(r[0]) else r
                          for r in flop_rows],
                    notes=notes_flops),
   ]
@@ -305,18 +314,22 @@ def main(argv: Optional[Sequence[str]] = None) -> List[common.Table]:
   args = common.parse_args(argv, __doc__, add_arguments)
   if args.devices < 1:
     raise SystemExit(f"paper_plan: --devices must be >= 1; got {args.devices}.")
+  size = args.size
+  for name, batch in (("pretext", size.pretext_batch), ("downstream", size.downstream_batch)):
+    if batch % args.devices:
+      raise SystemExit(f"paper_plan: the {name} batch {batch} does not split over "
+                       f"{args.devices} devices; choose a multiple.")
   if jax.device_count() < args.devices:
     if jax.default_backend() != "cpu":
       raise SystemExit(f"paper_plan: {jax.device_count()} {jax.default_backend()} devices "
                        f"here; pass --devices {jax.device_count()} or fewer.")
     reexec_with_devices(args)
     return []
-  size = args.size
-  for name, batch in (("pretext", size.pretext_batch), ("downstream", size.downstream_batch)):
-    if batch % args.devices:
-      raise SystemExit(f"paper_plan: the {name} batch {batch} does not split over "
-                       f"{args.devices} devices; choose a multiple.")
   n_lower, n_upper, cg_iters = alternation_cost.stage_sizes(args)
+  reference = None
+  if args.reference:  # first: it is quick (meta device) and checks the path
+    from bench import reference_flops  # pylint: disable=import-outside-toplevel
+    reference = reference_flops.count(args.reference, size, n_lower, n_upper, cg_iters)
   mesh = parallel.make_mesh(jax.devices()[:args.devices])
   start = time.perf_counter()
   per_dtype, setup = {}, None
@@ -324,10 +337,6 @@ def main(argv: Optional[Sequence[str]] = None) -> List[common.Table]:
     print(f"paper_plan: {dtype}", flush=True)
     setup = build_setup(size, dtype, n_lower, n_upper, cg_iters)
     per_dtype[dtype] = compile_programs(setup, mesh, size, fused=not args.no_fused)
-  reference = None
-  if args.reference:
-    from bench import reference_flops  # pylint: disable=import-outside-toplevel
-    reference = reference_flops.count(args.reference, size, n_lower, n_upper, cg_iters)
   tables = plan_tables(per_dtype, size, args.devices, setup, reference)
   tables[0].notes.append(f"Whole plan: {time.perf_counter() - start:.0f} s of lowering and "
                          "compiling.")
