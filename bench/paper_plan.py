@@ -25,7 +25,7 @@ over backbone and pretext head, views given) at the same size. With ``--referenc
 PATH`` (a checkout of the reference PyTorch BiSSL) the same alternation's FLOPs are
 counted for the reference by ``bench.reference_flops`` and compared.
 
-Run: ``python -m bench.paper_plan`` (the full size; minutes per program on a 2-core
+Dated records: ``docs/benchmarks/runs/paper_plan.md``. Run: ``python -m bench.paper_plan`` (the full size; minutes per program on a 2-core
 CPU), ``--small`` or ``--tiny`` to try it.
 """
 import os

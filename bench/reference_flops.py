@@ -198,6 +198,8 @@ def main(argv=None):
     alternation_cost.add_stage_arguments(parser)
     parser.add_argument("--reference", required=True)
   args = common.parse_args(argv, __doc__, add_arguments)
+  # Recorded beside the plan that uses it (docs/benchmarks/runs/paper_plan.md).
+  args.doc = args.doc or os.path.join(common.RUNS_DIR, "paper_plan.md")
   flops = count(args.reference, args.size, *alternation_cost.stage_sizes(args))
   grad = flops["gradient"]
   rows = [[name, flops[name] / 1e9, flops[name] / grad]
