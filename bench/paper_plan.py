@@ -1,4 +1,4 @@
-"""The paper-size memory and FLOP plan, compiled without an accelerator (BiSSL paper §4).
+"""The paper-size memory and FLOP plan, compiled without an accelerator (BiSSL paper §4.2).
 
 The paper's setup (ResNet-50, 96 px, SimCLR with a pretext batch of 2×1024,
 downstream batch 256, N_L = 20, N_U = 8, 5 layer-wise CG iterations) is *lowered and
