@@ -19,7 +19,13 @@ the relative residual on the true A, computed in float64 from the dense matrix):
   by M-FAC's per-leaf ``(I + F/(λ+δ))⁻¹`` from the same window.
 * ``kfac``: ``(I + F_K/(λ+δ))⁻¹ v`` with F_K the K-FAC model (per Conv/Dense layer
   ``A ⊗ G``) of L_P on the HVP batch; ``cg``/``minres + kfac preconditioner``: those
-  solvers on the true A, preconditioned by that inverse.
+  solvers on the true A, preconditioned by that inverse. ``ekfac``: the same with
+  EK-FAC's eigenvalues (per-example gradients in K-FAC's eigenbasis).
+* ``penalty``: the first-order penalty method's h = (λ+δ)(θ_P − z)/σ (F2SA,
+  ``bissl_jax.core.penalty``) after K steps of the library's z optimizer from z = θ_P,
+  with L_P on the HVP batch and L_D on the downstream batch: the default (σ = 1, K = 5)
+  and longer runs of z. It approximates x* only where θ_P is a stationary point of
+  the lower problem and z's penalised problem has a minimiser near θ_P.
 
 A second table draws ``--residual-batches`` fresh (HVP batch, downstream batch)
 pairs at the same point and reports how often each operator solver's residual on
@@ -45,7 +51,10 @@ from bench import cg_accuracy
 from bench import common
 from bissl_jax.tasks import augment
 from bissl_jax.core import hessian as hessian_lib
+from bissl_jax.core import penalty
+from bissl_jax.core.state import PenaltyState
 from bissl_jax import implicit
+from bissl_jax.implicit.solvers import ekfac
 from bissl_jax.implicit.solvers import kfac
 from bissl_jax.implicit.solvers import mfac
 
@@ -67,6 +76,7 @@ DEFAULTS = {  # (pretrain steps, lower steps = m, dense batches, residual batche
 }
 OPERATOR_SOLVERS = ("layerwise_cg", "cg", "minres", "neumann")
 PRECONDITIONED_SOLVERS = ("cg", "minres")   # with M-FAC's or K-FAC's (I + F/(λ+δ))⁻¹
+PENALTY_RUNS = ((1.0, None), (1.0, 200), (0.1, 200))   # (σ, K); None: the config's K
 
 
 def add_arguments(parser) -> None:
@@ -160,7 +170,9 @@ class Batch:
     self.views = common.make_views(hvp_images, image_size=size,
                                    seed=int(jax.random.randint(k_views, (), 0, 2**30)))
     self.hessian, self.gn = _operators(problem.task, lower, stats, self.views)
-    self.kfac = _kfac_factor(problem.task, lower, stats, self.views)
+    self.kfac = _kfac_factor(problem.task, lower, stats, self.views, kfac.factorize)
+    self.ekfac = _kfac_factor(problem.task, lower, stats, self.views, ekfac.factorize)
+    self.downstream = (head, images, labels, k_down)
     self.v = _downstream_grad(problem.downstream, size, lower["backbone"], head, stats["backbone"],
                               images, labels, k_down)
 
@@ -173,12 +185,29 @@ def _operators(task, lower, stats, views):
   return hessian, hessian_lib.gauss_newton_hessian(task, lower, stats, views)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _kfac_factor(task, lower, stats, views):
-  """K-FAC's eigendecomposed factors of L_P over θ on the HVP batch (φ_P fixed)."""
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _kfac_factor(task, lower, stats, views, factorize):
+  """K-FAC's (or EK-FAC's) eigendecomposed model of L_P over θ on the HVP batch (φ_P fixed)."""
   head = lower["pretext_head"]
   loss = lambda theta: task.loss({"backbone": theta, "pretext_head": head}, stats, views)[0]
-  return kfac.factorize(loss, lower["backbone"])
+  return factorize(loss, lower["backbone"])
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _penalty(task, downstream, size, tx, steps, lower, theta_d, stats, views, down, sigma,
+             lam, damping):
+  """The penalty method's h after ``steps`` z steps of ``tx`` from z = θ_P."""
+  theta_p, phi_p = lower["backbone"], lower["pretext_head"]
+  head, images, labels, key = down
+  pretext_grad = jax.grad(lambda t: task.loss({"backbone": t, "pretext_head": phi_p}, stats,
+                                              views)[0])
+  downstream_grad = lambda z: _downstream_grad(downstream, size, z, head, stats["backbone"],
+                                               images, labels, key)
+  gradient = lambda z: penalty.penalised_gradient(sigma, lam, damping, pretext_grad(z),
+                                                  downstream_grad(z), z, theta_d, theta_p)
+  start = PenaltyState(theta_p, tx.init(theta_p))
+  z = penalty.run_z_steps(tx, start, gradient, steps, unroll=False).z
+  return penalty.hypergradient(sigma, lam, damping, theta_p, z)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -276,7 +305,7 @@ def solver_answers(batch: Batch, window, args) -> Dict[str, tuple]:
   for solver in OPERATOR_SOLVERS:
     x, info = _solve(batch.hessian, batch.v, lam, damping, solver=solver, iters=k)
     out[solver] = (x, float(info.residual), k)
-  for name, model in (("mfac", window), ("kfac", batch.kfac)):
+  for name, model in (("mfac", window), ("kfac", batch.kfac), ("ekfac", batch.ekfac)):
     for solver in PRECONDITIONED_SOLVERS:
       x, info = _solve_preconditioned(batch.hessian, batch.v, model, lam, damping,
                                       solver=solver, iters=k)
@@ -289,8 +318,22 @@ def solver_answers(batch: Batch, window, args) -> Dict[str, tuple]:
     out[f"mfac {blocks}, λ+δ"] = (x, float(info.residual), 0)
   x, info = _mfac(window, batch.v, lam, blocks="per_leaf")
   out["mfac per_leaf, λ (BiSSLight)"] = (x, float(info.residual), 0)
-  x, info = _kfac(batch.kfac, batch.v, lam + damping)
-  out["kfac, λ+δ"] = (x, float(info.residual), 0)
+  for name in ("kfac", "ekfac"):
+    x, info = _kfac(getattr(batch, name), batch.v, lam + damping)
+    out[f"{name}, λ+δ"] = (x, float(info.residual), 0)
+  return out
+
+
+def penalty_answers(problem, batch: Batch, lower, theta_d, stats, args) -> Dict[str, tuple]:
+  """``{row label: (h, NaN, 0)}`` for each (σ, K) of :data:`PENALTY_RUNS`."""
+  setup = common.make_setup(problem, upper_method="penalty", lam=args.lam,
+                            damping=args.damping)
+  tx, out = setup.penalty_optimizer(), {}
+  for sigma, steps in PENALTY_RUNS:
+    steps = setup.penalty_inner_steps if steps is None else steps
+    h = _penalty(problem.task, problem.downstream, problem.size.image_size, tx, steps, lower,
+                 theta_d, stats, batch.views, batch.downstream, sigma, args.lam, args.damping)
+    out[f"penalty σ={sigma:g}, K={steps}"] = (h, float("nan"), 0)
   return out
 
 
@@ -309,6 +352,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[common.Table]:
   problem = common.build_problem(size, args.seed)
   pool = common.image_pool(size)
   lower, stats, _, _ = cg_accuracy.pretrain(problem, pool, pre, args.seed)
+  theta_d = lower["backbone"]   # the lower steps' proximal anchor
   lower, stats, window = lower_steps(problem, lower, stats, pool, m, args.lam, args.lower_lr,
                                      args.seed)
   head = fit_head(problem, lower["backbone"], stats, pool, args.seed)
@@ -329,7 +373,9 @@ def main(argv: Optional[Sequence[str]] = None) -> List[common.Table]:
     a = np.eye(n_params) + h / (args.lam + args.damping)
     v = flat(batch.v)
     ref = np.linalg.solve(a, v)
-    for label, (x, reported, k) in solver_answers(batch, window, args).items():
+    answers = solver_answers(batch, window, args)
+    answers.update(penalty_answers(problem, batch, lower, theta_d, stats, args))
+    for label, (x, reported, k) in answers.items():
       row = compare(flat(x), ref, a, v)
       row["reported"] = reported
       results.setdefault(label, []).append(row)
@@ -363,7 +409,12 @@ def main(argv: Optional[Sequence[str]] = None) -> List[common.Table]:
              "kfac: (I + F_K/(λ+δ))⁻¹ v exactly, F_K the K-FAC model (A ⊗ G per conv layer, "
              "identity on BatchNorm leaves) of L_P on the HVP batch: one forward/backward "
              "pass and one eigh per factor per stage, no HVP; '+ kfac preconditioner': the "
-             "solver on the true A, preconditioned by that inverse."])
+             "solver on the true A, preconditioned by that inverse; ekfac: the same with "
+             "EK-FAC's eigenvalues (per-example gradients in the K-FAC eigenbasis).",
+             "penalty σ, K: the F2SA estimate (λ+δ)(θ_P − z)/σ after K z steps (the "
+             "library's SGD, lr and momentum of config.bissl) from z = θ_P: K pretext + K "
+             "downstream gradients, no HVP (the upper step adds 2 downstream gradients). "
+             "Its error includes the lower stage's own residual ∇g(θ_P), amplified by 1/σ."])
 
   # How often is the residual above 1, over fresh batch pairs (no dense matrices).
   over: Dict[str, List[float]] = {s: [] for s in OPERATOR_SOLVERS + ("gauss_newton+cg",)}

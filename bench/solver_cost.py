@@ -9,6 +9,15 @@ one state and the same batches:
 * ``gauss_newton`` + ``cg``: the Gauss–Newton matrix (PSD) instead of the Hessian;
 * ``mfac`` (BiSSLight): no Hessian at all; the lower steps keep the last N_L pretext
   gradients and each upper step solves with them by Woodbury.
+* ``kfac``, ``ekfac``: no Hessian either; one pretext forward/backward pass on the HVP
+  batch per upper stage gives the Kronecker factors (EK-FAC: also the per-example
+  gradients), eigendecomposed once; each step is then an exact solve in the eigenbasis.
+* ``minres``/``cg`` ``+ mfac``/``+ kfac``: those solvers on the linearized Hessian,
+  preconditioned by M-FAC's (I + F/(λ+δ))⁻¹ on the window or K-FAC's on the HVP batch
+  (``config.bissl.preconditioner``).
+* ``penalty``: the first-order penalty upper step (``config.bissl.upper_method='penalty'``,
+  F2SA): no solve; K = ``penalty_inner_steps`` (5) pretext and K + 2 downstream gradients
+  per upper step.
 
 Units are pretext gradients (one ``∇_θ L_P`` on the pretext batch, timed in the same
 rounds). The M-FAC floor is ``N_L·(lower step) + N_U·2d``, d a downstream gradient:
@@ -45,6 +54,13 @@ def solver_setups(base: bilevel.BisslSetup) -> dict:
       "gauss_newton + cg": dataclasses.replace(per_step, solver="cg",
                                                hessian_mode="gauss_newton"),
       "mfac": dataclasses.replace(per_step, solver="mfac"),
+      "kfac": dataclasses.replace(per_step, solver="kfac"),
+      "ekfac": dataclasses.replace(per_step, solver="ekfac"),
+      "minres + mfac": dataclasses.replace(per_step, solver="minres", preconditioner="mfac"),
+      "minres + kfac": dataclasses.replace(per_step, solver="minres", preconditioner="kfac"),
+      "cg + mfac": dataclasses.replace(per_step, solver="cg", preconditioner="mfac"),
+      "cg + kfac": dataclasses.replace(per_step, solver="cg", preconditioner="kfac"),
+      "penalty": dataclasses.replace(per_step, upper_method="penalty"),
   }
 
 
@@ -73,7 +89,7 @@ def solver_contenders(setups: dict, params, batch_stats, batches, rng, contender
                                           batches.downstream_labels[0], rng)
     compile_s[name] = lower_s + build_s + step_s
     memory[name] = _memory_mib(step_c)
-    if setup.solver_spec.keeps_gradient_window:
+    if setup.window_spec is not None and setup.solver == "mfac":
       memory["mfac window"] = mfac.window_bytes(filled.solver_state.gradient_window) / MiB
     pieces = {"build": build_c, "step": step_c, "setup": setup,
               "residual": alt.steps.residual}
@@ -116,7 +132,11 @@ def main(argv: Optional[Sequence[str]] = None) -> List[common.Table]:
                            lower_steps=n_lower, upper_steps=n_upper)
   setups = solver_setups(base)
   if args.solvers:
-    setups = {name: setups[name] for name in args.solvers.split(",")}
+    by_key = {name.replace(" ", ""): name for name in setups}   # 'minres+mfac' too
+    chosen = [by_key.get(name.replace(" ", "")) for name in args.solvers.split(",")]
+    if None in chosen:
+      raise SystemExit(f"--solvers {args.solvers!r}: choose from {sorted(setups)}.")
+    setups = {name: setups[name] for name in chosen}
   batches = alternation_cost.make_batches(size, n_lower, n_upper, args.seed)
   rng = jax.random.PRNGKey(args.seed + 1)
 

@@ -278,8 +278,9 @@ def _add_bissl(config: config_dict.ConfigDict) -> None:
   config.bissl.mfac_blocks = "per_leaf"
   config.bissl.mfac_dtype = "float32"
   # Preconditioner of the cg/minres solve: 'none', 'mfac' (M-FAC's (I + F/(λ+δ))⁻¹
-  # on the window of the mfac_* fields above, filled by the lower steps) or 'kfac'
-  # (K-FAC's, built from the HVP batch once per upper stage; docs/solvers.md).
+  # on the window of the mfac_* fields above, filled by the lower steps), 'kfac'
+  # (K-FAC's, built from the HVP batch once per upper stage) or 'ekfac' (EK-FAC's,
+  # likewise; docs/solvers.md).
   config.bissl.preconditioner = "none"
   # The upper level's hypergradient: 'implicit' (the paper's solve) or 'penalty', the
   # first-order penalty method (F2SA; docs/solvers.md): penalty weight σ on L_D in the

@@ -140,8 +140,8 @@ FIELD_HELP = {
     "bissl.mfac_blocks": "solver=mfac: block rule",
     "bissl.mfac_dtype": "solver=mfac: storage dtype of the gradients",
     "bissl.preconditioner": "preconditioner of a cg/minres solve: 'none', 'mfac' (the "
-                            "mfac_* window's (I + F/(λ+δ))⁻¹) or 'kfac' (K-FAC's, from "
-                            "the HVP batch)",
+                            "mfac_* window's (I + F/(λ+δ))⁻¹), 'kfac' or 'ekfac' (K-FAC's, "
+                            "EK-FAC's, from the HVP batch)",
     "bissl.upper_method": "upper-level hypergradient: 'implicit' (the solve) or 'penalty' "
                           "(first-order, a second lower sequence z)",
     "bissl.penalty_sigma": "upper_method=penalty: weight σ of L_D in z's problem (bias O(σ))",

@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional, Tuple, Union
 import jax
 import numpy as np
 
+from bissl_jax.implicit import preconditioners
 from bissl_jax.implicit.solvers import REGISTRY, SOLVERS, SolveInfo, finish
 from bissl_jax.implicit.solvers.base import UNKNOWN_ITERATIONS
 from bissl_jax.implicit.tree_math import tree_axpy
@@ -166,6 +167,11 @@ def check_preconditioner(solver: Union[str, Callable], preconditioner) -> dict:
   """
   if preconditioner is None:
     return {}
+  if isinstance(preconditioner, str):
+    raise ValueError(f"preconditioner={preconditioner!r}: a name needs its curvature "
+                     f"model's inputs, which only implicit_grad has; here pass the callable "
+                     f"bissl_jax.implicit.preconditioners.build({preconditioner!r}, mu=..., "
+                     f"...) instead.")
   if not _takes_preconditioner(solver):
     able = sorted(name for name, spec in REGISTRY.items() if spec.preconditionable)
     shown = solver if isinstance(solver, str) else getattr(solver, "__name__", "callable")
@@ -271,7 +277,9 @@ def implicit_grad(inner_loss: Callable[[PyTree], Any], inner_params: PyTree,
                   solver: Union[str, Callable] = "cg", maxiter: int = 5, tol: float = 0.0,
                   init: Optional[PyTree] = None, hessian_mode: str = "linearize",
                   identity_mask: Optional[PyTree] = None, unroll: Optional[bool] = None,
-                  preconditioner: Optional[MatVec] = None) -> Tuple[PyTree, SolveInfo]:
+                  preconditioner: Union[None, str, MatVec] = None,
+                  preconditioner_gradients: Optional[PyTree] = None
+                  ) -> Tuple[PyTree, SolveInfo]:
   """Approximates ``A⁻¹ outer_grad`` with ``A = I + H/(lam + damping)``.
 
   ``H = ∇²inner_loss(inner_params)``. For the proximal lower problem
@@ -303,7 +311,14 @@ def implicit_grad(inner_loss: Callable[[PyTree], Any], inner_params: PyTree,
     preconditioner: ``r ↦ M r`` with ``M`` symmetric positive definite and ≈ ``A⁻¹``
       (e.g. M-FAC's ``(I + F/λ')⁻¹`` or a diagonal); only for solvers that declare
       ``preconditionable`` (``cg``, ``minres``): others raise ValueError. None = none,
-      the unpreconditioned numerics bit for bit.
+      the unpreconditioned numerics bit for bit. Or a name
+      (:mod:`~bissl_jax.implicit.preconditioners`): ``'kfac'``/``'ekfac'`` build
+      K-FAC's (EK-FAC's) ``(I + F/(lam+damping))⁻¹`` from ``inner_loss`` at
+      ``inner_params`` once; ``'mfac'`` M-FAC's per leaf from
+      ``preconditioner_gradients``.
+    preconditioner_gradients: for ``preconditioner='mfac'`` only: m gradients of
+      ``inner_loss`` (e.g. the last m lower steps'), shaped like ``inner_params`` with
+      a leading axis m.
 
   Returns:
     ``(solution, SolveInfo)``; ``solution`` is shaped like ``outer_grad``.
@@ -314,6 +329,14 @@ def implicit_grad(inner_loss: Callable[[PyTree], Any], inner_params: PyTree,
     raise ValueError(f"Unknown hessian mode {hessian_mode!r}; choose one of "
                      f"{HESSIAN_MODES}.")
   resolve_solver(solver)
+  if preconditioner_gradients is not None and preconditioner != "mfac":
+    raise ValueError("preconditioner_gradients is only read by preconditioner='mfac'; "
+                     f"got preconditioner={preconditioner!r}: drop it or pass 'mfac'.")
+  if isinstance(preconditioner, str):
+    check_preconditioner(solver, lambda r: r)   # the solver must take one
+    preconditioner = preconditioners.build(
+        preconditioner, mu=lam + damping, inner_loss=inner_loss, inner_params=inner_params,
+        gradients=preconditioner_gradients)
   check_preconditioner(solver, preconditioner)
   hessian_matvec = hessian_operator(inner_loss, inner_params, mode=hessian_mode)
   return implicit_solve(hessian_matvec, outer_grad, lam=lam, damping=damping,

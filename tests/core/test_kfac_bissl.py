@@ -80,3 +80,17 @@ def test_kfac_preconditions_the_minres_upper_solve():
   np.testing.assert_allclose(flat(v_ig), flat(expected), rtol=1e-4, atol=1e-6)
   assert np.abs(flat(v_ig) - flat(plain)).max() > 1e-4          # M is actually applied
   assert not bool(info.nonfinite)
+
+
+def test_ekfac_is_a_solver_and_a_preconditioner_of_the_upper_stage():
+  validate_config(_config(solver="ekfac"))
+  validate_config(_config(solver="minres", preconditioner="ekfac"))
+  setup = make_setup(solver="ekfac", damping=1.0, lam=0.05, upper_steps=1)
+  state = make_state(setup)
+  factor, _ = upper_level.prepare_stage(setup, state, make_batches(setup).hvp,
+                                        jax.random.PRNGKey(1))
+  # EK-FAC's eigenvalues: one per (A, G) eigenvector pair, not K-FAC's products.
+  (scales,) = factor.scales
+  assert scales.shape == (factor.a_vals[0].size, factor.g_vals[0].size)
+  products = np.outer(factor.a_vals[0], factor.g_vals[0])
+  assert np.all(np.asarray(scales) >= 0) and not np.allclose(scales, products, rtol=1e-3)

@@ -38,6 +38,7 @@ compute. ``first_order`` is the identity.
 from typing import Callable, Dict
 
 from bissl_jax.implicit.solvers import cg
+from bissl_jax.implicit.solvers import ekfac
 from bissl_jax.implicit.solvers import first_order
 from bissl_jax.implicit.solvers import jax_cg
 from bissl_jax.implicit.solvers import kfac
@@ -86,6 +87,6 @@ def names() -> tuple:
   return tuple(sorted(REGISTRY))
 
 
-for _module in (cg, layerwise_cg, neumann, first_order, minres, jax_cg, mfac, kfac):
+for _module in (cg, layerwise_cg, neumann, first_order, minres, jax_cg, mfac, kfac, ekfac):
   register(_module.SPEC)
 del _module

@@ -52,15 +52,25 @@ class KFACFactor:
       block (which leaves of the solve space it covers).
     a_vals, a_vecs, g_vals, g_vecs: per block the eigenvalues (clamped at 0) and
       eigenvectors of A and G.
+    scales: None for K-FAC; for EK-FAC (:mod:`~bissl_jax.implicit.solvers.ekfac`) per
+      block the ``(d_in+1) × d_out`` diagonal of the model in the Kronecker eigenbasis,
+      which then replaces ``s_A s_Gᵀ``.
   """
 
-  def __init__(self, layers, a_vals, a_vecs, g_vals, g_vecs):
+  def __init__(self, layers, a_vals, a_vecs, g_vals, g_vecs, scales=None):
     self.layers = tuple(layers)
     self.a_vals, self.a_vecs = list(a_vals), list(a_vecs)
     self.g_vals, self.g_vecs = list(g_vals), list(g_vecs)
+    self.scales = None if scales is None else list(scales)
+
+  def eigenvalues(self, i: int) -> jnp.ndarray:
+    """Block i's model eigenvalues on the basis ``U_A[:, j] ⊗ U_G[:, k]``."""
+    if self.scales is not None:
+      return self.scales[i]
+    return self.a_vals[i][:, None] * self.g_vals[i][None, :]
 
   def tree_flatten(self):
-    return (self.a_vals, self.a_vecs, self.g_vals, self.g_vecs), self.layers
+    return (self.a_vals, self.a_vecs, self.g_vals, self.g_vecs, self.scales), self.layers
 
   @classmethod
   def tree_unflatten(cls, layers, children):
@@ -124,7 +134,7 @@ def _apply_blocks(factor: KFACFactor, v: PyTree, scale_fn) -> PyTree:
   for i, layer in enumerate(factor.layers):
     ua, ug = factor.a_vecs[i], factor.g_vecs[i]
     rotated = _mm(_mm(ua.T, _as_matrix(leaves, layer)), ug)
-    rotated = rotated * scale_fn(factor.a_vals[i][:, None] * factor.g_vals[i][None, :])
+    rotated = rotated * scale_fn(factor.eigenvalues(i))
     _write_back(out, leaves, layer, _mm(_mm(ua, rotated), ug.T))
   return jax.tree_util.tree_unflatten(treedef, out)
 

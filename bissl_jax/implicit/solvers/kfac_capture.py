@@ -198,11 +198,22 @@ def kronecker_factors(loss_fn: Callable[[PyTree], jnp.ndarray], params: PyTree
   """Per layer (calls of one layer merged): its :class:`LayerCall` (of the first call),
   ``A`` and ``G`` as in the module docstring, float32."""
   calls = discover(loss_fn, params)
-  rows = captured_rows(loss_fn, params, calls)
+  return factors_from_rows(calls, captured_rows(loss_fn, params, calls))
+
+
+def with_bias_column(call: LayerCall, a: jnp.ndarray) -> jnp.ndarray:
+  """``ã``: the rows with a 1 appended when the layer's bias is a leaf of ``params``."""
+  if call.bias is None:
+    return a
+  return jnp.concatenate([a, jnp.ones((a.shape[0], 1), a.dtype)], axis=1)
+
+
+def factors_from_rows(calls: List[Optional[LayerCall]], rows
+                      ) -> Tuple[List[LayerCall], List[jnp.ndarray], List[jnp.ndarray]]:
+  """:func:`kronecker_factors` from :func:`captured_rows`'s output (one pass, reused)."""
   merged = {}   # kernel leaf -> [call, Σ ãᵀã, number of rows, Σ gᵀg, N]
   for call, (a, g, n) in zip([c for c in calls if c is not None], rows):
-    if call.bias is not None:
-      a = jnp.concatenate([a, jnp.ones((a.shape[0], 1), a.dtype)], axis=1)
+    a = with_bias_column(call, a)
     entry = merged.setdefault(call.kernel, [call, 0.0, 0, 0.0, 0])
     entry[1] = entry[1] + jnp.matmul(a.T, a, precision=_HIGHEST)
     entry[2] += a.shape[0]
