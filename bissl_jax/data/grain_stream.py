@@ -35,9 +35,11 @@ def plan_takes(stack: BatchStack, takes: Sequence[int]) -> np.ndarray:
   """``(epoch, position)`` of every batch of ``stack.take(n) for n in takes``.
 
   Advances ``stack`` as those takes would (the reshuffle rule of docs/sources.md is
-  :meth:`BatchStack.plan`'s).
+  :meth:`BatchStack.plan`'s). No takes (a stage of 0 steps, e.g. 0 pretext epochs)
+  plan no batches.
   """
-  return np.concatenate([stack.plan(int(n)) for n in takes])
+  plans = [stack.plan(int(n)) for n in takes]
+  return np.concatenate(plans) if plans else np.zeros((0, 2), np.int64)
 
 
 class _PlannedRows(Sequence):

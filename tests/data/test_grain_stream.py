@@ -87,6 +87,14 @@ def test_streamed_batches_are_the_in_memory_stacks(records, in_memory):
     stream.next()
 
 
+def test_a_stage_of_no_steps_plans_no_batches(records):
+  # 0 pretext epochs on a streamed set (a smoke run's random backbone): an empty plan.
+  assert grain_stream.plan_takes(BatchStack(NUM, 4, seed=0), []).shape == (0, 2)
+  stream = _stream(records, [], seed=0)
+  with pytest.raises(ValueError, match='planned batches'):
+    stream.next()
+
+
 def test_shuffle_is_a_function_of_the_seed(records):
   first = _ids(_stream(records, [6, 6], seed=1).draw(12))
   again = _ids(_stream(records, [6, 6], seed=1).draw(12))
