@@ -30,8 +30,8 @@ at which this small detector is known to learn from scratch in a few hundred ste
 
 Result (3 seeds, 'fast' CPU kernels; docs/detection.md): test AP50 (VOC2007
 11-point) Only FT 11.7 ± 1.4 % (10.2, 12.8, 12.2), BiSSL+FT 13.2 ± 2.4 % (10.6, 13.8,
-15.2). Cost on the 2-core development CPU beside other jobs (2026-12-07, load average
-17–19): 3,148 s wall, 761 s user + 55 s system CPU time.
+15.2). Cost on the 2-core development CPU, nearly quiet (2026-12-07): 673 s wall,
+709 s user + 45 s system CPU time.
 
 ``get_config("runlocal")`` is the seconds-of-compute smoke size the tests use
 (the detector's compilation takes most of its time).

@@ -1,5 +1,4 @@
 """The EK-FAC solver against dense NumPy solves built by hand from per-example gradients."""
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,32 +7,9 @@ from bissl_jax.implicit import solvers
 from bissl_jax.implicit.solvers import ekfac
 from bissl_jax.implicit.solvers import kfac
 
+from curvature_reference import TwoLayerMLP, conv_problem, random_vector, with_ones
+
 MU = 0.7   # λ + δ
-
-
-class TwoLayerMLP(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    h = jnp.tanh(nn.Dense(5, name="fc1")(x))
-    return nn.Dense(3, name="fc2")(h)
-
-
-class SmallConv(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    s = nn.Conv(3, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), name="conv")(x)
-    return s.mean(axis=(1, 2))
-
-
-def _vector(params, seed):
-  leaves, tdef = jax.tree_util.tree_flatten(params)
-  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-  return jax.tree_util.tree_unflatten(
-      tdef, [jax.random.normal(k, l.shape) for k, l in zip(keys, leaves)])
-
-
-def _with_ones(a):
-  return np.concatenate([a, np.ones(a.shape[:-1] + (1,))], axis=-1)
 
 
 def _ekfac_dense_solve(a_rows, g_rows, per_example, v_mat):
@@ -69,10 +45,10 @@ def _check_mlp(factor, x, y, params):
   h = np.tanh(x @ w1 + b1)
   g2 = (h @ w2 + b2 - y) / n
   g1 = (g2 @ w2.T) * (1 - h ** 2)
-  v = _vector(params, 1)
+  v = random_vector(params, 1)
   x_sol, info = kfac.solve(factor, v, MU)   # EK-FAC's factor, K-FAC's exact solve
   for layer, a, g in (("fc1", x, g1), ("fc2", h, g2)):
-    a_rows = _with_ones(a)
+    a_rows = with_ones(a)
     per_example = np.einsum("ni,nj->nij", a_rows, n * g).reshape(n, -1)
     v_mat = np.concatenate([np.asarray(v[layer]["kernel"]), np.asarray(v[layer]["bias"])[None]])
     want = _ekfac_dense_solve(a_rows, g, per_example, v_mat)
@@ -95,35 +71,15 @@ def test_ekfac_chunks_of_examples_give_the_same_model(monkeypatch):
   _check_mlp(jax.jit(ekfac.factorize, static_argnums=0)(loss, params), x, y, params)
 
 
-def _patches(x, k=3, stride=2, pad=1):
-  """im2col by hand: per (example, output position) the (kh, kw, c_in) patch."""
-  xp = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-  n, hp, wp, _ = xp.shape
-  ho, wo = (hp - k) // stride + 1, (wp - k) // stride + 1
-  rows = [xp[i, r * stride:r * stride + k, c * stride:c * stride + k, :].ravel()
-          for i in range(n) for r in range(ho) for c in range(wo)]
-  return np.array(rows), ho * wo
-
-
 def test_ekfac_of_a_convolution_sums_each_examples_positions():
-  rng = np.random.default_rng(1)
   n = 4
-  x, y = rng.normal(size=(n, 5, 5, 2)), rng.normal(size=(n, 3))
-  model = SmallConv()
-  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 5, 5, 2)))["params"]
-  loss = lambda p: 0.5 * jnp.mean(jnp.sum((model.apply({"params": p}, x) - y) ** 2, -1))
+  params, loss, a, positions, g = conv_problem(n)
   factor = ekfac.factorize(loss, params)
-
-  a, positions = _patches(x)
-  kernel = np.asarray(params["conv"]["kernel"], np.float64)
-  pooled = (a @ kernel.reshape(-1, 3)).reshape(n, positions, 3).mean(1) + np.asarray(
-      params["conv"]["bias"])
-  g = np.repeat((pooled - y) / n / positions, positions, axis=0)
-  a_rows = _with_ones(a)
+  a_rows = with_ones(a)
   # Example i's gradient: Σ over its positions of ã (N g)ᵀ.
   per_example = np.einsum("nti,ntj->nij", a_rows.reshape(n, positions, -1),
                           n * g.reshape(n, positions, -1)).reshape(n, -1)
-  v = _vector(params, 2)
+  v = random_vector(params, 2)
   v_mat = np.concatenate([np.asarray(v["conv"]["kernel"]).reshape(-1, 3),
                           np.asarray(v["conv"]["bias"])[None]], 0)
   want = _ekfac_dense_solve(a_rows, g, per_example, v_mat)

@@ -8,28 +8,9 @@ import pytest
 from bissl_jax.implicit import solvers
 from bissl_jax.implicit.solvers import kfac
 
+from curvature_reference import SmallConv, TwoLayerMLP, conv_problem, random_vector, with_ones
+
 MU = 0.7   # λ + δ
-
-
-class TwoLayerMLP(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    h = jnp.tanh(nn.Dense(5, name="fc1")(x))
-    return nn.Dense(3, name="fc2")(h)
-
-
-class SmallConv(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    s = nn.Conv(3, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), name="conv")(x)
-    return s.mean(axis=(1, 2))
-
-
-def _vector(params, seed):
-  leaves, tdef = jax.tree_util.tree_flatten(params)
-  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-  return jax.tree_util.tree_unflatten(
-      tdef, [jax.random.normal(k, l.shape) for k, l in zip(keys, leaves)])
 
 
 def _dense_solve(blocks, v_mats):
@@ -39,10 +20,6 @@ def _dense_solve(blocks, v_mats):
     system = np.eye(a.shape[0] * g.shape[0]) + np.kron(a, g) / MU
     out.append(np.linalg.solve(system, v.ravel()).reshape(v.shape))
   return out
-
-
-def _with_ones(a):
-  return np.concatenate([a, np.ones((a.shape[0], 1))], axis=1)
 
 
 def test_kfac_inverse_of_a_two_layer_mlp_matches_a_dense_solve():
@@ -62,9 +39,9 @@ def test_kfac_inverse_of_a_two_layer_mlp_matches_a_dense_solve():
   h = np.tanh(x @ w1 + b1)
   g2 = (h @ w2 + b2 - y) / n
   g1 = (g2 @ w2.T) * (1 - h ** 2)
-  blocks = [(_with_ones(a).T @ _with_ones(a) / n, n * g.T @ g) for a, g in ((x, g1), (h, g2))]
+  blocks = [(with_ones(a).T @ with_ones(a) / n, n * g.T @ g) for a, g in ((x, g1), (h, g2))]
 
-  v = _vector(params, 1)
+  v = random_vector(params, 1)
   v_mats = [np.concatenate([np.asarray(v[l]["kernel"]), np.asarray(v[l]["bias"])[None]], 0)
             for l in ("fc1", "fc2")]
   expected = _dense_solve(blocks, v_mats)
@@ -77,35 +54,13 @@ def test_kfac_inverse_of_a_two_layer_mlp_matches_a_dense_solve():
   assert np.abs(np.asarray(x_sol["fc1"]["kernel"]) - np.asarray(v["fc1"]["kernel"])).max() > 1e-3
 
 
-def _patches(x, k=3, stride=2, pad=1):
-  """im2col by hand: per (example, output position) the (kh, kw, c_in) patch."""
-  xp = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-  n, hp, wp, _ = xp.shape
-  ho, wo = (hp - k) // stride + 1, (wp - k) // stride + 1
-  rows = [xp[i, r * stride:r * stride + k, c * stride:c * stride + k, :].ravel()
-          for i in range(n) for r in range(ho) for c in range(wo)]
-  return np.array(rows), ho * wo
-
-
 def test_kfac_inverse_of_a_convolution_matches_a_dense_solve():
-  rng = np.random.default_rng(1)
   n = 3
-  x, y = rng.normal(size=(n, 5, 5, 2)), rng.normal(size=(n, 3))
-  model = SmallConv()
-  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 5, 5, 2)))["params"]
-  loss = lambda p: 0.5 * jnp.mean(jnp.sum((model.apply({"params": p}, x) - y) ** 2, -1))
+  params, loss, a, positions, g = conv_problem(n)
   factor = kfac.factorize(loss, params)
+  blocks = [(with_ones(a).T @ with_ones(a) / a.shape[0], n * g.T @ g)]
 
-  # By hand: patches a (rows = examples × positions), the output gradient of the
-  # spatial mean is (pooled − y)/N/positions at every position.
-  a, positions = _patches(x)
-  kernel = np.asarray(params["conv"]["kernel"], np.float64)
-  pooled = (a @ kernel.reshape(-1, 3)).reshape(n, positions, 3).mean(1) + np.asarray(
-      params["conv"]["bias"])
-  g = np.repeat((pooled - y) / n / positions, positions, axis=0)
-  blocks = [(_with_ones(a).T @ _with_ones(a) / a.shape[0], n * g.T @ g)]
-
-  v = _vector(params, 2)
+  v = random_vector(params, 2)
   v_mat = np.concatenate([np.asarray(v["conv"]["kernel"]).reshape(-1, 3),
                           np.asarray(v["conv"]["bias"])[None]], 0)
   (want,) = _dense_solve(blocks, [v_mat])
@@ -129,7 +84,7 @@ def test_leaves_without_a_block_are_left_as_v_and_frozen_kernels_are_skipped():
   space = {"fc": params["fc"], "norm": params["norm"]}
   factor = kfac.factorize(loss, space)
   assert len(factor.layers) == 1                     # fc only
-  v = _vector(space, 3)
+  v = random_vector(space, 3)
   x_sol, _ = kfac.solve(factor, v, MU)
   np.testing.assert_array_equal(np.asarray(x_sol["norm"]["scale"]), np.asarray(v["norm"]["scale"]))
   assert np.abs(np.asarray(x_sol["fc"]["kernel"]) - np.asarray(v["fc"]["kernel"])).max() > 1e-4
@@ -153,7 +108,7 @@ def test_a_convolution_factor_passes_between_jitted_functions():
   loss = lambda p: jnp.mean(model.apply({"params": p}, x) ** 2)
   factor = jax.jit(lambda p: kfac.factorize(loss, p))(params)
   hash(jax.tree_util.tree_structure(factor))
-  v = _vector(params, 4)
+  v = random_vector(params, 4)
   x_jit, _ = jax.jit(lambda f, v: kfac.solve(f, v, MU))(factor, v)
   x_eager, _ = kfac.solve(factor, v, MU)
   np.testing.assert_allclose(np.asarray(x_jit["conv"]["kernel"]),
