@@ -54,6 +54,7 @@ def test_batches_that_do_not_split_over_the_devices_stop_before_compiling():
     paper_plan.main(["--tiny", "--devices", "8", "--no-record"])
 
 
+@pytest.mark.torch  # reference_flops counts with PyTorch's FlopCounterMode
 def test_reference_flops_needs_a_checkout_and_full_width(tmp_path):
   small = paper_plan.common.parse_args(["--small"], "", None).size
   with pytest.raises(SystemExit, match="full-width ResNets"):
@@ -63,10 +64,11 @@ def test_reference_flops_needs_a_checkout_and_full_width(tmp_path):
     reference_flops.count(str(tmp_path), full_width, 2, 2, 2)
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("arch, parameters", [("resnet18", 11_689_512),
                                               ("resnet50", 25_557_032)])
 def test_timm_stand_in_has_the_published_parameter_counts(arch, parameters):
-  torch = pytest.importorskip("torch")
+  import torch  # pylint: disable=import-outside-toplevel
   net = reference_flops._resnet(torch, arch)  # pylint: disable=protected-access
   assert sum(p.numel() for p in net.parameters()) == parameters  # timm/torchvision's
   assert net.fc.in_features == (2048 if arch == "resnet50" else 512)

@@ -106,7 +106,7 @@ def test_how_batches_are_fed_changes_no_stage_fingerprint():
   def fingerprints(**data):
     config = digits_simclr.get_config("runlocal")
     config.data.update(data)
-    ctx = types.SimpleNamespace(config=resolve_config(config))
+    ctx = types.SimpleNamespace(config=resolve_config(config), downstream=None)  # classification
     return [bissl_stage.stage_provenance(ctx, 0).fingerprint(),
             pretrain.stage_provenance(ctx, 0, 1, 10).fingerprint(),
             supervised.stage_provenance(ctx, "finetune", seed=0).fingerprint()]
