@@ -65,10 +65,17 @@ def test_ekfac_inverse_of_a_two_layer_mlp_matches_a_dense_solve():
 
 
 def test_ekfac_chunks_of_examples_give_the_same_model(monkeypatch):
-  # 20 examples of fc1's 5×5 gradients in chunks of 3 (the last one padded).
-  monkeypatch.setattr(ekfac, "_CHUNK_FLOATS", 3 * 25)
+  # 20 examples of fc1's 5×5 gradients in chunks of 3 (the last one padded): the same
+  # scales as one chunk up to rounding (a miscounted padded example would move them ~5 %).
   x, y, params, loss = _mlp_problem()
-  _check_mlp(jax.jit(ekfac.factorize, static_argnums=0)(loss, params), x, y, params)
+  whole = ekfac.factorize(loss, params)  # one chunk
+  monkeypatch.setattr(ekfac, "_CHUNK_FLOATS", 3 * 25)
+  chunked = jax.jit(ekfac.factorize, static_argnums=0)(loss, params)
+  assert chunked.scales is not None and len(chunked.layers) == len(whole.layers) == 2
+  for got, want in zip(jax.tree_util.tree_leaves(chunked.scales),
+                       jax.tree_util.tree_leaves(whole.scales)):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-7)
+  _check_mlp(chunked, x, y, params)
 
 
 def test_ekfac_of_a_convolution_sums_each_examples_positions():
