@@ -10,6 +10,7 @@ maintenance in current JAX; this module uses the mesh form instead.
 With several processes (multi-host), each process loads only its rows of every
 global batch and :func:`shard_batch` assembles the global array from them.
 """
+import os
 from typing import Any, Optional, Sequence
 
 import jax
@@ -150,7 +151,6 @@ def initialize_multihost(**kwargs) -> None:
   Raises:
     LaunchError: one of the variables above is not a non-negative integer.
   """
-  import os  # pylint: disable=g-import-not-at-top
   for key, env in (("num_processes", NUM_PROCESSES_ENV), ("process_id", PROCESS_ID_ENV),
                    ("heartbeat_timeout_seconds", HEARTBEAT_ENV)):
     if key not in kwargs and os.environ.get(env, "").strip():
@@ -163,7 +163,6 @@ def initialize_multihost(**kwargs) -> None:
 
 
 def _env_int(env: str) -> int:
-  import os  # pylint: disable=g-import-not-at-top
   value = os.environ[env].strip()
   if not value.isdigit():
     from bissl_jax.runtime.errors import LaunchError  # pylint: disable=g-import-not-at-top
@@ -173,7 +172,6 @@ def _env_int(env: str) -> int:
 
 
 def _looks_multihost() -> bool:
-  import os  # pylint: disable=g-import-not-at-top
   return os.environ.get(DISTRIBUTED_ENV, "").strip() == "1" or any(
       k in os.environ for k in ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES",
                                 "JAX_COORDINATOR_ADDRESS", "OMPI_COMM_WORLD_SIZE"))
