@@ -7,10 +7,11 @@ Run (no download, no GPU; resumable: rerun the same command to continue)::
 
 Grid: labelled downstream training images per class L ∈ {5, 10, 25, all (115)} ×
 seeds 0–4; in every cell Only FT, BiSSL+FT with the paper's layer-wise CG, and
-BiSSL+FT with first order (no Hessian), MINRES, BiSSLight's M-FAC, global CG and
+BiSSL+FT with first order (no Hessian), K-FAC, EK-FAC, MINRES, MINRES preconditioned
+with M-FAC, BiSSLight's M-FAC, the first-order penalty method (F2SA), global CG and
 the truncated Neumann series (``pipeline.bissl_variants``), added one per pass over
-the whole grid in that order (``study.variant_passes``), so a study stopped early
-keeps complete passes. ``jax_cg`` is left out: it is the same CG recurrence as ``cg``
+the whole grid in that order (``study.variant_passes``, cheapest first), so a study
+stopped early keeps complete passes. ``jax_cg`` is left out: it is the same CG recurrence as ``cg``
 (they agree to float32 rounding, tests/implicit/test_minres.py). Every seed pretrains one
 SimCLR model that all its cells and methods share. Sensitivity: L=10, seeds 0–2,
 Only FT and BiSSL+FT rerun on 8 simulated CPU devices in a second process beside
@@ -52,7 +53,10 @@ def get_config(arg: str = ""):
   pipeline.bissl_variants = {"cg": {"solver": "cg"}, "minres": {"solver": "minres"},
                              "first_order": {"solver": "first_order"},
                              "mfac": {"solver": "mfac", "damping": 0.0},
-                             "neumann": {"solver": "neumann"}}
+                             "neumann": {"solver": "neumann"},
+                             "kfac": {"solver": "kfac"}, "ekfac": {"solver": "ekfac"},
+                             "minres_mfac": {"solver": "minres", "preconditioner": "mfac"},
+                             "penalty": {"upper_method": "penalty"}}
 
   config = config_dict.ConfigDict()
   config.pipeline = pipeline
@@ -61,7 +65,9 @@ def get_config(arg: str = ""):
   config.study.seeds = (0, 1, 2, 3, 4)
   # Passes over the grid: first Only FT and BiSSL+FT for every cell, then the
   # variants, cheapest first (a study stopped early keeps whole passes).
-  config.study.variant_passes = ((), ("first_order",), ("minres",), ("mfac",), ("cg",), ("neumann",))
+  config.study.variant_passes = ((), ("first_order",), ("kfac",), ("ekfac",), ("minres",),
+                                 ("minres_mfac",), ("mfac",), ("penalty",), ("cg",),
+                                 ("neumann",))
   # At least this many steps and at least the pipeline's epochs (5 and 10 here).
   config.study.head_warmup_steps = 35
   config.study.finetune_steps = 105

@@ -12,7 +12,8 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from bissl_jax.evaluation.metrics import paired_difference, summarize
-from bissl_jax.pipeline.study import ALL
+from bissl_jax.pipeline import study_data
+from bissl_jax.pipeline.study import ALL, SOLVER_KEYS
 
 BASELINE = "baseline"
 
@@ -230,7 +231,8 @@ def _setup_lines(records, config) -> List[str]:
       f"alternations of N_L={p.bissl.lower_steps} lower and N_U={p.bissl.upper_steps} "
       f"upper steps, {p.bissl.cg_iters} solver iterations, λ={p.bissl.lam}, "
       f"δ={p.bissl.damping}. BiSSL+FT uses `{p.bissl.solver}` (the paper's); the "
-      f"other rows change only the solver: {variants}.",
+      f"other rows change only the hypergradient (its solver, preconditioner or upper-level "
+      f"method): {variants}.",
       ""]
 
 
@@ -396,7 +398,7 @@ def summary_lines(labels_sorted, paired, names, drift, devices) -> List[str]:
 
 def write_report(records: Sequence[Mapping], path: str, *, config=None,
                  workdir: Optional[str] = None) -> str:
-  """Writes the Markdown report and its plot (``<stem>_accuracy.png`` next to it)."""
+  """Writes the Markdown report, its plot (``<stem>_accuracy.png``) and raw data CSVs next to it."""
   del workdir
   os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
   stem = os.path.splitext(os.path.basename(path))[0]
@@ -404,6 +406,8 @@ def write_report(records: Sequence[Mapping], path: str, *, config=None,
   plot_path = os.path.join(os.path.dirname(os.path.abspath(path)), plot_name)
   drawn = plot_accuracy(records, plot_path)
   text = to_markdown(records, config=config, plot_name=plot_name if drawn else None)
+  text += "\n".join(study_data.raw_data_lines(path))
+  study_data.write_csvs(records, path, SOLVER_KEYS)
   with open(path, "w") as f:
     f.write(text)
   return text

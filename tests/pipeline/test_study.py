@@ -101,6 +101,35 @@ def test_report_tables_and_verdicts(tmp_path):
   assert os.path.getsize(tmp_path / "results_accuracy.png") > 1000
 
 
+def test_raw_data_csvs_recompute_the_report_tables(tmp_path):
+  """The CSVs next to the report hold every value the tables are computed from."""
+  import csv
+  records = [_record(5, s, 0.50 + 0.02 * s, 0.60 + 0.01 * s * s) for s in range(3)]
+  records += [_record(study.ALL, s, 0.90, 0.91 - 0.01 * s) for s in range(3)]
+  path = str(tmp_path / "results.md")
+  text = study_report.write_report(records, path)
+  assert "results_cells.csv" in text and "results_solves.csv" in text
+  with open(tmp_path / "results_cells.csv") as f:
+    cells = list(csv.DictReader(f))
+  assert len(cells) == 2 * len(records)
+  for labels, key in (("5", 5), ("all", study.ALL)):
+    rows = [r for r in cells if r["labels_per_class"] == labels]
+    by = {m: {int(r["seed"]): float(r["test"]) for r in rows if r["method"] == m}
+          for m in ("baseline", "bissl")}
+    seeds = sorted(by["baseline"])
+    # The paired interval, recomputed from the CSV alone with SciPy, is the report's.
+    ref = stats.ttest_rel([by["bissl"][s] for s in seeds], [by["baseline"][s] for s in seeds])
+    got = study_report.paired_table(study_report.by_cell(records))[key]["bissl"]
+    np.testing.assert_allclose([got["low"], got["high"]], ref.confidence_interval(0.95),
+                               rtol=1e-9)
+  with open(tmp_path / "results_solves.csv") as f:
+    solves = list(csv.DictReader(f))
+  assert len(solves) == 2 * len(records)            # two alternations per cell
+  residuals = [float(r["cg_residual"]) for r in solves]
+  assert np.mean(np.asarray(residuals) > 1) == study_report.solver_table(records)["bissl"][
+      "share_above_1"]
+
+
 # ----------------------------------------------------------------------------- end to end
 
 def _tiny_study():
