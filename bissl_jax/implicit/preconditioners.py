@@ -19,8 +19,6 @@ model needs its inputs, and a name is accepted only where they are given:
 """
 from typing import Callable, Optional
 
-import jax
-
 from bissl_jax.implicit.solvers import ekfac
 from bissl_jax.implicit.solvers import kfac
 from bissl_jax.implicit.solvers import mfac
@@ -73,8 +71,5 @@ def build(name: str, *, mu, inner_loss: Optional[Callable] = None,
 
 def _mfac(gradients: PyTree, like: Optional[PyTree], mu) -> Callable[[PyTree], PyTree]:
   """M-FAC's per-leaf inverse, its Gram matrices factorised once for every application."""
-  # Shapes only: the flattening and block ids of a right-hand side shaped like one row.
-  template = like if like is not None else jax.tree_util.tree_map(lambda g: g[0], gradients)
-  _, _, g_leaves, ids, n_blocks, m = mfac._flat_problem(gradients, template, "per_leaf", None)
-  factor = mfac._factorize(g_leaves, ids, n_blocks, m, mu, None) if n_blocks and m else None
+  factor = mfac.factorize_stacked(gradients, mu, like=like)
   return lambda r: mfac.mfac_solve(gradients, r, mu, factor=factor, diagnostics=False)[0]

@@ -45,8 +45,7 @@ them (a ``(m, 0)`` placeholder).
 matrices, products and the m×m solve accumulate in float32 (``Precision.HIGHEST``
 matmuls, so TPUs do not drop to bfloat16 passes).
 """
-import re
-from typing import Callable, Hashable, List, NamedTuple, Optional, Tuple, Union
+from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -54,94 +53,17 @@ import numpy as np
 from jax import lax
 
 from bissl_jax.implicit.solvers.base import SolveInfo
+# The block rules live in blocks.py; re-exported here, where users of M-FAC look for them.
+from bissl_jax.implicit.solvers.blocks import (  # noqa: F401
+    BLOCK_RULES, LAYER_KEY, BlockRule, block_assignment, leaf_paths, mask_leaves,
+    per_layer_block)
 from bissl_jax.implicit.tree_math import tree_all_finite, tree_norm, tree_sub, tree_vdot
 from bissl_jax.implicit.solvers.spec import SolverSpec
 from bissl_jax.types import PyTree
 
-BlockRule = Union[str, Callable[[Tuple[str, ...]], Optional[Hashable]]]
-
-BLOCK_RULES = ("per_leaf", "per_module", "per_layer", "global")
 STORAGE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
-# A path key naming one layer of a network (see the module docstring).
-LAYER_KEY = re.compile(r"^(layer\d+_\d+|blocks?_\d+|layers?_\d+|h_\d+)$")
-
 _HIGHEST = lax.Precision.HIGHEST
-
-
-# ---------------------------------------------------------------------------
-# Blocks.
-
-def _key_name(entry) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(entry, attr):
-      return str(getattr(entry, attr))
-  return str(entry)
-
-
-def leaf_paths(tree: PyTree) -> List[Tuple[str, ...]]:
-  """The key names of every leaf of ``tree``, in ``tree_leaves`` order."""
-  return [tuple(_key_name(e) for e in path)
-          for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-
-
-def per_layer_block(path: Tuple[str, ...]) -> Tuple[str, ...]:
-  """The ``'per_layer'`` block of a leaf path (see the module docstring)."""
-  for i, key in enumerate(path):
-    if LAYER_KEY.match(key):
-      return path[:i + 1]
-  return path[:-1]
-
-
-def _rule_fn(blocks: BlockRule) -> Callable[[Tuple[str, ...]], Optional[Hashable]]:
-  if callable(blocks):
-    return blocks
-  if blocks == "per_leaf":
-    return lambda path: path
-  if blocks == "per_module":  # the leaves of one module: a LoRA adapter's A and B
-    return lambda path: path[:-1]
-  if blocks == "per_layer":
-    return per_layer_block
-  if blocks == "global":
-    return lambda path: "global"
-  raise ValueError(f"Unknown M-FAC block rule {blocks!r}; use one of {BLOCK_RULES} or a "
-                   f"callable mapping a leaf path (tuple of key names) to a block id.")
-
-
-def _mask_leaves(mask: Optional[PyTree], treedef, n: int) -> List[bool]:
-  if mask is None:
-    return [True] * n
-  try:
-    leaves = treedef.flatten_up_to(mask)
-  except (ValueError, TypeError) as e:
-    raise ValueError(f"The M-FAC mask must have the structure of v; {e}") from e
-  out = []
-  for leaf in leaves:
-    if isinstance(leaf, jax.core.Tracer):
-      raise ValueError("The M-FAC mask must be concrete Python bools (it fixes the "
-                       "blocks at trace time); pass it from outside jit, e.g. "
-                       "model.trainable(params) evaluated eagerly.")
-    out.append(bool(np.asarray(leaf)))
-  return out
-
-
-def block_assignment(tree: PyTree, blocks: BlockRule = "per_leaf",
-                     mask: Optional[PyTree] = None) -> Tuple[List[Optional[int]], int]:
-  """Block index of every leaf of ``tree`` (None: excluded) and the number of blocks.
-
-  Blocks are numbered in order of first appearance among the leaves.
-  """
-  leaves, treedef = jax.tree_util.tree_flatten(tree)
-  keep = _mask_leaves(mask, treedef, len(leaves))
-  rule = _rule_fn(blocks)
-  index = {}
-  ids: List[Optional[int]] = []
-  for path, kept in zip(leaf_paths(tree), keep):
-    block = rule(path) if kept else None
-    if block is not None and block not in index:
-      index[block] = len(index)
-    ids.append(None if block is None else index[block])
-  return ids, len(index)
 
 
 # ---------------------------------------------------------------------------
@@ -296,6 +218,19 @@ def mfac_solve(grads: PyTree, v: PyTree, lam, *, blocks: BlockRule = "per_leaf",
   return _solve_factored(g_leaves, v_leaves, ids, n_blocks, m, factor, treedef, diagnostics)
 
 
+def factorize_stacked(grads: PyTree, lam, *, blocks: BlockRule = "per_leaf",
+                      like: Optional[PyTree] = None) -> Optional[WindowFactor]:
+  """:func:`mfac_solve`'s factorisation for stacked ``grads`` (all m rows valid), to pass
+  as ``factor=`` to every solve with the same gradients and λ. ``like``: a pytree
+  shaped like one right-hand side (default: row 0 of ``grads``). None when there is
+  nothing to factorise (no block or no row)."""
+  template = like if like is not None else jax.tree_util.tree_map(lambda g: g[0], grads)
+  _, _, g_leaves, ids, n_blocks, m = _flat_problem(grads, template, blocks, None)
+  if n_blocks == 0 or m == 0:
+    return None
+  return _factorize(g_leaves, ids, n_blocks, m, lam, None)
+
+
 def _unchecked_info(x) -> SolveInfo:
   return SolveInfo(iterations=jnp.zeros((), jnp.int32),
                    residual=jnp.full((), jnp.nan, jnp.float32),
@@ -356,7 +291,7 @@ def init(params_like: PyTree, m: int, dtype=jnp.float32,
     raise ValueError(f"The M-FAC window length m must be a positive Python int; got {m!r}.")
   dtype = _storage_dtype(dtype)
   leaves, treedef = jax.tree_util.tree_flatten(params_like)
-  keep = _mask_leaves(mask, treedef, len(leaves))
+  keep = mask_leaves(mask, treedef, len(leaves))
   stored = [jnp.zeros((int(m), *np.shape(p)) if k else (int(m), 0), dtype)
             for p, k in zip(leaves, keep)]
   return GradientWindow(grads=jax.tree_util.tree_unflatten(treedef, stored),
