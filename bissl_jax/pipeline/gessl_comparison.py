@@ -42,7 +42,7 @@ from bissl_jax.runtime.errors import NonFiniteError
 from bissl_jax.pipeline import context as context_lib
 from bissl_jax.pipeline import datasets
 from bissl_jax.pipeline.pretrain import pretrain
-from bissl_jax.types import PyTree
+from bissl_jax.runtime import mesh
 
 
 def methods(cfg) -> Tuple[str, str]:
@@ -90,6 +90,9 @@ def evaluate(cfg, model, params, stats, splits, held_out, *, seed: int) -> Dict[
 
 def run(cfg, workdir: str) -> Dict[str, Any]:
   """Runs the whole comparison; writes and returns the results."""
+  mesh.refuse_several_processes(
+      "The GeSSL comparison", "it holds every split's features on the host, and its "
+      "pretraining, linear probe and few-shot episodes are built for one")
   for block in ("probe", "fewshot"):
     if block not in cfg:
       raise ConfigError(f"config.{block} is missing: the GeSSL comparison needs the "

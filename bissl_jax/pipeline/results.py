@@ -19,6 +19,7 @@ import os
 from typing import Dict, Mapping, Optional
 
 from bissl_jax.evaluation.metrics import summarize
+from bissl_jax.runtime import mesh
 
 PIPELINE_LABELS = {"baseline": "Only FT", "bissl": "BiSSL+FT"}
 VARIANT_PREFIX = "bissl_"  # pipelines of config.bissl_variants: 'bissl_<name>'
@@ -183,7 +184,10 @@ def _record_checksum(record: Mapping) -> str:
 
 def write_json(path: str, record: Mapping) -> None:
   """Writes ``record`` to ``path`` atomically (a temporary file, then a rename), with
-  its checksum (:data:`CHECKSUM_KEY`, checked by :func:`read_json`)."""
+  its checksum (:data:`CHECKSUM_KEY`, checked by :func:`read_json`). In a multi-process
+  run only process 0 writes (``mesh.is_writer``); the others hold the same record."""
+  if not mesh.is_writer():
+    return
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   # Through JSON first, so the checksum is of what a reader will see (tuples → lists).
   record = json.loads(json.dumps(dict(record), sort_keys=True))

@@ -278,6 +278,10 @@ def run_study(config, workdir: str, *, results_path: Optional[str] = None,
   """
   import jax  # pylint: disable=g-import-not-at-top
   from bissl_jax.pipeline import study_report  # pylint: disable=g-import-not-at-top
+  from bissl_jax.runtime import mesh  # pylint: disable=g-import-not-at-top
+  mesh.refuse_several_processes(
+      "The study", "its grid is measured on one device and its sensitivity cells simulate "
+      "several in a second process of its own")
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   started = time.time()

@@ -199,3 +199,43 @@ def sync_processes(name: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices(name)
+
+
+def is_writer() -> bool:
+  """True on the one process that writes the run's files (process 0; alone, always).
+
+  Every process of a multi-process run computes the same records, so only one
+  writes them: several processes renaming the same temporary file on a shared file
+  system would race.
+  """
+  return jax.process_index() == 0
+
+
+def launched_as_several_processes() -> bool:
+  """Whether this process's environment starts it as one of several (the launch
+  variables that :func:`initialize_multihost` reads, with a count above 1)."""
+  env = os.environ
+  for name in (NUM_PROCESSES_ENV, "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
+    value = env.get(name, "").strip()
+    if value.isdigit() and int(value) > 1:
+      return True
+  if env.get(NUM_PROCESSES_ENV, "").strip() == "1":
+    return False
+  return ("," in env.get("TPU_WORKER_HOSTNAMES", "")
+          or env.get(DISTRIBUTED_ENV, "").strip() == "1"
+          or bool(env.get("JAX_COORDINATOR_ADDRESS", "").strip()))
+
+
+def refuse_several_processes(command: str, why: str) -> None:
+  """Stops ``command`` (a single-process experiment) started as one of several processes.
+
+  Raises:
+    LaunchError: the launch variables ask for several processes.
+  """
+  if launched_as_several_processes():
+    from bissl_jax.runtime.errors import LaunchError  # pylint: disable=g-import-not-at-top
+    raise LaunchError(
+        f"{command} runs as one process ({why}), but this one was started as one of "
+        f"several ({NUM_PROCESSES_ENV}, JAX_COORDINATOR_ADDRESS, {DISTRIBUTED_ENV}, SLURM or "
+        "Open MPI with more than one task): start it once, without those variables. "
+        "`bissl-jax run` is the command that runs across processes (docs/scale.md).")

@@ -71,3 +71,48 @@ def test_lost_peer_errors_become_one_message(monkeypatch):
   assert "Connection closed by peer" in message and "Rerun every process" in message
   assert cli.user_error_message(gloo) == message
   assert mesh.lost_peer_message(ValueError("shapes do not match")) is None  # a bug: traceback
+
+
+@pytest.mark.parametrize("env, several", [
+    ({}, False),
+    ({"SLURM_NTASKS": "1"}, False),               # one SLURM task: a single-process job
+    ({"SLURM_NTASKS": "4"}, True),
+    ({"OMPI_COMM_WORLD_SIZE": "2"}, True),
+    ({mesh.NUM_PROCESSES_ENV: "2", "JAX_COORDINATOR_ADDRESS": "h:1"}, True),
+    ({mesh.NUM_PROCESSES_ENV: "1", "JAX_COORDINATOR_ADDRESS": "h:1"}, False),
+    ({"JAX_COORDINATOR_ADDRESS": "h:1"}, True),
+    ({mesh.DISTRIBUTED_ENV: "1"}, True),            # a TPU pod slice
+    ({"TPU_WORKER_HOSTNAMES": "a,b"}, True),
+    ({"TPU_WORKER_HOSTNAMES": "a"}, False),
+])
+def test_launched_as_several_processes_reads_the_launch_variables(no_launch_env, monkeypatch,
+                                                                  env, several):
+  for name, value in env.items():
+    monkeypatch.setenv(name, value)
+  assert mesh.launched_as_several_processes() is several
+
+
+def test_single_process_experiments_refuse_a_multi_process_launch(no_launch_env, monkeypatch,
+                                                                  tmp_path):
+  """The study and the GeSSL comparison stop before anything runs or is written."""
+  from bissl_jax.pipeline import gessl_comparison  # pylint: disable=g-import-not-at-top
+  from bissl_jax.pipeline import study  # pylint: disable=g-import-not-at-top
+  from configs import digits_gessl  # pylint: disable=g-import-not-at-top
+  from configs import study_digits  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv(mesh.NUM_PROCESSES_ENV, "2")
+  with pytest.raises(errors.LaunchError, match="The study runs as one process.*start it once"):
+    study.run_study(study_digits.get_config("runlocal"), str(tmp_path / "study"))
+  with pytest.raises(errors.LaunchError, match="The GeSSL comparison runs as one process"):
+    gessl_comparison.run(digits_gessl.get_config("runlocal"), str(tmp_path / "gessl"))
+  assert not list(tmp_path.iterdir())
+
+
+def test_only_the_writer_process_writes_records(monkeypatch, tmp_path):
+  """Records (search trials, cells, evaluations) are written by process 0 alone."""
+  from bissl_jax.pipeline import results  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(mesh, "is_writer", lambda: False)
+  results.write_json(str(tmp_path / "a" / "record.json"), {"x": 1})
+  assert not list(tmp_path.iterdir())
+  monkeypatch.setattr(mesh, "is_writer", lambda: True)
+  results.write_json(str(tmp_path / "a" / "record.json"), {"x": 1})
+  assert results.read_json(str(tmp_path / "a" / "record.json")) == {"x": 1}
