@@ -19,6 +19,7 @@ import time
 from typing import Optional
 
 from bissl_jax.config_validation import ConfigError
+from bissl_jax.runtime import mesh
 
 BRANCH_FILE = "branch.json"
 # What a branch does not copy: the parent's results and derived files.
@@ -50,6 +51,16 @@ def start(parent: str, workdir: str) -> bool:
     return False
   if os.path.exists(os.path.join(workdir, "config.json")):
     raise ConfigError(f"--workdir={workdir} already holds a run; a branch needs a new one.")
+  # Every process has checked the same files above before process 0 copies (the copy
+  # brings a config.json); the others wait until it is there.
+  mesh.sync_processes("branch-checked")
+  if mesh.is_writer():
+    _copy(parent, workdir)
+  mesh.sync_processes("branch-created")
+  return True
+
+
+def _copy(parent: str, workdir: str) -> None:
   shutil.copytree(parent, workdir, dirs_exist_ok=True,
                   ignore=lambda d, names: [n for n in names if n in _NOT_COPIED
                                            or n.endswith(".corrupt")])
@@ -63,7 +74,6 @@ def start(parent: str, workdir: str) -> bool:
   print(f"Branched {parent} into {workdir}: finished stages are reused where their "
         f"config still matches; an unfinished one resumes from its last checkpoint with "
         f"the new values.", flush=True)
-  return True
 
 
 def lineage(stage_dir: str) -> Optional[dict]:
@@ -89,7 +99,10 @@ def adopt(stage_dir: str, step: int, changed: list) -> Optional[dict]:
     return None
   record["adopted"] = {"parent": record["parent"], "step": int(step)}
   record["changed"] = list(changed)
-  _write(path, record)
+  # Every process has read the record (and so adopts) before process 0 rewrites it.
+  mesh.sync_processes("branch-adopt")
+  if mesh.is_writer():
+    _write(path, record)
   return record["adopted"]
 
 
