@@ -40,6 +40,13 @@ class CorruptOutputError(ValueError):
   """A stage output does not read back as it was written."""
 
 
+def _whole_in_every_process(tree: PyTree) -> bool:
+  """True if every process holds every value of ``tree`` (one process, or replicated)."""
+  return jax.process_count() == 1 or all(
+      not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated
+      for x in jax.tree_util.tree_leaves(tree))
+
+
 def tree_checksum(tree: PyTree) -> Optional[str]:
   """SHA-256 over every leaf's path, dtype, shape and bytes.
 
@@ -48,9 +55,7 @@ def tree_checksum(tree: PyTree) -> Optional[str]:
   devices cannot be read here: then None, unless every such leaf is replicated
   (each process holds a whole copy, as the stages' states are).
   """
-  if jax.process_count() > 1 and not all(
-      getattr(x, "is_fully_addressable", True) or x.is_fully_replicated
-      for x in jax.tree_util.tree_leaves(tree)):
+  if not _whole_in_every_process(tree):
     return None
   digest = hashlib.sha256()
   leaves, _ = jax.tree_util.tree_flatten_with_path(jax.device_get(encode(tree)))
@@ -109,8 +114,10 @@ def export(directory: str, variables: PyTree, meta: dict) -> None:
   """
   meta = dict(meta, format=EXPORT_FORMAT)
   variables = encode(variables)
-  if jax.process_count() == 1:
-    # Host arrays carry no sharding, so the export loads on any number of devices.
+  if _whole_in_every_process(variables):
+    # Host arrays carry no sharding, so the export loads on any number of devices and
+    # processes. Across processes every one holds the same values, and orbax writes
+    # host arrays from process 0 alone.
     variables = jax.device_get(variables)
     meta["checksum"] = tree_checksum(variables)
   checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
@@ -153,7 +160,7 @@ def load_export(directory: str, template: Optional[PyTree] = None) -> Tuple[PyTr
   checkpointer.close()
   state, meta = restored["state"], dict(restored["meta"])
   saved = meta.get("checksum")
-  if saved is not None and jax.process_count() == 1 and saved != tree_checksum(state):
+  if saved is not None and tree_checksum(state) not in (None, saved):
     raise CorruptOutputError(f"the stage output {directory} does not read back as it was "
                              f"written (its checksum differs): it is damaged.")
   check_finite(state, f"the stage output {directory}")

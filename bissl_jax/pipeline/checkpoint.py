@@ -70,6 +70,28 @@ class CorruptCheckpointError(ValueError):
   """A saved step does not read back as it was written."""
 
 
+def _restore_target(template: PyTree) -> PyTree:
+  """The restore target: ``template``'s shapes and dtypes; across processes, every
+  array replicated over the whole mesh.
+
+  A template built in one process sits on a local device; restored there, its arrays
+  would be committed to it, and JAX cannot move a committed array to the other
+  processes' devices on CPU and GPU ("does not support cross-host device transfers").
+  The stages' states are replicated, so that is where they are restored.
+  """
+  target = abstract(template)
+  if jax.process_count() == 1:
+    return target
+  everywhere = parallel.replicated(parallel.make_mesh())
+
+  def leaf(s):
+    sharding = getattr(s, "sharding", None)
+    if sharding is not None and sharding.is_fully_addressable:
+      return jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=everywhere)
+    return s
+  return jax.tree_util.tree_map(leaf, target)
+
+
 class RunCheckpointer:
   """Numbered, resumable checkpoints of one stage (wraps ``ocp.CheckpointManager``).
 
@@ -136,7 +158,7 @@ class RunCheckpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"No checkpoint in {self.directory}.")
-    items = dict(state=ocp.args.StandardRestore(abstract(template)),
+    items = dict(state=ocp.args.StandardRestore(_restore_target(template)),
                  extra=ocp.args.JsonRestore())
     if self._has_iterators(step):  # read in the same call: one restore per step
       items[ITERATORS] = ocp.args.JsonRestore()

@@ -239,7 +239,8 @@ def _run_stages(config, workdir: str, *, start: float, resumed: bool, splits, pr
     check_inputs(ctx)  # every input checkpoint fits the model, before any compute
     if config.stages != "all":
       record = run_single_stage(ctx, config.stages, splits, pretext_set)
-      print(json.dumps(record, indent=2, default=str), flush=True)
+      if jax.process_index() == 0:  # one report per run, like the results table
+        print(json.dumps(record, indent=2, default=str), flush=True)
       return record
     results = comparison.run_comparison(ctx, splits, pretext_set,
                                         bissl_callback=bissl_callback)
