@@ -10,6 +10,7 @@ tests/pipeline/test_multiprocess_run.py; also a script::
 
 which runs 2 processes x 2 devices and prints each process's output.
 """
+import json
 import os
 import socket
 import subprocess
@@ -39,12 +40,13 @@ def process_env(port: int, process_id: int, processes: int, devices: int,
 
 
 def start(workdir: str, args: Sequence[str] = (), *, processes: int = 2, devices: int = 2,
-          extra_env: Optional[dict] = None, log_dir: Optional[str] = None) -> list:
+          extra_env: Optional[dict] = None, log_dir: Optional[str] = None,
+          config: str = CONFIG) -> list:
   """Starts the processes; each one's stdout and stderr go to ``log_dir/p<i>.log``."""
   port = free_port()
   log_dir = log_dir or workdir + ".logs"
   os.makedirs(log_dir, exist_ok=True)
-  cmd = [sys.executable, "-m", "experiments.main", f"--workdir={workdir}", CONFIG, *args]
+  cmd = [sys.executable, "-m", "experiments.main", f"--workdir={workdir}", config, *args]
   procs = []
   for i in range(processes):
     log = open(os.path.join(log_dir, f"p{i}.log"), "a")  # pylint: disable=consider-using-with
@@ -72,6 +74,27 @@ def wait(procs: list, timeout: float) -> list:
 def read_log(workdir: str, i: int, log_dir: Optional[str] = None) -> str:
   with open(os.path.join(log_dir or workdir + ".logs", f"p{i}.log")) as f:
     return f.read()
+
+
+def stage_output(log: str) -> str:
+  """The ``output`` path that a stage-only run prints (its JSON record, last)."""
+  return json.loads(log[log.rindex("\n{"):])["output"]
+
+
+# Metric fields that measure the clock, not the computation.
+_CLOCK_KEYS = ("time", "per_s", "img_s", "steps_s", "elapsed")
+
+
+def last_rows(workdir: str, stage_prefix: str) -> dict:
+  """The last metrics row of every (stage, step) whose stage starts with the prefix
+  (a resumed stage logs some steps twice), without the wall-clock fields."""
+  rows = {}
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    for r in map(json.loads, f):
+      if str(r.get("stage", "")).startswith(stage_prefix):
+        rows[(r["stage"], r["step"])] = {k: v for k, v in r.items()
+                                         if not any(t in k for t in _CLOCK_KEYS)}
+  return rows
 
 
 if __name__ == "__main__":
