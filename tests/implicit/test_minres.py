@@ -1,5 +1,4 @@
 """MINRES and the stock-JAX CG wrapper, checked against NumPy and jax.scipy."""
-import os
 import subprocess
 import sys
 

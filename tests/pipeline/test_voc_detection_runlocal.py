@@ -126,7 +126,7 @@ def test_voc_runlocal_runs_one_bissl_alternation_on_tfds_layout_data(tmp_path, t
 
 # Measured (docs/scale.md): the streamed BiSSL alternation on 1 process x 4 devices
 # against 2 x 2, relative differences of its metrics; tested with headroom.
-STREAMED_FLOOR = 1e-4
+LOWER_FLOOR, AFTER_FLOOR = 1e-5, 2e-2
 
 
 @pytest.mark.slow  # three stages from one process, BiSSL on two topologies (minutes)
@@ -138,7 +138,9 @@ def test_imagenet_streams_through_grain_into_bissl_on_two_processes(tmp_path, tf
   config = "--config=configs/voc_detection.py:runlocal"
   common = (f"--config.data.data_dir={tfds_dir}", "--config.seeds=(0,)",
             "--config.data.loader_workers=0", "--config.bissl.pretext_batch_size=4",
-            "--config.bissl.downstream_batch_size=4", "--config.bissl.alternations=1")
+            "--config.bissl.downstream_batch_size=4", "--config.bissl.alternations=1",
+            *(f"--config.{stage}.batch_size=4"   # 4 devices: every batch splits evenly
+              for stage in ("pretext", "head_warmup", "finetune", "evaluate")))
   env = {"JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
 
   def stage(name, *args, processes=1, devices=1):
@@ -160,6 +162,12 @@ def test_imagenet_streams_through_grain_into_bissl_on_two_processes(tmp_path, tf
   mine, theirs = launch.last_rows(two, "bissl"), launch.last_rows(one, "bissl")
   assert sorted(mine) == sorted(theirs) == [("bissl/seed0", 1)]
   [a], [b] = mine.values(), theirs.values()
-  for key in ("lower_loss", "upper_loss", "lower_grad_norm", "upper_grad_norm", "v_norm",
-              "theta_distance"):
-    assert math.isfinite(a[key]) and a[key] == pytest.approx(b[key], rel=STREAMED_FLOOR), key
+  # The streamed batches are the same on both topologies: the lower level's metrics
+  # agree to float32 rounding (measured 2.3e-7 and 1.1e-6 relative).
+  for key in ("lower_loss", "lower_grad_norm", "upper_loss_theta_d"):
+    assert math.isfinite(a[key]) and a[key] == pytest.approx(b[key], rel=LOWER_FLOOR), key
+  # The lower steps amplify the rounding on these 4 images (measured: θ_P − θ_D's norm
+  # 3.5e-4, v = ∇L_D(θ_P) 3e-3, the upper loss and gradient 1.3e-3); the indefinite
+  # solve more still (its smallest curvature −6.5 vs −6.4), so ‖v_IG‖ is not compared.
+  for key in ("theta_distance", "v_norm", "upper_loss", "upper_grad_norm"):
+    assert math.isfinite(a[key]) and a[key] == pytest.approx(b[key], rel=AFTER_FLOOR), key
