@@ -45,6 +45,7 @@ from bissl_jax.pipeline import stage_loop
 from bissl_jax.pipeline.context import StageContext, check_size
 from bissl_jax.runtime.seeds import derive_seed
 from bissl_jax.types import PyTree
+from bissl_jax.runtime import mesh as parallel
 
 # Fields that do not change the computation (a resume may change them).
 _RESUME_FREE_FIELDS = ("checkpoint_every", "init_checkpoint")
@@ -349,7 +350,7 @@ def warn_if_residual_above_one(name: str, t: int, metrics: dict) -> list:
   residual = float(np.mean(metrics["cg_residual"]))  # NaN when no step checked it
   if not residual > 1.0:
     return []
-  if jax.process_index() != 0:  # every process computed it; process 0 reports
+  if not parallel.is_writer():  # every process computed it; process 0 reports
     return [True]
   print(f"[{name}] warning: at alternation {t} the implicit-gradient solve's relative "
         f"residual ‖A·v_IG − v‖/‖v‖ is {residual:.3g} > 1, so v_IG is further from solving "

@@ -215,7 +215,7 @@ class RunCheckpointer:
     target = os.path.join(self.directory + ".corrupt", f"{step}-{int(time.time() * 1000)}")
     # Several processes read the same step: all have failed on it before process 0 moves it.
     parallel.sync_processes(f"quarantine {self.directory} {step}: looked")
-    if jax.process_index() == 0:
+    if parallel.is_writer():
       os.makedirs(os.path.dirname(target), exist_ok=True)
       shutil.move(os.path.join(self.directory, str(step)), target)
     parallel.sync_processes(f"quarantine {self.directory} {step}: moved")

@@ -23,7 +23,6 @@ import shutil
 import time
 from typing import Any, Iterable, Mapping, NamedTuple, Optional
 
-import jax
 
 from bissl_jax.config_validation import ConfigError
 from bissl_jax.config_validation import config_fields as flatten
@@ -157,7 +156,7 @@ def set_aside(stage_dir: str, paths: Iterable[str]) -> Optional[str]:
                         + f"-{int(time.time() * 1000) % 1000:03d}")
   # Several processes see the same files: all have looked before process 0 moves them.
   parallel.sync_processes("set_aside: looked")
-  if jax.process_index() == 0:
+  if parallel.is_writer():
     os.makedirs(target, exist_ok=True)
     for p in existing:
       shutil.move(p, os.path.join(target, os.path.basename(p)))

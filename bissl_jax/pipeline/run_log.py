@@ -19,6 +19,7 @@ from typing import Mapping, Optional
 
 import jax
 import numpy as np
+from bissl_jax.runtime import mesh as parallel
 
 
 def to_float(value) -> float:
@@ -35,7 +36,7 @@ class MetricLogger:
   """
 
   def __init__(self, workdir: str, *, tensorboard: bool = True):
-    self.enabled = jax.process_index() == 0
+    self.enabled = parallel.is_writer()
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._writer = None
     if self.enabled:
@@ -144,7 +145,7 @@ class Progress:
     self.total, self.desc, self.unit = int(total), desc, unit
     self.count = self.start_count = int(initial)
     self.items_per_step = items_per_step
-    self.enabled = jax.process_index() == 0
+    self.enabled = parallel.is_writer()
     self._start = self._last_print = time.time()
     self._next_print = self.count + max(1, self.total // 10)
     self._first_done = None  # (count, time) after the first step: the compile step

@@ -47,6 +47,7 @@ from bissl_jax.pipeline.context import StageContext, build_context  # noqa: F401
 from bissl_jax.pipeline.datasets import load_data
 from bissl_jax.pipeline.inputs import check_inputs
 from bissl_jax.pipeline.pretrain import pretrain
+from bissl_jax.runtime import mesh as parallel
 
 
 def run_single_stage(ctx: StageContext, stage: str, splits, pretext_set) -> dict:
@@ -109,7 +110,7 @@ def with_reuse(config, reuse: str):
 
 
 def _write_config(workdir: str, config) -> None:
-  if jax.process_index() != 0:  # process 0 writes every file of the workdir
+  if not parallel.is_writer():  # process 0 writes every file of the workdir
     return
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2) if hasattr(config, "to_json_best_effort")
@@ -133,7 +134,6 @@ def _has_earlier_run(workdir: str) -> bool:
 
 def banner(config, workdir: str, *, source: str, resumed: bool) -> str:
   """The start-up lines of a run: backend, devices, mesh, config, workdir, fresh/resumed."""
-  from bissl_jax.runtime import mesh as parallel  # pylint: disable=g-import-not-at-top
   devices = jax.devices()
   mesh = parallel.make_mesh()
   kinds = sorted({d.device_kind for d in devices})
@@ -196,7 +196,7 @@ def run(config, workdir: str, *, bissl_callback: Optional[Callable] = None,
   config = validate_config(config)
   # What the stages record must be the kernels in use, not the ones asked for.
   notice = cpu_kernels.reconcile(config, jax.default_backend())
-  if notice and announce is not None and jax.process_index() == 0:
+  if notice and announce is not None and parallel.is_writer():
     print(notice, file=sys.stderr, flush=True)
   workdir = os.path.abspath(workdir)
   resumed = _has_earlier_run(workdir)
@@ -208,7 +208,7 @@ def run(config, workdir: str, *, bissl_callback: Optional[Callable] = None,
   created = not os.path.exists(workdir)
   os.makedirs(workdir, exist_ok=True)
   # One writer per workdir (process 0 writes every file): a second run is refused.
-  lock = workdir_lock.acquire(workdir) if jax.process_index() == 0 else None
+  lock = workdir_lock.acquire(workdir) if parallel.is_writer() else None
   try:
     with compile_watch.cleanup_on_exit(lock.release if lock else lambda: None):
       return _run_stages(config, workdir, start=start, resumed=resumed, splits=splits,
@@ -228,31 +228,31 @@ def _run_stages(config, workdir: str, *, start: float, resumed: bool, splits, pr
   if branch_from is not None:
     resumed = branch.start(branch_from, workdir) or resumed
   _write_config(workdir, config)
-  if announce is not None and jax.process_index() == 0:
+  if announce is not None and parallel.is_writer():
     print(banner(config, workdir, source=announce, resumed=resumed), flush=True)
   ctx = build_context(config, workdir)
   finished = False
   # Written as it runs: a killed invocation's time still counts towards the total.
   clock = (invocation_clock.InvocationClock(workdir, start)
-           if config.stages == "all" and jax.process_index() == 0 else None)
+           if config.stages == "all" and parallel.is_writer() else None)
   try:
     check_inputs(ctx)  # every input checkpoint fits the model, before any compute
     if config.stages != "all":
       record = run_single_stage(ctx, config.stages, splits, pretext_set)
-      if jax.process_index() == 0:  # one report per run, like the results table
+      if parallel.is_writer():  # one report per run, like the results table
         print(json.dumps(record, indent=2, default=str), flush=True)
       return record
     results = comparison.run_comparison(ctx, splits, pretext_set,
                                         bissl_callback=bissl_callback)
     finished = True
-    if jax.process_index() == 0:
+    if parallel.is_writer():
       # The original run's time survives reruns of a finished workdir (which only
       # reload the stage outputs); later invocations are listed separately.
       previous = results_lib.read_record(os.path.join(workdir, "results.json"), "results")
       invocations = clock.finish(True)
       results.update(results_lib.wall_times(invocations, previous))
     results["devices"] = f"{jax.device_count()} x {jax.devices()[0].platform}"
-    if jax.process_index() == 0:
+    if parallel.is_writer():
       print(results_lib.write_results(workdir, results), flush=True)
       ctx.logger.flush()
       results["plots"] = results_lib.plot_curves(workdir)

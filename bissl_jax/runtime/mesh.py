@@ -171,10 +171,15 @@ def _env_int(env: str) -> int:
   return int(value)
 
 
+# What the cluster launchers JAX detects set in every process (SLURM, Open MPI, a
+# Cloud TPU pod slice) and the coordinator that JAX reads itself.
+_LAUNCHER_VARS = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES",
+                  "JAX_COORDINATOR_ADDRESS")
+
+
 def _looks_multihost() -> bool:
   return os.environ.get(DISTRIBUTED_ENV, "").strip() == "1" or any(
-      k in os.environ for k in ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES",
-                                "JAX_COORDINATOR_ADDRESS", "OMPI_COMM_WORLD_SIZE"))
+      k in os.environ for k in _LAUNCHER_VARS)
 
 
 # What a collective or the coordination service raises when another process of the
@@ -215,7 +220,7 @@ def launched_as_several_processes() -> bool:
   """Whether this process's environment starts it as one of several (the launch
   variables that :func:`initialize_multihost` reads, with a count above 1)."""
   env = os.environ
-  for name in (NUM_PROCESSES_ENV, "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
+  for name in (NUM_PROCESSES_ENV,) + _LAUNCHER_VARS[:2]:  # the process counts
     value = env.get(name, "").strip()
     if value.isdigit() and int(value) > 1:
       return True

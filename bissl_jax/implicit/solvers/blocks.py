@@ -22,7 +22,6 @@ BLOCK_RULES = ("per_leaf", "per_module", "per_layer", "global")
 LAYER_KEY = re.compile(r"^(layer\d+_\d+|blocks?_\d+|layers?_\d+|h_\d+)$")
 
 
-
 def _key_name(entry) -> str:
   for attr in ("key", "name", "idx"):
     if hasattr(entry, attr):
@@ -45,6 +44,7 @@ def per_layer_block(path: Tuple[str, ...]) -> Tuple[str, ...]:
 
 
 def rule_fn(blocks: BlockRule) -> Callable[[Tuple[str, ...]], Optional[Hashable]]:
+  """The function ``path -> block id`` of a named rule (a callable is its own)."""
   if callable(blocks):
     return blocks
   if blocks == "per_leaf":
@@ -60,6 +60,7 @@ def rule_fn(blocks: BlockRule) -> Callable[[Tuple[str, ...]], Optional[Hashable]
 
 
 def mask_leaves(mask: Optional[PyTree], treedef, n: int) -> List[bool]:
+  """``mask`` as one Python bool per leaf of ``treedef`` (None: all ``n`` kept)."""
   if mask is None:
     return [True] * n
   try:
