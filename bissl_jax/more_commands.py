@@ -26,14 +26,17 @@ def _gessl_main(argv: Sequence[str]) -> None:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   from bissl_jax.runtime import determinism  # pylint: disable=g-import-not-at-top
   from bissl_jax.pipeline import gessl_comparison  # pylint: disable=g-import-not-at-top
+  from bissl_jax.runtime import mesh  # pylint: disable=g-import-not-at-top
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   determinism.pin()
   with cli.error_boundary(cli._DEBUG.value or cli.debug_requested()):
     config = cli._CONFIG.value
     cli.apply_cpu_kernels(config)
-    print(gessl_comparison.to_markdown(gessl_comparison.run(config, cli._WORKDIR.value)),
-          flush=True)
+    mesh.initialize_multihost()  # one process per host: docs/scale.md, "How to launch"
+    results = gessl_comparison.run(config, cli._WORKDIR.value)
+    if mesh.is_writer():
+      print(gessl_comparison.to_markdown(results), flush=True)
 
 
 def gessl_command(argv: Sequence[str]) -> None:

@@ -41,12 +41,13 @@ def process_env(port: int, process_id: int, processes: int, devices: int,
 
 def start(workdir: str, args: Sequence[str] = (), *, processes: int = 2, devices: int = 2,
           extra_env: Optional[dict] = None, log_dir: Optional[str] = None,
-          config: str = CONFIG) -> list:
-  """Starts the processes; each one's stdout and stderr go to ``log_dir/p<i>.log``."""
+          config: str = CONFIG, command: Sequence[str] = ("-m", "experiments.main")) -> list:
+  """Starts the processes; each one's stdout and stderr go to ``log_dir/p<i>.log``.
+  ``command`` is what follows the interpreter (e.g. ``-m bissl_jax gessl``)."""
   port = free_port()
   log_dir = log_dir or workdir + ".logs"
   os.makedirs(log_dir, exist_ok=True)
-  cmd = [sys.executable, "-m", "experiments.main", f"--workdir={workdir}", config, *args]
+  cmd = [sys.executable, *command, f"--workdir={workdir}", config, *args]
   procs = []
   for i in range(processes):
     log = open(os.path.join(log_dir, f"p{i}.log"), "a")  # pylint: disable=consider-using-with

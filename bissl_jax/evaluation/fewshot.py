@@ -23,9 +23,11 @@ import numpy as np
 import optax
 
 from bissl_jax.tasks.downstream.heads import pool_features
-from bissl_jax.tasks import augment
+from bissl_jax.tasks import augment as augmentation
 from bissl_jax.implicit import loops
 from bissl_jax.core import optim
+from bissl_jax.data.stacks import process_shard
+from bissl_jax.runtime import mesh as parallel
 from bissl_jax.types import PyTree
 
 CLASSIFIERS = ("prototype", "logistic")
@@ -34,26 +36,75 @@ CLASSIFIERS = ("prototype", "logistic")
 # ----------------------------------------------------------------------------- features
 
 def extract_features(model, backbone_params: PyTree, backbone_stats: PyTree,
-                     images: np.ndarray, *, image_size: int, batch_size: int = 256
-                     ) -> np.ndarray:
-  """Evaluation-mode backbone features (eval view: resize, centre crop, normalise).
+                     images: np.ndarray, *, image_size: int, batch_size: int = 256,
+                     augment: str = "eval", mesh=None) -> np.ndarray:
+  """Evaluation-mode backbone features of ``images``, pooled and flattened.
+
+  Batches have one fixed size (the last one is padded with its last image and the
+  padding dropped), so one shape compiles; evaluation mode is per example, so the
+  padding does not change the real rows.
+
+  Args:
+    model: object with ``features(params, stats, x, *, train) -> (feats, stats)``.
+    backbone_params: backbone parameters.
+    backbone_stats: backbone running statistics (used as they are).
+    images: uint8 ``(N, H, W, 3)`` (model inputs when ``augment='none'``).
+    image_size: model input resolution.
+    batch_size: images per forward (rounded up to a multiple of the mesh's devices).
+    augment: 'eval' (resize the short side to size/0.875, centre crop, normalise) or
+      'none' (``images`` are already model inputs).
+    mesh: split every batch over this mesh's devices. Every process passes the same
+      ``images``, computes the rows its devices hold (``bissl_jax.data.process_shard``)
+      and receives all the features, so one call serves several processes.
 
   Returns:
-    float32 ``(N, C)``.
+    float32 ``(N, D)`` NumPy features.
   """
-  feats = _features_fn(model, int(image_size))
-  out = [np.asarray(feats(backbone_params, backbone_stats, images[i:i + batch_size]))
-         for i in range(0, len(images), batch_size)]
-  return np.concatenate(out).astype(np.float32)
+  if augment not in ("eval", "none"):
+    raise ValueError(f"extract_features: augment={augment!r}; use 'eval' or 'none'.")
+  images = np.asarray(images)
+  n = len(images)
+  if n == 0:
+    raise ValueError("extract_features: no images given.")
+  batch_size = min(int(batch_size), n)
+  forward = _features_fn(model, int(image_size), augment)
+  if mesh is not None:
+    batch_size = -(-batch_size // mesh.devices.size) * mesh.devices.size
+    backbone_params, backbone_stats = parallel.replicate((backbone_params, backbone_stats), mesh)
+    first, rows = process_shard(batch_size)
+  chunks = []
+  for lo in range(0, n, batch_size):
+    idx = np.arange(lo, min(lo + batch_size, n))
+    padded = images[np.concatenate([idx, np.full(batch_size - len(idx), idx[-1])])]
+    if mesh is None:
+      out = np.asarray(forward(backbone_params, backbone_stats, jnp.asarray(padded)))
+    else:
+      x = parallel.shard_batch(padded[first:first + rows], mesh)
+      out = parallel.to_host(forward(backbone_params, backbone_stats, x))
+    chunks.append(out[:len(idx)])
+  return np.concatenate(chunks).astype(np.float32)
 
 
-@functools.lru_cache(maxsize=16)
-def _features_fn(model, image_size: int):
-  # Parameters are arguments, not constants: one compilation per model and size.
+def _features_fn(model, image_size: int, augment: str):
+  """The jitted forward, one compilation per (model, size, transform); a model that
+  cannot be hashed gets a fresh one."""
+  try:
+    return _cached_features_fn(model, image_size, augment)
+  except TypeError:
+    return _build_features_fn(model, image_size, augment)
+
+
+def _build_features_fn(model, image_size: int, augment: str):
+  # Parameters are arguments, not constants: one compilation serves every backbone.
   def feats(backbone_params, backbone_stats, x):
-    view = augment.eval_view(None, x, size=image_size)
-    return pool_features(model.features(backbone_params, backbone_stats, view, train=False)[0])
+    if augment == "eval":
+      x = augmentation.eval_view(None, x, size=image_size)
+    out = pool_features(model.features(backbone_params, backbone_stats, x, train=False)[0])
+    return out.reshape(out.shape[0], -1).astype(jnp.float32)
   return jax.jit(feats)
+
+
+_cached_features_fn = functools.lru_cache(maxsize=16)(_build_features_fn)
 
 
 # ----------------------------------------------------------------------------- linear probe

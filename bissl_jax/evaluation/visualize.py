@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bissl_jax.tasks.downstream.heads import pool_features
+from bissl_jax.evaluation import fewshot
 from bissl_jax.types import PyTree
 
 _STAT_KEYS = ("mean", "var")
@@ -198,14 +198,8 @@ def _build(kind: str, model, augment: str, size: int):
   view = _view_fn(augment, size)
   if kind == "view":
     return jax.jit(view)
-  if kind == "train_stats":
-    return jax.jit(lambda params, stats, x: model.features(params, stats, x, train=True)[1])
-
-  def forward(params, stats, x):
-    feats, _ = model.features(params, stats, view(jax.random.PRNGKey(0), x), train=False)
-    feats = pool_features(feats)
-    return feats.reshape(feats.shape[0], -1).astype(jnp.float32)
-  return jax.jit(forward)
+  assert kind == "train_stats", kind
+  return jax.jit(lambda params, stats, x: model.features(params, stats, x, train=True)[1])
 
 
 _build_cached = functools.lru_cache(maxsize=32)(_build)
@@ -259,42 +253,6 @@ def recalibration_batches(data, *, batch_size: int = 256, num_batches: int = 100
   bounds = [(i * batch_size, (i + 1) * batch_size) for i in range(full)] or [(0, n)]
   for lo, hi in bounds[:num_batches]:
     yield _gather(data, np.sort(order[lo:hi]))[0]
-
-
-# ----------------------------------------------------------------------------- features
-
-def extract_features(model, backbone_params: PyTree, backbone_stats: PyTree, images: np.ndarray,
-                     *, size: int, batch_size: int = 256, augment: str = "eval") -> np.ndarray:
-  """Evaluation-mode backbone features of ``images``.
-
-  Args:
-    model: object with ``features(params, stats, x, *, train) -> (feats, stats)``.
-    backbone_params: backbone parameters.
-    backbone_stats: backbone running statistics (used as they are: eval mode).
-    images: uint8 ``(N, H, W, 3)`` (or model inputs when ``augment='none'``).
-    size: model input resolution.
-    batch_size: images per forward; the last batch is padded so one shape compiles.
-    augment: 'eval' (resize short side to size/0.875, centre crop) or 'none'.
-
-  Returns:
-    float32 ``(N, D)`` NumPy features.
-  """
-  if augment not in ("eval", "none"):
-    raise ValueError(f"extract_features: augment={augment!r}; use 'eval' or 'none'.")
-  forward = _compiled("eval_features", model, augment, size)
-  images = np.asarray(images)
-  n = len(images)
-  if n == 0:
-    raise ValueError("extract_features: no images given.")
-  batch_size = min(batch_size, n)
-  chunks = []
-  for lo in range(0, n, batch_size):
-    chunk = images[lo:lo + batch_size]
-    pad = batch_size - len(chunk)
-    if pad:  # eval mode is per-sample, so padding does not change the real rows
-      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
-    chunks.append(np.asarray(forward(backbone_params, backbone_stats, jnp.asarray(chunk)))[:batch_size - pad])
-  return np.concatenate(chunks)
 
 
 # ----------------------------------------------------------------------------- k-NN
@@ -462,8 +420,8 @@ def visualize_backbones(model, backbones: Mapping[str, Tuple[PyTree, PyTree]], s
                                     seed=seed)
     stats = recalibrate_batch_stats(model, params, stats, batches, size=size, rng=rng)
     new_stats[name] = stats
-    extract = functools.partial(extract_features, model, params, stats, size=size,
-                                batch_size=batch_size)
+    extract = functools.partial(fewshot.extract_features, model, params, stats,
+                                image_size=size, batch_size=batch_size)
     test_feats = extract(test_images)
     # k-NN needs one class per example; multi-label sets (VOC2007) get None.
     knn[name] = None if multilabel else knn_accuracy(

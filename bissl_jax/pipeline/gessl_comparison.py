@@ -65,11 +65,18 @@ def pretext_images(cfg, splits, pretext_set, train_classes):
   return pretext_set
 
 
-def evaluate(cfg, model, params, stats, splits, held_out, *, seed: int) -> Dict[str, Any]:
-  """Linear probe (all classes) and few-shot episodes (held-out classes) on frozen features."""
+def evaluate(cfg, model, params, stats, splits, held_out, *, seed: int,
+             device_mesh=None) -> Dict[str, Any]:
+  """Linear probe (all classes) and few-shot episodes (held-out classes) on frozen features.
+
+  The features are computed over ``device_mesh`` (each process its rows) and every
+  process receives all of them; the probe and the episodes then run on every process
+  from the same features and seeds, so every process computes the same scores.
+  """
   size = int(cfg.data.image_size)
   feats = {name: fewshot.extract_features(model, params["backbone"], stats["backbone"],
-                                          splits[name].images, image_size=size)
+                                          splits[name].images, image_size=size,
+                                          mesh=device_mesh)
            for name in ("train", "test")}
   pr = cfg.probe
   probe = fewshot.linear_probe(feats["train"], splits["train"].labels, feats["test"],
@@ -90,9 +97,6 @@ def evaluate(cfg, model, params, stats, splits, held_out, *, seed: int) -> Dict[
 
 def run(cfg, workdir: str) -> Dict[str, Any]:
   """Runs the whole comparison; writes and returns the results."""
-  mesh.refuse_several_processes(
-      "The GeSSL comparison", "it holds every split's features on the host, and its "
-      "pretraining, linear probe and few-shot episodes are built for one")
   for block in ("probe", "fewshot"):
     if block not in cfg:
       raise ConfigError(f"config.{block} is missing: the GeSSL comparison needs the "
@@ -120,12 +124,12 @@ def run(cfg, workdir: str) -> Dict[str, Any]:
                                  name=f"{method}/pretext/seed{seed}")
       except NonFiniteError as err:  # a result too: the row says how many seeds finished
         per_seed[method][int(seed)] = {"diverged": str(err)}
-        print(f"{method} seed {seed}: diverged ({err})", flush=True)
+        _say(f"{method} seed {seed}: diverged ({err})")
         continue
-      scores = evaluate(ctx.config, ctx.model, params, stats, splits, held_out, seed=seed)
+      scores = evaluate(ctx.config, ctx.model, params, stats, splits, held_out, seed=seed,
+                        device_mesh=ctx.mesh)
       per_seed[method][int(seed)] = scores
-      print(f"{method} seed {seed}: " + ", ".join(f"{k}={v:.4f}" for k, v in scores.items()),
-            flush=True)
+      _say(f"{method} seed {seed}: " + ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
     timing[method] = time.perf_counter() - start
   finished = {m: [s for s in per_seed[m].values() if "diverged" not in s] for m in names}
   keys = next([k for k in s[0] if not k.endswith("ci95")] for s in finished.values() if s)
@@ -137,11 +141,18 @@ def run(cfg, workdir: str) -> Dict[str, Any]:
              "train_classes": [int(c) for c in train_classes],
              "held_out_classes": [int(c) for c in held_out],
              "pretext_images": len(images)}
-  with open(os.path.join(workdir, "results.json"), "w", encoding="utf-8") as f:
-    json.dump(results, f, indent=2)
-  with open(os.path.join(workdir, "results.md"), "w", encoding="utf-8") as f:
-    f.write(to_markdown(results) + "\n")
+  if mesh.is_writer():  # every process holds the same results; process 0 writes them
+    with open(os.path.join(workdir, "results.json"), "w", encoding="utf-8") as f:
+      json.dump(results, f, indent=2)
+    with open(os.path.join(workdir, "results.md"), "w", encoding="utf-8") as f:
+      f.write(to_markdown(results) + "\n")
   return results
+
+
+def _say(line: str) -> None:
+  """Prints ``line`` once, from the process that writes (every process computed it)."""
+  if mesh.is_writer():
+    print(line, flush=True)
 
 
 def to_markdown(results: Dict[str, Any]) -> str:
@@ -201,8 +212,9 @@ def main(argv=None):
   from bissl_jax import cli  # pylint: disable=import-outside-toplevel
   cli.line_buffered_output()  # redirected results keep their order with stderr's messages
   cli.apply_cpu_kernels(cfg)  # before the backend starts, as bissl-jax run does
+  mesh.initialize_multihost()  # one process per host: docs/scale.md, "How to launch"
   results = run(cfg, args.workdir)
-  print(to_markdown(results))
+  _say(to_markdown(results))
   return results
 
 

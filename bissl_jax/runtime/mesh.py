@@ -243,4 +243,4 @@ def refuse_several_processes(command: str, why: str) -> None:
         f"{command} runs as one process ({why}), but this one was started as one of "
         f"several ({NUM_PROCESSES_ENV}, JAX_COORDINATOR_ADDRESS, {DISTRIBUTED_ENV}, SLURM or "
         "Open MPI with more than one task): start it once, without those variables. "
-        "`bissl-jax run` is the command that runs across processes (docs/scale.md).")
+        "`bissl-jax run` and `bissl-jax gessl` run across processes (docs/scale.md).")

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bissl_jax.evaluation import fewshot
 from bissl_jax.evaluation import visualize
 
 EPS = 1e-5
@@ -125,8 +126,8 @@ def test_extract_features_matches_direct_eval_forward_with_padding():
   stats = visualize.recalibrate_batch_stats(_TinyModel(), params, stats, _batches(), size=4,
                                             augment="none")
   x = np.concatenate(_batches(seed=3, sizes=(7, 6)))
-  feats = visualize.extract_features(_TinyModel(), params, stats, x, size=4, batch_size=5,
-                                     augment="none")
+  feats = fewshot.extract_features(_TinyModel(), params, stats, x, image_size=4,
+                                   batch_size=5, augment="none")
   # Eval mode by hand in NumPy: running statistics, no batch statistics.
   h = np.einsum("nhwc,cd->nhwd", x.astype(np.float64), params["conv"]["kernel"][0, 0])
   h = h + params["conv"]["bias"]

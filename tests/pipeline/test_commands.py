@@ -1,11 +1,8 @@
 """One command line: run, study, gessl, visualize and convert under ``bissl-jax``, each with
 ``--config=`` and ``--workdir=``, and the older entry points still working."""
-import json
 import os
 import subprocess
 import sys
-
-import pytest
 
 from bissl_jax import cli
 
@@ -41,43 +38,5 @@ def test_gessl_command_errors_like_run(tmp_path):
   assert "gessl.lamm: unknown field; did you mean 'gessl.lam'" in proc.stderr
 
 
-def _assert_gessl_comparison_results(workdir):
-  """What ``gessl_comparison.run`` writes: both methods, their pretext stages, the split."""
-  from bissl_jax.pipeline import gessl_comparison  # pylint: disable=import-outside-toplevel
-  cfg = gessl_comparison.load_config(os.path.join(REPO, "configs", "digits_gessl.py"),
-                                     "runlocal")
-  with open(workdir / "results.json", encoding="utf-8") as f:
-    results = json.load(f)
-  assert set(results["summary"]) == {"simclr", "simclr+gessl"} == set(
-      gessl_comparison.methods(cfg))
-  # Pretraining ran in the pipeline's pretext stage: exports and metric logs per method.
-  for method in results["summary"]:
-    assert (workdir / method / "pretext_seed0" / "output").is_dir()
-    assert any((workdir / method).glob("metrics*"))
-  # Only the training classes' images were pretrained on.
-  assert 32 <= results["pretext_images"] < 96
-  assert not set(results["train_classes"]) & set(results["held_out_classes"])
-  for stats in results["summary"].values():
-    assert set(stats) == {"linear_probe", "5way_1shot", "5way_5shot"}
-    assert all(0.0 <= s["mean"] <= 1.0 for s in stats.values())
-  assert (workdir / "results.md").read_text().count("|") > 10
-
-
-# The one end-to-end run of the GeSSL comparison in the suite (it also checks what the
-# comparison writes, which tests/evaluation/test_fewshot.py checked with a run of its own).
-@pytest.mark.slow
-def test_gessl_command_and_the_old_entry_point_give_one_table(tmp_path):
-  workdir = tmp_path / "gessl"
-  new = _run(["-m", "bissl_jax", "gessl", "--config=configs/digits_gessl.py:runlocal",
-              f"--workdir={workdir}"], REPO)
-  assert new.returncode == 0, new.stderr[-3000:]
-  _assert_gessl_comparison_results(workdir)
-  table = new.stdout[new.stdout.index("| Method"):]
-  # The old command line on the same workdir reuses the finished runs: the same table.
-  old = _run(["-m", "bissl_jax.pipeline.gessl_comparison", "--config",
-              "configs/digits_gessl.py", "--config-arg", "runlocal", "--workdir",
-              str(workdir)], REPO)
-  assert old.returncode == 0, old.stderr[-3000:]
-  def scores(text):  # each row without its last cell (the method's seconds)
-    return [row.rsplit("|", 2)[0] for row in text[text.index("| Method"):].split("\n")[:4]]
-  assert scores(old.stdout) == scores(table)
+# The GeSSL comparison's end-to-end run (the new command, the old entry point, and
+# two processes): tests/pipeline/test_multiprocess_gessl.py.

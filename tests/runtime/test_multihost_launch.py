@@ -92,18 +92,15 @@ def test_launched_as_several_processes_reads_the_launch_variables(no_launch_env,
   assert mesh.launched_as_several_processes() is several
 
 
-def test_single_process_experiments_refuse_a_multi_process_launch(no_launch_env, monkeypatch,
-                                                                  tmp_path):
-  """The study and the GeSSL comparison stop before anything runs or is written."""
-  from bissl_jax.pipeline import gessl_comparison  # pylint: disable=g-import-not-at-top
+def test_the_study_refuses_a_multi_process_launch(no_launch_env, monkeypatch, tmp_path):
+  """The study stops before anything runs or is written (its grid is measured on one
+  device); the GeSSL comparison runs across processes (tests/pipeline/
+  test_multiprocess_gessl.py)."""
   from bissl_jax.pipeline import study  # pylint: disable=g-import-not-at-top
-  from configs import digits_gessl  # pylint: disable=g-import-not-at-top
   from configs import study_digits  # pylint: disable=g-import-not-at-top
   monkeypatch.setenv(mesh.NUM_PROCESSES_ENV, "2")
   with pytest.raises(errors.LaunchError, match="The study runs as one process.*start it once"):
     study.run_study(study_digits.get_config("runlocal"), str(tmp_path / "study"))
-  with pytest.raises(errors.LaunchError, match="The GeSSL comparison runs as one process"):
-    gessl_comparison.run(digits_gessl.get_config("runlocal"), str(tmp_path / "gessl"))
   assert not list(tmp_path.iterdir())
 
 
