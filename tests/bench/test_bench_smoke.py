@@ -3,6 +3,7 @@ import math
 
 import pytest
 
+from bench import accelerator_check
 from bench import alternation_cost
 from bench import cg_accuracy
 from bench import common
@@ -13,8 +14,10 @@ from bench import memory
 from bench import solver_cost
 
 # Order matters for speed only: later scripts reuse programs compiled by earlier ones.
+# accelerator_check comes last: it reuses the plain step, the gradient and the solver
+# pieces the others compiled (it is the prepared GPU/TPU check, run here at --tiny on CPU).
 SCRIPTS = [hvp_cost, alternation_cost, memory, cg_accuracy, loop_cliff, solver_cost,
-           input_pipeline]
+           input_pipeline, accelerator_check]
 
 
 def test_every_benchmark_runs_tiny_and_returns_finite_positive_tables(tmp_path):
