@@ -45,7 +45,7 @@ def get_config(arg: str = ""):
   pipeline.checkpoint_every = 25
   # The study reports the mean residual of every alternation's upper steps
   # (docs/results.md), so it pays for one on every upper step; and its recorded cells
-  # (about two hours on the 2-core CPU) were computed with jaxlib's default CPU
+  # (275 min on the 2-core CPU, 2026-12-07) were computed with jaxlib's default CPU
   # kernels, which it keeps so that rerunning it reproduces docs/results.md to the
   # digit (the 'fast' kernels round differently; docs/benchmarks/cpu_conv.md).
   pipeline.bissl.residual_every = 1

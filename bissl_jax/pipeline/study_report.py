@@ -186,7 +186,7 @@ def to_markdown(records: Sequence[Mapping], *, config=None, plot_name: Optional[
   lines += ["## What this says", ""] + summary_lines(
       labels_sorted, paired, names, drift, devices)
   if solver:
-    lines.append(_residual_share_line(solver, names, pipelines))
+    lines.append(_residual_share_line(solver, names, pipelines, config))
   if config is not None:
     lines += _incomplete_lines(acc, names, config)
   lines.append("")
@@ -322,23 +322,50 @@ def _solver_lines(solver, names, pipelines) -> List[str]:
                  f"{_fmt(s['residual_p90'])} | {_fmt(s['residual_max'])} | "
                  f"{_percent(s['share_above_1'])} | {_fmt(s['ratio_median'])} | "
                  f"{_fmt(s['min_curvature'])} | {_fmt(s['theta_distance'])} |")
-  lines += ["", "For every operator solver (layer-wise CG, CG, MINRES, first order) the "
-            "residual is against the damped Hessian system of the paper. M-FAC solves "
-            "another system (the empirical Fisher of its stored pretext gradients) "
-            "exactly, so its residual, against that system, is ~0 by construction and "
-            "says nothing about the Hessian; first order returns v itself, so its "
-            "residual is ‖A·v − v‖/‖v‖, how far the Hessian term moves the solution.",
+  lines += ["", "For every operator solver (layer-wise CG, CG, MINRES with or without a "
+            "preconditioner, Neumann, first order) the residual is against the damped "
+            "Hessian system of the paper. M-FAC, K-FAC and EK-FAC solve another system "
+            "exactly (their curvature model: the empirical Fisher of M-FAC's stored "
+            "pretext gradients, K-FAC's Kronecker-factored blocks), so their residual, "
+            "against that model, is ~0 by construction and says nothing about the "
+            "Hessian; first order returns v itself, so its residual is ‖A·v − v‖/‖v‖, "
+            "how far the Hessian term moves the solution; the penalty method solves no "
+            "system.",
             ""]
   return lines
 
 
-def _residual_share_line(solver, names, pipelines) -> str:
+def hessian_system_pipelines(pipelines, config=None) -> List[str]:
+  """The pipelines whose solve is of the damped Hessian system (an operator solver
+  other than first order, under the implicit upper method): those a residual above 1
+  says something about. Read from the config's variants when given, else from the
+  pipeline names (``bissl_<variant>``, the variant named after its solver)."""
+  from bissl_jax.implicit.solvers import REGISTRY  # pylint: disable=g-import-not-at-top
+  out = []
+  for p in pipelines:
+    if p != "bissl" and not p.startswith("bissl_"):
+      continue
+    variant = p[len("bissl_"):]
+    if config is not None:
+      settings = dict(config.pipeline.bissl.to_dict())
+      settings.update(dict(config.pipeline.bissl_variants.get(variant, {})) if variant
+                      else {})
+    else:
+      settings = {"solver": variant if variant in REGISTRY else "layerwise_cg",
+                  "upper_method": "penalty" if variant == "penalty" else "implicit"}
+    solver = settings.get("solver", "layerwise_cg")
+    if (settings.get("upper_method", "implicit") == "implicit" and solver != "first_order"
+        and solver in REGISTRY and REGISTRY[solver].needs == "operator"):
+      out.append(p)
+  return out
+
+
+def _residual_share_line(solver, names, pipelines, config=None) -> str:
   shares = ", ".join(f"{names[p]} {100 * solver[p]['share_above_1']:.0f}% (median "
                      f"{_fmt(solver[p]['residual_median'])})"
-                     for p in pipelines if p in solver and "mfac" not in p
-                     and "first_order" not in p)
-  return (f"- Share of alternations whose solve ends with a relative residual above "
-          f"1 (v_IG further from the solution than 0): {shares}.")
+                     for p in hessian_system_pipelines(pipelines, config) if p in solver)
+  return (f"- Share of alternations whose solve of the damped Hessian system ends with a "
+          f"relative residual above 1 (v_IG further from the solution than 0): {shares}.")
 
 
 def _incomplete_lines(acc, names, config) -> List[str]:

@@ -101,6 +101,20 @@ def test_report_tables_and_verdicts(tmp_path):
   assert os.path.getsize(tmp_path / "results_accuracy.png") > 1000
 
 
+def test_residual_share_counts_only_solves_of_the_hessian_system():
+  """A residual above 1 means something only for a solve of the damped Hessian system:
+  not for first order (v itself), the curvature-model solvers (their own model, solved
+  exactly) or the penalty method (no solve); a preconditioned MINRES solves it."""
+  cfg = study_digits.get_config()
+  pipelines = ["baseline", "bissl"] + [f"bissl_{v}" for v in cfg.pipeline.bissl_variants]
+  expected = ["bissl", "bissl_cg", "bissl_minres", "bissl_minres_mfac", "bissl_neumann"]
+  assert sorted(study_report.hessian_system_pipelines(pipelines, cfg)) == expected
+  # Without the config, from the names (a preconditioned variant is not named by solver).
+  assert sorted(study_report.hessian_system_pipelines(
+      [p for p in pipelines if p != "bissl_minres_mfac"])) == [
+          e for e in expected if e != "bissl_minres_mfac"]
+
+
 def test_raw_data_csvs_recompute_the_report_tables(tmp_path):
   """The CSVs next to the report hold every value the tables are computed from."""
   import csv
