@@ -85,14 +85,6 @@ class Budget:
     return False
 
 
-def program_bytes(compiled) -> float:
-  """Arguments + outputs + temporaries − aliases, or XLA's peak if larger."""
-  stats = compiled.memory_analysis()
-  total = (stats.argument_size_in_bytes + stats.output_size_in_bytes
-           + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
-  return float(max(stats.peak_memory_in_bytes, total))
-
-
 def alternation_tables(problem, size, args, budget: Budget):
   """Steps 1 and 2: both drivers, M-FAC against layer-wise CG, peak against plan."""
   n_lower, n_upper, cg_iters = alternation_cost.stage_sizes(args)
@@ -112,7 +104,7 @@ def alternation_tables(problem, size, args, budget: Budget):
   fused = ts.make_alternation_fn(dataclasses.replace(base, stage_driver="fused")).fused
   if budget.allows("the fused alternation"):
     fused_c, compile_s["fused"] = common.compile_timed(fused, state, batches, rng)
-    plan["fused alternation"] = program_bytes(fused_c)
+    plan["fused alternation"] = common.peak_bytes(fused_c)
     contenders["fused"] = lambda: fused_c(state, batches, rng)
   setups = {"layerwise_cg": dataclasses.replace(base, stage_driver="per_step"),
             "mfac": dataclasses.replace(base, stage_driver="per_step", solver="mfac")}
@@ -199,7 +191,7 @@ def largest_batch(step, args_of, base: str, cap: int) -> int:
   if limit is None:
     return cap
   b0 = PROBE_BATCHES[base]
-  m0, m1 = (program_bytes(step.lower(*args_of(b)).compile()) for b in (b0, 2 * b0))
+  m0, m1 = (common.peak_bytes(step.lower(*args_of(b)).compile()) for b in (b0, 2 * b0))
   per_image = max((m1 - m0) / b0, 1.0)
   fits = (0.9 * limit - (m0 - per_image * b0)) / per_image
   batch = b0

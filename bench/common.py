@@ -317,6 +317,18 @@ def block(tree: Any) -> Any:
   return jax.block_until_ready(tree)
 
 
+def live_bytes(stats) -> int:
+  """A ``CompiledMemoryStats``'s live buffers: arguments + outputs + temporaries − aliases."""
+  return (stats.argument_size_in_bytes + stats.output_size_in_bytes
+          + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
+
+
+def peak_bytes(compiled) -> float:
+  """A compiled program's memory: its live buffers or XLA's peak, whichever is larger."""
+  stats = compiled.memory_analysis()
+  return float(max(stats.peak_memory_in_bytes, live_bytes(stats)))
+
+
 def compile_timed(jitted: Callable, *args, **kwargs):
   """Lowers and compiles ``jitted`` for ``args``; returns ``(compiled, seconds)``."""
   start = time.perf_counter()

@@ -56,14 +56,6 @@ def make_gessl_step(task: gessl.GeSSL, learning_rate: float = 0.05):
   return common.task_step(task, gessl.gessl_optimizer(learning_rate))
 
 
-def peak_bytes(compiled) -> float:
-  """Peak bytes of a compiled program from its memory analysis."""
-  s = compiled.memory_analysis()
-  total = (s.argument_size_in_bytes + s.output_size_in_bytes + s.temp_size_in_bytes
-           - s.alias_size_in_bytes)
-  return float(max(s.peak_memory_in_bytes, total))
-
-
 def main(argv: Optional[Sequence[str]] = None) -> List[common.Table]:
   """Runs the benchmark; returns (and prints, and records) its tables."""
   args = common.parse_args(argv, __doc__, add_arguments,
@@ -87,7 +79,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[common.Table]:
   variants = [(k, False) for k in ks] + ([(k, True) for k in ks] if args.first_order else [])
   contenders = {"plain SimCLR step": functools.partial(plain_c, *plain_args)}
   compile_s = {"plain SimCLR step": plain_compile}
-  memory = {"plain SimCLR step": peak_bytes(plain_c)}
+  memory = {"plain SimCLR step": common.peak_bytes(plain_c)}
   for k, first_order in variants:
     name = f"GeSSL K={k}, λ={args.lam}" + (", first order" if first_order else "")
     task = gessl.GeSSL(base=problem.task, classes_per_task=batch // n_tasks, n_tasks=n_tasks,
@@ -97,7 +89,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[common.Table]:
     step = make_gessl_step(task)
     step_args = (params, problem.batch_stats, step.init_opt_state(params), images, rng)
     compiled, compile_s[name] = common.compile_timed(step, *step_args)
-    memory[name] = peak_bytes(compiled)
+    memory[name] = common.peak_bytes(compiled)
     contenders[name] = functools.partial(compiled, *step_args)
 
   times = common.interleaved_timings(contenders, args.repeats)

@@ -46,8 +46,7 @@ def add_arguments(parser) -> None:
 
 def memory_row(label: str, stats, unit_bytes: Optional[float]) -> list:
   """A table row from a ``CompiledMemoryStats``: MiB per field and the ratio to the unit."""
-  total = (stats.argument_size_in_bytes + stats.output_size_in_bytes
-           + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
+  total = common.live_bytes(stats)
   peak = max(stats.peak_memory_in_bytes, total)
   ratio = peak / unit_bytes if unit_bytes else 1.0
   return [label, stats.argument_size_in_bytes / MiB, stats.output_size_in_bytes / MiB,

@@ -88,7 +88,7 @@ def solver_contenders(setups: dict, params, batch_stats, batches, rng, contender
                                           batches.downstream_images[0],
                                           batches.downstream_labels[0], rng)
     compile_s[name] = lower_s + build_s + step_s
-    memory[name] = _memory_mib(step_c)
+    memory[name] = common.peak_bytes(step_c) / MiB
     if setup.window_spec is not None and setup.solver == "mfac":
       memory["mfac window"] = mfac.window_bytes(filled.solver_state.gradient_window) / MiB
     pieces = {"build": build_c, "step": step_c, "setup": setup,
@@ -112,13 +112,6 @@ def add_arguments(parser) -> None:
   parser.add_argument("--solvers", default="",
                       help="comma-separated contenders, e.g. 'mfac' (default: every one of "
                            "solver_setups; the notes compare layerwise_cg and mfac).")
-
-
-def _memory_mib(compiled) -> float:
-  stats = compiled.memory_analysis()
-  total = (stats.argument_size_in_bytes + stats.output_size_in_bytes
-           + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
-  return max(stats.peak_memory_in_bytes, total) / MiB
 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[common.Table]:
