@@ -34,9 +34,8 @@ def _gessl_main(argv: Sequence[str]) -> None:
     config = cli._CONFIG.value
     cli.apply_cpu_kernels(config)
     mesh.initialize_multihost()  # one process per host: docs/scale.md, "How to launch"
-    results = gessl_comparison.run(config, cli._WORKDIR.value)
-    if mesh.is_writer():
-      print(gessl_comparison.to_markdown(results), flush=True)
+    gessl_comparison.say_once(gessl_comparison.to_markdown(
+        gessl_comparison.run(config, cli._WORKDIR.value)))
 
 
 def gessl_command(argv: Sequence[str]) -> None:

@@ -124,12 +124,12 @@ def run(cfg, workdir: str) -> Dict[str, Any]:
                                  name=f"{method}/pretext/seed{seed}")
       except NonFiniteError as err:  # a result too: the row says how many seeds finished
         per_seed[method][int(seed)] = {"diverged": str(err)}
-        _say(f"{method} seed {seed}: diverged ({err})")
+        say_once(f"{method} seed {seed}: diverged ({err})")
         continue
       scores = evaluate(ctx.config, ctx.model, params, stats, splits, held_out, seed=seed,
                         device_mesh=ctx.mesh)
       per_seed[method][int(seed)] = scores
-      _say(f"{method} seed {seed}: " + ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
+      say_once(f"{method} seed {seed}: " + ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
     timing[method] = time.perf_counter() - start
   finished = {m: [s for s in per_seed[m].values() if "diverged" not in s] for m in names}
   keys = next([k for k in s[0] if not k.endswith("ci95")] for s in finished.values() if s)
@@ -149,7 +149,7 @@ def run(cfg, workdir: str) -> Dict[str, Any]:
   return results
 
 
-def _say(line: str) -> None:
+def say_once(line: str) -> None:
   """Prints ``line`` once, from the process that writes (every process computed it)."""
   if mesh.is_writer():
     print(line, flush=True)
@@ -214,7 +214,7 @@ def main(argv=None):
   cli.apply_cpu_kernels(cfg)  # before the backend starts, as bissl-jax run does
   mesh.initialize_multihost()  # one process per host: docs/scale.md, "How to launch"
   results = run(cfg, args.workdir)
-  _say(to_markdown(results))
+  say_once(to_markdown(results))
   return results
 
 
