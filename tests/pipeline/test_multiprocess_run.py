@@ -1,15 +1,15 @@
 """Runs across 2 CPU processes x 2 devices, coordinated by ``jax.distributed``.
 
 The offline default at the smoke size (one seed) runs whole as 2 processes with 2
-devices each (tests/multiprocess_run.py starts them over localhost); a second job is
-killed (SIGKILL, both processes) after BiSSL's first checkpoint, started again, and
-must finish with the uninterrupted job's results and metrics to the last bit. Only
-process 0 prints the table. The BiSSL stage alone, from a head warm-up one process
-computes, runs as 2 processes and as 1 process with 4 devices: they differ by the
-rounding of the cross-process reductions (docs/scale.md, "Across processes"), and the
-first alternation is compared within that measured floor. A process killed alone
-makes the other stop with a message within the heartbeat timeout instead of waiting
-forever.
+devices each (tests/multiprocess_run.py starts them over localhost), once, uninterrupted
+(a module fixture); a second job is killed (SIGKILL, both processes) after BiSSL's first
+checkpoint, started again, and must finish with the uninterrupted job's results and
+metrics to the last bit. Only process 0 prints the table. The BiSSL stage alone, from
+the uninterrupted job's exported head warm-up, runs as 1 process with 4 devices: it
+differs from the job's own BiSSL stage by the rounding of the cross-process reductions
+(docs/scale.md, "Across processes"), and the first alternation is compared within that
+measured floor. A process killed alone makes the other stop with a message within the
+heartbeat timeout instead of waiting forever.
 """
 import json
 import os
@@ -46,18 +46,11 @@ def _checkpoints(workdir):
 
 
 @pytest.fixture(scope="module")
-def warm_start(tmp_path_factory):
-  """The BiSSL stage's input (the head warm-up's output), from one process."""
-  root = tmp_path_factory.mktemp("inputs")
-  pre_dir, warm_dir = str(root / "pretext"), str(root / "warmup")
-  assert launch.wait(launch.start(pre_dir, ARGS + ("--config.stages=pretext",), processes=1,
-                                  devices=1, extra_env=FAST_COMPILE), timeout=900) == [0]
-  pre = launch.stage_output(launch.read_log(pre_dir, 0))
-  assert launch.wait(launch.start(warm_dir, ARGS + ("--config.stages=head_warmup",
-                                                    f"--config.pretext.checkpoint={pre}"),
-                                  processes=1, devices=1, extra_env=FAST_COMPILE),
-                     timeout=900) == [0]
-  return launch.stage_output(launch.read_log(warm_dir, 0))
+def whole_job(tmp_path_factory):
+  """The uninterrupted offline default as 2 processes x 2 devices: its workdir."""
+  whole = str(tmp_path_factory.mktemp("whole") / "run")
+  assert launch.wait(launch.start(whole, ARGS, extra_env=FAST_COMPILE), timeout=1800) == [0, 0]
+  return whole
 
 
 def _bissl_args(warm_start):
@@ -65,25 +58,15 @@ def _bissl_args(warm_start):
                  "--config.bissl.checkpoint_every=1")
 
 
-@pytest.fixture(scope="module")
-def whole_stage(tmp_path_factory, warm_start):
-  """The uninterrupted BiSSL stage as 2 processes x 2 devices: its workdir."""
-  whole = str(tmp_path_factory.mktemp("whole") / "run")
-  assert launch.wait(launch.start(whole, _bissl_args(warm_start), extra_env=FAST_COMPILE),
-                     timeout=1200) == [0, 0]
-  return whole
-
-
 @pytest.mark.slow  # two whole 2-process runs, one of them killed and resumed (about 7 min)
-def test_two_processes_killed_mid_bissl_resume_to_the_uninterrupted_results(tmp_path):
+def test_two_processes_killed_mid_bissl_resume_to_the_uninterrupted_results(tmp_path,
+                                                                            whole_job):
   """The whole offline default (smoke size, one seed) as 2 processes: a job killed
   (SIGKILL, both processes) after BiSSL's first checkpoint and started again ends with
   every result and every metric row of the uninterrupted job, to the last bit; its
   BiSSL output loads in this one-device process."""
   from bissl_jax.pipeline import checkpoint  # pylint: disable=g-import-not-at-top
-  whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
-  assert launch.wait(launch.start(whole, ARGS, extra_env=FAST_COMPILE), timeout=1800) == [0, 0]
-
+  whole, killed = whole_job, str(tmp_path / "killed")
   procs = launch.start(killed, ARGS, extra_env=FAST_COMPILE)
   bissl_dir = os.path.join(killed, "seed0", "bissl", "bissl")
   _wait_for(lambda: _checkpoints(bissl_dir), procs, killed)  # a complete BiSSL step (of 4)
@@ -118,13 +101,14 @@ _SOLVE_KEYS = ("v_ig_norm", "cg_min_curvature", "cg_residual", "cg_residual_last
                "upper_grad_norm")
 
 
-@pytest.mark.slow  # one 1-process BiSSL stage beside the 2-process one (a minute or two)
-def test_one_process_with_four_devices_matches_within_the_measured_floor(tmp_path, warm_start,
-                                                                        whole_stage):
+@pytest.mark.slow  # one 1-process BiSSL stage beside the 2-process job's (a minute or two)
+def test_one_process_with_four_devices_matches_within_the_measured_floor(tmp_path, whole_job):
+  # The job's BiSSL stage started from this export (in memory); the stage alone loads it.
+  warm_start = os.path.join(whole_job, "seed0", "bissl", "head_warmup", "output")
   one = str(tmp_path / "one")
   assert launch.wait(launch.start(one, _bissl_args(warm_start), processes=1, devices=4,
                                   extra_env=FAST_COMPILE), timeout=1200) == [0]
-  mine, theirs = launch.last_rows(one, "bissl"), launch.last_rows(whole_stage, "bissl")
+  mine, theirs = launch.last_rows(one, "bissl"), launch.last_rows(whole_job, "bissl")
   assert sorted(mine) == sorted(theirs)
   first = min(mine)
   compared = 0
