@@ -237,12 +237,26 @@ def test_random_search_picks_best_and_resumes(tmp_path):
   assert search.select([search.Trial(1, 1, float("nan"), 0), search.Trial(2, 1, 0.1, 9)]).lr == 2
 
 
-@pytest.mark.slow  # shares a full two-seed comparison run (about a minute)
-def test_comparison_with_search_uses_the_chosen_hyperparameters(tmp_path):
+@pytest.fixture(scope="module")
+def searched_with_variant(tmp_path_factory):
+  """One seed with the learning-rate search on and an M-FAC variant: ``(workdir, results)``.
+
+  One run serves the search's test and the variants' test (each would run a whole
+  comparison of its own); the variant fine-tunes with the BiSSL pipeline's chosen values.
+  """
+  workdir = tmp_path_factory.mktemp("search_variant")
   config = tiny_config(seeds=(0,))
-  config.search.enabled = True
+  with config.unlocked():
+    config.search.enabled = True
+    config.bissl_variants = {"mfac": {"solver": "mfac", "damping": 0.0}}
   with contextlib.redirect_stdout(io.StringIO()):
-    results = run(config, str(tmp_path))
+    results = run(config, str(workdir))
+  return workdir, results
+
+
+@pytest.mark.slow  # shares a one-seed comparison with search and a variant (about 2 min)
+def test_comparison_with_search_uses_the_chosen_hyperparameters(searched_with_variant):
+  tmp_path, results = searched_with_variant
   for pipeline in ("baseline", "bissl"):
     with open(tmp_path / "search" / f"{pipeline}.json") as f:
       record = json.load(f)
@@ -346,13 +360,8 @@ def test_whole_resnet_weights_load_into_a_c4_model(tmp_path):
       {k: v for k, v in fresh_params.items() if k != "downstream_head"})
 
 
-def test_bissl_variants_add_rows_on_the_same_seeds(tmp_path):
-  config = tiny_config()
-  with config.unlocked():
-    config.seeds = (0,)
-    config.bissl_variants = {"mfac": {"solver": "mfac", "damping": 0.0}}
-  with contextlib.redirect_stdout(io.StringIO()):
-    results = run(config, str(tmp_path))
+def test_bissl_variants_add_rows_on_the_same_seeds(searched_with_variant):
+  tmp_path, results = searched_with_variant
   pipelines = results["pipelines"]
   assert set(pipelines) == {"baseline", "bissl", "bissl_mfac"}
   assert pipelines["bissl_mfac"]["label"] == "BiSSL+FT (mfac)"
@@ -362,6 +371,9 @@ def test_bissl_variants_add_rows_on_the_same_seeds(tmp_path):
   plain_out, _ = checkpoint.load_export(str(tmp_path / "seed0" / "bissl" / "bissl" / "output"))
   assert bissl_stage.tree_max_abs_diff(mfac_out["params"], plain_out["params"]) > 0
   assert "BiSSL+FT (mfac)" in (tmp_path / "results.md").read_text()
+  # It fine-tuned with the values the search chose for the BiSSL pipeline.
+  with open(tmp_path / "seed0" / "bissl_mfac" / "finetune" / "evaluation.json") as f:
+    assert json.load(f)["lr"] == pipelines["bissl"]["hyperparams"]["lr"]
 
 
 def test_residual_warning_is_printed_once_and_explains():
