@@ -10,6 +10,7 @@ from bench import common
 from bench import hvp_cost
 from bench import input_pipeline
 from bench import loop_cliff
+from bench import lower_step_parts
 from bench import memory
 from bench import solver_cost
 
@@ -17,7 +18,7 @@ from bench import solver_cost
 # accelerator_check comes last: it reuses the plain step, the gradient and the solver
 # pieces the others compiled (it is the prepared GPU/TPU check, run here at --tiny on CPU).
 SCRIPTS = [hvp_cost, alternation_cost, memory, cg_accuracy, loop_cliff, solver_cost,
-           input_pipeline, accelerator_check]
+           input_pipeline, lower_step_parts, accelerator_check]
 
 
 def test_every_benchmark_runs_tiny_and_returns_finite_positive_tables(tmp_path):
