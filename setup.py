@@ -35,7 +35,7 @@ setup(
     # `bissl-jax run|visualize|convert` (also `python -m bissl_jax`).
     entry_points={"console_scripts": ["bissl-jax=bissl_jax.cli:main"]},
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29",
+        "test": ["pytest>=8", "pytest-xdist>=3.8", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29",
                  "transformers>=4.40", "pyarrow>=14"],
         # Language (GPT/GLUE): the original GPT tokenizer and Hugging Face GLUE files.
         "text": ["transformers>=4.40", "pyarrow>=14", "safetensors>=0.4"],
