@@ -29,7 +29,6 @@ from bench import common
 from bench import compare_reference
 from bissl_jax.core import alternation as ts
 from bissl_jax.core import lower as lower_lib
-from bissl_jax.core import partition
 from bissl_jax.core import state as bilevel
 from bissl_jax.runtime import cpu_kernels
 from bissl_jax.runtime import mesh as parallel
@@ -46,15 +45,10 @@ def add_arguments(parser) -> None:
 
 def gradient_part(setup: bilevel.BisslSetup, state: bilevel.BilevelState, images, rng):
   """The lower step up to its gradient (as :func:`lower_step` without a window)."""
-  level = state.lower
   inputs = setup.task.prepare(rng, images)
-  mask = setup.lower_trainable(level.params)
-  train, frozen = partition.split(level.params, mask)
-  theta_d, _ = partition.split(state.upper.params["backbone"], mask["backbone"])
-  grad_fn = jax.value_and_grad(functools.partial(lower_lib.lower_objective, setup),
-                               has_aux=True)
-  (_, (loss, _, aux)), grads = grad_fn(train, frozen, level.batch_stats, state.target,
-                                       theta_d, inputs, bilevel.current_lam(setup, state))
+  (loss, _, aux), grads = lower_lib.lower_gradients(
+      setup, state, lower_lib.lower_split(setup, state), inputs,
+      bilevel.current_lam(setup, state))
   return grads, aux["batch_stats"], loss
 
 
@@ -116,7 +110,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[common.Table]:
   size = args.size
   if size.arch != "mini_resnet":
     size = compare_reference.compare_size(args)
-  cifar_stem = compare_reference.uses_cifar_stem(args, size)
+  # --tiny's one-block network has its own stem; the ResNets take compare_reference's.
+  cifar_stem = size.arch != "mini_resnet" and compare_reference.uses_cifar_stem(args, size)
   times = common.interleaved_timings(contenders(size, cifar_stem, args), args.repeats)
   unit = times["gradient"]
   rows = [[name, common.median(t), common.paired_ratio(t, unit)] for name, t in times.items()]
@@ -130,7 +125,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[common.Table]:
            "statistics. optimizer update: clipping and LARS over the tree, applied, donated.",
            f"XLA:CPU kernels {cpu_kernels.in_effect()!r}.",
            f"Target: lower step ≤ {TARGET}× the gradient: {ratio:.2f}× ({verdict})."]
-  stem = "CIFAR stem" if cifar_stem else "ImageNet stem"
+  stem = ("one-block stem" if size.arch == "mini_resnet"
+          else "CIFAR stem" if cifar_stem else "ImageNet stem")
   table = common.Table(title=f"A lower step's parts — {common.describe(size)}, {stem}",
                        columns=["part", "seconds", "gradients"], rows=rows, notes=notes)
   return common.finish("lower_step_parts", [table], args)

@@ -46,6 +46,25 @@ def proximal_term(lam, theta_p_train, theta_d_train):
   return 0.5 * lam * tree_math.tree_vdot(gap, gap), gap
 
 
+def lower_split(setup: BisslSetup, state: BilevelState):
+  """``(train, frozen, theta_d_train)``: the trainable and frozen parts of (θ_P, φ_P), and
+  the trainable part of θ_D (see :mod:`bissl_jax.core.partition`)."""
+  mask = setup.lower_trainable(state.lower.params)
+  train, frozen = partition.split(state.lower.params, mask)
+  theta_d_train, _ = partition.split(state.upper.params["backbone"], mask["backbone"])
+  return train, frozen, theta_d_train
+
+
+def lower_gradients(setup: BisslSetup, state: BilevelState, split, inputs, lam):
+  """``((loss, prox, aux), grads)``: :func:`lower_objective` at ``lam`` and its gradient
+  over the trainable leaves, ``split`` being :func:`lower_split`'s."""
+  train, frozen, theta_d_train = split
+  grad_fn = jax.value_and_grad(functools.partial(lower_objective, setup), has_aux=True)
+  (_, parts), grads = grad_fn(train, frozen, state.lower.batch_stats, state.target,
+                              theta_d_train, inputs, lam)
+  return parts, grads
+
+
 def lower_step(setup: BisslSetup, state: BilevelState, pretext_images, rng
                ) -> Tuple[BilevelState, dict]:
   """One lower-level step (Algorithm 1, lower loop body).
@@ -63,16 +82,13 @@ def lower_step(setup: BisslSetup, state: BilevelState, pretext_images, rng
   level = state.lower
   inputs = setup.task.prepare(rng, pretext_images)
   lam = current_lam(setup, state)
-  mask = setup.lower_trainable(level.params)
-  train, frozen = partition.split(level.params, mask)
-  theta_d_train, _ = partition.split(state.upper.params["backbone"], mask["backbone"])
-  grad_fn = jax.value_and_grad(functools.partial(lower_objective, setup), has_aux=True)
+  split = lower_split(setup, state)
+  train, frozen, theta_d_train = split
   window_spec = setup.window_spec  # the solver's or the preconditioner's window
   if window_spec is not None:
     # The window stores gradients of L_P alone: take them, then add the proximal
     # gradient λ(θ_P − θ_D) in closed form (no extra backward pass).
-    (_, (loss, _, aux)), pretext_grads = grad_fn(
-        train, frozen, level.batch_stats, state.target, theta_d_train, inputs, 0.0)
+    (loss, _, aux), pretext_grads = lower_gradients(setup, state, split, inputs, 0.0)
     prox, gap = proximal_term(lam, train["backbone"], theta_d_train)
     grads = {**pretext_grads,
              "backbone": tree_math.tree_axpy(lam, gap, pretext_grads["backbone"])}
@@ -80,8 +96,7 @@ def lower_step(setup: BisslSetup, state: BilevelState, pretext_images, rng
                                      pretext_grads["backbone"])
     state = state.replace(solver_state=state.solver_state.replace(gradient_window=window))
   else:
-    (_, (loss, prox, aux)), grads = grad_fn(train, frozen, level.batch_stats, state.target,
-                                            theta_d_train, inputs, lam)
+    (loss, prox, aux), grads = lower_gradients(setup, state, split, inputs, lam)
   tx = setup.lower_optimizer(level.params)
   updates, opt_state = tx.update(partition.zeros_for_frozen(grads, frozen), level.opt_state,
                                  level.params)
