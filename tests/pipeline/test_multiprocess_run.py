@@ -53,11 +53,6 @@ def whole_job(tmp_path_factory):
   return whole
 
 
-def _bissl_args(warm_start):
-  return ARGS + ("--config.stages=bissl", f"--config.bissl.init_checkpoint={warm_start}",
-                 "--config.bissl.checkpoint_every=1")
-
-
 @pytest.mark.slow  # two whole 2-process runs, one of them killed and resumed (about 7 min)
 def test_two_processes_killed_mid_bissl_resume_to_the_uninterrupted_results(tmp_path,
                                                                             whole_job):
@@ -106,7 +101,8 @@ def test_one_process_with_four_devices_matches_within_the_measured_floor(tmp_pat
   # The job's BiSSL stage started from this export (in memory); the stage alone loads it.
   warm_start = os.path.join(whole_job, "seed0", "bissl", "head_warmup", "output")
   one = str(tmp_path / "one")
-  assert launch.wait(launch.start(one, _bissl_args(warm_start), processes=1, devices=4,
+  bissl_only = ARGS + ("--config.stages=bissl", f"--config.bissl.init_checkpoint={warm_start}")
+  assert launch.wait(launch.start(one, bissl_only, processes=1, devices=4,
                                   extra_env=FAST_COMPILE), timeout=1200) == [0]
   mine, theirs = launch.last_rows(one, "bissl"), launch.last_rows(whole_job, "bissl")
   assert sorted(mine) == sorted(theirs)
