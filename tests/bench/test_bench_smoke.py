@@ -19,12 +19,19 @@ from bench import solver_cost
 # pieces the others compiled (it is the prepared GPU/TPU check, run here at --tiny on CPU).
 SCRIPTS = [hvp_cost, alternation_cost, memory, cg_accuracy, loop_cliff, solver_cost,
            input_pipeline, lower_step_parts, accelerator_check]
+# solver_cost builds (and so validates) all its contenders but compiles and times one of
+# each kind here: an operator solver, a gradient window, a preconditioned Krylov solve on
+# a curvature model, and the first-order method (every branch of its table and notes).
+# Every solver and preconditioner runs in tests/core and tests/implicit (and every
+# accepted combination traces in tests/core/test_combinations.py); all twelve took 65 s.
+EXTRA_ARGS = {solver_cost: ["--solvers", "layerwise_cg,mfac,minres+kfac,penalty"]}
 
 
 def test_every_benchmark_runs_tiny_and_returns_finite_positive_tables(tmp_path):
   doc = tmp_path / "benchmarks.md"
   for script in SCRIPTS:
-    tables = script.main(["--tiny", "--no-record", "--repeats", "1", "--doc", str(doc)])
+    tables = script.main(["--tiny", "--no-record", "--repeats", "1", "--doc", str(doc),
+                          *EXTRA_ARGS.get(script, [])])
     name = script.__name__
     assert tables and all(isinstance(t, common.Table) for t in tables), name
     for table in tables:

@@ -79,8 +79,14 @@ def tfds_dir(tmp_path_factory):
   return data_dir
 
 
-@pytest.mark.slow  # the detector's stages compile (about a minute on a loaded 2-core CPU)
-def test_voc_runlocal_runs_one_bissl_alternation_on_tfds_layout_data(tmp_path, tfds_dir):
+# The batch sizes of the stages before BiSSL, for 4 devices (every batch splits evenly):
+# the runlocal run below uses them too, so that its head warm-up is the warm start of the
+# two-topology test (the same checkpoint that its floors were measured from).
+WARM_START_BATCHES = tuple(f"--config.{stage}.batch_size=4" for stage in ("pretext", "head_warmup"))
+
+
+@pytest.fixture(scope="module")
+def runlocal_run(tmp_path_factory, tfds_dir):
   """``configs/voc_detection.py:runlocal`` as a user runs it, on data written here.
 
   Nothing of the config's data is overridden: the pretext set is ``imagenet2012`` and
@@ -88,23 +94,31 @@ def test_voc_runlocal_runs_one_bissl_alternation_on_tfds_layout_data(tmp_path, t
   voc/2007's and voc/2012's train, validation and test; ImageNet: 8 training images).
   Overridden, to keep the run to about a minute: one seed instead of two, one BiSSL
   alternation instead of four, one fine-tuning epoch instead of two, no learning-rate
-  search (its trials would fine-tune twice more per pipeline), and
-  ``data.loader_workers=0`` (ImageNet is streamed: decoded in this process instead of
-  8 Grain workers on a 2-core machine). Every stage runs: the pretext model (0 epochs
-  in runlocal: a random backbone), head warm-up, one alternation of BiSSL (SimCLR on
+  search (its trials would fine-tune twice more per pipeline), ``data.loader_workers=0``
+  (ImageNet is streamed: decoded in this process instead of 8 Grain workers on a 2-core
+  machine), and a batch of 4 instead of 2 in the pretext and head warm-up stages
+  (:data:`WARM_START_BATCHES`). Every stage runs: the pretext model (0 epochs in
+  runlocal: a random backbone), head warm-up, one alternation of BiSSL (SimCLR on
   ImageNet below, the detection loss above), fine-tuning of both pipelines, AP50.
   """
-  data_dir = tfds_dir
-  workdir = tmp_path / "run"
+  workdir = tmp_path_factory.mktemp("voc_runlocal") / "run"
   proc = subprocess.run(
       [sys.executable, "-m", "bissl_jax", "run", "--config=configs/voc_detection.py:runlocal",
-       f"--workdir={workdir}", f"--config.data.data_dir={data_dir}", "--config.seeds=(0,)",
+       f"--workdir={workdir}", f"--config.data.data_dir={tfds_dir}", "--config.seeds=(0,)",
        "--config.bissl.alternations=1", "--config.finetune.epochs=1",
-       "--config.search.enabled=False", "--config.data.loader_workers=0"],
+       "--config.search.enabled=False", "--config.data.loader_workers=0",
+       *WARM_START_BATCHES],
       cwd=REPO_ROOT, capture_output=True, text=True, timeout=900,
       env=dict(os.environ, PYTHONPATH=REPO_ROOT, JAX_PLATFORMS="cpu"))
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "[bissl/seed0] done: 1/1 alts" in proc.stdout
+  return workdir, proc.stdout
+
+
+@pytest.mark.slow  # the detector's stages compile (about a minute on a loaded 2-core CPU)
+def test_voc_runlocal_runs_one_bissl_alternation_on_tfds_layout_data(runlocal_run):
+  """The runlocal run (:func:`runlocal_run`) runs every stage and reports AP50."""
+  workdir, stdout = runlocal_run
+  assert "[bissl/seed0] done: 1/1 alts" in stdout
   assert os.path.isfile(workdir / "seed0" / "bissl" / "bissl" / "output" / "commit_success.txt")
   rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
   [bissl_row] = [r for r in rows if r["stage"] == "bissl/seed0"]
@@ -129,11 +143,13 @@ def test_voc_runlocal_runs_one_bissl_alternation_on_tfds_layout_data(tmp_path, t
 LOWER_FLOOR, AFTER_FLOOR = 1e-5, 2e-2
 
 
-@pytest.mark.slow  # three stages from one process, BiSSL on two topologies (minutes)
-def test_imagenet_streams_through_grain_into_bissl_on_two_processes(tmp_path, tfds_dir):
+@pytest.mark.slow  # BiSSL on two topologies, from the runlocal run's head warm-up (minutes)
+def test_imagenet_streams_through_grain_into_bissl_on_two_processes(tmp_path, tfds_dir,
+                                                                     runlocal_run):
   """BiSSL of the VOC config, its lower level streaming ImageNet through Grain, as
   2 processes x 2 devices (each process reads its rows of every global batch) and as
-  1 process x 4 devices: the same alternation within the measured floor."""
+  1 process x 4 devices: the same alternation within the measured floor. Both start
+  from the runlocal run's head warm-up (its batches are :data:`WARM_START_BATCHES`)."""
   import multiprocess_run as launch  # pylint: disable=g-import-not-at-top
   config = "--config=configs/voc_detection.py:runlocal"
   common = (f"--config.data.data_dir={tfds_dir}", "--config.seeds=(0,)",
@@ -152,10 +168,8 @@ def test_imagenet_streams_through_grain_into_bissl_on_two_processes(tmp_path, tf
     assert status == [0] * processes, log[-3000:]
     return workdir, log
 
-  _, log = stage("pretext", "--config.stages=pretext")
-  _, log = stage("warmup", "--config.stages=head_warmup",
-                 f"--config.pretext.checkpoint={launch.stage_output(log)}")
-  bissl = ("--config.stages=bissl", f"--config.bissl.init_checkpoint={launch.stage_output(log)}")
+  warm_start = runlocal_run[0] / "seed0" / "bissl" / "head_warmup" / "output"
+  bissl = ("--config.stages=bissl", f"--config.bissl.init_checkpoint={warm_start}")
   two, log = stage("two", *bissl, processes=2, devices=2)
   assert "2 process(es), mesh data=4" in log
   one, _ = stage("one", *bissl, processes=1, devices=4)
