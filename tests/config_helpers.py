@@ -18,10 +18,3 @@ import os  # noqa: E402
 # the shared test scripts (tests/*.py) from any of them.
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(TESTS_DIR)
-
-
-def xla_flags(devices: int) -> str:
-  """This process's ``XLA_FLAGS`` (the suite's compile settings, tests/conftest.py) with
-  ``devices`` host CPU devices: the value for a subprocess that needs several devices."""
-  return (os.environ.get("XLA_FLAGS", "") +
-          f" --xla_force_host_platform_device_count={devices}").strip()

@@ -26,18 +26,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # steps in a fraction of the time. Tests that must compile as a user's process does
 # (the CPU kernel probes, tests/runtime/test_cpu_defaults.py) remove the variable.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
-# With those optimisations off, XLA:CPU's older loop emitter and one code-generation
-# unit per program compile the same programs in about half the time (runlocal's
-# lower/upper steps 7.2 -> 3.8 s, a runlocal pipeline 41 -> 31 s) and, measured on the
-# runlocal pipeline and on the bench's per-step programs, compute bit-identical results
-# (docs/benchmarks.md, "The test suite"). Subprocesses inherit them through XLA_FLAGS;
-# tests that set a device count add it to these (config_helpers.xla_flags).
-TEST_XLA_FLAGS = ("--xla_cpu_use_fusion_emitters=false",
-                  "--xla_cpu_parallel_codegen_split_count=1")
-if os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] == "1":  # results differ with them on
-  _user_flags = os.environ.get("XLA_FLAGS", "")
-  os.environ["XLA_FLAGS"] = " ".join(
-      [_user_flags] + [f for f in TEST_XLA_FLAGS if f.split("=")[0] not in _user_flags]).strip()
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

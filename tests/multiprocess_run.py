@@ -17,8 +17,6 @@ import subprocess
 import sys
 from typing import Optional, Sequence
 
-from config_helpers import xla_flags
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = "--config=configs/digits_simclr.py:runlocal"
 
@@ -33,7 +31,7 @@ def process_env(port: int, process_id: int, processes: int, devices: int,
                 extra_env: Optional[dict] = None) -> dict:
   """The environment of process ``process_id`` of ``processes`` (CPU, ``devices`` each)."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
-             XLA_FLAGS=xla_flags(devices))
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
   if processes > 1:
     env.update(JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
                BISSL_JAX_NUM_PROCESSES=str(processes), BISSL_JAX_PROCESS_ID=str(process_id))

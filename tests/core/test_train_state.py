@@ -25,7 +25,7 @@ from bissl_jax.core import alternation as ts
 from bissl_jax.core import upper as upper_level
 from bissl_jax.runtime.errors import NonFiniteError
 from configs import common
-from config_helpers import REPO_ROOT, xla_flags
+from config_helpers import REPO_ROOT
 
 IMG = 4        # tiny images keep the dense Hessian small
 CLASSES = 3
@@ -281,7 +281,7 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent("""
 
 
 def test_one_alternation_on_8_devices_matches_1_device():
-  env = dict(os.environ, XLA_FLAGS=xla_flags(8),
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu")
   root = REPO_ROOT
   proc = subprocess.run([sys.executable, "-c", MULTI_DEVICE_SCRIPT], cwd=root, env=env,

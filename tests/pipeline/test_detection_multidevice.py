@@ -19,7 +19,7 @@ import sys
 import textwrap
 
 import pytest
-from config_helpers import REPO_ROOT, xla_flags
+from config_helpers import REPO_ROOT
 
 SCRIPT = textwrap.dedent("""
     import dataclasses, os, sys, tempfile
@@ -58,7 +58,7 @@ SCRIPT = textwrap.dedent("""
 
 @pytest.mark.slow  # a subprocess compiling the detector's warm-up step for two meshes
 def test_detection_warmup_on_2_devices_matches_1_device():
-  env = dict(os.environ, XLA_FLAGS=xla_flags(2),
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
              JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO_ROOT, env=env,
                         capture_output=True, text=True, timeout=900)
