@@ -155,8 +155,8 @@ def test_imagenet_streams_through_grain_into_bissl_on_two_processes(tmp_path, tf
   common = (f"--config.data.data_dir={tfds_dir}", "--config.seeds=(0,)",
             "--config.data.loader_workers=0", "--config.bissl.pretext_batch_size=4",
             "--config.bissl.downstream_batch_size=4", "--config.bissl.alternations=1",
-            *(f"--config.{stage}.batch_size=4"   # 4 devices: every batch splits evenly
-              for stage in ("pretext", "head_warmup", "finetune", "evaluate")))
+            *WARM_START_BATCHES,   # 4 devices: every batch splits evenly
+            *(f"--config.{stage}.batch_size=4" for stage in ("finetune", "evaluate")))
   env = {"JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
 
   def stage(name, *args, processes=1, devices=1):
