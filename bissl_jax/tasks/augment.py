@@ -263,14 +263,11 @@ def sample_jitter(rng: jax.Array, brightness=0.4, contrast=0.4, saturation=0.2, 
 def apply_color_jitter(image: jax.Array, factors: jax.Array, order: jax.Array) -> jax.Array:
   """Applies brightness/contrast/saturation/hue with ``factors`` in the given ``order``."""
   branches = [lambda x, op=op, k=k: op(x, factors[k]) for k, op in enumerate(_JITTER_OPS)]
-  # One loop body for the four positions, not four copies: under vmap each switch
-  # computes all four ops (a select), so the unrolled form put sixteen ops, four of them
-  # HSV round trips, into every program that augments, and XLA spent twice as long
-  # compiling them. Each element sees the same operations in the same order either way
-  # (bit-identical), and the run time is the same (docs/benchmarks.md, "The test
-  # suite's wall time").
-  return jax.lax.fori_loop(
-      0, 4, lambda position, x: jax.lax.switch(order[position], branches, x), image)
+  # One loop body for the four positions: under vmap a switch computes all four ops and
+  # selects, so four unrolled copies put sixteen ops (four HSV round trips) into every
+  # augmenting program and doubled the jitter's compile time. Bit-identical, and as fast
+  # (docs/benchmarks.md, "The test suite's wall time").
+  return jax.lax.fori_loop(0, 4, lambda i, x: jax.lax.switch(order[i], branches, x), image)
 
 
 def color_jitter(rng: jax.Array, image: jax.Array, brightness=0.4, contrast=0.4,
