@@ -123,7 +123,10 @@ def level_optimizer(transforms: Mapping[str, optax.GradientTransformation], para
   if lacking:
     raise ValueError(f"No optimizer for the trainable group(s) {lacking}; pass a transform "
                      f"for each, or mark their leaves frozen.")
-  all_transforms = {g: transforms[g] for g in used}
+  # In GROUPS order, not the set's: the order of the groups' updates in the compiled
+  # program must not depend on Python's string hashing, or every process lowers a
+  # different program and a persistent compilation cache never hits.
+  all_transforms = {g: transforms[g] for g in GROUPS if g in used}
   all_transforms[FROZEN] = optax.set_to_zero()
   # Labels are computed from the structure, so the optimizer works on any tree with
   # the same paths (e.g. traced parameters inside jit).
