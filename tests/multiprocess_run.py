@@ -19,6 +19,8 @@ from typing import Optional, Sequence
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = "--config=configs/digits_simclr.py:runlocal"
+# Its sitecustomize lets every process, not only process 0, write the compilation cache.
+CACHING = os.path.join(REPO, "tests", "every_process_caches")
 
 
 def free_port() -> int:
@@ -30,7 +32,7 @@ def free_port() -> int:
 def process_env(port: int, process_id: int, processes: int, devices: int,
                 extra_env: Optional[dict] = None) -> dict:
   """The environment of process ``process_id`` of ``processes`` (CPU, ``devices`` each)."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join((REPO, CACHING)),
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
   if processes > 1:
     env.update(JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
