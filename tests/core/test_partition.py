@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from config_helpers import REPO_ROOT
 
 from bissl_jax.core import partition
 
@@ -149,10 +150,9 @@ def test_level_optimizer_program_does_not_depend_on_string_hashing():
   """The groups' updates come in one order in every process, whatever PYTHONHASHSEED
   is: otherwise each process lowers another program, and a persistent compilation
   cache (a second run, or the other processes of a job) never hits."""
-  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   digests = set()
   for seed in ("1", "2", "3", "4"):  # 4 groups: 24 orders a set of their names can take
-    env = dict(os.environ, PYTHONHASHSEED=seed, JAX_PLATFORMS="cpu", PYTHONPATH=repo)
+    env = dict(os.environ, PYTHONHASHSEED=seed, JAX_PLATFORMS="cpu", PYTHONPATH=REPO_ROOT)
     digests.add(subprocess.run([sys.executable, "-c", _LOWER_UPDATE], env=env, check=True,
                                capture_output=True, text=True).stdout.strip())
   assert len(digests) == 1, digests
