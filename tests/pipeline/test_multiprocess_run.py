@@ -89,11 +89,14 @@ def _results(workdir):
 
 
 # Measured (docs/scale.md): BiSSL's first alternation on 1 process x 4 devices against
-# 2 x 2, relative differences: losses, gradient and distance norms <= 1.2e-6; the solve's
-# outputs (‖v_IG‖, its smallest curvature) <= 7.3e-5. Later alternations amplify them.
-FIRST_ALT_FLOOR, FIRST_SOLVE_FLOOR = 1e-5, 1e-3
+# 2 x 2, relative differences. The losses and the lower gradient norm: <= 1.2e-6 on an
+# AMD EPYC, 3.1e-7 on an Intel Xeon. What the solve's output moves (‖v_IG‖, its smallest
+# curvature, the upper gradient, and θ_D, hence the θ distance): <= 7.3e-5 on the AMD
+# EPYC, but 9.5e-4 (‖v_IG‖), 1.2e-4 and 1.5e-5 on the Intel Xeon, whose kernels round
+# the indefinite solve differently. Later alternations amplify them.
+FIRST_ALT_FLOOR, FIRST_SOLVE_FLOOR = 1e-5, 1e-2
 _SOLVE_KEYS = ("v_ig_norm", "cg_min_curvature", "cg_residual", "cg_residual_last",
-               "upper_grad_norm")
+               "upper_grad_norm", "theta_distance")
 
 
 @pytest.mark.slow  # one 1-process BiSSL stage beside the 2-process job's (a minute or two)
