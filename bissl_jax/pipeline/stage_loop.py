@@ -143,10 +143,30 @@ def _inexact(x) -> bool:
   return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
 
 
+# Leaves are checked in groups of at most this many entries, each group flattened into one
+# array and reduced by one kernel: a state of a few hundred leaves then compiles to a
+# handful of kernels instead of one reduction per leaf (at XLA's lowest optimisation, 0.14
+# against 0.48 s for 240 leaves), while the copy a group makes stays small (16 MB in float32).
+_GROUP_ENTRIES = 1 << 22
+
+
+def _leaf_groups(leaves):
+  groups, current, size = [], [], 0
+  for x in leaves:
+    if current and size + x.size > _GROUP_ENTRIES:
+      groups.append(current)
+      current, size = [], 0
+    current.append(x)
+    size += x.size
+  return groups + [current] if current else groups
+
+
 @jax.jit
 def _all_finite(tree) -> jax.Array:
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree) if _inexact(x)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+  leaves = [x for x in jax.tree_util.tree_leaves(tree) if _inexact(x)]
+  flags = [jnp.all(jnp.isfinite(jnp.concatenate([jnp.ravel(x) for x in group])))
+           for group in _leaf_groups(leaves)]
+  return jnp.all(jnp.stack(flags)) if flags else jnp.bool_(True)
 
 
 def is_finite(tree: PyTree) -> bool:
@@ -355,7 +375,7 @@ def _one_step(stage: Stage, cell: list, resumed_from: int, progress, ckpt, save,
   postfix = {}
   if n % stage.log_every == 0 or n == total:
     metrics = jax.device_get(metrics)
-    if stage.loss_key is not None and not is_finite(metrics[stage.loss_key]):
+    if stage.loss_key is not None and not np.all(np.isfinite(metrics[stage.loss_key])):
       raise NonFiniteError(
           f"Non-finite {stage.loss_key} at {unit} {n} of {total} of {stage.name}; "
           f"nothing of it was saved. {stage.loss_fix}".rstrip(),

@@ -184,6 +184,24 @@ def test_nonfinite_loss_is_caught_on_logged_steps(tmp_path):
     _run(_stage(str(tmp_path), step=nan_loss))
 
 
+def test_the_finite_check_finds_any_bad_entry_across_leaf_groups(monkeypatch):
+  """Every leaf position and group boundary, against NumPy: leaves of mixed float dtypes
+  (and an integer leaf, never checked) split into groups of at most 10 entries."""
+  monkeypatch.setattr(stage_loop, "_GROUP_ENTRIES", 10)
+  shapes = [(3,), (2, 2), (5,), (4, 6), (1,), (7,)]  # 24 entries form a group alone
+  dtypes = [jnp.float32, jnp.bfloat16, jnp.float32, jnp.float16, jnp.float32, jnp.bfloat16]
+  clean = {f"leaf{i}": jnp.ones(s, d) for i, (s, d) in enumerate(zip(shapes, dtypes))}
+  clean["count"] = jnp.arange(3)
+  assert stage_loop.is_finite(clean)
+  for name in [k for k in clean if k != "count"]:
+    for bad in (jnp.nan, jnp.inf, -jnp.inf):
+      leaf = clean[name]
+      tree = dict(clean, **{name: leaf.reshape(-1).at[-1].set(bad).reshape(leaf.shape)})
+      expected = all(np.isfinite(np.asarray(x, np.float32)).all() for x in tree.values())
+      assert stage_loop.is_finite(tree) == expected == False, (name, bad)  # noqa: E712
+  assert stage_loop.is_finite({})
+
+
 def test_divergence_hook_returns_the_state_quietly(tmp_path):
   seen = []
   result, out = _run(_stage(str(tmp_path), data=Toy(poison_after=7), checkpoint_dir=None,
