@@ -38,8 +38,9 @@ from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from bissl_jax.runtime.errors import USER_ERROR_STATUS  # noqa: E402
+
 DEBUG_ENV = "BISSL_JAX_DEBUG"
-USER_ERROR_STATUS = 2
 INTERRUPTED_STATUS = 130
 DEFAULT_CONFIG = os.path.join(_ROOT, "configs", "digits_simclr.py")
 _HELP_ARGS = ("-h", "--help", "--helpfull", "--helpshort", "-?")

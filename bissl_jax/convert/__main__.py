@@ -20,6 +20,7 @@ import sys
 from typing import Optional, Sequence
 
 from bissl_jax import convert
+from bissl_jax.runtime.errors import USER_ERROR_STATUS
 
 
 ARCHS = ("resnet18", "resnet50")
@@ -107,7 +108,7 @@ def _next_command(args: argparse.Namespace, out: str) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  """Runs the converter; returns the exit status (errors are printed, status 1)."""
+  """Runs the converter; returns the exit status (errors are printed, status 2)."""
   parser = _parser()
   args = parser.parse_args(argv)
   _from_config(args, parser)
@@ -139,7 +140,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       print(f"wrote PyTorch state dict ({args.arch}) to {os.path.abspath(args.out)}")
   except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
     print(f"error: {e}", file=sys.stderr)
-    return 1
+    return USER_ERROR_STATUS
   return 0
 
 

@@ -28,6 +28,7 @@ import sys
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 from bissl_jax.types import PyTree
+from bissl_jax.runtime.errors import USER_ERROR_STATUS
 
 
 # ----------------------------------------------------------------------------- loading
@@ -253,7 +254,7 @@ def _parse_backbone(arg: str) -> Tuple[Optional[str], str]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  """Runs the visualisation; returns the exit status (errors printed, status 1)."""
+  """Runs the visualisation; returns the exit status (errors printed, status 2)."""
   parser = _parser()
   args = parser.parse_args(argv)
   if args.backbone and not args.out:
@@ -276,7 +277,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                               **kwargs)
   except (ValueError, FileNotFoundError, KeyError, ImportError) as e:
     print(f"error: {e}", file=sys.stderr)
-    return 1
+    return USER_ERROR_STATUS
   for name, acc in out["knn_accuracy"].items():
     shown = "n/a (multi-label)" if acc is None else f"{100 * acc:.2f}%"
     print(f"{name}: {args.k}-NN accuracy {shown}")

@@ -5,6 +5,10 @@ entry points print the message alone and exit non-zero.
 """
 from typing import Optional
 
+# The exit status of every command stopped by a user-fixable error (a bad config value,
+# a missing file): 2, as argparse exits on a bad command line.
+USER_ERROR_STATUS = 2
+
 
 class NonFiniteError(FloatingPointError):
   """A loss, gradient, parameter or implicit-gradient solution became NaN or infinite.

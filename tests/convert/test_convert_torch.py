@@ -407,11 +407,11 @@ def test_cli_both_ways_and_load_pretrained(tmp_path, capsys):
   assert_same_tensors(torch.load(pth, weights_only=True), backbone_sd)
   # errors are reported, not raised
   assert convert_cli.main(["--from-torch", str(tmp_path / "bb.pth"), "--arch",
-                           "resnet50", "--out", str(tmp_path / "x")]) == 1
+                           "resnet50", "--out", str(tmp_path / "x")]) == convert_cli.USER_ERROR_STATUS
   assert "is this a resnet18 checkpoint?" in capsys.readouterr().err
   assert convert_cli.main(["--from-torch", str(tmp_path / "bb.pth"), "--arch",
                            "resnet18", "--width-multiplier", "0.125",
-                           "--out", str(out_dir)]) == 1
+                           "--out", str(out_dir)]) == convert_cli.USER_ERROR_STATUS
   assert "--overwrite" in capsys.readouterr().err
 
 

@@ -63,7 +63,7 @@ def test_explicit_flags_win_and_their_mismatch_is_reported(weights, tmp_path, ca
   # --width-multiplier 0.125 overrides the config's 1/16: the weights no longer fit.
   assert convert_cli.main(["--from-torch", path, f"--config={CONFIG}",
                            "--width-multiplier", "0.125",
-                           "--out", str(tmp_path / "w")]) == 1
+                           "--out", str(tmp_path / "w")]) == convert_cli.USER_ERROR_STATUS
   assert "error:" in capsys.readouterr().err
   # The old flags alone still work.
   assert convert_cli.main(["--from-torch", path, "--arch", "resnet18", "--cifar-stem",

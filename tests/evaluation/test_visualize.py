@@ -331,5 +331,5 @@ def test_cli_on_exported_backbones_and_on_a_run_workdir(tmp_path, capsys):
   assert visualize_run.main(["--workdir", str(run)] + small) == 0
   _check_png(str(run / "plots" / "seed3" / "tsne.png"), wider=True)
 
-  assert visualize_run.main(["--backbone", str(tmp_path / "missing"), "--out", str(out)]) == 1
+  assert visualize_run.main(["--backbone", str(tmp_path / "missing"), "--out", str(out)]) == visualize_run.USER_ERROR_STATUS
   assert "not a stage output" in capsys.readouterr().err

@@ -162,7 +162,7 @@ def test_console_script_and_subcommands(tmp_path):
     assert f"  {command} " in proc.stdout
   proc = _run(["-m", "bissl_jax", "convert", "--to-torch", str(tmp_path / "none"),
                "--arch", "resnet18", "--out", str(tmp_path / "x.pth")], tmp_path)
-  assert proc.returncode == 1 and "Traceback" not in proc.stderr
+  assert proc.returncode == cli.USER_ERROR_STATUS and "Traceback" not in proc.stderr
   assert str(tmp_path / "none") in proc.stderr
   proc = _run(["-m", "bissl_jax", "visualize", "--help"], tmp_path)
   assert proc.returncode == 0 and "--backbone" in proc.stdout
