@@ -79,11 +79,12 @@ def pytest_configure(config):
 LONGEST_FILES = (
     "tests/pipeline/test_multiprocess_run.py",
     "tests/pipeline/test_voc_detection_runlocal.py",
-    "tests/pipeline/test_notebook.py",
-    "tests/runtime/test_signals.py",
-    "tests/pipeline/test_study.py",
+    "tests/pipeline/test_interrupt_cli.py",
     "tests/pipeline/test_detection_pipeline.py",
+    "tests/pipeline/test_study.py",
+    "tests/runtime/test_signals.py",
     "tests/bench/test_bench_smoke.py",
+    "tests/pipeline/test_notebook.py",
     "tests/pipeline/test_multiprocess_gessl.py",
     "tests/bench/test_solver_accuracy_bench.py",
 )
