@@ -9,7 +9,8 @@ The BiSSL training core is composed in :mod:`bissl_jax.core.alternation`, the pi
 lives in :mod:`bissl_jax.pipeline`; ``docs/architecture.md`` has the module map.
 
 Importing the package makes JAX compile its random-number hash on CPU as straight-line
-code (:mod:`bissl_jax.runtime.cpu_random`): the same bits, compiled and run faster.
+code (:mod:`bissl_jax.runtime.cpu_random`): the same bits, faster to compile at full
+optimisation and to run.
 """
 from bissl_jax.implicit import damped_operator
 from bissl_jax.implicit import hessian_operator

@@ -14,6 +14,7 @@ import numpy as np  # noqa: E402
 from bissl_jax import convert  # noqa: E402
 from bissl_jax.models import resnet  # noqa: E402
 from bissl_jax.convert import __main__ as convert_cli  # noqa: E402
+from bissl_jax.runtime.errors import USER_ERROR_STATUS  # noqa: E402
 
 TOL = dict(rtol=1e-4, atol=1e-4)
 
@@ -407,11 +408,11 @@ def test_cli_both_ways_and_load_pretrained(tmp_path, capsys):
   assert_same_tensors(torch.load(pth, weights_only=True), backbone_sd)
   # errors are reported, not raised
   assert convert_cli.main(["--from-torch", str(tmp_path / "bb.pth"), "--arch",
-                           "resnet50", "--out", str(tmp_path / "x")]) == convert_cli.USER_ERROR_STATUS
+                           "resnet50", "--out", str(tmp_path / "x")]) == USER_ERROR_STATUS
   assert "is this a resnet18 checkpoint?" in capsys.readouterr().err
   assert convert_cli.main(["--from-torch", str(tmp_path / "bb.pth"), "--arch",
                            "resnet18", "--width-multiplier", "0.125",
-                           "--out", str(out_dir)]) == convert_cli.USER_ERROR_STATUS
+                           "--out", str(out_dir)]) == USER_ERROR_STATUS
   assert "--overwrite" in capsys.readouterr().err
 
 

@@ -14,6 +14,7 @@ import numpy as np  # noqa: E402
 from bissl_jax import convert  # noqa: E402
 from bissl_jax.convert import __main__ as convert_cli  # noqa: E402
 from bissl_jax.convert import pretext_weights  # noqa: E402
+from bissl_jax.runtime.errors import USER_ERROR_STATUS  # noqa: E402
 from bissl_jax.models import resnet  # noqa: E402
 
 CONFIG = "configs/digits_simclr.py:runlocal"  # resnet18, width 1/16, CIFAR stem, 16-16-16
@@ -63,7 +64,7 @@ def test_explicit_flags_win_and_their_mismatch_is_reported(weights, tmp_path, ca
   # --width-multiplier 0.125 overrides the config's 1/16: the weights no longer fit.
   assert convert_cli.main(["--from-torch", path, f"--config={CONFIG}",
                            "--width-multiplier", "0.125",
-                           "--out", str(tmp_path / "w")]) == convert_cli.USER_ERROR_STATUS
+                           "--out", str(tmp_path / "w")]) == USER_ERROR_STATUS
   assert "error:" in capsys.readouterr().err
   # The old flags alone still work.
   assert convert_cli.main(["--from-torch", path, "--arch", "resnet18", "--cifar-stem",

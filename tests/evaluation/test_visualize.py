@@ -11,6 +11,7 @@ from PIL import Image
 
 from bissl_jax.evaluation import fewshot
 from bissl_jax.evaluation import visualize
+from bissl_jax.runtime.errors import USER_ERROR_STATUS
 
 EPS = 1e-5
 
@@ -331,5 +332,6 @@ def test_cli_on_exported_backbones_and_on_a_run_workdir(tmp_path, capsys):
   assert visualize_run.main(["--workdir", str(run)] + small) == 0
   _check_png(str(run / "plots" / "seed3" / "tsne.png"), wider=True)
 
-  assert visualize_run.main(["--backbone", str(tmp_path / "missing"), "--out", str(out)]) == visualize_run.USER_ERROR_STATUS
+  missing = ["--backbone", str(tmp_path / "missing"), "--out", str(out)]
+  assert visualize_run.main(missing) == USER_ERROR_STATUS
   assert "not a stage output" in capsys.readouterr().err
